@@ -1,0 +1,490 @@
+//! A typed builder over the wire types.
+//!
+//! A [`State`] is a filesystem: scratch or one output of a vertex. Operations
+//! on states make new vertices; [`State::marshal`] walks the graph inputs-first
+//! and yields a [`pb::Definition`] in topological order, deduplicated by digest,
+//! ending with the terminator op — the layout BuildKit's Go client produces.
+//! Every vertex may carry metadata (progress names, caps) and source locations
+//! that land in `Definition.metadata` and `Definition.Source`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::marshal::{digest_of, marshal_op, Digest};
+use crate::pb;
+
+/// Output index meaning "no output" / "empty input".
+pub const SKIP: i64 = -1;
+
+/// A span of lines in one source file (1-based, inclusive), for `Definition.Source`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceSpan {
+    /// Index into the infos given to [`State::marshal`].
+    pub source_index: i32,
+    /// First line.
+    pub start_line: i32,
+    /// Last line.
+    pub end_line: i32,
+}
+
+/// What a vertex carries besides its op.
+#[derive(Clone, Debug, Default)]
+pub struct VertexMeta {
+    /// `OpMetadata` of the vertex.
+    pub metadata: pb::OpMetadata,
+    /// Where the vertex came from.
+    pub locations: Vec<SourceSpan>,
+}
+
+impl VertexMeta {
+    /// Sets a description key (e.g. `llb.customname`).
+    pub fn describe(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.metadata.description.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Adds a solver capability.
+    pub fn cap(mut self, cap: &str) -> Self {
+        self.metadata.caps.insert(cap.to_string(), true);
+        self
+    }
+
+    /// Adds a source location.
+    pub fn at(mut self, span: SourceSpan) -> Self {
+        self.locations.push(span);
+        self
+    }
+
+    /// Marks the vertex as never cached.
+    pub fn ignore_cache(mut self, ignore: bool) -> Self {
+        self.metadata.ignore_cache = ignore;
+        self
+    }
+}
+
+/// A graph vertex: an op template whose inputs are other vertices' outputs.
+#[derive(Debug)]
+struct Vertex {
+    op: pb::Op,
+    inputs: Vec<Output>,
+    meta: VertexMeta,
+}
+
+/// One output of a vertex.
+#[derive(Clone, Debug)]
+pub struct Output {
+    vertex: Arc<Vertex>,
+    index: i64,
+}
+
+impl Output {
+    fn key(&self) -> (usize, i64) {
+        (Arc::as_ptr(&self.vertex) as usize, self.index)
+    }
+}
+
+/// A filesystem state: scratch (empty) or an output of a vertex.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    output: Option<Output>,
+}
+
+/// A mount of an [`Exec`].
+#[derive(Clone, Debug)]
+pub struct Mount {
+    /// Mount point.
+    pub dest: String,
+    /// Filesystem mounted; scratch mounts an empty directory.
+    pub source: State,
+    /// Sub-path of the source.
+    pub selector: String,
+    /// Read-only bind.
+    pub readonly: bool,
+    /// Kind and options.
+    pub kind: MountKind,
+    /// Do not expose the mount's result as an output.
+    pub no_output: bool,
+}
+
+/// The kind of a [`Mount`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum MountKind {
+    /// A bind mount of the source.
+    Bind,
+    /// A persistent cache directory.
+    Cache {
+        /// Cache id.
+        id: String,
+        /// Sharing mode.
+        sharing: pb::CacheSharingOpt,
+    },
+    /// A tmpfs of the given size (0 = default).
+    Tmpfs {
+        /// Size in bytes.
+        size: i64,
+    },
+    /// A secret file.
+    Secret(pb::SecretOpt),
+    /// An SSH agent socket.
+    Ssh(pb::SshOpt),
+}
+
+impl Mount {
+    /// A read-write bind mount.
+    pub fn bind(dest: impl Into<String>, source: State) -> Mount {
+        Mount { dest: dest.into(), source, selector: String::new(), readonly: false, kind: MountKind::Bind, no_output: false }
+    }
+
+    /// A mount of another kind on scratch.
+    pub fn of_kind(dest: impl Into<String>, kind: MountKind) -> Mount {
+        Mount { dest: dest.into(), source: State::scratch(), selector: String::new(), readonly: false, kind, no_output: false }
+    }
+}
+
+/// An exec vertex under construction.
+#[derive(Clone, Debug, Default)]
+pub struct Exec {
+    /// The process.
+    pub meta: pb::Meta,
+    /// Mounts besides the root.
+    pub mounts: Vec<Mount>,
+    /// Network mode.
+    pub network: pb::NetMode,
+    /// Security mode.
+    pub security: pb::SecurityMode,
+    /// Secrets as environment variables.
+    pub secret_env: Vec<pb::SecretEnv>,
+    /// Platform of the op.
+    pub platform: Option<pb::Platform>,
+}
+
+/// The states an exec produces.
+#[derive(Clone, Debug)]
+pub struct ExecResult {
+    /// The root filesystem after the process ran.
+    pub root: State,
+    /// Outputs of writable mounts, by mount destination.
+    pub mounts: BTreeMap<String, State>,
+}
+
+/// Where a file action reads or writes.
+#[derive(Clone, Debug)]
+pub enum FileInput {
+    /// An op input (any state).
+    State(State),
+    /// The result of an earlier action of the same FileOp.
+    Action(usize),
+    /// An empty directory.
+    Empty,
+}
+
+/// One action of a [`FileOp`] chain.
+#[derive(Clone, Debug)]
+pub struct FileAction {
+    /// The filesystem acted on.
+    pub input: FileInput,
+    /// The copy source (copy only).
+    pub secondary: FileInput,
+    /// The action.
+    pub action: pb::file_action::Action,
+}
+
+/// A chain of file actions; the last action's result is output 0.
+#[derive(Clone, Debug, Default)]
+pub struct FileOp {
+    /// The actions, each usually acting on the previous one's result.
+    pub actions: Vec<FileAction>,
+}
+
+impl FileOp {
+    /// Appends an action on `target` (the first action) or on the previous result.
+    pub fn then(mut self, target: &State, secondary: FileInput, action: pb::file_action::Action) -> Self {
+        let input = match self.actions.len() {
+            0 => FileInput::State(target.clone()),
+            n => FileInput::Action(n - 1),
+        };
+        self.actions.push(FileAction { input, secondary, action });
+        self
+    }
+}
+
+impl State {
+    /// The empty filesystem.
+    pub fn scratch() -> State {
+        State { output: None }
+    }
+
+    /// Whether this is scratch.
+    pub fn is_scratch(&self) -> bool {
+        self.output.is_none()
+    }
+
+    /// A vertex with the given op (its `inputs` are filled in when marshalling).
+    pub fn from_op(op: pb::Op, inputs: Vec<Output>, meta: VertexMeta) -> Output {
+        Output { vertex: Arc::new(Vertex { op, inputs, meta }), index: 0 }
+    }
+
+    /// A source op: `docker-image://…`, `local://…`, `git://…`, `https://…`.
+    pub fn source(identifier: impl Into<String>, attrs: BTreeMap<String, String>, platform: Option<pb::Platform>, meta: VertexMeta) -> State {
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp { identifier: identifier.into(), attrs })),
+            platform,
+            constraints: Some(pb::WorkerConstraints::default()),
+            ..Default::default()
+        };
+        State { output: Some(State::from_op(op, Vec::new(), meta)) }
+    }
+
+    /// The output this state is, unless scratch.
+    pub fn output(&self) -> Option<&Output> {
+        self.output.as_ref()
+    }
+
+    /// Runs a process with this state as the root filesystem.
+    pub fn run(&self, exec: Exec, meta: VertexMeta) -> ExecResult {
+        let mut mounts = vec![Mount::bind("/", self.clone())];
+        mounts.extend(exec.mounts);
+        mounts.sort_by(|a, b| a.dest.cmp(&b.dest));
+        let mut inputs: Vec<Output> = Vec::new();
+        let mut pb_mounts = Vec::with_capacity(mounts.len());
+        let mut outputs: Vec<(String, i64)> = Vec::new();
+        let mut next_output = 0;
+        for m in &mounts {
+            let input = match &m.source.output {
+                None => SKIP,
+                Some(out) => match inputs.iter().position(|i| i.key() == out.key()) {
+                    Some(i) => i as i64,
+                    None => {
+                        inputs.push(out.clone());
+                        inputs.len() as i64 - 1
+                    }
+                },
+            };
+            let writable = !m.no_output && !m.readonly && matches!(m.kind, MountKind::Bind);
+            let output = if writable {
+                next_output += 1;
+                outputs.push((m.dest.clone(), next_output - 1));
+                next_output - 1
+            } else {
+                SKIP
+            };
+            let mut pm = pb::Mount { input, dest: m.dest.clone(), output, readonly: m.readonly, selector: m.selector.clone(), ..Default::default() };
+            match &m.kind {
+                MountKind::Bind => {}
+                MountKind::Cache { id, sharing } => {
+                    pm.mount_type = pb::MountType::Cache as i32;
+                    pm.cache_opt = Some(pb::CacheOpt { id: id.clone(), sharing: *sharing as i32 });
+                }
+                MountKind::Tmpfs { size } => {
+                    pm.mount_type = pb::MountType::Tmpfs as i32;
+                    pm.tmpfs_opt = Some(pb::TmpfsOpt { size: *size });
+                }
+                MountKind::Secret(opt) => {
+                    pm.mount_type = pb::MountType::Secret as i32;
+                    pm.secret_opt = Some(opt.clone());
+                }
+                MountKind::Ssh(opt) => {
+                    pm.mount_type = pb::MountType::Ssh as i32;
+                    pm.ssh_opt = Some(opt.clone());
+                }
+            }
+            pb_mounts.push(pm);
+        }
+        let op = pb::Op {
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(exec.meta),
+                mounts: pb_mounts,
+                network: exec.network as i32,
+                security: exec.security as i32,
+                secretenv: exec.secret_env,
+                cdi_devices: Vec::new(),
+            })),
+            platform: exec.platform,
+            constraints: Some(pb::WorkerConstraints::default()),
+            ..Default::default()
+        };
+        let vertex = Arc::new(Vertex { op, inputs, meta });
+        let state_of = |index: i64| State { output: Some(Output { vertex: vertex.clone(), index }) };
+        let mut root = State::scratch();
+        let mut by_dest = BTreeMap::new();
+        for (dest, index) in outputs {
+            if dest == "/" {
+                root = state_of(index);
+            } else {
+                by_dest.insert(dest, state_of(index));
+            }
+        }
+        ExecResult { root, mounts: by_dest }
+    }
+
+    /// Applies a chain of file actions; the result is the last action's output.
+    pub fn file(fileop: FileOp, meta: VertexMeta) -> State {
+        if fileop.actions.is_empty() {
+            return State::scratch();
+        }
+        let mut inputs: Vec<Output> = Vec::new();
+        let mut resolve = |fi: &FileInput| -> (i64, Option<usize>) {
+            match fi {
+                FileInput::Empty => (SKIP, None),
+                FileInput::State(State { output: None }) => (SKIP, None),
+                FileInput::Action(i) => (0, Some(*i)),
+                FileInput::State(State { output: Some(out) }) => match inputs.iter().position(|i| i.key() == out.key()) {
+                    Some(i) => (i as i64, None),
+                    None => {
+                        inputs.push(out.clone());
+                        (inputs.len() as i64 - 1, None)
+                    }
+                },
+            }
+        };
+        let mut raw = Vec::with_capacity(fileop.actions.len());
+        for a in &fileop.actions {
+            let input = resolve(&a.input);
+            let secondary = resolve(&a.secondary);
+            raw.push((input, secondary));
+        }
+        let n = inputs.len() as i64;
+        let fix = |(index, action): (i64, Option<usize>)| match action {
+            Some(i) => n + i as i64,
+            None => index,
+        };
+        let last = fileop.actions.len() - 1;
+        let actions = fileop
+            .actions
+            .into_iter()
+            .zip(raw)
+            .enumerate()
+            .map(|(i, (a, (input, secondary)))| pb::FileAction {
+                input: fix(input),
+                secondary_input: fix(secondary),
+                output: if i == last { 0 } else { SKIP },
+                action: Some(a.action),
+            })
+            .collect();
+        let op = pb::Op {
+            op: Some(pb::op::Op::File(pb::FileOp { actions })),
+            constraints: Some(pb::WorkerConstraints::default()),
+            ..Default::default()
+        };
+        State { output: Some(State::from_op(op, inputs, meta)) }
+    }
+
+    /// Stacks states, later ones on top (scratch inputs are skipped).
+    pub fn merge(states: &[State], meta: VertexMeta) -> State {
+        let outs: Vec<Output> = states.iter().filter_map(|s| s.output.clone()).collect();
+        match outs.len() {
+            0 => State::scratch(),
+            1 => State { output: outs.into_iter().next() },
+            n => {
+                let op = pb::Op {
+                    op: Some(pb::op::Op::Merge(pb::MergeOp { inputs: (0..n as i64).map(|input| pb::MergeInput { input }).collect() })),
+                    constraints: Some(pb::WorkerConstraints::default()),
+                    ..Default::default()
+                };
+                State { output: Some(State::from_op(op, outs, meta)) }
+            }
+        }
+    }
+
+    /// The changes from `lower` to `upper`.
+    pub fn diff(lower: &State, upper: &State, meta: VertexMeta) -> State {
+        let mut inputs = Vec::new();
+        let mut index = |s: &State| match &s.output {
+            None => SKIP,
+            Some(o) => {
+                inputs.push(o.clone());
+                inputs.len() as i64 - 1
+            }
+        };
+        let lower_index = index(lower);
+        let upper_index = index(upper);
+        let op = pb::Op {
+            op: Some(pb::op::Op::Diff(pb::DiffOp {
+                lower: Some(pb::LowerDiffInput { input: lower_index }),
+                upper: Some(pb::UpperDiffInput { input: upper_index }),
+            })),
+            constraints: Some(pb::WorkerConstraints::default()),
+            ..Default::default()
+        };
+        State { output: Some(State::from_op(op, inputs, meta)) }
+    }
+
+    /// Marshals the graph ending at this state. `infos` become `Source.infos`,
+    /// which the vertices' [`SourceSpan`]s index into.
+    pub fn marshal(&self, infos: Vec<pb::SourceInfo>) -> pb::Definition {
+        let mut m = Marshaller::default();
+        let Some(out) = &self.output else {
+            return pb::Definition::default();
+        };
+        let result = m.visit(&out.vertex);
+        let terminator = pb::Op { inputs: vec![pb::Input { digest: result.to_string(), index: out.index }], ..Default::default() };
+        let bytes = marshal_op(&terminator);
+        let digest = digest_of(&bytes);
+        let mut caps = BTreeMap::new();
+        caps.insert("constraints".to_string(), true);
+        caps.insert("platform".to_string(), true);
+        if m.any_description {
+            caps.insert("meta.description".to_string(), true);
+        }
+        if m.any_ignore_cache {
+            caps.insert("meta.ignorecache".to_string(), true);
+        }
+        m.metadata.insert(digest.to_string(), pb::OpMetadata { caps, ..Default::default() });
+        m.defs.push(bytes);
+        let source = if m.locations.is_empty() && infos.is_empty() {
+            None
+        } else {
+            Some(pb::Source { locations: m.locations, infos })
+        };
+        pb::Definition { def: m.defs, metadata: m.metadata, source }
+    }
+}
+
+#[derive(Default)]
+struct Marshaller {
+    memo: HashMap<usize, Digest>,
+    defs: Vec<Vec<u8>>,
+    metadata: BTreeMap<String, pb::OpMetadata>,
+    locations: BTreeMap<String, pb::Locations>,
+    any_description: bool,
+    any_ignore_cache: bool,
+}
+
+impl Marshaller {
+    fn visit(&mut self, vertex: &Arc<Vertex>) -> Digest {
+        let key = Arc::as_ptr(vertex) as usize;
+        if let Some(d) = self.memo.get(&key) {
+            return d.clone();
+        }
+        let mut op = vertex.op.clone();
+        op.inputs = vertex
+            .inputs
+            .iter()
+            .map(|i| pb::Input { digest: self.visit(&i.vertex).to_string(), index: i.index })
+            .collect();
+        let bytes = marshal_op(&op);
+        let digest = digest_of(&bytes);
+        self.memo.insert(key, digest.clone());
+        let md = &vertex.meta.metadata;
+        self.any_description |= !md.description.is_empty();
+        self.any_ignore_cache |= md.ignore_cache;
+        if !self.metadata.contains_key(digest.as_str()) {
+            self.defs.push(bytes);
+            self.metadata.insert(digest.to_string(), md.clone());
+        }
+        if !vertex.meta.locations.is_empty() {
+            let entry = self.locations.entry(digest.to_string()).or_default();
+            for span in &vertex.meta.locations {
+                let range = pb::Range {
+                    start: Some(pb::Position { line: span.start_line, character: 0 }),
+                    end: Some(pb::Position { line: span.end_line, character: 0 }),
+                };
+                let loc = pb::Location { source_index: span.source_index, ranges: vec![range] };
+                if !entry.locations.contains(&loc) {
+                    entry.locations.push(loc);
+                }
+            }
+        }
+        digest
+    }
+}

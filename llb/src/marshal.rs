@@ -1,0 +1,126 @@
+//! Deterministic marshalling of ops and their digests.
+//!
+//! Bytes match Go's deterministic protobuf encoding as BuildKit uses it:
+//! fields in tag order (prost's derive sorts them) except that a oneof comes
+//! last, map entries sorted by key
+//! and, unlike prost's default, written with both key and value even when they
+//! are empty, as Go's map codec does.
+
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::pb;
+
+/// A content digest, `sha256:<hex>`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Wraps a digest string as found in `Input.digest` (not validated).
+    pub fn from_string(s: impl Into<String>) -> Digest {
+        Digest(s.into())
+    }
+
+    /// The `sha256:<hex>` text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `sha256:` + hex of `bytes`: the identity of a marshalled op.
+pub fn digest_of(bytes: &[u8]) -> Digest {
+    Digest(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+}
+
+/// Marshals an op exactly as BuildKit's Go client does.
+///
+/// Go's protobuf runtime writes a message's ordinary fields in tag order and
+/// its oneof last, so an Op is `inputs, platform, constraints, op`.
+pub fn marshal_op(op: &pb::Op) -> Vec<u8> {
+    use pb::op::Op as O;
+    let mut buf = Vec::with_capacity(256);
+    for input in &op.inputs {
+        prost::encoding::message::encode(1, input, &mut buf);
+    }
+    if let Some(platform) = &op.platform {
+        prost::encoding::message::encode(10, platform, &mut buf);
+    }
+    if let Some(constraints) = &op.constraints {
+        prost::encoding::message::encode(11, constraints, &mut buf);
+    }
+    match &op.op {
+        Some(O::Exec(v)) => prost::encoding::message::encode(2, v, &mut buf),
+        Some(O::Source(v)) => {
+            let body = marshal_source(v);
+            encode_key(3, WireType::LengthDelimited, &mut buf);
+            encode_varint(body.len() as u64, &mut buf);
+            buf.extend_from_slice(&body);
+        }
+        Some(O::File(v)) => prost::encoding::message::encode(4, v, &mut buf),
+        Some(O::Build(v)) => prost::encoding::message::encode(5, v, &mut buf),
+        Some(O::Merge(v)) => prost::encoding::message::encode(6, v, &mut buf),
+        Some(O::Diff(v)) => prost::encoding::message::encode(7, v, &mut buf),
+        Some(O::Passthrough(v)) => prost::encoding::message::encode(8, v, &mut buf),
+        None => {}
+    }
+    buf
+}
+
+fn marshal_source(source: &pb::SourceOp) -> Vec<u8> {
+    let mut buf = Vec::new();
+    if !source.identifier.is_empty() {
+        prost::encoding::string::encode(1, &source.identifier, &mut buf);
+    }
+    encode_string_map(2, &source.attrs, &mut buf);
+    buf
+}
+
+/// Writes a `map<string,string>` field with every entry's key and value present.
+fn encode_string_map(tag: u32, map: &BTreeMap<String, String>, buf: &mut Vec<u8>) {
+    for (k, v) in map {
+        let entry_len = 1 + encoded_len_varint(k.len() as u64) + k.len() + 1 + encoded_len_varint(v.len() as u64) + v.len();
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(entry_len as u64, buf);
+        encode_key(1, WireType::LengthDelimited, buf);
+        encode_varint(k.len() as u64, buf);
+        buf.extend_from_slice(k.as_bytes());
+        encode_key(2, WireType::LengthDelimited, buf);
+        encode_varint(v.len() as u64, buf);
+        buf.extend_from_slice(v.as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn empty_attr_values_are_written() {
+        let mut attrs = BTreeMap::new();
+        attrs.insert("b".to_string(), String::new());
+        attrs.insert("a".to_string(), "x".to_string());
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp { identifier: "local://context".into(), attrs })),
+            ..Default::default()
+        };
+        let bytes = marshal_op(&op);
+        // Decoding gives the same op back, and the "b" entry carries an explicit empty value.
+        let back = pb::Op::decode(bytes.as_slice()).expect("decodes");
+        assert_eq!(back, op);
+        let needle = [0x12, 0x05, 0x0a, 0x01, b'b', 0x12, 0x00];
+        assert!(bytes.windows(needle.len()).any(|w| w == needle), "{bytes:?}");
+        // "a" sorts before "b".
+        let a = bytes.iter().position(|&b| b == b'a').expect("a");
+        let b = bytes.iter().rposition(|&b| b == b'b').expect("b");
+        assert!(a < b);
+    }
+}
