@@ -1,1 +1,2 @@
-
+//! The Dockerfile frontend.
+pub mod shell;
