@@ -1,2 +1,3 @@
 //! The Dockerfile frontend.
+pub mod parser;
 pub mod shell;

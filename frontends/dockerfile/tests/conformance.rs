@@ -85,3 +85,39 @@ fn shell_expansion_tables() {
     let fails: Vec<String> = ef.into_iter().chain(wf).collect();
     assert!(fails.is_empty(), "{}", fails.join("\n"));
 }
+
+#[test]
+fn parser_corpus() {
+    let Some(dir) = common::corpus("conformance/buildkit-parser") else { return };
+    let mut cases: Vec<_> = std::fs::read_dir(dir.join("testfiles")).expect("testfiles").flatten().map(|e| e.path()).collect();
+    cases.sort();
+    let mut pass = 0;
+    let mut fails = Vec::new();
+    for case in &cases {
+        let source = std::fs::read_to_string(case.join("Dockerfile")).expect("Dockerfile");
+        let expected = std::fs::read_to_string(case.join("result")).expect("result");
+        let (ast, errors) = kiln_dockerfile::parser::parse(&source);
+        let got = ast.dump();
+        if errors.is_empty() && got == expected {
+            pass += 1;
+        } else {
+            fails.push(format!("{}: errors {errors:?}\n--- got\n{got}--- want\n{expected}", case.display()));
+        }
+    }
+    let mut negatives: Vec<_> = std::fs::read_dir(dir.join("testfiles-negative")).expect("negative").flatten().map(|e| e.path()).collect();
+    negatives.sort();
+    let mut rejected = 0;
+    for case in &negatives {
+        let source = std::fs::read_to_string(case.join("Dockerfile")).expect("Dockerfile");
+        let (_, errors) = kiln_dockerfile::parser::parse(&source);
+        if errors.is_empty() {
+            fails.push(format!("{}: accepted", case.display()));
+        } else {
+            rejected += 1;
+        }
+    }
+    eprintln!("{pass}/{} parser cases, {rejected}/{} negative", cases.len(), negatives.len());
+    assert!(fails.is_empty(), "{}", fails.join("\n"));
+    assert_eq!(cases.len(), 33);
+    assert_eq!(negatives.len(), 4);
+}
