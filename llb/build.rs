@@ -24,9 +24,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             annotate(&mut config, package, message);
         }
     }
-    config.enum_attribute(".pb.Op.op", "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"lowercase\")]");
-    config.enum_attribute(".pb.FileAction.action", "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"lowercase\")]");
-    config.enum_attribute(".pb.UserOpt.user", "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"camelCase\")]");
+    config.enum_attribute(
+        ".pb.Op.op",
+        "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"lowercase\")]",
+    );
+    config.enum_attribute(
+        ".pb.FileAction.action",
+        "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"lowercase\")]",
+    );
+    config.enum_attribute(
+        ".pb.UserOpt.user",
+        "#[derive(serde::Serialize, serde::Deserialize)] #[serde(rename_all = \"camelCase\")]",
+    );
     config.compile_fds(fds)?;
     Ok(())
 }

@@ -1,1 +1,5 @@
-fn main(){}
+//! The `kiln` binary: a thin wrapper over the CLI library.
+
+fn main() {
+    std::process::exit(kiln::run(std::env::args_os()));
+}

@@ -39,7 +39,9 @@ pub struct VertexMeta {
 impl VertexMeta {
     /// Sets a description key (e.g. `llb.customname`).
     pub fn describe(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.metadata.description.insert(key.to_string(), value.into());
+        self.metadata
+            .description
+            .insert(key.to_string(), value.into());
         self
     }
 
@@ -132,12 +134,26 @@ pub enum MountKind {
 impl Mount {
     /// A read-write bind mount.
     pub fn bind(dest: impl Into<String>, source: State) -> Mount {
-        Mount { dest: dest.into(), source, selector: String::new(), readonly: false, kind: MountKind::Bind, no_output: false }
+        Mount {
+            dest: dest.into(),
+            source,
+            selector: String::new(),
+            readonly: false,
+            kind: MountKind::Bind,
+            no_output: false,
+        }
     }
 
     /// A mount of another kind on scratch.
     pub fn of_kind(dest: impl Into<String>, kind: MountKind) -> Mount {
-        Mount { dest: dest.into(), source: State::scratch(), selector: String::new(), readonly: false, kind, no_output: false }
+        Mount {
+            dest: dest.into(),
+            source: State::scratch(),
+            selector: String::new(),
+            readonly: false,
+            kind,
+            no_output: false,
+        }
     }
 }
 
@@ -198,12 +214,21 @@ pub struct FileOp {
 
 impl FileOp {
     /// Appends an action on `target` (the first action) or on the previous result.
-    pub fn then(mut self, target: &State, secondary: FileInput, action: pb::file_action::Action) -> Self {
+    pub fn then(
+        mut self,
+        target: &State,
+        secondary: FileInput,
+        action: pb::file_action::Action,
+    ) -> Self {
         let input = match self.actions.len() {
             0 => FileInput::State(target.clone()),
             n => FileInput::Action(n - 1),
         };
-        self.actions.push(FileAction { input, secondary, action });
+        self.actions.push(FileAction {
+            input,
+            secondary,
+            action,
+        });
         self
     }
 }
@@ -221,18 +246,31 @@ impl State {
 
     /// A vertex with the given op (its `inputs` are filled in when marshalling).
     pub fn from_op(op: pb::Op, inputs: Vec<Output>, meta: VertexMeta) -> Output {
-        Output { vertex: Arc::new(Vertex { op, inputs, meta }), index: 0 }
+        Output {
+            vertex: Arc::new(Vertex { op, inputs, meta }),
+            index: 0,
+        }
     }
 
     /// A source op: `docker-image://…`, `local://…`, `git://…`, `https://…`.
-    pub fn source(identifier: impl Into<String>, attrs: BTreeMap<String, String>, platform: Option<pb::Platform>, meta: VertexMeta) -> State {
+    pub fn source(
+        identifier: impl Into<String>,
+        attrs: BTreeMap<String, String>,
+        platform: Option<pb::Platform>,
+        meta: VertexMeta,
+    ) -> State {
         let op = pb::Op {
-            op: Some(pb::op::Op::Source(pb::SourceOp { identifier: identifier.into(), attrs })),
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: identifier.into(),
+                attrs,
+            })),
             platform,
             constraints: Some(pb::WorkerConstraints::default()),
             ..Default::default()
         };
-        State { output: Some(State::from_op(op, Vec::new(), meta)) }
+        State {
+            output: Some(State::from_op(op, Vec::new(), meta)),
+        }
     }
 
     /// The output this state is, unless scratch.
@@ -268,12 +306,22 @@ impl State {
             } else {
                 SKIP
             };
-            let mut pm = pb::Mount { input, dest: m.dest.clone(), output, readonly: m.readonly, selector: m.selector.clone(), ..Default::default() };
+            let mut pm = pb::Mount {
+                input,
+                dest: m.dest.clone(),
+                output,
+                readonly: m.readonly,
+                selector: m.selector.clone(),
+                ..Default::default()
+            };
             match &m.kind {
                 MountKind::Bind => {}
                 MountKind::Cache { id, sharing } => {
                     pm.mount_type = pb::MountType::Cache as i32;
-                    pm.cache_opt = Some(pb::CacheOpt { id: id.clone(), sharing: *sharing as i32 });
+                    pm.cache_opt = Some(pb::CacheOpt {
+                        id: id.clone(),
+                        sharing: *sharing as i32,
+                    });
                 }
                 MountKind::Tmpfs { size } => {
                     pm.mount_type = pb::MountType::Tmpfs as i32;
@@ -304,7 +352,12 @@ impl State {
             ..Default::default()
         };
         let vertex = Arc::new(Vertex { op, inputs, meta });
-        let state_of = |index: i64| State { output: Some(Output { vertex: vertex.clone(), index }) };
+        let state_of = |index: i64| State {
+            output: Some(Output {
+                vertex: vertex.clone(),
+                index,
+            }),
+        };
         let mut root = State::scratch();
         let mut by_dest = BTreeMap::new();
         for (dest, index) in outputs {
@@ -314,7 +367,10 @@ impl State {
                 by_dest.insert(dest, state_of(index));
             }
         }
-        ExecResult { root, mounts: by_dest }
+        ExecResult {
+            root,
+            mounts: by_dest,
+        }
     }
 
     /// Applies a chain of file actions; the result is the last action's output.
@@ -328,13 +384,15 @@ impl State {
                 FileInput::Empty => (SKIP, None),
                 FileInput::State(State { output: None }) => (SKIP, None),
                 FileInput::Action(i) => (0, Some(*i)),
-                FileInput::State(State { output: Some(out) }) => match inputs.iter().position(|i| i.key() == out.key()) {
-                    Some(i) => (i as i64, None),
-                    None => {
-                        inputs.push(out.clone());
-                        (inputs.len() as i64 - 1, None)
+                FileInput::State(State { output: Some(out) }) => {
+                    match inputs.iter().position(|i| i.key() == out.key()) {
+                        Some(i) => (i as i64, None),
+                        None => {
+                            inputs.push(out.clone());
+                            (inputs.len() as i64 - 1, None)
+                        }
                     }
-                },
+                }
             }
         };
         let mut raw = Vec::with_capacity(fileop.actions.len());
@@ -366,7 +424,9 @@ impl State {
             constraints: Some(pb::WorkerConstraints::default()),
             ..Default::default()
         };
-        State { output: Some(State::from_op(op, inputs, meta)) }
+        State {
+            output: Some(State::from_op(op, inputs, meta)),
+        }
     }
 
     /// Stacks states, later ones on top (scratch inputs are skipped).
@@ -374,14 +434,22 @@ impl State {
         let outs: Vec<Output> = states.iter().filter_map(|s| s.output.clone()).collect();
         match outs.len() {
             0 => State::scratch(),
-            1 => State { output: outs.into_iter().next() },
+            1 => State {
+                output: outs.into_iter().next(),
+            },
             n => {
                 let op = pb::Op {
-                    op: Some(pb::op::Op::Merge(pb::MergeOp { inputs: (0..n as i64).map(|input| pb::MergeInput { input }).collect() })),
+                    op: Some(pb::op::Op::Merge(pb::MergeOp {
+                        inputs: (0..n as i64)
+                            .map(|input| pb::MergeInput { input })
+                            .collect(),
+                    })),
                     constraints: Some(pb::WorkerConstraints::default()),
                     ..Default::default()
                 };
-                State { output: Some(State::from_op(op, outs, meta)) }
+                State {
+                    output: Some(State::from_op(op, outs, meta)),
+                }
             }
         }
     }
@@ -406,7 +474,9 @@ impl State {
             constraints: Some(pb::WorkerConstraints::default()),
             ..Default::default()
         };
-        State { output: Some(State::from_op(op, inputs, meta)) }
+        State {
+            output: Some(State::from_op(op, inputs, meta)),
+        }
     }
 
     /// Marshals the graph ending at this state. `infos` become `Source.infos`,
@@ -417,7 +487,13 @@ impl State {
             return pb::Definition::default();
         };
         let result = m.visit(&out.vertex);
-        let terminator = pb::Op { inputs: vec![pb::Input { digest: result.to_string(), index: out.index }], ..Default::default() };
+        let terminator = pb::Op {
+            inputs: vec![pb::Input {
+                digest: result.to_string(),
+                index: out.index,
+            }],
+            ..Default::default()
+        };
         let bytes = marshal_op(&terminator);
         let digest = digest_of(&bytes);
         let mut caps = BTreeMap::new();
@@ -429,14 +505,27 @@ impl State {
         if m.any_ignore_cache {
             caps.insert("meta.ignorecache".to_string(), true);
         }
-        m.metadata.insert(digest.to_string(), pb::OpMetadata { caps, ..Default::default() });
+        m.metadata.insert(
+            digest.to_string(),
+            pb::OpMetadata {
+                caps,
+                ..Default::default()
+            },
+        );
         m.defs.push(bytes);
         let source = if m.locations.is_empty() && infos.is_empty() {
             None
         } else {
-            Some(pb::Source { locations: m.locations, infos })
+            Some(pb::Source {
+                locations: m.locations,
+                infos,
+            })
         };
-        pb::Definition { def: m.defs, metadata: m.metadata, source }
+        pb::Definition {
+            def: m.defs,
+            metadata: m.metadata,
+            source,
+        }
     }
 }
 
@@ -460,7 +549,10 @@ impl Marshaller {
         op.inputs = vertex
             .inputs
             .iter()
-            .map(|i| pb::Input { digest: self.visit(&i.vertex).to_string(), index: i.index })
+            .map(|i| pb::Input {
+                digest: self.visit(&i.vertex).to_string(),
+                index: i.index,
+            })
             .collect();
         let bytes = marshal_op(&op);
         let digest = digest_of(&bytes);
@@ -476,10 +568,19 @@ impl Marshaller {
             let entry = self.locations.entry(digest.to_string()).or_default();
             for span in &vertex.meta.locations {
                 let range = pb::Range {
-                    start: Some(pb::Position { line: span.start_line, character: 0 }),
-                    end: Some(pb::Position { line: span.end_line, character: 0 }),
+                    start: Some(pb::Position {
+                        line: span.start_line,
+                        character: 0,
+                    }),
+                    end: Some(pb::Position {
+                        line: span.end_line,
+                        character: 0,
+                    }),
                 };
-                let loc = pb::Location { source_index: span.source_index, ranges: vec![range] };
+                let loc = pb::Location {
+                    source_index: span.source_index,
+                    ranges: vec![range],
+                };
                 if !entry.locations.contains(&loc) {
                     entry.locations.push(loc);
                 }

@@ -76,14 +76,18 @@ impl LoadedDefinition {
         let mut ops = Vec::with_capacity(def.def.len());
         let mut seen: HashMap<Digest, ()> = HashMap::new();
         for (index, bytes) in def.def.into_iter().enumerate() {
-            let op = pb::Op::decode(bytes.as_slice()).map_err(|source| DefinitionError::DecodeOp { index, source })?;
+            let op = pb::Op::decode(bytes.as_slice())
+                .map_err(|source| DefinitionError::DecodeOp { index, source })?;
             let digest = digest_of(&bytes);
             for input in &op.inputs {
                 if input.index < 0 {
                     return Err(DefinitionError::NegativeIndex(digest));
                 }
                 if !seen.contains_key(&Digest::from_string(input.digest.clone())) {
-                    return Err(DefinitionError::DanglingInput { op: digest, input: input.digest.clone() });
+                    return Err(DefinitionError::DanglingInput {
+                        op: digest,
+                        input: input.digest.clone(),
+                    });
                 }
             }
             seen.insert(digest.clone(), ());
@@ -93,7 +97,11 @@ impl LoadedDefinition {
         if last.op.is_some() || last.inputs.len() != 1 {
             return Err(DefinitionError::BadTerminator(last.inputs.len()));
         }
-        Ok(LoadedDefinition { ops, metadata: def.metadata, source: def.source })
+        Ok(LoadedDefinition {
+            ops,
+            metadata: def.metadata,
+            source: def.source,
+        })
     }
 
     /// Metadata of one op.
@@ -105,7 +113,11 @@ impl LoadedDefinition {
     pub fn to_json_lines(&self) -> String {
         let mut out = String::new();
         for op in &self.ops {
-            out.push_str(&crate::json::dump_line(&op.op, &op.digest, self.metadata_of(&op.digest)));
+            out.push_str(&crate::json::dump_line(
+                &op.op,
+                &op.digest,
+                self.metadata_of(&op.digest),
+            ));
             out.push('\n');
         }
         out

@@ -15,18 +15,33 @@ pub fn to_dot(def: &LoadedDefinition) -> String {
             continue;
         }
         let (summary, shape) = summarise(&op.op);
-        let label = match def.metadata_of(&op.digest).and_then(|m| m.description.get("llb.customname")) {
+        let label = match def
+            .metadata_of(&op.digest)
+            .and_then(|m| m.description.get("llb.customname"))
+        {
             Some(name) => name.clone(),
             None => summary,
         };
-        let _ = writeln!(out, "  {} [label={} shape={}];", quote(op.digest.as_str()), quote(&shorten(&label, 80)), shape);
+        let _ = writeln!(
+            out,
+            "  {} [label={} shape={}];",
+            quote(op.digest.as_str()),
+            quote(&shorten(&label, 80)),
+            shape
+        );
     }
     for (i, op) in def.ops.iter().enumerate() {
         if i == last {
             continue;
         }
         for (index, input) in op.op.inputs.iter().enumerate() {
-            let _ = writeln!(out, "  {} -> {} [label={}];", quote(&input.digest), quote(op.digest.as_str()), quote(&edge_label(&op.op, index)));
+            let _ = writeln!(
+                out,
+                "  {} -> {} [label={}];",
+                quote(&input.digest),
+                quote(op.digest.as_str()),
+                quote(&edge_label(&op.op, index))
+            );
         }
     }
     out.push_str("}\n");
@@ -63,7 +78,13 @@ fn summarise(op: &pb::Op) -> (String, &'static str) {
     use pb::file_action::Action;
     match &op.op {
         Some(pb::op::Op::Source(s)) => (s.identifier.clone(), "ellipse"),
-        Some(pb::op::Op::Exec(e)) => (e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default(), "box"),
+        Some(pb::op::Op::Exec(e)) => (
+            e.meta
+                .as_ref()
+                .map(|m| m.args.join(" "))
+                .unwrap_or_default(),
+            "box",
+        ),
         Some(pb::op::Op::Build(_)) => ("build".into(), "box3d"),
         Some(pb::op::Op::Merge(_)) => ("merge".into(), "invtriangle"),
         Some(pb::op::Op::Diff(_)) => ("diff".into(), "doublecircle"),
@@ -77,7 +98,9 @@ fn summarise(op: &pb::Op) -> (String, &'static str) {
                     Some(Action::Mkfile(m)) => format!("mkfile{{path={}}}", m.path),
                     Some(Action::Mkdir(m)) => format!("mkdir{{path={}}}", m.path),
                     Some(Action::Rm(r)) => format!("rm{{path={}}}", r.path),
-                    Some(Action::Symlink(s)) => format!("symlink{{{} -> {}}}", s.newpath, s.oldpath),
+                    Some(Action::Symlink(s)) => {
+                        format!("symlink{{{} -> {}}}", s.newpath, s.oldpath)
+                    }
                     None => "unknown".into(),
                 })
                 .collect();

@@ -57,7 +57,11 @@ pub mod base64_list {
         texts
             .unwrap_or_default()
             .iter()
-            .map(|t| base64::engine::general_purpose::STANDARD.decode(t).map_err(serde::de::Error::custom))
+            .map(|t| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(t)
+                    .map_err(serde::de::Error::custom)
+            })
             .collect()
     }
 }
@@ -108,8 +112,13 @@ impl Serialize for pb::Op {
             Some(O::Passthrough(v)) => oneof.passthrough = Some(v.clone()),
             None => {}
         }
-        OpJson { inputs: self.inputs.clone(), op: oneof, platform: self.platform.clone(), constraints: self.constraints.clone() }
-            .serialize(s)
+        OpJson {
+            inputs: self.inputs.clone(),
+            op: oneof,
+            platform: self.platform.clone(),
+            constraints: self.constraints.clone(),
+        }
+        .serialize(s)
     }
 }
 
@@ -127,7 +136,12 @@ impl<'de> Deserialize<'de> for pb::Op {
             .or(o.merge.map(O::Merge))
             .or(o.diff.map(O::Diff))
             .or(o.passthrough.map(O::Passthrough));
-        Ok(pb::Op { inputs: json.inputs, op, platform: json.platform, constraints: json.constraints })
+        Ok(pb::Op {
+            inputs: json.inputs,
+            op,
+            platform: json.platform,
+            constraints: json.constraints,
+        })
     }
 }
 
@@ -156,7 +170,11 @@ pub fn dump_line(op: &pb::Op, digest: &Digest, metadata: Option<&pb::OpMetadata>
         #[serde(rename = "OpMetadata")]
         metadata: Option<&'a pb::OpMetadata>,
     }
-    let line = Line { op, digest: digest.as_str(), metadata };
+    let line = Line {
+        op,
+        digest: digest.as_str(),
+        metadata,
+    };
     go_escape(&serde_json::to_string(&line).unwrap_or_default())
 }
 
@@ -205,15 +223,25 @@ struct FileActionJson {
 
 impl Serialize for pb::FileAction {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        FileActionJson { input: self.input, secondary_input: self.secondary_input, output: self.output, action: self.action.clone() }
-            .serialize(s)
+        FileActionJson {
+            input: self.input,
+            secondary_input: self.secondary_input,
+            output: self.output,
+            action: self.action.clone(),
+        }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for pb::FileAction {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let j = FileActionJson::deserialize(d)?;
-        Ok(pb::FileAction { input: j.input, secondary_input: j.secondary_input, output: j.output, action: j.action })
+        Ok(pb::FileAction {
+            input: j.input,
+            secondary_input: j.secondary_input,
+            output: j.output,
+            action: j.action,
+        })
     }
 }
 
@@ -226,13 +254,18 @@ struct UserOptJson {
 
 impl Serialize for pb::UserOpt {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        UserOptJson { user: self.user.clone() }.serialize(s)
+        UserOptJson {
+            user: self.user.clone(),
+        }
+        .serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for pb::UserOpt {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(pb::UserOpt { user: UserOptJson::deserialize(d)?.user })
+        Ok(pb::UserOpt {
+            user: UserOptJson::deserialize(d)?.user,
+        })
     }
 }
 
@@ -241,19 +274,26 @@ mod oneof_object {
     use serde::de::DeserializeOwned;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<T: Serialize, S: Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: Serialize, S: Serializer>(
+        value: &Option<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match value {
             Some(v) => v.serialize(s),
             None => serde_json::Map::new().serialize(s),
         }
     }
 
-    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
         let value = Option::<serde_json::Value>::deserialize(d)?;
         match value {
             None => Ok(None),
             Some(serde_json::Value::Object(map)) if map.is_empty() => Ok(None),
-            Some(v) => serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom),
+            Some(v) => serde_json::from_value(v)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
         }
     }
 }

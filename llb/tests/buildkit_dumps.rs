@@ -14,7 +14,9 @@ fn shared() -> PathBuf {
 }
 
 fn jsonl_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -31,7 +33,10 @@ fn buildkit_ops_remarshal_to_the_same_digest_and_text() {
     jsonl_files(&shared().join("reference/buildkit-llb"), &mut files);
     jsonl_files(&shared().join("conformance/real-world-llb"), &mut files);
     if files.is_empty() {
-        assert!(std::env::var("CI").is_err(), "the BuildKit LLB corpus is required on CI (set KILN_SHARED)");
+        assert!(
+            std::env::var("CI").is_err(),
+            "the BuildKit LLB corpus is required on CI (set KILN_SHARED)"
+        );
         eprintln!("BuildKit LLB corpus not found; skipped");
         return;
     }
@@ -40,23 +45,39 @@ fn buildkit_ops_remarshal_to_the_same_digest_and_text() {
     for file in &files {
         let text = std::fs::read_to_string(file).expect("readable");
         for line in text.lines() {
-            let parsed = parse_line(line).unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
+            let parsed =
+                parse_line(line).unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
             ops += 1;
             let digest = digest_of(&marshal_op(&parsed.op));
             if digest.as_str() == parsed.digest {
                 same_digest += 1;
             } else if failures.len() < 5 {
-                failures.push(format!("{}: digest {} != {}", file.display(), digest, parsed.digest));
+                failures.push(format!(
+                    "{}: digest {} != {}",
+                    file.display(),
+                    digest,
+                    parsed.digest
+                ));
             }
-            let again = dump_line(&parsed.op, &kiln_llb::Digest::from_string(parsed.digest.clone()), parsed.metadata.as_ref());
+            let again = dump_line(
+                &parsed.op,
+                &kiln_llb::Digest::from_string(parsed.digest.clone()),
+                parsed.metadata.as_ref(),
+            );
             if again == line {
                 same_text += 1;
             } else if failures.len() < 5 {
-                failures.push(format!("{}:\n kiln:     {again}\n buildkit: {line}", file.display()));
+                failures.push(format!(
+                    "{}:\n kiln:     {again}\n buildkit: {line}",
+                    file.display()
+                ));
             }
         }
     }
-    eprintln!("{} files, {ops} ops: {same_digest} same digest, {same_text} same JSON text", files.len());
+    eprintln!(
+        "{} files, {ops} ops: {same_digest} same digest, {same_text} same JSON text",
+        files.len()
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(same_digest, ops);
 }

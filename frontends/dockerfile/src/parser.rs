@@ -195,7 +195,12 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
     let mut errors = Vec::new();
     let (directives, escape) = parse_directives(text, bom, &mut errors);
     let lines = physical_lines(text, escape, bom);
-    let mut ast = Ast { directives, escape, nodes: Vec::new(), warnings: Vec::new() };
+    let mut ast = Ast {
+        directives,
+        escape,
+        nodes: Vec::new(),
+        warnings: Vec::new(),
+    };
     let mut comments: Vec<String> = Vec::new();
     let directive_lines = ast.directives.iter().map(|d| d.line).max().unwrap_or(0);
     let mut i = 0;
@@ -222,7 +227,11 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
         }
         let mut builder = LineBuilder::default();
         let continued = first.rule == Rule::continued_line;
-        let body = if continued { first.continued_text } else { first.text };
+        let body = if continued {
+            first.continued_text
+        } else {
+            first.text
+        };
         let trimmed = body.trim_start();
         builder.push(trimmed, first.start + (body.len() - trimmed.len()));
         let start_line = first.number;
@@ -252,12 +261,19 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
         i = last + 1;
         let span = span_start..lines[last].start + lines[last].text.len();
         if empty_continuation {
-            ast.warnings.push(Warning { message: format!("Empty continuation line found in: {}", builder.text), span: span.clone() });
+            ast.warnings.push(Warning {
+                message: format!("Empty continuation line found in: {}", builder.text),
+                span: span.clone(),
+            });
         }
         let mut node = match node_from_line(&builder.text, escape) {
             Ok(node) => node,
             Err((code, message)) => {
-                errors.push(ParseError { code, message, span });
+                errors.push(ParseError {
+                    code,
+                    message,
+                    span,
+                });
                 continue;
             }
         };
@@ -278,7 +294,11 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                             node.end_line = l.number;
                             node.span.end = l.start + l.text.len();
                             let candidate = l.text.trim_end_matches(['\r', '\n']);
-                            let candidate = if doc.chomp { candidate.trim_start_matches('\t') } else { candidate };
+                            let candidate = if doc.chomp {
+                                candidate.trim_start_matches('\t')
+                            } else {
+                                candidate
+                            };
                             if candidate == doc.name {
                                 terminated = true;
                                 break;
@@ -288,8 +308,12 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                         if !terminated {
                             errors.push(ParseError {
                                 code: "unterminated_heredoc",
-                                message: format!("unterminated heredoc {}: no line ends it", doc.name),
-                                span: node.span_of(&format!("<<{}", if doc.chomp { "-" } else { "" })),
+                                message: format!(
+                                    "unterminated heredoc {}: no line ends it",
+                                    doc.name
+                                ),
+                                span: node
+                                    .span_of(&format!("<<{}", if doc.chomp { "-" } else { "" })),
                             });
                             break;
                         }
@@ -297,13 +321,21 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                         node.heredocs.push(doc);
                     }
                 }
-                Err(message) => errors.push(ParseError { code: "invalid_heredoc", message, span: node.span.clone() }),
+                Err(message) => errors.push(ParseError {
+                    code: "invalid_heredoc",
+                    message,
+                    span: node.span.clone(),
+                }),
             }
         }
         ast.nodes.push(node);
     }
     if ast.nodes.is_empty() && errors.is_empty() {
-        errors.push(ParseError { code: "empty_dockerfile", message: "file with no instructions".into(), span: source.len()..source.len() });
+        errors.push(ParseError {
+            code: "empty_dockerfile",
+            message: "file with no instructions".into(),
+            span: source.len()..source.len(),
+        });
     }
     (ast, errors)
 }
@@ -316,29 +348,46 @@ struct LineBuilder {
 
 impl LineBuilder {
     fn push(&mut self, piece: &str, source_offset: usize) {
-        self.segments.push((self.text.len(), source_offset, piece.len()));
+        self.segments
+            .push((self.text.len(), source_offset, piece.len()));
         self.text.push_str(piece);
     }
 }
 
-fn parse_directives(text: &str, offset: usize, errors: &mut Vec<ParseError>) -> (Vec<Directive>, char) {
+fn parse_directives(
+    text: &str,
+    offset: usize,
+    errors: &mut Vec<ParseError>,
+) -> (Vec<Directive>, char) {
     let mut directives: Vec<Directive> = Vec::new();
     let mut escape = '\\';
     let mut pos = offset;
     for (n, raw) in text.split_inclusive('\n').enumerate() {
         let line = raw.trim_end_matches(['\r', '\n']);
         let trimmed = line.trim_start();
-        let Ok(mut pairs) = Grammar::parse(Rule::directive, trimmed) else { break };
+        let Ok(mut pairs) = Grammar::parse(Rule::directive, trimmed) else {
+            break;
+        };
         let mut inner = pairs.next().map(|p| p.into_inner()).into_iter().flatten();
-        let name = inner.next().map(|p| p.as_str().to_ascii_lowercase()).unwrap_or_default();
-        let value = inner.next().map(|p| p.as_str().to_string()).unwrap_or_default();
+        let name = inner
+            .next()
+            .map(|p| p.as_str().to_ascii_lowercase())
+            .unwrap_or_default();
+        let value = inner
+            .next()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
         if !matches!(name.as_str(), "syntax" | "escape" | "check") {
             break;
         }
         let span = pos..pos + line.len();
         pos += raw.len();
         if directives.iter().any(|d| d.name == name) {
-            errors.push(ParseError { code: "duplicate_directive", message: format!("only one {name} parser directive can be used"), span });
+            errors.push(ParseError {
+                code: "duplicate_directive",
+                message: format!("only one {name} parser directive can be used"),
+                span,
+            });
             continue;
         }
         if name == "escape" {
@@ -355,7 +404,11 @@ fn parse_directives(text: &str, offset: usize, errors: &mut Vec<ParseError>) -> 
                 }
             }
         }
-        directives.push(Directive { name, value, line: n + 1 });
+        directives.push(Directive {
+            name,
+            value,
+            line: n + 1,
+        });
     }
     (directives, escape)
 }
@@ -370,7 +423,11 @@ fn physical_lines(text: &str, escape: char, offset: usize) -> Vec<PhysLine<'_>> 
         return out;
     };
     let Some(file) = file.next() else { return out };
-    for (number, pair) in file.into_inner().filter(|p| p.as_rule() != Rule::escape_char && p.as_rule() != Rule::EOI).enumerate() {
+    for (number, pair) in file
+        .into_inner()
+        .filter(|p| p.as_rule() != Rule::escape_char && p.as_rule() != Rule::EOI)
+        .enumerate()
+    {
         let span = pair.as_span();
         let (start, end) = (span.start() - 1, span.end() - 1);
         let line_text = &text[start..end];
@@ -382,11 +439,21 @@ fn physical_lines(text: &str, escape: char, offset: usize) -> Vec<PhysLine<'_>> 
         }
         let rule = pair.as_rule();
         let continued_text = if rule == Rule::continued_line {
-            pair.into_inner().find(|p| p.as_rule() == Rule::continued_text).map(|p| &text[p.as_span().start() - 1..p.as_span().end() - 1]).unwrap_or("")
+            pair.into_inner()
+                .find(|p| p.as_rule() == Rule::continued_text)
+                .map(|p| &text[p.as_span().start() - 1..p.as_span().end() - 1])
+                .unwrap_or("")
         } else {
             ""
         };
-        out.push(PhysLine { rule, text: line_text, continued_text, raw: &text[start..raw_end], start: start + offset, number: number + 1 });
+        out.push(PhysLine {
+            rule,
+            text: line_text,
+            continued_text,
+            raw: &text[start..raw_end],
+            start: start + offset,
+            number: number + 1,
+        });
     }
     out
 }
@@ -425,7 +492,11 @@ fn node_from_line(line: &str, escape: char) -> Result<Node, NodeError> {
     let trimmed = line.trim_matches(is_space);
     let parts = split_re_whitespace(trimmed, 2);
     let keyword = parts[0].to_string();
-    let (flags, rest) = if parts.len() == 2 { extract_flags(parts[1], escape) } else { (Vec::new(), String::new()) };
+    let (flags, rest) = if parts.len() == 2 {
+        extract_flags(parts[1], escape)
+    } else {
+        (Vec::new(), String::new())
+    };
     let rest = rest.trim_matches(is_space).to_string();
     let mut node = Node {
         keyword,
@@ -449,7 +520,9 @@ fn node_from_line(line: &str, escape: char) -> Result<Node, NodeError> {
             (node.args, node.json) = maybe_json(&rest)?;
         }
         "arg" => node.args = parse_words(&rest, escape),
-        "env" | "label" => node.args = parse_name_val(&rest, &node.keyword.to_ascii_uppercase(), escape)?,
+        "env" | "label" => {
+            node.args = parse_name_val(&rest, &node.keyword.to_ascii_uppercase(), escape)?
+        }
         "expose" | "from" => node.args = whitespace_delimited(&rest),
         "healthcheck" => (node.args, node.json) = parse_health(&rest)?,
         "maintainer" | "stopsignal" | "user" | "workdir" => {
@@ -660,12 +733,22 @@ fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<String>, No
         if parts.len() < 2 {
             return Err(("missing_value", format!("{key} must have two arguments")));
         }
-        return Ok(vec![parts[0].to_string(), parts[1].to_string(), String::new()]);
+        return Ok(vec![
+            parts[0].to_string(),
+            parts[1].to_string(),
+            String::new(),
+        ]);
     }
     let mut out = Vec::with_capacity(words.len() * 3);
     for word in words {
         let Some((k, v)) = word.split_once('=') else {
-            return Err(("missing_equals", format!("Syntax error - can't find = in {}. Must be of the form: name=value", go_quote(&word))));
+            return Err((
+                "missing_equals",
+                format!(
+                    "Syntax error - can't find = in {}. Must be of the form: name=value",
+                    go_quote(&word)
+                ),
+            ));
         };
         out.extend([k.to_string(), v.to_string(), "=".to_string()]);
     }
@@ -676,7 +759,10 @@ fn whitespace_delimited(rest: &str) -> Vec<String> {
     if rest.is_empty() {
         return Vec::new();
     }
-    split_re_whitespace(rest, 0).into_iter().map(str::to_string).collect()
+    split_re_whitespace(rest, 0)
+        .into_iter()
+        .map(str::to_string)
+        .collect()
 }
 
 enum JsonError {
@@ -691,7 +777,10 @@ fn parse_json(rest: &str) -> Result<Vec<String>, JsonError> {
         return Err(JsonError::NotArray);
     }
     let mut pairs = Grammar::parse(Rule::exec_form, rest).map_err(|_| JsonError::NotArray)?;
-    let array = pairs.next().and_then(|p| p.into_inner().next()).ok_or(JsonError::NotArray)?;
+    let array = pairs
+        .next()
+        .and_then(|p| p.into_inner().next())
+        .ok_or(JsonError::NotArray)?;
     let mut out = Vec::new();
     for value in array.into_inner() {
         if value.as_rule() != Rule::json_string {
@@ -725,11 +814,18 @@ fn maybe_json_to_list(rest: &str) -> Result<(Vec<String>, bool), NodeError> {
 
 fn parse_health(rest: &str) -> Result<(Vec<String>, bool), NodeError> {
     let bytes = rest.as_bytes();
-    let sep = bytes.iter().position(|b| (*b as char).is_ascii_whitespace()).unwrap_or(bytes.len());
+    let sep = bytes
+        .iter()
+        .position(|b| (*b as char).is_ascii_whitespace())
+        .unwrap_or(bytes.len());
     if sep == 0 {
         return Ok((Vec::new(), false));
     }
-    let next = bytes[sep..].iter().position(|b| !(*b as char).is_ascii_whitespace()).map(|p| p + sep).unwrap_or(bytes.len());
+    let next = bytes[sep..]
+        .iter()
+        .position(|b| !(*b as char).is_ascii_whitespace())
+        .map(|p| p + sep)
+        .unwrap_or(bytes.len());
     let (mut cmd, json) = maybe_json(&rest[next..])?;
     let mut args = vec![rest[..sep].to_string()];
     args.append(&mut cmd);
@@ -754,8 +850,12 @@ fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
 
 /// Parses one heredoc marker word such as `<<-"EOF"`; `None` when it is not one.
 pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
-    let Ok(mut pairs) = Grammar::parse(Rule::heredoc_marker, word) else { return Ok(None) };
-    let Some(marker) = pairs.next() else { return Ok(None) };
+    let Ok(mut pairs) = Grammar::parse(Rule::heredoc_marker, word) else {
+        return Ok(None);
+    };
+    let Some(marker) = pairs.next() else {
+        return Ok(None);
+    };
     let mut fd = 0;
     let mut chomp = false;
     let mut rest = "";
@@ -776,14 +876,25 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     lex.raw_quotes = true;
     let raw = lex.process_words(rest, &NoEnv).map_err(|e| e.0)?;
     if raw.len() != words.len() {
-        return Err(format!("internal lexing of heredoc produced inconsistent results: {rest}"));
+        return Err(format!(
+            "internal lexing of heredoc produced inconsistent results: {rest}"
+        ));
     }
     let count = |s: &str| s.matches(['\'', '"']).count();
     let expand = count(&words[0]) == count(&raw[0]);
-    Ok(Some(Heredoc { name: words[0].clone(), fd, expand, chomp, content: String::new() }))
+    Ok(Some(Heredoc {
+        name: words[0].clone(),
+        fd,
+        expand,
+        chomp,
+        content: String::new(),
+    }))
 }
 
 /// Strips leading tabs from every line of a `<<-` heredoc body.
 pub fn chomp_heredoc_content(content: &str) -> String {
-    content.split_inclusive('\n').map(|l| l.trim_start_matches('\t')).collect()
+    content
+        .split_inclusive('\n')
+        .map(|l| l.trim_start_matches('\t'))
+        .collect()
 }

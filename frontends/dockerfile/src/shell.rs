@@ -12,7 +12,16 @@ pub trait Env {
 
 impl Env for [(String, String)] {
     fn get(&self, name: &str) -> Option<&str> {
-        self.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl Env for &[(String, String)] {
+    fn get(&self, name: &str) -> Option<&str> {
+        Env::get(*self, name)
     }
 }
 
@@ -65,7 +74,13 @@ pub struct Lexer {
 impl Lexer {
     /// A lexer with the given escape character and default options.
     pub fn new(escape: char) -> Lexer {
-        Lexer { escape, raw_quotes: false, raw_escapes: false, skip_process_quotes: false, skip_unset_env: false }
+        Lexer {
+            escape,
+            raw_quotes: false,
+            raw_escapes: false,
+            skip_process_quotes: false,
+            skip_unset_env: false,
+        }
     }
 
     /// Expands `word` into one string (spaces between words kept).
@@ -79,11 +94,22 @@ impl Lexer {
     }
 
     fn process(&self, word: &str, env: &dyn Env) -> Result<Processed, LexError> {
-        let mut sw = Scanner { lex: *self, chars: word.chars().collect(), pos: 0, env, raw_escapes: self.raw_escapes, unmatched: Vec::new() };
+        let mut sw = Scanner {
+            lex: *self,
+            chars: word.chars().collect(),
+            pos: 0,
+            env,
+            raw_escapes: self.raw_escapes,
+            unmatched: Vec::new(),
+        };
         let (result, words) = sw
             .process_stop_on(None, self.raw_escapes)
             .map_err(|e| LexError(format!("failed to process {}: {}", go_quote(word), e.0)))?;
-        Ok(Processed { result, words, unmatched: sw.unmatched })
+        Ok(Processed {
+            result,
+            words,
+            unmatched: sw.unmatched,
+        })
     }
 }
 
@@ -152,7 +178,11 @@ impl Scanner<'_> {
         c
     }
 
-    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> Result<(String, Vec<String>), LexError> {
+    fn process_stop_on(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> Result<(String, Vec<String>), LexError> {
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
         let r = self.process_stop_on_inner(stop);
@@ -160,7 +190,10 @@ impl Scanner<'_> {
         r
     }
 
-    fn process_stop_on_inner(&mut self, stop: Option<char>) -> Result<(String, Vec<String>), LexError> {
+    fn process_stop_on_inner(
+        &mut self,
+        stop: Option<char>,
+    ) -> Result<(String, Vec<String>), LexError> {
         let mut result = String::new();
         let mut words = Words::default();
         while let Some(ch) = self.peek() {
@@ -203,7 +236,9 @@ impl Scanner<'_> {
             result.push(ch);
         }
         if let Some(stop) = stop {
-            return err(format!("unexpected end of statement while looking for matching {stop}"));
+            return err(format!(
+                "unexpected end of statement while looking for matching {stop}"
+            ));
         }
         Ok((result, words.finish()))
     }
@@ -216,7 +251,11 @@ impl Scanner<'_> {
         }
         loop {
             match self.next() {
-                None => return err("unexpected end of statement while looking for matching single-quote"),
+                None => {
+                    return err(
+                        "unexpected end of statement while looking for matching single-quote",
+                    )
+                }
                 Some('\'') => {
                     if self.lex.raw_quotes {
                         result.push('\'');
@@ -236,7 +275,11 @@ impl Scanner<'_> {
         }
         loop {
             match self.peek() {
-                None => return err("unexpected end of statement while looking for matching double-quote"),
+                None => {
+                    return err(
+                        "unexpected end of statement while looking for matching double-quote",
+                    )
+                }
                 Some('"') => {
                     self.next();
                     if self.lex.raw_quotes {
@@ -349,11 +392,19 @@ impl Scanner<'_> {
                     '+' => Ok(if absent { String::new() } else { word }),
                     '?' => {
                         if !set {
-                            let msg = if word.is_empty() { "is not allowed to be unset".to_string() } else { word };
+                            let msg = if word.is_empty() {
+                                "is not allowed to be unset".to_string()
+                            } else {
+                                word
+                            };
                             return err(format!("{name}: {msg}"));
                         }
                         if null_is_unset && value.is_empty() {
-                            let msg = if word.is_empty() { "is not allowed to be empty".to_string() } else { word };
+                            let msg = if word.is_empty() {
+                                "is not allowed to be empty".to_string()
+                            } else {
+                                word
+                            };
                             return err(format!("{name}: {msg}"));
                         }
                         Ok(value)
@@ -400,13 +451,21 @@ impl Scanner<'_> {
                     return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
                 }
                 let value = value.unwrap_or_default();
-                let re = shell_pattern_regex(&pattern, true, false)
-                    .map_err(|e| LexError(format!("invalid pattern ({pattern}) in substitution: {e}")))?;
+                let re = shell_pattern_regex(&pattern, true, false).map_err(|e| {
+                    LexError(format!("invalid pattern ({pattern}) in substitution: {e}"))
+                })?;
                 if replace_all {
-                    Ok(re.replace_all(&value, regex::NoExpand(&replacement)).into_owned())
+                    Ok(re
+                        .replace_all(&value, regex::NoExpand(&replacement))
+                        .into_owned())
                 } else {
                     Ok(match re.find(&value) {
-                        Some(m) => format!("{}{}{}", &value[..m.start()], replacement, &value[m.end()..]),
+                        Some(m) => format!(
+                            "{}{}{}",
+                            &value[..m.start()],
+                            replacement,
+                            &value[m.end()..]
+                        ),
                         None => value,
                     })
                 }
@@ -495,7 +554,8 @@ fn shell_pattern_regex(pattern: &str, greedy: bool, anchored: bool) -> Result<Re
 }
 
 fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> Result<String, LexError> {
-    let re = shell_pattern_regex(pattern, greedy, true).map_err(|e| LexError(format!("invalid pattern ({pattern}) in substitution: {e}")))?;
+    let re = shell_pattern_regex(pattern, greedy, true)
+        .map_err(|e| LexError(format!("invalid pattern ({pattern}) in substitution: {e}")))?;
     Ok(match re.find(value) {
         Some(m) => value[m.end()..].to_string(),
         None => value.to_string(),
@@ -543,7 +603,9 @@ pub fn go_quote(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\u{b}' => out.push_str("\\v"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c if c.is_control() => {
                 if (c as u32) < 0x10000 {
                     out.push_str(&format!("\\u{:04x}", c as u32))
@@ -564,9 +626,22 @@ mod tests {
 
     #[test]
     fn pattern_conversion_matches_buildkit() {
-        let cases = [("*", "^.*"), ("?", "^."), ("\\*", "^\\*"), ("(()[]{\\}^$.\\*\\?|\\\\", "^\\(\\(\\)\\[\\]\\{\\}\\^\\$\\.\\*\\?\\|\\\\")];
+        let cases = [
+            ("*", "^.*"),
+            ("?", "^."),
+            ("\\*", "^\\*"),
+            (
+                "(()[]{\\}^$.\\*\\?|\\\\",
+                "^\\(\\(\\)\\[\\]\\{\\}\\^\\$\\.\\*\\?\\|\\\\",
+            ),
+        ];
         for (pattern, expected) in cases {
-            assert_eq!(shell_pattern_regex(pattern, true, true).expect("valid").as_str(), expected);
+            assert_eq!(
+                shell_pattern_regex(pattern, true, true)
+                    .expect("valid")
+                    .as_str(),
+                expected
+            );
         }
         for bad in ["\\", "\\x", "\\\\\\"] {
             assert!(shell_pattern_regex(bad, true, true).is_err(), "{bad}");
@@ -575,7 +650,12 @@ mod tests {
 
     #[test]
     fn reverse_pattern_keeps_escapes() {
-        for (p, e) in [("a\\*c", "c\\*a"), ("\\\\\\ab", "b\\a\\\\"), ("ab\\", "\\ba"), ("\\\\b", "b\\\\")] {
+        for (p, e) in [
+            ("a\\*c", "c\\*a"),
+            ("\\\\\\ab", "b\\a\\\\"),
+            ("ab\\", "\\ba"),
+            ("\\\\b", "b\\\\"),
+        ] {
             assert_eq!(reverse_pattern(p), e);
         }
     }
@@ -583,13 +663,37 @@ mod tests {
     #[test]
     fn mandatory_variables() {
         let lex = Lexer::new('\\');
-        let set: Vec<(String, String)> = vec![("VAR".into(), "plain".into()), ("ARG".into(), "x".into())];
-        let empty: Vec<(String, String)> = vec![("VAR".into(), String::new()), ("ARG".into(), "x".into())];
+        let set: Vec<(String, String)> =
+            vec![("VAR".into(), "plain".into()), ("ARG".into(), "x".into())];
+        let empty: Vec<(String, String)> =
+            vec![("VAR".into(), String::new()), ("ARG".into(), "x".into())];
         let unset: Vec<(String, String)> = vec![("ARG".into(), "x".into())];
-        assert_eq!(lex.process_word("${VAR:?message here$ARG}", &set).expect("set").result, "plain");
-        assert!(lex.process_word("${VAR:?message here$ARG}", &empty).unwrap_err().0.contains("message herex"));
-        assert!(lex.process_word("${VAR:?message here$ARG}", &unset).unwrap_err().0.contains("message herex"));
-        assert_eq!(lex.process_word("${VAR?message here$ARG}", &empty).expect("empty ok").result, "");
-        assert!(lex.process_word("${VAR?message here$ARG}", &unset).unwrap_err().0.contains("message herex"));
+        assert_eq!(
+            lex.process_word("${VAR:?message here$ARG}", &set)
+                .expect("set")
+                .result,
+            "plain"
+        );
+        assert!(lex
+            .process_word("${VAR:?message here$ARG}", &empty)
+            .unwrap_err()
+            .0
+            .contains("message herex"));
+        assert!(lex
+            .process_word("${VAR:?message here$ARG}", &unset)
+            .unwrap_err()
+            .0
+            .contains("message herex"));
+        assert_eq!(
+            lex.process_word("${VAR?message here$ARG}", &empty)
+                .expect("empty ok")
+                .result,
+            ""
+        );
+        assert!(lex
+            .process_word("${VAR?message here$ARG}", &unset)
+            .unwrap_err()
+            .0
+            .contains("message herex"));
     }
 }

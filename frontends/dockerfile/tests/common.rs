@@ -16,7 +16,11 @@ pub fn corpus(rel: &str) -> Option<PathBuf> {
     if p.is_dir() {
         return Some(p);
     }
-    assert!(std::env::var("CI").map(|v| v != "true").unwrap_or(true), "{} is required on CI", p.display());
+    assert!(
+        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+        "{} is required on CI",
+        p.display()
+    );
     eprintln!("{} not found; skipped", p.display());
     None
 }

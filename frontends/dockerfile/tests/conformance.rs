@@ -7,12 +7,19 @@ use kiln_dockerfile::shell::Lexer;
 
 /// `envVarTest` rows for all platforms (`A`) and Unix (`U`).
 fn env_var_rows() -> (usize, usize, Vec<String>) {
-    let Some(dir) = common::corpus("conformance/buildkit-parser/shell") else { return (0, 0, vec![]) };
+    let Some(dir) = common::corpus("conformance/buildkit-parser/shell") else {
+        return (0, 0, vec![]);
+    };
     let text = std::fs::read_to_string(dir.join("envVarTest")).expect("envVarTest");
-    let env: Vec<(String, String)> = [("PWD", "/home"), ("SHELL", "bash"), ("KOREAN", "한국어"), ("NULL", "")]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let env: Vec<(String, String)> = [
+        ("PWD", "/home"),
+        ("SHELL", "bash"),
+        ("KOREAN", "한국어"),
+        ("NULL", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
     let lex = Lexer::new('\\');
     let (mut total, mut pass, mut fails) = (0, 0, Vec::new());
     for (n, line) in text.lines().enumerate() {
@@ -35,7 +42,10 @@ fn env_var_rows() -> (usize, usize, Vec<String>) {
         if ok {
             pass += 1;
         } else {
-            fails.push(format!("envVarTest:{}: {source:?} gave {got:?}, want {expected:?}", n + 1));
+            fails.push(format!(
+                "envVarTest:{}: {source:?} gave {got:?}, want {expected:?}",
+                n + 1
+            ));
         }
     }
     (pass, total, fails)
@@ -43,7 +53,9 @@ fn env_var_rows() -> (usize, usize, Vec<String>) {
 
 /// `wordsTest` rows: expansion followed by word splitting.
 fn words_rows() -> (usize, usize, Vec<String>) {
-    let Some(dir) = common::corpus("conformance/buildkit-parser/shell") else { return (0, 0, vec![]) };
+    let Some(dir) = common::corpus("conformance/buildkit-parser/shell") else {
+        return (0, 0, vec![]);
+    };
     let text = std::fs::read_to_string(dir.join("wordsTest")).expect("wordsTest");
     let (mut total, mut pass, mut fails) = (0, 0, Vec::new());
     // BuildKit's own test loops over a second mode (raw quotes, unset variables
@@ -64,13 +76,23 @@ fn words_rows() -> (usize, usize, Vec<String>) {
             }
             let parts: Vec<&str> = line.split('|').collect();
             assert_eq!(parts.len(), 2, "line {}", n + 1);
-            let expected: Vec<String> = parts[1].trim_start_matches(' ').split(',').map(str::to_string).collect();
-            let got = lex.process_words(parts[0].trim(), &env).unwrap_or_else(|_| vec!["error".to_string()]);
+            let expected: Vec<String> = parts[1]
+                .trim_start_matches(' ')
+                .split(',')
+                .map(str::to_string)
+                .collect();
+            let got = lex
+                .process_words(parts[0].trim(), &env)
+                .unwrap_or_else(|_| vec!["error".to_string()]);
             total += 1;
             if got == expected {
                 pass += 1;
             } else {
-                fails.push(format!("wordsTest:{} (mode {mode}): {:?} gave {got:?}, want {expected:?}", n + 1, parts[0]));
+                fails.push(format!(
+                    "wordsTest:{} (mode {mode}): {:?} gave {got:?}, want {expected:?}",
+                    n + 1,
+                    parts[0]
+                ));
             }
         }
     }
@@ -81,15 +103,25 @@ fn words_rows() -> (usize, usize, Vec<String>) {
 fn shell_expansion_tables() {
     let (ep, et, ef) = env_var_rows();
     let (wp, wt, wf) = words_rows();
-    eprintln!("{}/{} expansion rows (envVarTest A+U {ep}/{et}, wordsTest {wp}/{wt})", ep + wp, et + wt);
+    eprintln!(
+        "{}/{} expansion rows (envVarTest A+U {ep}/{et}, wordsTest {wp}/{wt})",
+        ep + wp,
+        et + wt
+    );
     let fails: Vec<String> = ef.into_iter().chain(wf).collect();
     assert!(fails.is_empty(), "{}", fails.join("\n"));
 }
 
 #[test]
 fn parser_corpus() {
-    let Some(dir) = common::corpus("conformance/buildkit-parser") else { return };
-    let mut cases: Vec<_> = std::fs::read_dir(dir.join("testfiles")).expect("testfiles").flatten().map(|e| e.path()).collect();
+    let Some(dir) = common::corpus("conformance/buildkit-parser") else {
+        return;
+    };
+    let mut cases: Vec<_> = std::fs::read_dir(dir.join("testfiles"))
+        .expect("testfiles")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     cases.sort();
     let mut pass = 0;
     let mut fails = Vec::new();
@@ -101,10 +133,17 @@ fn parser_corpus() {
         if errors.is_empty() && got == expected {
             pass += 1;
         } else {
-            fails.push(format!("{}: errors {errors:?}\n--- got\n{got}--- want\n{expected}", case.display()));
+            fails.push(format!(
+                "{}: errors {errors:?}\n--- got\n{got}--- want\n{expected}",
+                case.display()
+            ));
         }
     }
-    let mut negatives: Vec<_> = std::fs::read_dir(dir.join("testfiles-negative")).expect("negative").flatten().map(|e| e.path()).collect();
+    let mut negatives: Vec<_> = std::fs::read_dir(dir.join("testfiles-negative"))
+        .expect("negative")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     negatives.sort();
     let mut rejected = 0;
     for case in &negatives {
@@ -116,7 +155,11 @@ fn parser_corpus() {
             rejected += 1;
         }
     }
-    eprintln!("{pass}/{} parser cases, {rejected}/{} negative", cases.len(), negatives.len());
+    eprintln!(
+        "{pass}/{} parser cases, {rejected}/{} negative",
+        cases.len(),
+        negatives.len()
+    );
     assert!(fails.is_empty(), "{}", fails.join("\n"));
     assert_eq!(cases.len(), 33);
     assert_eq!(negatives.len(), 4);

@@ -1,0 +1,102 @@
+//! The CLI's frontend host: resolves base image configs from `--build-context`
+//! OCI layouts and from kiln's image store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kiln_frontend::reference::Reference;
+use kiln_frontend::{Host, HostError, Platform, ResolvedImage};
+use kiln_oci::Layout;
+
+/// kiln's state root: `--root`, else `$KILN_ROOT`, else `$XDG_DATA_HOME/kiln` or `~/.local/share/kiln`.
+pub fn state_root(flag: Option<&Path>) -> PathBuf {
+    if let Some(p) = flag {
+        return p.to_path_buf();
+    }
+    if let Some(p) = std::env::var_os("KILN_ROOT") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(p).join("kiln");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/kiln")
+}
+
+/// A host reading images from OCI layouts on this machine.
+pub struct CliHost {
+    contexts: BTreeMap<String, (PathBuf, Option<String>)>,
+    store: PathBuf,
+}
+
+impl CliHost {
+    /// Parses `NAME=oci-layout:///path[:tag]` flags.
+    pub fn new(build_contexts: &[String], root: PathBuf) -> Result<CliHost, String> {
+        let mut contexts = BTreeMap::new();
+        for spec in build_contexts {
+            let (name, src) = spec
+                .split_once('=')
+                .ok_or_else(|| format!("--build-context {spec:?}: expected NAME=SRC"))?;
+            let Some(rest) = src.strip_prefix("oci-layout://") else {
+                return Err(format!("--build-context {name}: only oci-layout:// sources are supported so far, got {src:?}"));
+            };
+            let (path, tag) = match rest.rsplit_once(':') {
+                Some((p, t)) if !t.contains('/') => (p, Some(t.to_string())),
+                _ => (rest, None),
+            };
+            let key = Reference::parse(name)
+                .map(|r| r.normalized())
+                .unwrap_or_else(|_| name.to_string());
+            contexts.insert(key, (PathBuf::from(path), tag));
+        }
+        Ok(CliHost {
+            contexts,
+            store: root.join("store"),
+        })
+    }
+}
+
+impl Host for CliHost {
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<Option<ResolvedImage>, HostError> {
+        if let Some((path, tag)) = self.contexts.get(reference) {
+            let layout = Layout::open(path).map_err(|e| HostError {
+                message: format!("build context for {reference}: {e}"),
+            })?;
+            let found = layout
+                .resolve(tag.as_deref(), platform)
+                .map_err(|e| HostError {
+                    message: format!("build context for {reference}: {e}"),
+                })?;
+            let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            return Ok(Some(ResolvedImage {
+                reference: format!("oci-layout://{}@{}", abs.display(), found.manifest_digest),
+                config: found.config,
+            }));
+        }
+        let store_error = match Layout::open(&self.store) {
+            Ok(store) => match store.resolve(Some(reference), platform) {
+                Ok(found) => {
+                    let name = reference.split('@').next().unwrap_or(reference);
+                    return Ok(Some(ResolvedImage {
+                        reference: format!("{name}@{}", found.manifest_digest),
+                        config: found.config,
+                    }));
+                }
+                Err(e) => e.to_string(),
+            },
+            Err(_) => format!("kiln's image store {} is empty", self.store.display()),
+        };
+        Err(HostError {
+            message: format!(
+                "not found: no --build-context names it, {store_error}, and registry lookups are not implemented yet \
+                 (pass --build-context {reference}=oci-layout:///PATH[:TAG], or --no-resolve to compile without base image configs)"
+            ),
+        })
+    }
+}

@@ -1,0 +1,84 @@
+//! Diagnostics with source spans, rendered by the CLI with miette.
+
+/// How bad a diagnostic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Compilation fails.
+    Error,
+    /// Compilation goes on.
+    Warning,
+}
+
+/// One finding in a definition file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Diagnostic {
+    /// Stable code, e.g. `kiln::dockerfile::unknown_instruction`.
+    pub code: String,
+    /// Severity.
+    pub severity: Severity,
+    /// One-line message.
+    pub message: String,
+    /// The file it points into.
+    pub file: String,
+    /// Byte offset of the span's start.
+    pub offset: usize,
+    /// Span length in bytes.
+    pub length: usize,
+    /// Label shown under the span.
+    pub label: String,
+    /// Optional hint.
+    pub help: Option<String>,
+}
+
+impl Diagnostic {
+    /// An error at `span` of `file`.
+    pub fn error(
+        code: &str,
+        message: impl Into<String>,
+        file: &str,
+        span: std::ops::Range<usize>,
+    ) -> Diagnostic {
+        Diagnostic {
+            code: code.to_string(),
+            severity: Severity::Error,
+            message: message.into(),
+            file: file.to_string(),
+            offset: span.start,
+            length: span.end.saturating_sub(span.start),
+            label: String::from("here"),
+            help: None,
+        }
+    }
+
+    /// Sets the label.
+    pub fn with_label(mut self, label: impl Into<String>) -> Diagnostic {
+        self.label = label.into();
+        self
+    }
+
+    /// Sets the help text.
+    pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
+        self.help = Some(help.into());
+        self
+    }
+
+    /// Makes it a warning.
+    pub fn warning(mut self) -> Diagnostic {
+        self.severity = Severity::Warning;
+        self
+    }
+
+    /// 1-based line and column of the span start in `source`.
+    pub fn line_column(&self, source: &str) -> (usize, usize) {
+        let upto = &source[..self.offset.min(source.len())];
+        let line = upto.matches('\n').count() + 1;
+        let column = upto
+            .rsplit('\n')
+            .next()
+            .map(|l| l.chars().count())
+            .unwrap_or(0)
+            + 1;
+        (line, column)
+    }
+}
