@@ -74,7 +74,16 @@ pub fn lower(input: &LowerInput<'_>) -> Result<Lowered, Vec<LowerError>> {
     // First pass with no context filter: learn which context paths are used.
     let mut first = Lowerer::new(input, None);
     let target = first.target_stage()?;
-    first.stage(target).map_err(|e| vec![e])?;
+    let result = first.stage(target);
+    let mut errors = std::mem::take(&mut first.errors);
+    if let Err(e) = result {
+        errors.insert(0, e);
+    }
+    if !errors.is_empty() {
+        errors.sort_by_key(|e| e.2.start);
+        errors.dedup();
+        return Err(errors);
+    }
     let mut includes: Vec<String> = first.context_paths.into_iter().collect();
     if includes.iter().any(|p| p == "/" || p.is_empty()) {
         includes.clear();
@@ -97,6 +106,8 @@ struct Lowerer<'a, 'b> {
     context_paths: BTreeSet<String>,
     meta_env: Vec<(String, String)>,
     images: HashMap<String, (String, ImageConfig)>,
+    /// Errors of instructions that were skipped so the rest could be checked.
+    errors: Vec<LowerError>,
 }
 
 fn platform_args(prefix: &str, p: &Platform) -> Vec<(String, String)> {
@@ -180,6 +191,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             context_paths: BTreeSet::new(),
             meta_env,
             images: HashMap::new(),
+            errors: Vec::new(),
         }
     }
 
@@ -467,7 +479,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         for (node, inst) in &def.instructions {
             cx.step += 1;
-            self.dispatch(index, &mut b, &mut cx, node, inst)?;
+            // Report the error and go on, so one run shows every broken instruction.
+            if let Err(e) = self.dispatch(index, &mut b, &mut cx, node, inst) {
+                self.errors.push(e);
+            }
         }
         b.args = cx.args;
         Ok(b)
@@ -819,6 +834,19 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 format!("stage {from:?} is defined after this one"),
                 node.span_of(from),
             ));
+        }
+        // A plain name one typo away from a stage is almost certainly that stage, not an image.
+        let plain = !from.contains(['/', ':', '.', '@']);
+        if let Some(near) = self
+            .input
+            .stages
+            .iter()
+            .filter_map(|s| s.name.as_deref())
+            .find(|n| {
+                plain && crate::instructions::edit_distance(n, &from.to_ascii_lowercase()) <= 2
+            })
+        {
+            return Err(("unknown_stage", format!("no stage named {from:?} (did you mean {near:?}?); name an existing stage or a full image reference"), node.span_of(from)));
         }
         if Reference::parse(from).is_err() {
             return Err((
@@ -1243,13 +1271,15 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         (v, String::new())
                     }
                     _ if is_symbolic_mode(&m) => (-1, m),
-                    _ => return Err((
-                        "malformed_flag",
-                        format!(
+                    _ => {
+                        return Err((
+                            "malformed_flag",
+                            format!(
                             "invalid --chmod value {m:?}: octal or symbolic (u=rwX,go=rX) expected"
                         ),
-                        node.span_of(&m),
-                    )),
+                            node.span_of(&m),
+                        ))
+                    }
                 }
             }
         };

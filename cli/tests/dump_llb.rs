@@ -1,0 +1,146 @@
+//! `kiln dump-llb` end to end: formats, reading LLB back, OCI layout
+//! resolution, exit codes and rendered diagnostics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(dir)
+        .env("KILN_ROOT", dir.join("root"))
+        .output()
+        .expect("kiln runs")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+const DOCKERFILE: &str =
+    "FROM alpine AS build\nRUN make\nCOPY src/ /src/\nFROM scratch\nCOPY --from=build /out /\n";
+
+#[test]
+fn json_pb_and_dot_agree_and_pb_reads_back() {
+    let dir = scratch_dir("formats");
+    std::fs::write(dir.join("Dockerfile"), DOCKERFILE).expect("write");
+    std::fs::write(dir.join(".dockerignore"), "# comment\n*.log\n!keep.log\n").expect("write");
+    let json = kiln(&["dump-llb", "--no-resolve", "."], &dir);
+    assert!(
+        json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&json.stderr)
+    );
+    let json_text = String::from_utf8(json.stdout).expect("utf8");
+    let lines: Vec<serde_json::Value> = json_text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert!(lines.len() >= 5);
+    assert_eq!(
+        lines.last().expect("terminator")["Op"]["Op"],
+        serde_json::json!({})
+    );
+    // The context source asks only for what COPY uses and carries .dockerignore.
+    let local = lines
+        .iter()
+        .find(|l| l["Op"]["Op"]["source"]["identifier"] == "local://context")
+        .expect("context source");
+    let attrs = &local["Op"]["Op"]["source"]["attrs"];
+    assert_eq!(attrs["local.includepattern"], "[\"src\"]");
+    assert_eq!(attrs["local.excludepatterns"], "[\"*.log\",\"!keep.log\"]");
+
+    let pb = kiln(&["dump-llb", "--no-resolve", "--format", "pb", "."], &dir);
+    assert!(pb.status.success());
+    std::fs::write(dir.join("def.pb"), &pb.stdout).expect("write");
+    let again = kiln(&["dump-llb", "--input", "def.pb"], &dir);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), json_text);
+
+    let dot = kiln(&["dump-llb", "--input", "def.pb", "--format", "dot"], &dir);
+    let dot = String::from_utf8(dot.stdout).expect("utf8");
+    assert!(dot.starts_with("digraph"));
+    assert!(dot.contains("[build 2/3] RUN make"), "{dot}");
+}
+
+#[test]
+fn malformed_input_llb_is_an_error_not_a_panic() {
+    let dir = scratch_dir("malformed");
+    std::fs::write(dir.join("bad.pb"), [0x0a, 0xff, 0xff, 0x01]).expect("write");
+    let out = kiln(&["dump-llb", "--input", "bad.pb"], &dir);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an LLB definition"));
+}
+
+#[test]
+fn errors_render_with_file_line_column_and_caret() {
+    let dir = scratch_dir("diag");
+    std::fs::write(dir.join("Dockerfile"), "FROM alpine\nRUNN x\n").expect("write");
+    let out = kiln(&["dump-llb", "--no-resolve", "."], &dir);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Dockerfile:2:1"), "{err}");
+    assert!(
+        err.contains("kiln::dockerfile::unknown_instruction"),
+        "{err}"
+    );
+    assert!(err.contains("──┬─"), "{err}");
+}
+
+#[test]
+fn unresolvable_base_image_names_the_image_and_why() {
+    let dir = scratch_dir("unresolved");
+    std::fs::write(dir.join("Dockerfile"), "FROM example.org/nope:1\n").expect("write");
+    let out = kiln(&["dump-llb", "."], &dir);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("example.org/nope:1"), "{err}");
+    assert!(err.contains("--no-resolve"), "{err}");
+}
+
+/// Writes a minimal OCI layout with one image whose config sets PATH, WORKDIR and an ONBUILD trigger.
+fn write_layout(dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    let put = |bytes: &[u8]| {
+        let hex = hex::encode(Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).expect("blob");
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/opt/bin:/bin"],"WorkingDir":"/work","OnBuild":["RUN echo triggered"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let (cdig, clen) = put(config);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cdig}","size":{clen}}},"layers":[]}}"#
+    );
+    let (mdig, mlen) = put(manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{mdig}","size":{mlen},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), index).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
+    mdig
+}
+
+#[test]
+fn base_image_config_comes_from_an_oci_layout_build_context() {
+    let dir = scratch_dir("layout");
+    let layout = dir.join("layout");
+    let digest = write_layout(&layout);
+    std::fs::write(dir.join("Dockerfile"), "FROM base\nRUN make\n").expect("write");
+    let ctx = format!("base=oci-layout://{}:v1", layout.display());
+    let out = kiln(&["dump-llb", "--build-context", &ctx, "."], &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("@{digest}")), "pinned: {text}");
+    // The base's PATH and WORKDIR are used, and its ONBUILD trigger runs first.
+    assert!(text.contains("\"PATH=/opt/bin:/bin\""), "{text}");
+    assert!(text.contains("\"cwd\":\"/work\""), "{text}");
+    assert!(text.contains("echo triggered"), "{text}");
+}
