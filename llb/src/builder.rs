@@ -8,7 +8,7 @@
 //! that land in `Definition.metadata` and `Definition.Source`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::marshal::{digest_of, marshal_op, Digest};
 use crate::pb;
@@ -64,12 +64,17 @@ impl VertexMeta {
     }
 }
 
+/// Source attributes fixed after the vertex is made (e.g. a build context's
+/// include patterns, known only once every instruction using it is lowered).
+pub type LateAttrs = Arc<OnceLock<BTreeMap<String, String>>>;
+
 /// A graph vertex: an op template whose inputs are other vertices' outputs.
 #[derive(Debug)]
 struct Vertex {
     op: pb::Op,
     inputs: Vec<Output>,
     meta: VertexMeta,
+    late_attrs: Option<LateAttrs>,
 }
 
 /// One output of a vertex.
@@ -247,7 +252,12 @@ impl State {
     /// A vertex with the given op (its `inputs` are filled in when marshalling).
     pub fn from_op(op: pb::Op, inputs: Vec<Output>, meta: VertexMeta) -> Output {
         Output {
-            vertex: Arc::new(Vertex { op, inputs, meta }),
+            vertex: Arc::new(Vertex {
+                op,
+                inputs,
+                meta,
+                late_attrs: None,
+            }),
             index: 0,
         }
     }
@@ -270,6 +280,32 @@ impl State {
         };
         State {
             output: Some(State::from_op(op, Vec::new(), meta)),
+        }
+    }
+
+    /// A source op whose `late` attributes are merged in when marshalling.
+    pub fn source_with_late_attrs(
+        identifier: impl Into<String>,
+        attrs: BTreeMap<String, String>,
+        late: LateAttrs,
+        meta: VertexMeta,
+    ) -> State {
+        let op = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: identifier.into(),
+                attrs,
+            })),
+            constraints: Some(pb::WorkerConstraints::default()),
+            ..Default::default()
+        };
+        let vertex = Arc::new(Vertex {
+            op,
+            inputs: Vec::new(),
+            meta,
+            late_attrs: Some(late),
+        });
+        State {
+            output: Some(Output { vertex, index: 0 }),
         }
     }
 
@@ -351,7 +387,12 @@ impl State {
             constraints: Some(pb::WorkerConstraints::default()),
             ..Default::default()
         };
-        let vertex = Arc::new(Vertex { op, inputs, meta });
+        let vertex = Arc::new(Vertex {
+            op,
+            inputs,
+            meta,
+            late_attrs: None,
+        });
         let state_of = |index: i64| State {
             output: Some(Output {
                 vertex: vertex.clone(),
@@ -546,6 +587,14 @@ impl Marshaller {
             return d.clone();
         }
         let mut op = vertex.op.clone();
+        if let (Some(late), Some(pb::op::Op::Source(source))) = (
+            vertex.late_attrs.as_ref().and_then(|l| l.get()),
+            op.op.as_mut(),
+        ) {
+            source
+                .attrs
+                .extend(late.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         op.inputs = vertex
             .inputs
             .iter()

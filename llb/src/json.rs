@@ -108,7 +108,7 @@ impl Serialize for pb::Op {
             Some(O::File(v)) => oneof.file = Some(v.clone()),
             Some(O::Build(v)) => oneof.build = Some(v.clone()),
             Some(O::Merge(v)) => oneof.merge = Some(v.clone()),
-            Some(O::Diff(v)) => oneof.diff = Some(v.clone()),
+            Some(O::Diff(v)) => oneof.diff = Some(*v),
             Some(O::Passthrough(v)) => oneof.passthrough = Some(v.clone()),
             None => {}
         }

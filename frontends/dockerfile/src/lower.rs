@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use kiln_frontend::config::{Healthcheck, History};
 use kiln_frontend::reference::Reference;
 use kiln_frontend::{Host, ImageConfig, Platform};
-use kiln_llb::builder::{Exec, FileInput, FileOp, Mount, MountKind, SourceSpan, VertexMeta};
+use kiln_llb::builder::{
+    Exec, FileInput, FileOp, LateAttrs, Mount, MountKind, SourceSpan, VertexMeta,
+};
 use kiln_llb::pb;
 use kiln_llb::pb::file_action::Action;
 use kiln_llb::State;
@@ -20,6 +22,9 @@ use crate::shell::Lexer;
 
 /// Default PATH for Linux images without one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// An ARG declaration: name and optional default (unexpanded).
+pub type ArgDecl = (String, Option<String>);
 
 /// A lowering error: (code, message, span).
 pub type LowerError = (&'static str, String, Span);
@@ -41,7 +46,7 @@ pub struct StageDef<'a> {
 /// Inputs of lowering besides the stages.
 pub struct LowerInput<'a> {
     /// Global ARGs (before the first FROM).
-    pub meta_args: Vec<(&'a Node, Vec<(String, Option<String>)>)>,
+    pub meta_args: Vec<(&'a Node, Vec<ArgDecl>)>,
     /// Stages.
     pub stages: Vec<StageDef<'a>>,
     /// Request.
@@ -71,26 +76,40 @@ struct Built {
 
 /// Lowers the stages to LLB.
 pub fn lower(input: &LowerInput<'_>) -> Result<Lowered, Vec<LowerError>> {
-    // First pass with no context filter: learn which context paths are used.
-    let mut first = Lowerer::new(input, None);
-    let target = first.target_stage()?;
-    let result = first.stage(target);
-    let mut errors = std::mem::take(&mut first.errors);
-    if let Err(e) = result {
-        errors.insert(0, e);
-    }
+    let mut lowerer = Lowerer::new(input);
+    let target = lowerer.target_stage()?;
+    let result = lowerer.stage(target);
+    let mut errors = std::mem::take(&mut lowerer.errors);
+    let built = match result {
+        Ok(b) => b,
+        Err(e) => {
+            errors.push(e);
+            Built {
+                state: State::scratch(),
+                config: ImageConfig::default(),
+                args: Vec::new(),
+                platform: Platform::default(),
+            }
+        }
+    };
     if !errors.is_empty() {
         errors.sort_by_key(|e| e.2.start);
         errors.dedup();
         return Err(errors);
     }
-    let mut includes: Vec<String> = first.context_paths.into_iter().collect();
-    if includes.iter().any(|p| p == "/" || p.is_empty()) {
-        includes.clear();
+    // Now that every use of the context is known, fix what the context source asks for.
+    let mut late = BTreeMap::new();
+    let includes: Vec<String> = lowerer
+        .context_paths
+        .iter()
+        .map(|p| p.trim_start_matches('/').to_string())
+        .collect();
+    if !includes.is_empty() && !includes.iter().any(String::is_empty) {
+        let json = serde_json::to_string(&includes).unwrap_or_default();
+        late.insert("local.includepattern".to_string(), json.clone());
+        late.insert("local.followpaths".to_string(), json);
     }
-    let mut second = Lowerer::new(input, Some(includes));
-    second.meta_env = first.meta_env.clone();
-    let built = second.stage(target).map_err(|e| vec![e])?;
+    let _ = lowerer.context_late.set(late);
     Ok(Lowered {
         state: built.state,
         config: built.config,
@@ -102,7 +121,7 @@ struct Lowerer<'a, 'b> {
     built: HashMap<usize, Built>,
     in_progress: BTreeSet<usize>,
     context: Option<State>,
-    include_patterns: Option<Vec<String>>,
+    context_late: LateAttrs,
     context_paths: BTreeSet<String>,
     meta_env: Vec<(String, String)>,
     images: HashMap<String, (String, ImageConfig)>,
@@ -174,7 +193,7 @@ fn join_path(base: &str, p: &str) -> String {
 }
 
 impl<'a, 'b> Lowerer<'a, 'b> {
-    fn new(input: &'b LowerInput<'a>, include_patterns: Option<Vec<String>>) -> Self {
+    fn new(input: &'b LowerInput<'a>) -> Self {
         let req = input.request;
         let target = req
             .platform
@@ -187,7 +206,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             built: HashMap::new(),
             in_progress: BTreeSet::new(),
             context: None,
-            include_patterns,
+            context_late: LateAttrs::default(),
             context_paths: BTreeSet::new(),
             meta_env,
             images: HashMap::new(),
@@ -333,15 +352,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         let mut attrs = BTreeMap::new();
         attrs.insert("local.sharedkeyhint".to_string(), "context".to_string());
-        if let Some(includes) = self.include_patterns.as_ref().filter(|i| !i.is_empty()) {
-            let rel: Vec<String> = includes
-                .iter()
-                .map(|p| p.trim_start_matches('/').to_string())
-                .collect();
-            let json = serde_json::to_string(&rel).unwrap_or_default();
-            attrs.insert("local.includepattern".to_string(), json.clone());
-            attrs.insert("local.followpaths".to_string(), json);
-        }
         let ignore = &self.input.request.ignore_patterns;
         if !ignore.is_empty() {
             attrs.insert(
@@ -353,14 +363,25 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .describe("llb.customname", "[internal] load build context")
             .cap("source.local")
             .cap("source.local.sharedkeyhint");
-        let state = State::source("local://context", attrs, None, meta);
+        let state = State::source_with_late_attrs(
+            "local://context",
+            attrs,
+            self.context_late.clone(),
+            meta,
+        );
         self.context = Some(state.clone());
         state
     }
 
     fn stage(&mut self, index: usize) -> Result<Built, LowerError> {
-        if let Some(b) = self.built.get(&index) {
-            return Ok(b.clone());
+        self.stage_ref(index)?;
+        Ok(self.built[&index].clone())
+    }
+
+    /// Lowers a stage once (memoized) without copying its result.
+    fn stage_ref(&mut self, index: usize) -> Result<(), LowerError> {
+        if self.built.contains_key(&index) {
+            return Ok(());
         }
         let def = &self.input.stages[index];
         if !self.in_progress.insert(index) {
@@ -375,9 +396,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         let result = self.lower_stage(index);
         self.in_progress.remove(&index);
-        let built = result?;
-        self.built.insert(index, built.clone());
-        Ok(built)
+        self.built.insert(index, result?);
+        Ok(())
     }
 
     fn lower_stage(&mut self, index: usize) -> Result<Built, LowerError> {
@@ -429,7 +449,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 platform: platform.clone(),
             }
         } else {
-            self.from_image(&image, &platform, def, &stage_name, total, &from_text)?
+            self.base_image(&image, &platform, def, &stage_name, total, &from_text)?
         };
         b.config.architecture = platform.architecture.clone();
         b.config.os = platform.os.clone();
@@ -488,7 +508,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok(b)
     }
 
-    fn from_image(
+    fn base_image(
         &mut self,
         image: &str,
         platform: &Platform,
@@ -804,16 +824,16 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     /// Resolves `from=` of a mount or `--from` of COPY: a stage, or an image.
-    fn from_state(
+    fn source_of(
         &mut self,
         index: usize,
         from: &str,
         node: &Node,
         platform: &Platform,
-    ) -> Result<(State, ImageConfig), LowerError> {
+    ) -> Result<State, LowerError> {
         if let Some(s) = self.find_stage(from, index) {
-            let built = self.stage(s)?;
-            return Ok((built.state, built.config));
+            self.stage_ref(s)?;
+            return Ok(self.built[&s].state.clone());
         }
         let self_name = self.input.stages[index].name.as_deref();
         if self_name == Some(from.to_ascii_lowercase().as_str())
@@ -860,6 +880,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let meta =
             VertexMeta::default().describe("llb.customname", format!("[internal] load {from}"));
         self.image_state(from, platform, node, meta)
+            .map(|(state, _)| state)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -927,8 +948,15 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
         }
         let mut run_env: Vec<String> = b.config.config.env.clone();
+        let env_keys: BTreeSet<&str> = b
+            .config
+            .config
+            .env
+            .iter()
+            .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k))
+            .collect();
         for (k, v) in &cx.args {
-            if b.config.env(k).is_none() && !is_proxy_arg(k) {
+            if !env_keys.contains(k.as_str()) && !is_proxy_arg(k) {
                 run_env.push(format!("{k}={v}"));
             }
         }
@@ -1093,7 +1121,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let source = get(&["source", "src"]);
         let source_state = |this: &mut Self| -> Result<State, LowerError> {
             match &from {
-                Some(f) => this.from_state(index, f, node, &b.platform).map(|(s, _)| s),
+                Some(f) => this.source_of(index, f, node, &b.platform),
                 None => {
                     this.context_paths.insert(clean_path(&format!(
                         "/{}",
@@ -1291,7 +1319,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let from_source = match &c.from {
             Some(f) => {
                 let f = self.expand(f, env, node)?;
-                Some(self.from_state(index, &f, node, &b.platform)?.0)
+                Some(self.source_of(index, &f, node, &b.platform)?)
             }
             None => None,
         };
