@@ -36,10 +36,7 @@ impl miette::Diagnostic for Report<'_> {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
-        self.diag
-            .help
-            .as_ref()
-            .map(|h| Box::new(h.clone()) as Box<dyn std::fmt::Display>)
+        self.diag.help.as_ref().map(|h| Box::new(h.clone()) as Box<dyn std::fmt::Display>)
     }
 
     fn source_code(&self) -> Option<&dyn miette::SourceCode> {
@@ -47,11 +44,7 @@ impl miette::Diagnostic for Report<'_> {
     }
 
     fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
-        let span = LabeledSpan::new(
-            Some(self.diag.label.clone()),
-            self.diag.offset,
-            self.diag.length,
-        );
+        let span = LabeledSpan::new(Some(self.diag.label.clone()), self.diag.offset, self.diag.length);
         Some(Box::new(std::iter::once(span)))
     }
 }

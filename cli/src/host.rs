@@ -40,15 +40,15 @@ impl CliHost {
                 .split_once('=')
                 .ok_or_else(|| format!("--build-context {spec:?}: expected NAME=SRC"))?;
             let Some(rest) = src.strip_prefix("oci-layout://") else {
-                return Err(format!("--build-context {name}: only oci-layout:// sources are supported so far, got {src:?}"));
+                return Err(format!(
+                    "--build-context {name}: only oci-layout:// sources are supported so far, got {src:?}"
+                ));
             };
             let (path, tag) = match rest.rsplit_once(':') {
                 Some((p, t)) if !t.contains('/') => (p, Some(t.to_string())),
                 _ => (rest, None),
             };
-            let key = Reference::parse(name)
-                .map(|r| r.normalized())
-                .unwrap_or_else(|_| name.to_string());
+            let key = Reference::parse(name).map(|r| r.normalized()).unwrap_or_else(|_| name.to_string());
             contexts.insert(key, (PathBuf::from(path), tag));
         }
         Ok(CliHost {
@@ -59,20 +59,14 @@ impl CliHost {
 }
 
 impl Host for CliHost {
-    fn resolve_image(
-        &self,
-        reference: &str,
-        platform: &Platform,
-    ) -> Result<Option<ResolvedImage>, HostError> {
+    fn resolve_image(&self, reference: &str, platform: &Platform) -> Result<Option<ResolvedImage>, HostError> {
         if let Some((path, tag)) = self.contexts.get(reference) {
             let layout = Layout::open(path).map_err(|e| HostError {
                 message: format!("build context for {reference}: {e}"),
             })?;
-            let found = layout
-                .resolve(tag.as_deref(), platform)
-                .map_err(|e| HostError {
-                    message: format!("build context for {reference}: {e}"),
-                })?;
+            let found = layout.resolve(tag.as_deref(), platform).map_err(|e| HostError {
+                message: format!("build context for {reference}: {e}"),
+            })?;
             let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
             return Ok(Some(ResolvedImage {
                 reference: format!("oci-layout://{}@{}", abs.display(), found.manifest_digest),

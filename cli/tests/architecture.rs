@@ -19,11 +19,7 @@ fn kiln_deps(manifest: &str) -> Vec<String> {
             continue;
         }
         if in_deps {
-            if let Some(name) = t
-                .split(['.', ' ', '='])
-                .next()
-                .filter(|n| n.starts_with("kiln"))
-            {
+            if let Some(name) = t.split(['.', ' ', '=']).next().filter(|n| n.starts_with("kiln")) {
                 deps.push(name.to_string());
             }
         }
@@ -33,40 +29,17 @@ fn kiln_deps(manifest: &str) -> Vec<String> {
 
 #[test]
 fn dependencies_point_one_way() {
-    assert_eq!(
-        kiln_deps("llb/Cargo.toml"),
-        Vec::<String>::new(),
-        "llb depends on no kiln crate"
-    );
+    assert_eq!(kiln_deps("llb/Cargo.toml"), Vec::<String>::new(), "llb depends on no kiln crate");
     assert_eq!(kiln_deps("frontends/frontend/Cargo.toml"), vec!["kiln-llb"]);
-    assert_eq!(
-        kiln_deps("frontends/dockerfile/Cargo.toml"),
-        vec!["kiln-llb", "kiln-frontend"]
-    );
+    assert_eq!(kiln_deps("frontends/dockerfile/Cargo.toml"), vec!["kiln-llb", "kiln-frontend"]);
     for dep in kiln_deps("solver/oci/Cargo.toml") {
-        assert!(
-            !dep.contains("dockerfile"),
-            "the solver side knows no Dockerfile frontend"
-        );
+        assert!(!dep.contains("dockerfile"), "the solver side knows no Dockerfile frontend");
     }
-    for pure in [
-        "llb/Cargo.toml",
-        "frontends/frontend/Cargo.toml",
-        "frontends/dockerfile/Cargo.toml",
-    ] {
+    for pure in ["llb/Cargo.toml", "frontends/frontend/Cargo.toml", "frontends/dockerfile/Cargo.toml"] {
         let text = std::fs::read_to_string(root().join(pure)).expect("manifest");
-        let deps = text
-            .split("[dependencies]")
-            .nth(1)
-            .unwrap_or("")
-            .split("\n[")
-            .next()
-            .unwrap_or("");
+        let deps = text.split("[dependencies]").nth(1).unwrap_or("").split("\n[").next().unwrap_or("");
         for io in ["tokio", "reqwest", "walkdir", "wasmtime"] {
-            assert!(
-                !deps.contains(io),
-                "{pure} must do no IO but depends on {io}"
-            );
+            assert!(!deps.contains(io), "{pure} must do no IO but depends on {io}");
         }
     }
 }

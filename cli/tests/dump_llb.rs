@@ -20,8 +20,7 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-const DOCKERFILE: &str =
-    "FROM alpine AS build\nRUN make\nCOPY src/ /src/\nFROM scratch\nCOPY --from=build /out /\n";
+const DOCKERFILE: &str = "FROM alpine AS build\nRUN make\nCOPY src/ /src/\nFROM scratch\nCOPY --from=build /out /\n";
 
 #[test]
 fn json_pb_and_dot_agree_and_pb_reads_back() {
@@ -29,21 +28,11 @@ fn json_pb_and_dot_agree_and_pb_reads_back() {
     std::fs::write(dir.join("Dockerfile"), DOCKERFILE).expect("write");
     std::fs::write(dir.join(".dockerignore"), "# comment\n*.log\n!keep.log\n").expect("write");
     let json = kiln(&["dump-llb", "--no-resolve", "."], &dir);
-    assert!(
-        json.status.success(),
-        "{}",
-        String::from_utf8_lossy(&json.stderr)
-    );
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
     let json_text = String::from_utf8(json.stdout).expect("utf8");
-    let lines: Vec<serde_json::Value> = json_text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    let lines: Vec<serde_json::Value> = json_text.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
     assert!(lines.len() >= 5);
-    assert_eq!(
-        lines.last().expect("terminator")["Op"]["Op"],
-        serde_json::json!({})
-    );
+    assert_eq!(lines.last().expect("terminator")["Op"]["Op"], serde_json::json!({}));
     // The context source asks only for what COPY uses and carries .dockerignore.
     let local = lines
         .iter()
@@ -82,10 +71,7 @@ fn errors_render_with_file_line_column_and_caret() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Dockerfile:2:1"), "{err}");
-    assert!(
-        err.contains("kiln::dockerfile::unknown_instruction"),
-        "{err}"
-    );
+    assert!(err.contains("kiln::dockerfile::unknown_instruction"), "{err}");
     assert!(err.contains("──┬─"), "{err}");
 }
 
@@ -132,11 +118,7 @@ fn base_image_config_comes_from_an_oci_layout_build_context() {
     std::fs::write(dir.join("Dockerfile"), "FROM base\nRUN make\n").expect("write");
     let ctx = format!("base=oci-layout://{}:v1", layout.display());
     let out = kiln(&["dump-llb", "--build-context", &ctx, "."], &dir);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("@{digest}")), "pinned: {text}");
     // The base's PATH and WORKDIR are used, and its ONBUILD trigger runs first.

@@ -39,9 +39,7 @@ pub struct VertexMeta {
 impl VertexMeta {
     /// Sets a description key (e.g. `llb.customname`).
     pub fn describe(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.metadata
-            .description
-            .insert(key.to_string(), value.into());
+        self.metadata.description.insert(key.to_string(), value.into());
         self
     }
 
@@ -219,21 +217,12 @@ pub struct FileOp {
 
 impl FileOp {
     /// Appends an action on `target` (the first action) or on the previous result.
-    pub fn then(
-        mut self,
-        target: &State,
-        secondary: FileInput,
-        action: pb::file_action::Action,
-    ) -> Self {
+    pub fn then(mut self, target: &State, secondary: FileInput, action: pb::file_action::Action) -> Self {
         let input = match self.actions.len() {
             0 => FileInput::State(target.clone()),
             n => FileInput::Action(n - 1),
         };
-        self.actions.push(FileAction {
-            input,
-            secondary,
-            action,
-        });
+        self.actions.push(FileAction { input, secondary, action });
         self
     }
 }
@@ -408,10 +397,7 @@ impl State {
                 by_dest.insert(dest, state_of(index));
             }
         }
-        ExecResult {
-            root,
-            mounts: by_dest,
-        }
+        ExecResult { root, mounts: by_dest }
     }
 
     /// Applies a chain of file actions; the result is the last action's output.
@@ -425,15 +411,13 @@ impl State {
                 FileInput::Empty => (SKIP, None),
                 FileInput::State(State { output: None }) => (SKIP, None),
                 FileInput::Action(i) => (0, Some(*i)),
-                FileInput::State(State { output: Some(out) }) => {
-                    match inputs.iter().position(|i| i.key() == out.key()) {
-                        Some(i) => (i as i64, None),
-                        None => {
-                            inputs.push(out.clone());
-                            (inputs.len() as i64 - 1, None)
-                        }
+                FileInput::State(State { output: Some(out) }) => match inputs.iter().position(|i| i.key() == out.key()) {
+                    Some(i) => (i as i64, None),
+                    None => {
+                        inputs.push(out.clone());
+                        (inputs.len() as i64 - 1, None)
                     }
-                }
+                },
             }
         };
         let mut raw = Vec::with_capacity(fileop.actions.len());
@@ -481,9 +465,7 @@ impl State {
             n => {
                 let op = pb::Op {
                     op: Some(pb::op::Op::Merge(pb::MergeOp {
-                        inputs: (0..n as i64)
-                            .map(|input| pb::MergeInput { input })
-                            .collect(),
+                        inputs: (0..n as i64).map(|input| pb::MergeInput { input }).collect(),
                     })),
                     constraints: Some(pb::WorkerConstraints::default()),
                     ..Default::default()
@@ -587,13 +569,8 @@ impl Marshaller {
             return d.clone();
         }
         let mut op = vertex.op.clone();
-        if let (Some(late), Some(pb::op::Op::Source(source))) = (
-            vertex.late_attrs.as_ref().and_then(|l| l.get()),
-            op.op.as_mut(),
-        ) {
-            source
-                .attrs
-                .extend(late.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let (Some(late), Some(pb::op::Op::Source(source))) = (vertex.late_attrs.as_ref().and_then(|l| l.get()), op.op.as_mut()) {
+            source.attrs.extend(late.iter().map(|(k, v)| (k.clone(), v.clone())));
         }
         op.inputs = vertex
             .inputs

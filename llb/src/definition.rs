@@ -76,8 +76,7 @@ impl LoadedDefinition {
         let mut ops = Vec::with_capacity(def.def.len());
         let mut seen: HashMap<Digest, ()> = HashMap::new();
         for (index, bytes) in def.def.into_iter().enumerate() {
-            let op = pb::Op::decode(bytes.as_slice())
-                .map_err(|source| DefinitionError::DecodeOp { index, source })?;
+            let op = pb::Op::decode(bytes.as_slice()).map_err(|source| DefinitionError::DecodeOp { index, source })?;
             let digest = digest_of(&bytes);
             for input in &op.inputs {
                 if input.index < 0 {
@@ -113,11 +112,7 @@ impl LoadedDefinition {
     pub fn to_json_lines(&self) -> String {
         let mut out = String::new();
         for op in &self.ops {
-            out.push_str(&crate::json::dump_line(
-                &op.op,
-                &op.digest,
-                self.metadata_of(&op.digest),
-            ));
+            out.push_str(&crate::json::dump_line(&op.op, &op.digest, self.metadata_of(&op.digest)));
             out.push('\n');
         }
         out

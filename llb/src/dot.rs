@@ -15,10 +15,7 @@ pub fn to_dot(def: &LoadedDefinition) -> String {
             continue;
         }
         let (summary, shape) = summarise(&op.op);
-        let label = match def
-            .metadata_of(&op.digest)
-            .and_then(|m| m.description.get("llb.customname"))
-        {
+        let label = match def.metadata_of(&op.digest).and_then(|m| m.description.get("llb.customname")) {
             Some(name) => name.clone(),
             None => summary,
         };
@@ -78,13 +75,7 @@ fn summarise(op: &pb::Op) -> (String, &'static str) {
     use pb::file_action::Action;
     match &op.op {
         Some(pb::op::Op::Source(s)) => (s.identifier.clone(), "ellipse"),
-        Some(pb::op::Op::Exec(e)) => (
-            e.meta
-                .as_ref()
-                .map(|m| m.args.join(" "))
-                .unwrap_or_default(),
-            "box",
-        ),
+        Some(pb::op::Op::Exec(e)) => (e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default(), "box"),
         Some(pb::op::Op::Build(_)) => ("build".into(), "box3d"),
         Some(pb::op::Op::Merge(_)) => ("merge".into(), "invtriangle"),
         Some(pb::op::Op::Diff(_)) => ("diff".into(), "doublecircle"),

@@ -254,10 +254,7 @@ struct UserOptJson {
 
 impl Serialize for pb::UserOpt {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        UserOptJson {
-            user: self.user.clone(),
-        }
-        .serialize(s)
+        UserOptJson { user: self.user.clone() }.serialize(s)
     }
 }
 
@@ -274,26 +271,19 @@ mod oneof_object {
     use serde::de::DeserializeOwned;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<T: Serialize, S: Serializer>(
-        value: &Option<T>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<T: Serialize, S: Serializer>(value: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
         match value {
             Some(v) => v.serialize(s),
             None => serde_json::Map::new().serialize(s),
         }
     }
 
-    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<T>, D::Error> {
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(d: D) -> Result<Option<T>, D::Error> {
         let value = Option::<serde_json::Value>::deserialize(d)?;
         match value {
             None => Ok(None),
             Some(serde_json::Value::Object(map)) if map.is_empty() => Ok(None),
-            Some(v) => serde_json::from_value(v)
-                .map(Some)
-                .map_err(serde::de::Error::custom),
+            Some(v) => serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom),
         }
     }
 }

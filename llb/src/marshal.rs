@@ -86,12 +86,7 @@ fn marshal_source(source: &pb::SourceOp) -> Vec<u8> {
 /// Writes a `map<string,string>` field with every entry's key and value present.
 fn encode_string_map(tag: u32, map: &BTreeMap<String, String>, buf: &mut Vec<u8>) {
     for (k, v) in map {
-        let entry_len = 1
-            + encoded_len_varint(k.len() as u64)
-            + k.len()
-            + 1
-            + encoded_len_varint(v.len() as u64)
-            + v.len();
+        let entry_len = 1 + encoded_len_varint(k.len() as u64) + k.len() + 1 + encoded_len_varint(v.len() as u64) + v.len();
         encode_key(tag, WireType::LengthDelimited, buf);
         encode_varint(entry_len as u64, buf);
         encode_key(1, WireType::LengthDelimited, buf);
@@ -125,10 +120,7 @@ mod tests {
         let back = pb::Op::decode(bytes.as_slice()).expect("decodes");
         assert_eq!(back, op);
         let needle = [0x12, 0x05, 0x0a, 0x01, b'b', 0x12, 0x00];
-        assert!(
-            bytes.windows(needle.len()).any(|w| w == needle),
-            "{bytes:?}"
-        );
+        assert!(bytes.windows(needle.len()).any(|w| w == needle), "{bytes:?}");
         // "a" sorts before "b".
         let a = bytes.iter().position(|&b| b == b'a').expect("a");
         let b = bytes.iter().rposition(|&b| b == b'b').expect("b");

@@ -45,19 +45,13 @@ fn buildkit_ops_remarshal_to_the_same_digest_and_text() {
     for file in &files {
         let text = std::fs::read_to_string(file).expect("readable");
         for line in text.lines() {
-            let parsed =
-                parse_line(line).unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
+            let parsed = parse_line(line).unwrap_or_else(|e| panic!("{}: {e}: {line}", file.display()));
             ops += 1;
             let digest = digest_of(&marshal_op(&parsed.op));
             if digest.as_str() == parsed.digest {
                 same_digest += 1;
             } else if failures.len() < 5 {
-                failures.push(format!(
-                    "{}: digest {} != {}",
-                    file.display(),
-                    digest,
-                    parsed.digest
-                ));
+                failures.push(format!("{}: digest {} != {}", file.display(), digest, parsed.digest));
             }
             let again = dump_line(
                 &parsed.op,
@@ -67,10 +61,7 @@ fn buildkit_ops_remarshal_to_the_same_digest_and_text() {
             if again == line {
                 same_text += 1;
             } else if failures.len() < 5 {
-                failures.push(format!(
-                    "{}:\n kiln:     {again}\n buildkit: {line}",
-                    file.display()
-                ));
+                failures.push(format!("{}:\n kiln:     {again}\n buildkit: {line}", file.display()));
             }
         }
     }

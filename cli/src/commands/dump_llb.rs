@@ -115,10 +115,7 @@ fn read_input(input: &str) -> std::io::Result<Vec<u8>> {
 /// Reads the Dockerfile and `.dockerignore`, runs the frontend, renders its
 /// diagnostics; returns the marshalled Definition or an exit code.
 fn compile(args: &Args, err: &mut dyn Write) -> Result<Vec<u8>, i32> {
-    let path = args
-        .file
-        .clone()
-        .unwrap_or_else(|| args.context.join("Dockerfile"));
+    let path = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
     let definition = std::fs::read(&path).map_err(|e| {
         let _ = writeln!(err, "error: cannot read Dockerfile {}: {e}", path.display());
         EXIT_OTHER
@@ -130,11 +127,7 @@ fn compile(args: &Args, err: &mut dyn Write) -> Result<Vec<u8>, i32> {
     let response = if args.no_resolve {
         kiln_dockerfile::compile(&request, &OfflineHost)
     } else {
-        let host = CliHost::new(
-            &args.build_contexts,
-            crate::host::state_root(args.root.as_deref()),
-        )
-        .map_err(|msg| {
+        let host = CliHost::new(&args.build_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
             let _ = writeln!(err, "error: {msg}");
             EXIT_USAGE
         })?;
@@ -142,12 +135,7 @@ fn compile(args: &Args, err: &mut dyn Write) -> Result<Vec<u8>, i32> {
     };
     let source = String::from_utf8_lossy(&request.definition).into_owned();
     let _ = err.write_all(
-        crate::diagnostics::render_all(
-            &response.diagnostics,
-            &source,
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        )
-        .as_bytes(),
+        crate::diagnostics::render_all(&response.diagnostics, &source, std::io::IsTerminal::is_terminal(&std::io::stderr())).as_bytes(),
     );
     match response.definition {
         Some(def) if !response.has_errors() => Ok(def.encode_to_vec()),
@@ -156,11 +144,7 @@ fn compile(args: &Args, err: &mut dyn Write) -> Result<Vec<u8>, i32> {
 }
 
 /// Builds the frontend request from flags and files.
-pub fn build_request(
-    args: &Args,
-    dockerfile: &Path,
-    definition: Vec<u8>,
-) -> Result<Request, String> {
+pub fn build_request(args: &Args, dockerfile: &Path, definition: Vec<u8>) -> Result<Request, String> {
     let mut build_args = BTreeMap::new();
     for a in &args.build_args {
         match a.split_once('=') {
@@ -172,10 +156,7 @@ pub fn build_request(
         };
     }
     let platform = match &args.platform {
-        Some(p) => Some(
-            Platform::parse(p)
-                .ok_or_else(|| format!("invalid --platform {p:?}: expected os/arch[/variant]"))?,
-        ),
+        Some(p) => Some(Platform::parse(p).ok_or_else(|| format!("invalid --platform {p:?}: expected os/arch[/variant]"))?),
         None => None,
     };
     let ignore_path = args.context.join(".dockerignore");

@@ -30,9 +30,7 @@ impl Flags {
                 Some((n, v)) => (n.to_string(), Some(v.to_string())),
                 None => (body.to_string(), None),
             };
-            let repeatable = allowed
-                .iter()
-                .any(|a| a.strip_suffix('*') == Some(name.as_str()));
+            let repeatable = allowed.iter().any(|a| a.strip_suffix('*') == Some(name.as_str()));
             if !repeatable && !allowed.contains(&name.as_str()) {
                 let hint = if allowed.is_empty() {
                     format!("{} takes no flags", node.keyword.to_uppercase())
@@ -47,18 +45,10 @@ impl Flags {
                             .join(", ")
                     )
                 };
-                return Err((
-                    "unknown_flag",
-                    format!("unknown flag: --{name} ({hint})"),
-                    node.span_of(raw),
-                ));
+                return Err(("unknown_flag", format!("unknown flag: --{name} ({hint})"), node.span_of(raw)));
             }
             if !repeatable && values.iter().any(|(n, _)| *n == name) {
-                return Err((
-                    "duplicate_flag",
-                    format!("duplicate flag specified: --{name}"),
-                    node.span_of(raw),
-                ));
+                return Err(("duplicate_flag", format!("duplicate flag specified: --{name}"), node.span_of(raw)));
             }
             values.push((name, value));
         }
@@ -67,10 +57,7 @@ impl Flags {
 
     /// The value of a single-valued flag (`--flag` alone gives "").
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.values
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_deref().unwrap_or(""))
+        self.values.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_deref().unwrap_or(""))
     }
 
     /// All values of a repeatable flag.
@@ -90,9 +77,7 @@ impl Flags {
             Some((_, Some(v))) => match v.to_ascii_lowercase().as_str() {
                 "true" | "1" | "" => Ok(true),
                 "false" | "0" => Ok(false),
-                _ => Err(format!(
-                    "expecting boolean value for flag --{name}, not: {v}"
-                )),
+                _ => Err(format!("expecting boolean value for flag --{name}, not: {v}")),
             },
         }
     }
@@ -222,14 +207,11 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
             need(1, "at least one argument")?;
             let (image, name) = match node.args.as_slice() {
                 [image] => (image.clone(), None),
-                [image, as_kw, name] if as_kw.eq_ignore_ascii_case("as") => {
-                    (image.clone(), Some(name.to_ascii_lowercase()))
-                }
+                [image, as_kw, name] if as_kw.eq_ignore_ascii_case("as") => (image.clone(), Some(name.to_ascii_lowercase())),
                 _ => {
                     return Err((
                         "from_syntax",
-                        "FROM requires either one or three arguments: FROM <image> [AS <name>]"
-                            .into(),
+                        "FROM requires either one or three arguments: FROM <image> [AS <name>]".into(),
                         node.span.clone(),
                     ))
                 }
@@ -269,11 +251,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
                 &["from", "chown", "chmod", "link", "exclude*", "parents"]
             };
             let flags = Flags::parse(node, allowed)?;
-            let bool_flag = |n: &str| {
-                flags
-                    .bool(n)
-                    .map_err(|m| ("malformed_flag", m, node.span_of(&format!("--{n}"))))
-            };
+            let bool_flag = |n: &str| flags.bool(n).map_err(|m| ("malformed_flag", m, node.span_of(&format!("--{n}"))));
             let heredocs = node.heredocs.clone();
             if node.args.len() < 2 && heredocs.is_empty() {
                 return Err((
@@ -299,11 +277,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
                 chmod: flags.get("chmod").map(str::to_string),
                 link: bool_flag("link")?,
                 parents: bool_flag("parents")?,
-                excludes: flags
-                    .all("exclude")
-                    .into_iter()
-                    .map(str::to_string)
-                    .collect(),
+                excludes: flags.all("exclude").into_iter().map(str::to_string).collect(),
                 keep_git_dir: bool_flag("keep-git-dir")?,
                 checksum: flags.get("checksum").map(str::to_string),
                 unpack: if flags.get("unpack").is_some() {
@@ -383,16 +357,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
             Instruction::StopSignal(node.args[0].clone())
         }
         "healthcheck" => {
-            let flags = Flags::parse(
-                node,
-                &[
-                    "interval",
-                    "timeout",
-                    "start-period",
-                    "start-interval",
-                    "retries",
-                ],
-            )?;
+            let flags = Flags::parse(node, &["interval", "timeout", "start-period", "start-interval", "retries"])?;
             need(1, "at least one argument")?;
             let typ = node.args[0].to_ascii_uppercase();
             if typ != "NONE" && typ != "CMD" {
@@ -403,11 +368,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
                 ));
             }
             if typ == "NONE" && node.args.len() > 1 {
-                return Err((
-                    "healthcheck_none",
-                    "HEALTHCHECK NONE takes no arguments".into(),
-                    node.span.clone(),
-                ));
+                return Err(("healthcheck_none", "HEALTHCHECK NONE takes no arguments".into(), node.span.clone()));
             }
             Instruction::Healthcheck {
                 args: node.args.clone(),
@@ -435,10 +396,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
                 "from" | "maintainer" => {
                     return Err((
                         "onbuild_trigger",
-                        format!(
-                            "{} isn't allowed as an ONBUILD trigger",
-                            sub.keyword.to_uppercase()
-                        ),
+                        format!("{} isn't allowed as an ONBUILD trigger", sub.keyword.to_uppercase()),
                         node.span.clone(),
                     ))
                 }
@@ -446,11 +404,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
             }
             type_node(sub).map_err(|(c, m, _)| (c, m, node.span.clone()))?;
             let text = node.original.trim_start();
-            let trigger = text
-                .get(node.keyword.len()..)
-                .unwrap_or("")
-                .trim()
-                .to_string();
+            let trigger = text.get(node.keyword.len()..).unwrap_or("").trim().to_string();
             Instruction::Onbuild(trigger)
         }
         "maintainer" => {
@@ -501,9 +455,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
-                .min(prev[j + 1] + 1)
-                .min(cur[j] + 1);
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
         }
         prev = cur;
     }

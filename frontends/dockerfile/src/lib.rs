@@ -26,9 +26,7 @@ const CODE: &str = "kiln::dockerfile::";
 pub fn compile(request: &Request, host: &dyn Host) -> Response {
     let source = String::from_utf8_lossy(&request.definition).into_owned();
     let file = request.filename.clone();
-    let diag = |code: &str, message: String, span: parser::Span| {
-        Diagnostic::error(&format!("{CODE}{code}"), message, &file, span)
-    };
+    let diag = |code: &str, message: String, span: parser::Span| Diagnostic::error(&format!("{CODE}{code}"), message, &file, span);
     let mut response = Response::default();
     let (ast, errors) = parser::parse(&source);
     for e in errors {
@@ -50,18 +48,12 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
     let mut stages: Vec<lower::StageDef<'_>> = Vec::new();
     for (node, inst) in typed {
         match inst {
-            Instruction::From {
-                image,
-                name,
-                platform,
-            } => {
+            Instruction::From { image, name, platform } => {
                 if let Some(n) = &name {
                     if stages.iter().any(|s| s.name.as_ref() == Some(n)) {
-                        response.diagnostics.push(diag(
-                            "duplicate_stage",
-                            format!("duplicate stage name {n:?}"),
-                            node.span_of(n),
-                        ));
+                        response
+                            .diagnostics
+                            .push(diag("duplicate_stage", format!("duplicate stage name {n:?}"), node.span_of(n)));
                     }
                 }
                 stages.push(lower::StageDef {
@@ -77,21 +69,16 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
                 Some(stage) => stage.instructions.push((node, other)),
                 None => response.diagnostics.push(diag(
                     "no_from",
-                    format!(
-                        "{} comes before the first FROM; only ARG may",
-                        node.keyword.to_uppercase()
-                    ),
+                    format!("{} comes before the first FROM; only ARG may", node.keyword.to_uppercase()),
                     node.keyword_span(),
                 )),
             },
         }
     }
     if stages.is_empty() && !response.has_errors() {
-        response.diagnostics.push(diag(
-            "no_from",
-            "the Dockerfile has no FROM instruction".into(),
-            0..0,
-        ));
+        response
+            .diagnostics
+            .push(diag("no_from", "the Dockerfile has no FROM instruction".into(), 0..0));
     }
     if response.has_errors() {
         response.diagnostics.sort_by_key(|d| d.offset);

@@ -9,9 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use kiln_frontend::config::{Healthcheck, History};
 use kiln_frontend::reference::Reference;
 use kiln_frontend::{Host, ImageConfig, Platform};
-use kiln_llb::builder::{
-    Exec, FileInput, FileOp, LateAttrs, Mount, MountKind, SourceSpan, VertexMeta,
-};
+use kiln_llb::builder::{Exec, FileInput, FileOp, LateAttrs, Mount, MountKind, SourceSpan, VertexMeta};
 use kiln_llb::pb;
 use kiln_llb::pb::file_action::Action;
 use kiln_llb::State;
@@ -184,21 +182,14 @@ fn join_path(base: &str, p: &str) -> String {
     if p.starts_with('/') {
         clean_path(p)
     } else {
-        clean_path(&format!(
-            "{}/{}",
-            if base.is_empty() { "/" } else { base },
-            p
-        ))
+        clean_path(&format!("{}/{}", if base.is_empty() { "/" } else { base }, p))
     }
 }
 
 impl<'a, 'b> Lowerer<'a, 'b> {
     fn new(input: &'b LowerInput<'a>) -> Self {
         let req = input.request;
-        let target = req
-            .platform
-            .clone()
-            .unwrap_or_else(|| req.build_platform.clone());
+        let target = req.platform.clone().unwrap_or_else(|| req.build_platform.clone());
         let mut meta_env = platform_args("TARGET", &target);
         meta_env.extend(platform_args("BUILD", &req.build_platform));
         Lowerer {
@@ -246,14 +237,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 .iter()
                 .position(|s| s.name.as_deref() == Some(t.to_ascii_lowercase().as_str()))
                 .ok_or_else(|| {
-                    let names: Vec<&str> =
-                        stages.iter().filter_map(|s| s.name.as_deref()).collect();
+                    let names: Vec<&str> = stages.iter().filter_map(|s| s.name.as_deref()).collect();
                     vec![(
                         "unknown_target",
-                        format!(
-                            "target stage {t:?} could not be found (stages: {})",
-                            names.join(", ")
-                        ),
+                        format!("target stage {t:?} could not be found (stages: {})", names.join(", ")),
                         0..0,
                     )]
                 }),
@@ -265,12 +252,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Lexer::new(self.input.escape)
     }
 
-    fn expand(
-        &self,
-        word: &str,
-        env: &[(String, String)],
-        node: &Node,
-    ) -> Result<String, LowerError> {
+    fn expand(&self, word: &str, env: &[(String, String)], node: &Node) -> Result<String, LowerError> {
         self.lexer()
             .process_word(word, &env)
             .map(|p| p.result)
@@ -288,33 +270,20 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         name.parse::<usize>().ok().filter(|i| *i < before)
     }
 
-    fn resolve_image(
-        &mut self,
-        reference: &str,
-        platform: &Platform,
-        node: &Node,
-    ) -> Result<(String, ImageConfig), LowerError> {
+    fn resolve_image(&mut self, reference: &str, platform: &Platform, node: &Node) -> Result<(String, ImageConfig), LowerError> {
         let key = format!("{reference} {}", platform.to_string_form());
         if let Some(hit) = self.images.get(&key) {
             return Ok(hit.clone());
         }
-        let parsed = Reference::parse(reference)
-            .map_err(|e| ("invalid_reference", e.to_string(), node.span_of(reference)))?;
+        let parsed = Reference::parse(reference).map_err(|e| ("invalid_reference", e.to_string(), node.span_of(reference)))?;
         let normalized = parsed.normalized();
-        let resolved = self
-            .input
-            .host
-            .resolve_image(&normalized, platform)
-            .map_err(|e| {
-                (
-                    "unresolved_image",
-                    format!(
-                        "cannot resolve image {normalized} for {}: {e}",
-                        platform.to_string_form()
-                    ),
-                    node.span.clone(),
-                )
-            })?;
+        let resolved = self.input.host.resolve_image(&normalized, platform).map_err(|e| {
+            (
+                "unresolved_image",
+                format!("cannot resolve image {normalized} for {}: {e}", platform.to_string_form()),
+                node.span.clone(),
+            )
+        })?;
         let result = match resolved {
             Some(r) => (r.reference, r.config),
             None => (normalized, ImageConfig::default()),
@@ -337,12 +306,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         } else {
             format!("docker-image://{pinned}")
         };
-        let state = State::source(
-            identifier,
-            BTreeMap::new(),
-            Some(pb_platform(platform)),
-            meta.cap("source.image"),
-        );
+        let state = State::source(identifier, BTreeMap::new(), Some(pb_platform(platform)), meta.cap("source.image"));
         Ok((state, config))
     }
 
@@ -363,12 +327,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .describe("llb.customname", "[internal] load build context")
             .cap("source.local")
             .cap("source.local.sharedkeyhint");
-        let state = State::source_with_late_attrs(
-            "local://context",
-            attrs,
-            self.context_late.clone(),
-            meta,
-        );
+        let state = State::source_with_late_attrs("local://context", attrs, self.context_late.clone(), meta);
         self.context = Some(state.clone());
         state
     }
@@ -387,10 +346,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         if !self.in_progress.insert(index) {
             return Err((
                 "stage_cycle",
-                format!(
-                    "stage {} depends on itself",
-                    def.name.clone().unwrap_or(index.to_string())
-                ),
+                format!("stage {} depends on itself", def.name.clone().unwrap_or(index.to_string())),
                 def.from.span.clone(),
             ));
         }
@@ -409,21 +365,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         if image.is_empty() {
             return Err((
                 "empty_base",
-                format!(
-                    "base name ({}) should not be blank: an ARG it uses has no value",
-                    def.image
-                ),
+                format!("base name ({}) should not be blank: an ARG it uses has no value", def.image),
                 def.from.span_of(&def.image),
             ));
         }
         let platform = match &def.platform {
             Some(p) => {
                 let expanded = self.expand(p, &meta_env, def.from)?;
-                Platform::parse(&expanded).ok_or((
-                    "invalid_platform",
-                    format!("invalid platform {expanded:?}"),
-                    def.from.span_of(p),
-                ))?
+                Platform::parse(&expanded).ok_or(("invalid_platform", format!("invalid platform {expanded:?}"), def.from.span_of(p)))?
             }
             None => self
                 .input
@@ -455,10 +404,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         b.config.os = platform.os.clone();
         b.config.variant = platform.variant.clone();
         if b.config.env("PATH").is_none() && platform.os == "linux" {
-            b.config
-                .config
-                .env
-                .insert(0, format!("PATH={DEFAULT_PATH}"));
+            b.config.config.env.insert(0, format!("PATH={DEFAULT_PATH}"));
         }
         // ONBUILD triggers of the base image run first.
         let triggers = std::mem::take(&mut b.config.config.on_build);
@@ -473,13 +419,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 ));
             }
             for node in ast.nodes {
-                let inst = crate::instructions::type_node(&node).map_err(|(c, m, _)| {
-                    (
-                        c,
-                        format!("ONBUILD trigger {t:?}: {m}"),
-                        def.from.span.clone(),
-                    )
-                })?;
+                let inst = crate::instructions::type_node(&node)
+                    .map_err(|(c, m, _)| (c, format!("ONBUILD trigger {t:?}: {m}"), def.from.span.clone()))?;
                 trigger_nodes.push((node, inst));
             }
         }
@@ -520,10 +461,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let (pinned, _) = self.resolve_image(image, platform, def.from)?;
         let meta = VertexMeta::default()
             .describe("com.docker.dockerfile.v1.command", from_text)
-            .describe(
-                "llb.customname",
-                format!("[{stage_name} 1/{total}] FROM {pinned}"),
-            )
+            .describe("llb.customname", format!("[{stage_name} 1/{total}] FROM {pinned}"))
             .at(span_of(def.from));
         let (state, config) = self.image_state(image, platform, def.from, meta)?;
         Ok(Built {
@@ -549,13 +487,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let mut m = VertexMeta::default()
             .describe(
                 "llb.customname",
-                format!(
-                    "[{} {}/{}] {}",
-                    cx.name,
-                    cx.step,
-                    cx.total,
-                    display_command(node)
-                ),
+                format!("[{} {}/{}] {}", cx.name, cx.step, cx.total, display_command(node)),
             )
             .at(span_of(node));
         if with_command {
@@ -564,14 +496,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         m
     }
 
-    fn dispatch(
-        &mut self,
-        index: usize,
-        b: &mut Built,
-        cx: &mut StageCx,
-        node: &Node,
-        inst: &Instruction,
-    ) -> Result<(), LowerError> {
+    fn dispatch(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Node, inst: &Instruction) -> Result<(), LowerError> {
         let env = Self::env_of(b, cx);
         let history = |b: &mut Built, created_by: String, empty: bool| {
             b.config.history.push(History {
@@ -589,22 +514,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     } else if let Some(v) = v {
                         Some(self.expand(v, &env, node)?)
                     } else {
-                        self.meta_env
-                            .iter()
-                            .rev()
-                            .find(|(mk, _)| mk == k)
-                            .map(|(_, v)| v.clone())
+                        self.meta_env.iter().rev().find(|(mk, _)| mk == k).map(|(_, v)| v.clone())
                     };
                     cx.args.retain(|(ak, _)| ak != k);
                     if let Some(v) = value {
                         cx.args.push((k.clone(), v));
                     }
                 }
-                history(
-                    b,
-                    format!("ARG {}", node.original.trim().get(3..).unwrap_or("").trim()),
-                    true,
-                );
+                history(b, format!("ARG {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
             }
             Instruction::Env(pairs) => {
                 let mut local = env.clone();
@@ -614,11 +531,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     b.config.set_env(&key, &value);
                     local.push((key, value));
                 }
-                history(
-                    b,
-                    format!("ENV {}", node.original.trim().get(3..).unwrap_or("").trim()),
-                    true,
-                );
+                history(b, format!("ENV {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
             }
             Instruction::Label(pairs) => {
                 for (k, v) in pairs {
@@ -626,14 +539,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     let value = self.expand(v, &env, node)?;
                     b.config.config.labels.insert(key, value);
                 }
-                history(
-                    b,
-                    format!(
-                        "LABEL {}",
-                        node.original.trim().get(5..).unwrap_or("").trim()
-                    ),
-                    true,
-                );
+                history(b, format!("LABEL {}", node.original.trim().get(5..).unwrap_or("").trim()), true);
             }
             Instruction::Maintainer(m) => {
                 history(b, format!("MAINTAINER {m}"), true);
@@ -666,10 +572,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 cx.cmd_set = true;
                 history(
                     b,
-                    format!(
-                        "CMD {}",
-                        serde_json::to_string(&b.config.config.cmd).unwrap_or_default()
-                    ),
+                    format!("CMD {}", serde_json::to_string(&b.config.config.cmd).unwrap_or_default()),
                     true,
                 );
             }
@@ -695,10 +598,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     } else {
                         format!("{p}/tcp")
                     };
-                    b.config
-                        .config
-                        .exposed_ports
-                        .insert(key, serde_json::json!({}));
+                    b.config.config.exposed_ports.insert(key, serde_json::json!({}));
                 }
                 history(b, format!("EXPOSE {}", ports.join(" ")), true);
             }
@@ -718,11 +618,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             Instruction::StopSignal(s) => {
                 b.config.config.stop_signal = self.expand(s, &env, node)?;
-                history(
-                    b,
-                    format!("STOPSIGNAL {}", b.config.config.stop_signal),
-                    true,
-                );
+                history(b, format!("STOPSIGNAL {}", b.config.config.stop_signal), true);
             }
             Instruction::Healthcheck { args, json, flags } => {
                 let typ = args[0].to_ascii_uppercase();
@@ -734,31 +630,23 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 } else {
                     let rest = &args[1..];
                     let test = if *json {
-                        std::iter::once("CMD".to_string())
-                            .chain(rest.iter().cloned())
-                            .collect()
+                        std::iter::once("CMD".to_string()).chain(rest.iter().cloned()).collect()
                     } else {
                         vec!["CMD-SHELL".to_string(), rest.join(" ")]
                     };
                     let dur = |n: &str| -> Result<i64, LowerError> {
                         match flags.get(n) {
                             None => Ok(0),
-                            Some(v) => parse_duration(v).ok_or((
-                                "malformed_flag",
-                                format!("invalid duration for --{n}: {v:?}"),
-                                node.span_of(v),
-                            )),
+                            Some(v) => {
+                                parse_duration(v).ok_or(("malformed_flag", format!("invalid duration for --{n}: {v:?}"), node.span_of(v)))
+                            }
                         }
                     };
                     let retries = match flags.get("retries") {
                         None => 0,
-                        Some(r) => r.parse::<i64>().map_err(|_| {
-                            (
-                                "malformed_flag",
-                                format!("invalid --retries value {r:?}"),
-                                node.span_of(r),
-                            )
-                        })?,
+                        Some(r) => r
+                            .parse::<i64>()
+                            .map_err(|_| ("malformed_flag", format!("invalid --retries value {r:?}"), node.span_of(r)))?,
                     };
                     Healthcheck {
                         test,
@@ -824,24 +712,20 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     /// Resolves `from=` of a mount or `--from` of COPY: a stage, or an image.
-    fn source_of(
-        &mut self,
-        index: usize,
-        from: &str,
-        node: &Node,
-        platform: &Platform,
-    ) -> Result<State, LowerError> {
+    fn source_of(&mut self, index: usize, from: &str, node: &Node, platform: &Platform) -> Result<State, LowerError> {
         if let Some(s) = self.find_stage(from, index) {
             self.stage_ref(s)?;
             return Ok(self.built[&s].state.clone());
         }
         let self_name = self.input.stages[index].name.as_deref();
         if self_name == Some(from.to_ascii_lowercase().as_str())
-            || from
-                .parse::<usize>()
-                .is_ok_and(|i| i >= index && i < self.input.stages.len())
+            || from.parse::<usize>().is_ok_and(|i| i >= index && i < self.input.stages.len())
         {
-            return Err(("stage_cycle", format!("stage {from:?} cannot be used here: a stage cannot depend on itself or a later stage"), node.span_of(from)));
+            return Err((
+                "stage_cycle",
+                format!("stage {from:?} cannot be used here: a stage cannot depend on itself or a later stage"),
+                node.span_of(from),
+            ));
         }
         if self
             .input
@@ -862,25 +746,23 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .stages
             .iter()
             .filter_map(|s| s.name.as_deref())
-            .find(|n| {
-                plain && crate::instructions::edit_distance(n, &from.to_ascii_lowercase()) <= 2
-            })
+            .find(|n| plain && crate::instructions::edit_distance(n, &from.to_ascii_lowercase()) <= 2)
         {
-            return Err(("unknown_stage", format!("no stage named {from:?} (did you mean {near:?}?); name an existing stage or a full image reference"), node.span_of(from)));
+            return Err((
+                "unknown_stage",
+                format!("no stage named {from:?} (did you mean {near:?}?); name an existing stage or a full image reference"),
+                node.span_of(from),
+            ));
         }
         if Reference::parse(from).is_err() {
             return Err((
                 "unknown_stage",
-                format!(
-                    "{from:?} is neither a stage of this Dockerfile nor a valid image reference"
-                ),
+                format!("{from:?} is neither a stage of this Dockerfile nor a valid image reference"),
                 node.span_of(from),
             ));
         }
-        let meta =
-            VertexMeta::default().describe("llb.customname", format!("[internal] load {from}"));
-        self.image_state(from, platform, node, meta)
-            .map(|(state, _)| state)
+        let meta = VertexMeta::default().describe("llb.customname", format!("[internal] load {from}"));
+        self.image_state(from, platform, node, meta).map(|(state, _)| state)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -908,11 +790,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let mut argv = if json { args.to_vec() } else { self.shell(b) };
         if !json {
             let cmd = args.join(" ");
-            let only_heredoc = heredocs.len() == 1
-                && crate::parser::parse_heredoc(cmd.trim())
-                    .ok()
-                    .flatten()
-                    .is_some();
+            let only_heredoc = heredocs.len() == 1 && crate::parser::parse_heredoc(cmd.trim()).ok().flatten().is_some();
             if only_heredoc {
                 let doc = &heredocs[0];
                 let content = self.heredoc_content(doc, env, node)?;
@@ -1002,16 +880,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         let mut ssh_count = 0;
         for spec in mount_specs {
-            let m = self.mount(
-                index,
-                b,
-                node,
-                env,
-                spec,
-                &cwd,
-                &mut ssh_count,
-                &mut exec.secret_env,
-            )?;
+            let m = self.mount(index, b, node, env, spec, &cwd, &mut ssh_count, &mut exec.secret_env)?;
             if let Some(m) = m {
                 meta = meta.cap(match m.kind {
                     MountKind::Cache { .. } => "exec.mount.cache",
@@ -1102,9 +971,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         if let Some((k, _)) = kv.iter().find(|(k, _)| !KNOWN.contains(&k.as_str())) {
             return Err(bad(format!("unknown mount option {k:?}")));
         }
-        let typ = get(&["type"])
-            .unwrap_or_else(|| "bind".into())
-            .to_ascii_lowercase();
+        let typ = get(&["type"]).unwrap_or_else(|| "bind".into()).to_ascii_lowercase();
         let target = get(&["target", "dst", "destination"]);
         let parse_u32 = |name: &str, radix: u32| -> Result<Option<u32>, LowerError> {
             match get(&[name]) {
@@ -1123,10 +990,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             match &from {
                 Some(f) => this.source_of(index, f, node, &b.platform),
                 None => {
-                    this.context_paths.insert(clean_path(&format!(
-                        "/{}",
-                        source.clone().unwrap_or_default()
-                    )));
+                    this.context_paths
+                        .insert(clean_path(&format!("/{}", source.clone().unwrap_or_default())));
                     Ok(this.context())
                 }
             }
@@ -1153,11 +1018,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     None | Some("shared") => pb::CacheSharingOpt::Shared,
                     Some("private") => pb::CacheSharingOpt::Private,
                     Some("locked") => pb::CacheSharingOpt::Locked,
-                    Some(o) => {
-                        return Err(bad(format!(
-                            "unsupported sharing value {o:?} (shared, private or locked)"
-                        )))
-                    }
+                    Some(o) => return Err(bad(format!("unsupported sharing value {o:?} (shared, private or locked)"))),
                 };
                 let mut m = Mount::of_kind(
                     target,
@@ -1175,11 +1036,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         .unwrap_or_default();
                 }
                 m.readonly = readonly_flag == Some(true);
-                let _ = (
-                    parse_u32("mode", 8)?,
-                    parse_u32("uid", 10)?,
-                    parse_u32("gid", 10)?,
-                );
+                let _ = (parse_u32("mode", 8)?, parse_u32("uid", 10)?, parse_u32("gid", 10)?);
                 m
             }
             "tmpfs" => {
@@ -1192,12 +1049,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             "secret" => {
                 let id = get(&["id"])
-                    .or_else(|| {
-                        target
-                            .as_deref()
-                            .and_then(|t| t.rsplit('/').next())
-                            .map(str::to_string)
-                    })
+                    .or_else(|| target.as_deref().and_then(|t| t.rsplit('/').next()).map(str::to_string))
                     .ok_or_else(|| bad("secret mount needs id= or target=".into()))?;
                 let optional = flag(&["required"])? != Some(true);
                 if let Some(var) = get(&["env"]) {
@@ -1210,9 +1062,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         return Ok(None);
                     }
                 }
-                let dest = target
-                    .map(|t| resolve_target(&t))
-                    .unwrap_or_else(|| format!("/run/secrets/{id}"));
+                let dest = target.map(|t| resolve_target(&t)).unwrap_or_else(|| format!("/run/secrets/{id}"));
                 let opt = pb::SecretOpt {
                     id,
                     uid: parse_u32("uid", 10)?.unwrap_or(0),
@@ -1238,21 +1088,12 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 };
                 Mount::of_kind(dest, MountKind::Ssh(opt))
             }
-            other => {
-                return Err(bad(format!(
-                    "unsupported mount type {other:?} (bind, cache, tmpfs, secret or ssh)"
-                )))
-            }
+            other => return Err(bad(format!("unsupported mount type {other:?} (bind, cache, tmpfs, secret or ssh)"))),
         };
         Ok(Some(m))
     }
 
-    fn heredoc_content(
-        &self,
-        doc: &crate::parser::Heredoc,
-        env: &[(String, String)],
-        node: &Node,
-    ) -> Result<String, LowerError> {
+    fn heredoc_content(&self, doc: &crate::parser::Heredoc, env: &[(String, String)], node: &Node) -> Result<String, LowerError> {
         let content = if doc.chomp {
             chomp_heredoc_content(&doc.content)
         } else {
@@ -1281,9 +1122,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let cmd = if c.is_add { "ADD" } else { "COPY" };
         let dest_raw = self.expand(&c.dest, env, node)?;
         let mut dest = join_path(&b.config.config.working_dir, &dest_raw);
-        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/."))
-            && !dest.ends_with('/')
-        {
+        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.")) && !dest.ends_with('/') {
             dest.push('/');
         }
         let owner = match &c.chown {
@@ -1295,27 +1134,19 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             Some(m) => {
                 let m = self.expand(m, env, node)?;
                 match i32::from_str_radix(&m, 8) {
-                    Ok(v) if m.chars().all(|c| c.is_ascii_digit()) && v <= 0o7777 => {
-                        (v, String::new())
-                    }
+                    Ok(v) if m.chars().all(|c| c.is_ascii_digit()) && v <= 0o7777 => (v, String::new()),
                     _ if is_symbolic_mode(&m) => (-1, m),
                     _ => {
                         return Err((
                             "malformed_flag",
-                            format!(
-                            "invalid --chmod value {m:?}: octal or symbolic (u=rwX,go=rX) expected"
-                        ),
+                            format!("invalid --chmod value {m:?}: octal or symbolic (u=rwX,go=rX) expected"),
                             node.span_of(&m),
                         ))
                     }
                 }
             }
         };
-        let excludes: Vec<String> = c
-            .excludes
-            .iter()
-            .map(|e| self.expand(e, env, node))
-            .collect::<Result<_, _>>()?;
+        let excludes: Vec<String> = c.excludes.iter().map(|e| self.expand(e, env, node)).collect::<Result<_, _>>()?;
         let from_source = match &c.from {
             Some(f) => {
                 let f = self.expand(f, env, node)?;
@@ -1323,11 +1154,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             None => None,
         };
-        let target = if c.link {
-            State::scratch()
-        } else {
-            b.state.clone()
-        };
+        let target = if c.link { State::scratch() } else { b.state.clone() };
         let mut fop = FileOp::default();
         let copy_action = |src: String, dest: String, unpack: bool, includes: Vec<String>| {
             Action::Copy(pb::FileActionCopy {
@@ -1367,24 +1194,17 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             } else {
                 dest.clone()
             };
-            fop = fop.then(
-                &target,
-                FileInput::State(src),
-                copy_action(name, heredoc_dest, false, Vec::new()),
-            );
+            fop = fop.then(&target, FileInput::State(src), copy_action(name, heredoc_dest, false, Vec::new()));
         }
         for src in &c.sources {
             let src = self.expand(src, env, node)?;
-            if c.heredocs.iter().any(|d| {
-                src.starts_with("<<")
-                    && src.trim_start_matches(['<', '-']).trim_matches(['"', '\'']) == d.name
-            }) {
+            if c.heredocs
+                .iter()
+                .any(|d| src.starts_with("<<") && src.trim_start_matches(['<', '-']).trim_matches(['"', '\'']) == d.name)
+            {
                 continue;
             }
-            if c.is_add
-                && (src.starts_with("http://") || src.starts_with("https://"))
-                && !is_git_url(&src)
-            {
+            if c.is_add && (src.starts_with("http://") || src.starts_with("https://")) && !is_git_url(&src) {
                 let filename = src
                     .trim_end_matches('/')
                     .rsplit('/')
@@ -1427,10 +1247,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     attrs,
                     None,
                     VertexMeta::default()
-                        .describe(
-                            "llb.customname",
-                            format!("[internal] load git source {src}"),
-                        )
+                        .describe("llb.customname", format!("[internal] load git source {src}"))
                         .cap("source.git"),
                 );
                 fop = fop.then(
@@ -1444,17 +1261,13 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 Some(s) => s.clone(),
                 None => {
                     let p = clean_path(&format!("/{src}"));
-                    self.context_paths
-                        .insert(if c.parents { "/".to_string() } else { p });
+                    self.context_paths.insert(if c.parents { "/".to_string() } else { p });
                     self.context()
                 }
             };
             let unpack = c.is_add && c.unpack != Some(false);
             let (src_path, includes) = if c.parents {
-                (
-                    "/".to_string(),
-                    vec![clean_path(&src).trim_start_matches("./").to_string()],
-                )
+                ("/".to_string(), vec![clean_path(&src).trim_start_matches("./").to_string()])
             } else {
                 (clean_path(&format!("/{src}")), Vec::new())
             };
@@ -1467,10 +1280,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let meta = self.meta(cx, node, false).cap("file.base");
         let copied = State::file(fop, meta);
         b.state = if c.link {
-            State::merge(
-                &[b.state.clone(), copied],
-                self.meta(cx, node, false).cap("mergeop"),
-            )
+            State::merge(&[b.state.clone(), copied], self.meta(cx, node, false).cap("mergeop"))
         } else {
             copied
         };
@@ -1497,12 +1307,7 @@ fn display_command(node: &Node) -> String {
     if node.heredocs.is_empty() {
         return text.to_string();
     }
-    let first = node.heredocs[0]
-        .content
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim();
+    let first = node.heredocs[0].content.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
     format!("{first_line} ({first}...)")
 }
 
@@ -1570,20 +1375,14 @@ fn parse_chown(s: &str) -> pb::ChownOpt {
 fn is_symbolic_mode(m: &str) -> bool {
     !m.is_empty()
         && m.split(',').all(|clause| {
-            let who_end = clause
-                .find(|c: char| !"ugoa".contains(c))
-                .unwrap_or(clause.len());
+            let who_end = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
             let rest = &clause[who_end..];
-            !rest.is_empty()
-                && rest.starts_with(['+', '-', '='])
-                && rest[1..].chars().all(|c| "rwxXst".contains(c))
+            !rest.is_empty() && rest.starts_with(['+', '-', '=']) && rest[1..].chars().all(|c| "rwxXst".contains(c))
         })
 }
 
 fn is_git_url(s: &str) -> bool {
-    s.starts_with("git://")
-        || s.starts_with("git@")
-        || (s.starts_with("https://") && (s.contains(".git#") || s.ends_with(".git")))
+    s.starts_with("git://") || s.starts_with("git@") || (s.starts_with("https://") && (s.contains(".git#") || s.ends_with(".git")))
 }
 
 fn git_identifier(s: &str) -> (String, String) {
@@ -1615,9 +1414,7 @@ fn parse_duration(s: &str) -> Option<i64> {
         let num_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
         let n: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "ns" => 1.0,
             "us" | "µs" => 1e3,

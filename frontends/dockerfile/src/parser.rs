@@ -227,11 +227,7 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
         }
         let mut builder = LineBuilder::default();
         let continued = first.rule == Rule::continued_line;
-        let body = if continued {
-            first.continued_text
-        } else {
-            first.text
-        };
+        let body = if continued { first.continued_text } else { first.text };
         let trimmed = body.trim_start();
         builder.push(trimmed, first.start + (body.len() - trimmed.len()));
         let start_line = first.number;
@@ -269,11 +265,7 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
         let mut node = match node_from_line(&builder.text, escape) {
             Ok(node) => node,
             Err((code, message)) => {
-                errors.push(ParseError {
-                    code,
-                    message,
-                    span,
-                });
+                errors.push(ParseError { code, message, span });
                 continue;
             }
         };
@@ -294,11 +286,7 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                             node.end_line = l.number;
                             node.span.end = l.start + l.text.len();
                             let candidate = l.text.trim_end_matches(['\r', '\n']);
-                            let candidate = if doc.chomp {
-                                candidate.trim_start_matches('\t')
-                            } else {
-                                candidate
-                            };
+                            let candidate = if doc.chomp { candidate.trim_start_matches('\t') } else { candidate };
                             if candidate == doc.name {
                                 terminated = true;
                                 break;
@@ -308,12 +296,8 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                         if !terminated {
                             errors.push(ParseError {
                                 code: "unterminated_heredoc",
-                                message: format!(
-                                    "unterminated heredoc {}: no line ends it",
-                                    doc.name
-                                ),
-                                span: node
-                                    .span_of(&format!("<<{}", if doc.chomp { "-" } else { "" })),
+                                message: format!("unterminated heredoc {}: no line ends it", doc.name),
+                                span: node.span_of(&format!("<<{}", if doc.chomp { "-" } else { "" })),
                             });
                             break;
                         }
@@ -348,17 +332,12 @@ struct LineBuilder {
 
 impl LineBuilder {
     fn push(&mut self, piece: &str, source_offset: usize) {
-        self.segments
-            .push((self.text.len(), source_offset, piece.len()));
+        self.segments.push((self.text.len(), source_offset, piece.len()));
         self.text.push_str(piece);
     }
 }
 
-fn parse_directives(
-    text: &str,
-    offset: usize,
-    errors: &mut Vec<ParseError>,
-) -> (Vec<Directive>, char) {
+fn parse_directives(text: &str, offset: usize, errors: &mut Vec<ParseError>) -> (Vec<Directive>, char) {
     let mut directives: Vec<Directive> = Vec::new();
     let mut escape = '\\';
     let mut pos = offset;
@@ -369,14 +348,8 @@ fn parse_directives(
             break;
         };
         let mut inner = pairs.next().map(|p| p.into_inner()).into_iter().flatten();
-        let name = inner
-            .next()
-            .map(|p| p.as_str().to_ascii_lowercase())
-            .unwrap_or_default();
-        let value = inner
-            .next()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
+        let name = inner.next().map(|p| p.as_str().to_ascii_lowercase()).unwrap_or_default();
+        let value = inner.next().map(|p| p.as_str().to_string()).unwrap_or_default();
         if !matches!(name.as_str(), "syntax" | "escape" | "check") {
             break;
         }
@@ -404,11 +377,7 @@ fn parse_directives(
                 }
             }
         }
-        directives.push(Directive {
-            name,
-            value,
-            line: n + 1,
-        });
+        directives.push(Directive { name, value, line: n + 1 });
     }
     (directives, escape)
 }
@@ -520,9 +489,7 @@ fn node_from_line(line: &str, escape: char) -> Result<Node, NodeError> {
             (node.args, node.json) = maybe_json(&rest)?;
         }
         "arg" => node.args = parse_words(&rest, escape),
-        "env" | "label" => {
-            node.args = parse_name_val(&rest, &node.keyword.to_ascii_uppercase(), escape)?
-        }
+        "env" | "label" => node.args = parse_name_val(&rest, &node.keyword.to_ascii_uppercase(), escape)?,
         "expose" | "from" => node.args = whitespace_delimited(&rest),
         "healthcheck" => (node.args, node.json) = parse_health(&rest)?,
         "maintainer" | "stopsignal" | "user" | "workdir" => {
@@ -733,11 +700,7 @@ fn parse_name_val(rest: &str, key: &str, escape: char) -> Result<Vec<String>, No
         if parts.len() < 2 {
             return Err(("missing_value", format!("{key} must have two arguments")));
         }
-        return Ok(vec![
-            parts[0].to_string(),
-            parts[1].to_string(),
-            String::new(),
-        ]);
+        return Ok(vec![parts[0].to_string(), parts[1].to_string(), String::new()]);
     }
     let mut out = Vec::with_capacity(words.len() * 3);
     for word in words {
@@ -759,10 +722,7 @@ fn whitespace_delimited(rest: &str) -> Vec<String> {
     if rest.is_empty() {
         return Vec::new();
     }
-    split_re_whitespace(rest, 0)
-        .into_iter()
-        .map(str::to_string)
-        .collect()
+    split_re_whitespace(rest, 0).into_iter().map(str::to_string).collect()
 }
 
 enum JsonError {
@@ -777,10 +737,7 @@ fn parse_json(rest: &str) -> Result<Vec<String>, JsonError> {
         return Err(JsonError::NotArray);
     }
     let mut pairs = Grammar::parse(Rule::exec_form, rest).map_err(|_| JsonError::NotArray)?;
-    let array = pairs
-        .next()
-        .and_then(|p| p.into_inner().next())
-        .ok_or(JsonError::NotArray)?;
+    let array = pairs.next().and_then(|p| p.into_inner().next()).ok_or(JsonError::NotArray)?;
     let mut out = Vec::new();
     for value in array.into_inner() {
         if value.as_rule() != Rule::json_string {
@@ -814,10 +771,7 @@ fn maybe_json_to_list(rest: &str) -> Result<(Vec<String>, bool), NodeError> {
 
 fn parse_health(rest: &str) -> Result<(Vec<String>, bool), NodeError> {
     let bytes = rest.as_bytes();
-    let sep = bytes
-        .iter()
-        .position(|b| (*b as char).is_ascii_whitespace())
-        .unwrap_or(bytes.len());
+    let sep = bytes.iter().position(|b| (*b as char).is_ascii_whitespace()).unwrap_or(bytes.len());
     if sep == 0 {
         return Ok((Vec::new(), false));
     }
@@ -876,9 +830,7 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     lex.raw_quotes = true;
     let raw = lex.process_words(rest, &NoEnv).map_err(|e| e.0)?;
     if raw.len() != words.len() {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
+        return Err(format!("internal lexing of heredoc produced inconsistent results: {rest}"));
     }
     let count = |s: &str| s.matches(['\'', '"']).count();
     let expand = count(&words[0]) == count(&raw[0]);
@@ -893,8 +845,5 @@ pub fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
 
 /// Strips leading tabs from every line of a `<<-` heredoc body.
 pub fn chomp_heredoc_content(content: &str) -> String {
-    content
-        .split_inclusive('\n')
-        .map(|l| l.trim_start_matches('\t'))
-        .collect()
+    content.split_inclusive('\n').map(|l| l.trim_start_matches('\t')).collect()
 }

@@ -12,10 +12,7 @@ pub trait Env {
 
 impl Env for [(String, String)] {
     fn get(&self, name: &str) -> Option<&str> {
-        self.iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -178,11 +175,7 @@ impl Scanner<'_> {
         c
     }
 
-    fn process_stop_on(
-        &mut self,
-        stop: Option<char>,
-        raw_escapes: bool,
-    ) -> Result<(String, Vec<String>), LexError> {
+    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> Result<(String, Vec<String>), LexError> {
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
         let r = self.process_stop_on_inner(stop);
@@ -190,10 +183,7 @@ impl Scanner<'_> {
         r
     }
 
-    fn process_stop_on_inner(
-        &mut self,
-        stop: Option<char>,
-    ) -> Result<(String, Vec<String>), LexError> {
+    fn process_stop_on_inner(&mut self, stop: Option<char>) -> Result<(String, Vec<String>), LexError> {
         let mut result = String::new();
         let mut words = Words::default();
         while let Some(ch) = self.peek() {
@@ -236,9 +226,7 @@ impl Scanner<'_> {
             result.push(ch);
         }
         if let Some(stop) = stop {
-            return err(format!(
-                "unexpected end of statement while looking for matching {stop}"
-            ));
+            return err(format!("unexpected end of statement while looking for matching {stop}"));
         }
         Ok((result, words.finish()))
     }
@@ -251,11 +239,7 @@ impl Scanner<'_> {
         }
         loop {
             match self.next() {
-                None => {
-                    return err(
-                        "unexpected end of statement while looking for matching single-quote",
-                    )
-                }
+                None => return err("unexpected end of statement while looking for matching single-quote"),
                 Some('\'') => {
                     if self.lex.raw_quotes {
                         result.push('\'');
@@ -275,11 +259,7 @@ impl Scanner<'_> {
         }
         loop {
             match self.peek() {
-                None => {
-                    return err(
-                        "unexpected end of statement while looking for matching double-quote",
-                    )
-                }
+                None => return err("unexpected end of statement while looking for matching double-quote"),
                 Some('"') => {
                     self.next();
                     if self.lex.raw_quotes {
@@ -449,21 +429,13 @@ impl Scanner<'_> {
                     return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
                 }
                 let value = value.unwrap_or_default();
-                let re = shell_pattern_regex(&pattern, true, false).map_err(|e| {
-                    LexError(format!("invalid pattern ({pattern}) in substitution: {e}"))
-                })?;
+                let re = shell_pattern_regex(&pattern, true, false)
+                    .map_err(|e| LexError(format!("invalid pattern ({pattern}) in substitution: {e}")))?;
                 if replace_all {
-                    Ok(re
-                        .replace_all(&value, regex::NoExpand(&replacement))
-                        .into_owned())
+                    Ok(re.replace_all(&value, regex::NoExpand(&replacement)).into_owned())
                 } else {
                     Ok(match re.find(&value) {
-                        Some(m) => format!(
-                            "{}{}{}",
-                            &value[..m.start()],
-                            replacement,
-                            &value[m.end()..]
-                        ),
+                        Some(m) => format!("{}{}{}", &value[..m.start()], replacement, &value[m.end()..]),
                         None => value,
                     })
                 }
@@ -552,8 +524,8 @@ fn shell_pattern_regex(pattern: &str, greedy: bool, anchored: bool) -> Result<Re
 }
 
 fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> Result<String, LexError> {
-    let re = shell_pattern_regex(pattern, greedy, true)
-        .map_err(|e| LexError(format!("invalid pattern ({pattern}) in substitution: {e}")))?;
+    let re =
+        shell_pattern_regex(pattern, greedy, true).map_err(|e| LexError(format!("invalid pattern ({pattern}) in substitution: {e}")))?;
     Ok(match re.find(value) {
         Some(m) => value[m.end()..].to_string(),
         None => value.to_string(),
@@ -601,9 +573,7 @@ pub fn go_quote(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\u{b}' => out.push_str("\\v"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
             c if c.is_control() => {
                 if (c as u32) < 0x10000 {
                     out.push_str(&format!("\\u{:04x}", c as u32))
@@ -628,18 +598,10 @@ mod tests {
             ("*", "^.*"),
             ("?", "^."),
             ("\\*", "^\\*"),
-            (
-                "(()[]{\\}^$.\\*\\?|\\\\",
-                "^\\(\\(\\)\\[\\]\\{\\}\\^\\$\\.\\*\\?\\|\\\\",
-            ),
+            ("(()[]{\\}^$.\\*\\?|\\\\", "^\\(\\(\\)\\[\\]\\{\\}\\^\\$\\.\\*\\?\\|\\\\"),
         ];
         for (pattern, expected) in cases {
-            assert_eq!(
-                shell_pattern_regex(pattern, true, true)
-                    .expect("valid")
-                    .as_str(),
-                expected
-            );
+            assert_eq!(shell_pattern_regex(pattern, true, true).expect("valid").as_str(), expected);
         }
         for bad in ["\\", "\\x", "\\\\\\"] {
             assert!(shell_pattern_regex(bad, true, true).is_err(), "{bad}");
@@ -648,12 +610,7 @@ mod tests {
 
     #[test]
     fn reverse_pattern_keeps_escapes() {
-        for (p, e) in [
-            ("a\\*c", "c\\*a"),
-            ("\\\\\\ab", "b\\a\\\\"),
-            ("ab\\", "\\ba"),
-            ("\\\\b", "b\\\\"),
-        ] {
+        for (p, e) in [("a\\*c", "c\\*a"), ("\\\\\\ab", "b\\a\\\\"), ("ab\\", "\\ba"), ("\\\\b", "b\\\\")] {
             assert_eq!(reverse_pattern(p), e);
         }
     }
@@ -661,17 +618,10 @@ mod tests {
     #[test]
     fn mandatory_variables() {
         let lex = Lexer::new('\\');
-        let set: Vec<(String, String)> =
-            vec![("VAR".into(), "plain".into()), ("ARG".into(), "x".into())];
-        let empty: Vec<(String, String)> =
-            vec![("VAR".into(), String::new()), ("ARG".into(), "x".into())];
+        let set: Vec<(String, String)> = vec![("VAR".into(), "plain".into()), ("ARG".into(), "x".into())];
+        let empty: Vec<(String, String)> = vec![("VAR".into(), String::new()), ("ARG".into(), "x".into())];
         let unset: Vec<(String, String)> = vec![("ARG".into(), "x".into())];
-        assert_eq!(
-            lex.process_word("${VAR:?message here$ARG}", &set)
-                .expect("set")
-                .result,
-            "plain"
-        );
+        assert_eq!(lex.process_word("${VAR:?message here$ARG}", &set).expect("set").result, "plain");
         assert!(lex
             .process_word("${VAR:?message here$ARG}", &empty)
             .unwrap_err()
@@ -682,12 +632,7 @@ mod tests {
             .unwrap_err()
             .0
             .contains("message herex"));
-        assert_eq!(
-            lex.process_word("${VAR?message here$ARG}", &empty)
-                .expect("empty ok")
-                .result,
-            ""
-        );
+        assert_eq!(lex.process_word("${VAR?message here$ARG}", &empty).expect("empty ok").result, "");
         assert!(lex
             .process_word("${VAR?message here$ARG}", &unset)
             .unwrap_err()

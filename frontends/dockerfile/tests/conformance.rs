@@ -11,15 +11,10 @@ fn env_var_rows() -> (usize, usize, Vec<String>) {
         return (0, 0, vec![]);
     };
     let text = std::fs::read_to_string(dir.join("envVarTest")).expect("envVarTest");
-    let env: Vec<(String, String)> = [
-        ("PWD", "/home"),
-        ("SHELL", "bash"),
-        ("KOREAN", "한국어"),
-        ("NULL", ""),
-    ]
-    .iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect();
+    let env: Vec<(String, String)> = [("PWD", "/home"), ("SHELL", "bash"), ("KOREAN", "한국어"), ("NULL", "")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let lex = Lexer::new('\\');
     let (mut total, mut pass, mut fails) = (0, 0, Vec::new());
     for (n, line) in text.lines().enumerate() {
@@ -42,10 +37,7 @@ fn env_var_rows() -> (usize, usize, Vec<String>) {
         if ok {
             pass += 1;
         } else {
-            fails.push(format!(
-                "envVarTest:{}: {source:?} gave {got:?}, want {expected:?}",
-                n + 1
-            ));
+            fails.push(format!("envVarTest:{}: {source:?} gave {got:?}, want {expected:?}", n + 1));
         }
     }
     (pass, total, fails)
@@ -76,11 +68,7 @@ fn words_rows() -> (usize, usize, Vec<String>) {
             }
             let parts: Vec<&str> = line.split('|').collect();
             assert_eq!(parts.len(), 2, "line {}", n + 1);
-            let expected: Vec<String> = parts[1]
-                .trim_start_matches(' ')
-                .split(',')
-                .map(str::to_string)
-                .collect();
+            let expected: Vec<String> = parts[1].trim_start_matches(' ').split(',').map(str::to_string).collect();
             let got = lex
                 .process_words(parts[0].trim(), &env)
                 .unwrap_or_else(|_| vec!["error".to_string()]);
@@ -133,10 +121,7 @@ fn parser_corpus() {
         if errors.is_empty() && got == expected {
             pass += 1;
         } else {
-            fails.push(format!(
-                "{}: errors {errors:?}\n--- got\n{got}--- want\n{expected}",
-                case.display()
-            ));
+            fails.push(format!("{}: errors {errors:?}\n--- got\n{got}--- want\n{expected}", case.display()));
         }
     }
     let mut negatives: Vec<_> = std::fs::read_dir(dir.join("testfiles-negative"))
@@ -155,11 +140,7 @@ fn parser_corpus() {
             rejected += 1;
         }
     }
-    eprintln!(
-        "{pass}/{} parser cases, {rejected}/{} negative",
-        cases.len(),
-        negatives.len()
-    );
+    eprintln!("{pass}/{} parser cases, {rejected}/{} negative", cases.len(), negatives.len());
     assert!(fails.is_empty(), "{}", fails.join("\n"));
     assert_eq!(cases.len(), 33);
     assert_eq!(negatives.len(), 4);

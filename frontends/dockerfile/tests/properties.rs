@@ -52,13 +52,8 @@ fn eight_stages_sharing_a_base_are_independent_branches() {
         text.push_str(&format!("COPY --from=s{i} /out{i} /\n"));
     }
     let response = kiln_dockerfile::compile(&request(text.into_bytes()), &OfflineHost);
-    assert!(
-        response.diagnostics.is_empty(),
-        "{:?}",
-        response.diagnostics
-    );
-    let def = LoadedDefinition::decode(&response.definition.expect("llb").encode_to_vec())
-        .expect("valid");
+    assert!(response.diagnostics.is_empty(), "{:?}", response.diagnostics);
+    let def = LoadedDefinition::decode(&response.definition.expect("llb").encode_to_vec()).expect("valid");
     let execs: Vec<&kiln_llb::definition::LoadedOp> = def
         .ops
         .iter()
@@ -68,12 +63,7 @@ fn eight_stages_sharing_a_base_are_independent_branches() {
     let inputs: HashMap<String, Vec<String>> = def
         .ops
         .iter()
-        .map(|o| {
-            (
-                o.digest.to_string(),
-                o.op.inputs.iter().map(|i| i.digest.clone()).collect(),
-            )
-        })
+        .map(|o| (o.digest.to_string(), o.op.inputs.iter().map(|i| i.digest.clone()).collect()))
         .collect();
     let ancestors = |start: &str| {
         let mut seen = HashSet::new();
@@ -90,12 +80,7 @@ fn eight_stages_sharing_a_base_are_independent_branches() {
     for a in &execs {
         let up = ancestors(a.digest.as_str());
         for b in &execs {
-            assert!(
-                !up.contains(b.digest.as_str()),
-                "exec {} depends on exec {}",
-                a.digest,
-                b.digest
-            );
+            assert!(!up.contains(b.digest.as_str()), "exec {} depends on exec {}", a.digest, b.digest);
         }
     }
 }

@@ -18,10 +18,7 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
         let p = e.path();
         if p.is_dir() {
             files(&p, out);
-        } else if !matches!(
-            p.file_name().and_then(|n| n.to_str()),
-            Some("README.md" | "SOURCE")
-        ) {
+        } else if !matches!(p.file_name().and_then(|n| n.to_str()), Some("README.md" | "SOURCE")) {
             out.push(p);
         }
     }
@@ -61,18 +58,11 @@ fn stable_digests(lines: &[(String, serde_json::Value)]) -> BTreeSet<String> {
         let inputs: Vec<String> = op
             .get("inputs")
             .and_then(|v| v.as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|i| i.get("digest")?.as_str().map(str::to_string))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|i| i.get("digest")?.as_str().map(str::to_string)).collect())
             .unwrap_or_default();
         if is_local || inputs.iter().any(|i| local.contains(i)) {
             local.insert(digest.clone());
-        } else if op
-            .get("Op")
-            .is_some_and(|o| o.as_object().is_some_and(|m| !m.is_empty()))
-        {
+        } else if op.get("Op").is_some_and(|o| o.as_object().is_some_and(|m| !m.is_empty())) {
             out.insert(digest.clone());
         }
     }
@@ -89,8 +79,7 @@ fn every_real_world_dockerfile_compiles() {
     files(&dir, &mut all);
     all.sort();
     let mut failures = Vec::new();
-    let (mut same_count, mut compared, mut kiln_stable, mut bk_stable, mut shared_stable) =
-        (0, 0, 0, 0, 0);
+    let (mut same_count, mut compared, mut kiln_stable, mut bk_stable, mut shared_stable) = (0, 0, 0, 0, 0);
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     for path in &all {
         let def = match compile(path) {
@@ -101,20 +90,14 @@ fn every_real_world_dockerfile_compiles() {
             }
         };
         let rel = path.strip_prefix(&dir).unwrap_or(path);
-        let Ok(text) = std::fs::read_to_string(llb_dir.join(format!("{}.jsonl", rel.display())))
-        else {
+        let Ok(text) = std::fs::read_to_string(llb_dir.join(format!("{}.jsonl", rel.display()))) else {
             continue;
         };
         compared += 1;
         let bk: Vec<(String, serde_json::Value)> = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| {
-                (
-                    v["Digest"].as_str().unwrap_or("").to_string(),
-                    v["Op"].clone(),
-                )
-            })
+            .map(|v| (v["Digest"].as_str().unwrap_or("").to_string(), v["Op"].clone()))
             .collect();
         if bk.len() == def.ops.len() {
             same_count += 1;
@@ -123,12 +106,7 @@ fn every_real_world_dockerfile_compiles() {
         let ours: Vec<(String, serde_json::Value)> = def
             .ops
             .iter()
-            .map(|o| {
-                (
-                    o.digest.to_string(),
-                    serde_json::to_value(&o.op).unwrap_or_default(),
-                )
-            })
+            .map(|o| (o.digest.to_string(), serde_json::to_value(&o.op).unwrap_or_default()))
             .collect();
         let (a, b) = (stable_digests(&ours), stable_digests(&bk));
         kiln_stable += a.len();
@@ -141,11 +119,6 @@ fn every_real_world_dockerfile_compiles() {
         all.len() - failures.len(),
         all.len()
     );
-    assert!(
-        failures.is_empty(),
-        "{} failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} failed:\n{}", failures.len(), failures.join("\n"));
     assert_eq!(all.len(), 254);
 }

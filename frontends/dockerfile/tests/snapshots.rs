@@ -10,14 +10,8 @@ use kiln_llb::LoadedDefinition;
 use prost::Message;
 
 fn cases(kind: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/cases")
-        .join(kind);
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("cases")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cases").join(kind);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).expect("cases").flatten().map(|e| e.path()).collect();
     v.sort();
     v
 }
@@ -26,11 +20,7 @@ fn compile(path: &Path) -> (kiln_frontend::Response, String) {
     let text = std::fs::read_to_string(path).expect("case");
     let request = Request {
         definition: text.clone().into_bytes(),
-        filename: path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("Dockerfile")
-            .into(),
+        filename: path.file_name().and_then(|n| n.to_str()).unwrap_or("Dockerfile").into(),
         build_platform: Platform::linux_amd64(),
         ..Default::default()
     };
@@ -48,20 +38,11 @@ fn settings() -> insta::Settings {
 fn ok_cases_compile_to_the_recorded_llb() {
     for path in cases("ok") {
         let (response, _) = compile(&path);
-        assert!(
-            response.diagnostics.is_empty(),
-            "{}: {:?}",
-            path.display(),
-            response.diagnostics
-        );
+        assert!(response.diagnostics.is_empty(), "{}: {:?}", path.display(), response.diagnostics);
         let def = response.definition.expect("definition");
         let loaded = LoadedDefinition::decode(&def.encode_to_vec()).expect("valid LLB");
         let config = serde_json::to_string_pretty(&response.image_config).expect("config json");
-        let name = path
-            .file_stem()
-            .and_then(|n| n.to_str())
-            .unwrap_or("case")
-            .to_string();
+        let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("case").to_string();
         settings().bind(|| {
             insta::assert_snapshot!(format!("llb-{name}"), loaded.to_json_lines());
             insta::assert_snapshot!(format!("config-{name}"), config);
@@ -74,10 +55,7 @@ fn err_cases_report_the_recorded_diagnostics() {
     for path in cases("err") {
         let (response, text) = compile(&path);
         assert!(
-            response
-                .diagnostics
-                .iter()
-                .any(|d| d.severity == Severity::Error),
+            response.diagnostics.iter().any(|d| d.severity == Severity::Error),
             "{}: no error",
             path.display()
         );
@@ -92,11 +70,7 @@ fn err_cases_report_the_recorded_diagnostics() {
                 )
             })
             .collect();
-        let name = path
-            .file_stem()
-            .and_then(|n| n.to_str())
-            .unwrap_or("case")
-            .to_string();
+        let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("case").to_string();
         settings().bind(|| insta::assert_snapshot!(format!("diag-{name}"), rendered));
     }
 }

@@ -35,11 +35,7 @@ impl Platform {
         if parts.next().is_some() {
             return None;
         }
-        Some(Platform {
-            os,
-            architecture,
-            variant,
-        })
+        Some(Platform { os, architecture, variant })
     }
 
     /// `os/arch[/variant]`.

@@ -33,12 +33,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     /// An error at `span` of `file`.
-    pub fn error(
-        code: &str,
-        message: impl Into<String>,
-        file: &str,
-        span: std::ops::Range<usize>,
-    ) -> Diagnostic {
+    pub fn error(code: &str, message: impl Into<String>, file: &str, span: std::ops::Range<usize>) -> Diagnostic {
         Diagnostic {
             code: code.to_string(),
             severity: Severity::Error,
@@ -73,12 +68,7 @@ impl Diagnostic {
     pub fn line_column(&self, source: &str) -> (usize, usize) {
         let upto = &source[..self.offset.min(source.len())];
         let line = upto.matches('\n').count() + 1;
-        let column = upto
-            .rsplit('\n')
-            .next()
-            .map(|l| l.chars().count())
-            .unwrap_or(0)
-            + 1;
+        let column = upto.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
         (line, column)
     }
 }

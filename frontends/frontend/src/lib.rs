@@ -58,11 +58,7 @@ pub struct HostError {
 pub trait Host {
     /// Resolves an image reference (already normalized) for a platform.
     /// `Ok(None)` means the host resolves nothing (offline compilation).
-    fn resolve_image(
-        &self,
-        reference: &str,
-        platform: &Platform,
-    ) -> Result<Option<ResolvedImage>, HostError>;
+    fn resolve_image(&self, reference: &str, platform: &Platform) -> Result<Option<ResolvedImage>, HostError>;
 }
 
 /// A host that resolves nothing: base images are taken as empty and left unpinned.
@@ -88,8 +84,6 @@ pub struct Response {
 impl Response {
     /// Whether any diagnostic is an error.
     pub fn has_errors(&self) -> bool {
-        self.diagnostics
-            .iter()
-            .any(|d| d.severity == Severity::Error)
+        self.diagnostics.iter().any(|d| d.severity == Severity::Error)
     }
 }

@@ -26,9 +26,9 @@ impl Reference {
         }
         let (rest, digest) = match s.split_once('@') {
             Some((r, d)) => {
-                let valid = d.split_once(':').is_some_and(|(alg, hex)| {
-                    !alg.is_empty() && hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit())
-                });
+                let valid = d
+                    .split_once(':')
+                    .is_some_and(|(alg, hex)| !alg.is_empty() && hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit()));
                 if !valid {
                     return Err(ReferenceError(s.into(), "bad digest"));
                 }
@@ -37,25 +37,16 @@ impl Reference {
             None => (s, None),
         };
         let (name, tag) = match rest.rfind(':') {
-            Some(i) if !rest[i + 1..].contains('/') => {
-                (&rest[..i], Some(rest[i + 1..].to_string()))
-            }
+            Some(i) if !rest[i + 1..].contains('/') => (&rest[..i], Some(rest[i + 1..].to_string())),
             _ => (rest, None),
         };
         if let Some(t) = &tag {
-            if t.is_empty()
-                || t.len() > 128
-                || !t
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-            {
+            if t.is_empty() || t.len() > 128 || !t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
                 return Err(ReferenceError(s.into(), "bad tag"));
             }
         }
         let (domain, path) = match name.split_once('/') {
-            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => {
-                (first.to_string(), rest.to_string())
-            }
+            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => (first.to_string(), rest.to_string()),
             _ => ("docker.io".to_string(), name.to_string()),
         };
         let path = if domain == "docker.io" && !path.contains('/') {
@@ -66,29 +57,18 @@ impl Reference {
         let path_ok = !path.is_empty()
             && path.split('/').all(|c| {
                 !c.is_empty()
-                    && c.chars().all(|ch| {
-                        ch.is_ascii_lowercase()
-                            || ch.is_ascii_digit()
-                            || matches!(ch, '.' | '_' | '-')
-                    })
+                    && c.chars()
+                        .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-'))
             });
         if !path_ok {
-            return Err(ReferenceError(
-                s.into(),
-                "repository name must be lowercase",
-            ));
+            return Err(ReferenceError(s.into(), "repository name must be lowercase"));
         }
         let tag = if tag.is_none() && digest.is_none() {
             Some("latest".to_string())
         } else {
             tag
         };
-        Ok(Reference {
-            domain,
-            path,
-            tag,
-            digest,
-        })
+        Ok(Reference { domain, path, tag, digest })
     }
 
     /// `domain/path`.
@@ -118,18 +98,9 @@ mod tests {
     #[test]
     fn normalizes_like_docker() {
         let n = |s: &str| Reference::parse(s).map(|r| r.normalized());
-        assert_eq!(
-            n("alpine").as_deref(),
-            Ok("docker.io/library/alpine:latest")
-        );
-        assert_eq!(
-            n("tonistiigi/xx:1.9.0").as_deref(),
-            Ok("docker.io/tonistiigi/xx:1.9.0")
-        );
-        assert_eq!(
-            n("127.0.0.1:5000/busybox").as_deref(),
-            Ok("127.0.0.1:5000/busybox:latest")
-        );
+        assert_eq!(n("alpine").as_deref(), Ok("docker.io/library/alpine:latest"));
+        assert_eq!(n("tonistiigi/xx:1.9.0").as_deref(), Ok("docker.io/tonistiigi/xx:1.9.0"));
+        assert_eq!(n("127.0.0.1:5000/busybox").as_deref(), Ok("127.0.0.1:5000/busybox:latest"));
         assert_eq!(n("localhost/x:1").as_deref(), Ok("localhost/x:1"));
         assert!(n("Alpine").is_err());
         assert!(n("alpine@sha256:zz").is_err());

@@ -101,12 +101,10 @@ impl Layout {
 
     /// Reads a blob and checks its digest.
     pub fn blob(&self, digest: &str) -> Result<Vec<u8>, LayoutError> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .ok_or_else(|| LayoutError::Invalid {
-                path: self.root.clone(),
-                message: format!("unsupported digest {digest}"),
-            })?;
+        let hex = digest.strip_prefix("sha256:").ok_or_else(|| LayoutError::Invalid {
+            path: self.root.clone(),
+            message: format!("unsupported digest {digest}"),
+        })?;
         let path = self.root.join("blobs/sha256").join(hex);
         let bytes = self.read(path.clone())?;
         let actual = hex::encode(Sha256::digest(&bytes));
@@ -119,11 +117,7 @@ impl Layout {
         Ok(bytes)
     }
 
-    fn json<T: for<'de> Deserialize<'de>>(
-        &self,
-        bytes: &[u8],
-        what: &str,
-    ) -> Result<T, LayoutError> {
+    fn json<T: for<'de> Deserialize<'de>>(&self, bytes: &[u8], what: &str) -> Result<T, LayoutError> {
         serde_json::from_slice(bytes).map_err(|e| LayoutError::Invalid {
             path: self.root.clone(),
             message: format!("bad {what}: {e}"),
@@ -131,11 +125,7 @@ impl Layout {
     }
 
     /// Resolves the image tagged `tag` (any image when `tag` is None and there is one) for `platform`.
-    pub fn resolve(
-        &self,
-        tag: Option<&str>,
-        platform: &Platform,
-    ) -> Result<ResolvedConfig, LayoutError> {
+    pub fn resolve(&self, tag: Option<&str>, platform: &Platform) -> Result<ResolvedConfig, LayoutError> {
         let index_path = self.root.join("index.json");
         let index: Index = self.json(&self.read(index_path)?, "index.json")?;
         let candidates: Vec<&Descriptor> = match tag {
@@ -165,36 +155,23 @@ impl Layout {
                     tags.join(", ")
                 )));
             }
-            many => many
-                .iter()
-                .find(|d| platform_matches(d, platform))
-                .copied()
-                .unwrap_or(many[0]),
+            many => many.iter().find(|d| platform_matches(d, platform)).copied().unwrap_or(many[0]),
         };
         self.resolve_descriptor(desc, platform)
     }
 
-    fn resolve_descriptor(
-        &self,
-        desc: &Descriptor,
-        platform: &Platform,
-    ) -> Result<ResolvedConfig, LayoutError> {
+    fn resolve_descriptor(&self, desc: &Descriptor, platform: &Platform) -> Result<ResolvedConfig, LayoutError> {
         let bytes = self.blob(&desc.digest)?;
-        let is_index =
-            desc.media_type.contains("index") || desc.media_type.contains("manifest.list");
+        let is_index = desc.media_type.contains("index") || desc.media_type.contains("manifest.list");
         if is_index {
             let index: Index = self.json(&bytes, "image index")?;
-            let child = index
-                .manifests
-                .iter()
-                .find(|d| platform_matches(d, platform))
-                .ok_or_else(|| {
-                    LayoutError::NotFound(format!(
-                        "image index {} has no manifest for {}",
-                        desc.digest,
-                        platform.to_string_form()
-                    ))
-                })?;
+            let child = index.manifests.iter().find(|d| platform_matches(d, platform)).ok_or_else(|| {
+                LayoutError::NotFound(format!(
+                    "image index {} has no manifest for {}",
+                    desc.digest,
+                    platform.to_string_form()
+                ))
+            })?;
             return self.resolve_descriptor(child, platform);
         }
         let manifest: Manifest = self.json(&bytes, "manifest")?;
@@ -208,9 +185,7 @@ impl Layout {
 }
 
 fn platform_matches(d: &Descriptor, p: &Platform) -> bool {
-    d.platform.as_ref().is_none_or(|dp| {
-        dp.os == p.os
-            && dp.architecture == p.architecture
-            && (p.variant.is_empty() || dp.variant == p.variant)
-    })
+    d.platform
+        .as_ref()
+        .is_none_or(|dp| dp.os == p.os && dp.architecture == p.architecture && (p.variant.is_empty() || dp.variant == p.variant))
 }
