@@ -258,18 +258,7 @@ impl State {
         platform: Option<pb::Platform>,
         meta: VertexMeta,
     ) -> State {
-        let op = pb::Op {
-            op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: identifier.into(),
-                attrs,
-            })),
-            platform,
-            constraints: Some(pb::WorkerConstraints::default()),
-            ..Default::default()
-        };
-        State {
-            output: Some(State::from_op(op, Vec::new(), meta)),
-        }
+        State::source_vertex(identifier.into(), attrs, platform, None, meta)
     }
 
     /// A source op whose `late` attributes are merged in when marshalling.
@@ -279,11 +268,19 @@ impl State {
         late: LateAttrs,
         meta: VertexMeta,
     ) -> State {
+        State::source_vertex(identifier.into(), attrs, None, Some(late), meta)
+    }
+
+    fn source_vertex(
+        identifier: String,
+        attrs: BTreeMap<String, String>,
+        platform: Option<pb::Platform>,
+        late_attrs: Option<LateAttrs>,
+        meta: VertexMeta,
+    ) -> State {
         let op = pb::Op {
-            op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: identifier.into(),
-                attrs,
-            })),
+            op: Some(pb::op::Op::Source(pb::SourceOp { identifier, attrs })),
+            platform,
             constraints: Some(pb::WorkerConstraints::default()),
             ..Default::default()
         };
@@ -291,7 +288,7 @@ impl State {
             op,
             inputs: Vec::new(),
             meta,
-            late_attrs: Some(late),
+            late_attrs,
         });
         State {
             output: Some(Output { vertex, index: 0 }),
