@@ -798,19 +798,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             } else if !heredocs.is_empty() {
                 let mut cmd = cmd;
                 for doc in heredocs {
-                    let content = self.heredoc_content(doc, env, node)?;
-                    let file = format!("/{}", doc.name);
-                    let mk = Action::Mkfile(pb::FileActionMkFile {
-                        path: file.clone(),
-                        mode: 0o644,
-                        data: content.into_bytes(),
-                        timestamp: -1,
-                        ..Default::default()
-                    });
-                    let st = State::file(
-                        FileOp::default().then(&State::scratch(), FileInput::Empty, mk),
-                        VertexMeta::default().cap("file.base"),
-                    );
+                    let (file, st) = self.heredoc_file(doc, env, node)?;
                     let dest = format!("/dev/pipes/{}", doc.name);
                     let mut m = Mount::bind(dest.clone(), st);
                     m.selector = file;
@@ -1093,6 +1081,24 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok(Some(m))
     }
 
+    /// A scratch filesystem holding one heredoc body as `/<name>` (mode 0644); returns the path and the state.
+    fn heredoc_file(&self, doc: &crate::parser::Heredoc, env: &[(String, String)], node: &Node) -> Result<(String, State), LowerError> {
+        let content = self.heredoc_content(doc, env, node)?;
+        let path = format!("/{}", doc.name);
+        let mk = Action::Mkfile(pb::FileActionMkFile {
+            path: path.clone(),
+            mode: 0o644,
+            data: content.into_bytes(),
+            timestamp: -1,
+            ..Default::default()
+        });
+        let state = State::file(
+            FileOp::default().then(&State::scratch(), FileInput::Empty, mk),
+            VertexMeta::default().cap("file.base"),
+        );
+        Ok((path, state))
+    }
+
     fn heredoc_content(&self, doc: &crate::parser::Heredoc, env: &[(String, String)], node: &Node) -> Result<String, LowerError> {
         let content = if doc.chomp {
             chomp_heredoc_content(&doc.content)
@@ -1176,19 +1182,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             })
         };
         for doc in &c.heredocs {
-            let content = self.heredoc_content(doc, env, node)?;
-            let name = format!("/{}", doc.name);
-            let mk = Action::Mkfile(pb::FileActionMkFile {
-                path: name.clone(),
-                mode: 0o644,
-                data: content.into_bytes(),
-                timestamp: -1,
-                ..Default::default()
-            });
-            let src = State::file(
-                FileOp::default().then(&State::scratch(), FileInput::Empty, mk),
-                VertexMeta::default().cap("file.base"),
-            );
+            let (name, src) = self.heredoc_file(doc, env, node)?;
             let heredoc_dest = if dest.ends_with('/') {
                 format!("{dest}{}", doc.name)
             } else {
