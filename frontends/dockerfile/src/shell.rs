@@ -349,15 +349,7 @@ impl Scanner<'_> {
                 if null_is_unset && raw {
                     return err(format!("unsupported modifier ({chs}) in substitution"));
                 }
-                let word = match self.process_stop_on(Some('}'), raw) {
-                    Ok((w, _)) => w,
-                    Err(e) => {
-                        if self.peek().is_none() {
-                            return err("syntax error: missing '}'");
-                        }
-                        return Err(e);
-                    }
-                };
+                let word = self.word_until('}', raw, "syntax error: missing '}'")?;
                 let value = self.lookup(&name);
                 if self.lex.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}{chs}{word}}}"));
@@ -369,23 +361,18 @@ impl Scanner<'_> {
                     '-' => Ok(if absent { word } else { value }),
                     '+' => Ok(if absent { String::new() } else { word }),
                     '?' => {
-                        if !set {
-                            let msg = if word.is_empty() {
-                                "is not allowed to be unset".to_string()
-                            } else {
-                                word
-                            };
-                            return err(format!("{name}: {msg}"));
+                        let problem = if !set {
+                            Some("unset")
+                        } else if null_is_unset && value.is_empty() {
+                            Some("empty")
+                        } else {
+                            None
+                        };
+                        match problem {
+                            Some(p) if word.is_empty() => err(format!("{name}: is not allowed to be {p}")),
+                            Some(_) => err(format!("{name}: {word}")),
+                            None => Ok(value),
                         }
-                        if null_is_unset && value.is_empty() {
-                            let msg = if word.is_empty() {
-                                "is not allowed to be empty".to_string()
-                            } else {
-                                word
-                            };
-                            return err(format!("{name}: {msg}"));
-                        }
-                        Ok(value)
                     }
                     _ => {
                         let mut pattern = word.as_str();
@@ -406,24 +393,8 @@ impl Scanner<'_> {
                 if replace_all {
                     self.next();
                 }
-                let pattern = match self.process_stop_on(Some('/'), true) {
-                    Ok((w, _)) => w,
-                    Err(e) => {
-                        if self.peek().is_none() {
-                            return err("syntax error: missing '/' in ${}");
-                        }
-                        return Err(e);
-                    }
-                };
-                let replacement = match self.process_stop_on(Some('}'), true) {
-                    Ok((w, _)) => w,
-                    Err(e) => {
-                        if self.peek().is_none() {
-                            return err("syntax error: missing '}'");
-                        }
-                        return Err(e);
-                    }
-                };
+                let pattern = self.word_until('/', true, "syntax error: missing '/' in ${}")?;
+                let replacement = self.word_until('}', true, "syntax error: missing '}'")?;
                 let value = self.lookup(&name);
                 if self.lex.skip_unset_env && value.is_none() {
                     return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
@@ -441,6 +412,15 @@ impl Scanner<'_> {
                 }
             }
             _ => err(format!("unsupported modifier ({chs}) in substitution")),
+        }
+    }
+
+    /// The expanded text up to `stop`; running out of input is the `missing` error.
+    fn word_until(&mut self, stop: char, raw_escapes: bool, missing: &str) -> Result<String, LexError> {
+        match self.process_stop_on(Some(stop), raw_escapes) {
+            Ok((word, _)) => Ok(word),
+            Err(_) if self.peek().is_none() => err(missing),
+            Err(e) => Err(e),
         }
     }
 
