@@ -612,3 +612,82 @@ impl Marshaller {
         digest
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::definition::LoadedDefinition;
+    use prost::Message;
+
+    fn image(name: &str) -> State {
+        State::source(format!("docker-image://{name}"), BTreeMap::new(), None, VertexMeta::default())
+    }
+
+    fn loaded(state: &State) -> LoadedDefinition {
+        LoadedDefinition::decode(&state.marshal(Vec::new()).encode_to_vec()).expect("valid definition")
+    }
+
+    #[test]
+    fn merge_and_diff_reference_their_inputs_by_index() {
+        let (a, b) = (image("a"), image("b"));
+        let merged = State::merge(&[a.clone(), State::scratch(), b.clone()], VertexMeta::default());
+        let diff = State::diff(&a, &merged, VertexMeta::default());
+        let def = loaded(&diff);
+        // a, b, merge, diff, terminator; `a` appears once although used twice.
+        assert_eq!(def.ops.len(), 5);
+        let merge_op = def
+            .ops
+            .iter()
+            .find(|o| matches!(o.op.op, Some(pb::op::Op::Merge(_))))
+            .expect("merge");
+        let Some(pb::op::Op::Merge(m)) = &merge_op.op.op else {
+            unreachable!()
+        };
+        assert_eq!(
+            m.inputs.iter().map(|i| i.input).collect::<Vec<_>>(),
+            vec![0, 1],
+            "scratch is skipped"
+        );
+        let diff_op = &def.ops[3];
+        let Some(pb::op::Op::Diff(d)) = &diff_op.op.op else {
+            panic!("diff expected, got {:?}", diff_op.op)
+        };
+        assert_eq!((d.lower.map(|l| l.input), d.upper.map(|u| u.input)), (Some(0), Some(1)));
+        assert_eq!(diff_op.op.inputs[1].digest, merge_op.digest.to_string());
+        // Merging a single non-scratch state is that state.
+        assert!(State::merge(&[State::scratch(), a.clone()], VertexMeta::default())
+            .output()
+            .is_some());
+        assert!(State::merge(&[State::scratch()], VertexMeta::default()).is_scratch());
+    }
+
+    #[test]
+    fn exec_mounts_are_sorted_and_only_writable_binds_get_outputs() {
+        let base = image("base");
+        let exec = Exec {
+            meta: pb::Meta {
+                args: vec!["true".into()],
+                ..Default::default()
+            },
+            mounts: vec![
+                Mount::of_kind(
+                    "/cache",
+                    MountKind::Cache {
+                        id: "c".into(),
+                        sharing: pb::CacheSharingOpt::Locked,
+                    },
+                ),
+                Mount::bind("/a", image("other")),
+            ],
+            ..Default::default()
+        };
+        let result = base.run(exec, VertexMeta::default());
+        assert!(result.mounts.contains_key("/a"));
+        let def = loaded(&result.root);
+        let Some(pb::op::Op::Exec(e)) = &def.ops[def.ops.len() - 2].op.op else {
+            panic!("exec expected")
+        };
+        let dests: Vec<(&str, i64, i64)> = e.mounts.iter().map(|m| (m.dest.as_str(), m.input, m.output)).collect();
+        assert_eq!(dests, vec![("/", 0, 0), ("/a", 1, 1), ("/cache", -1, -1)]);
+    }
+}
