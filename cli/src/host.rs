@@ -32,13 +32,10 @@ pub struct CliHost {
 }
 
 impl CliHost {
-    /// Parses `NAME=oci-layout:///path[:tag]` flags.
-    pub fn new(build_contexts: &[String], root: PathBuf) -> Result<CliHost, String> {
+    /// A host for the request's named contexts (`NAME` → `oci-layout:///path[:tag]`).
+    pub fn new(named_contexts: &BTreeMap<String, String>, root: PathBuf) -> Result<CliHost, String> {
         let mut contexts = BTreeMap::new();
-        for spec in build_contexts {
-            let (name, src) = spec
-                .split_once('=')
-                .ok_or_else(|| format!("--build-context {spec:?}: expected NAME=SRC"))?;
+        for (name, src) in named_contexts {
             let Some(rest) = src.strip_prefix("oci-layout://") else {
                 return Err(format!(
                     "--build-context {name}: only oci-layout:// sources are supported so far, got {src:?}"

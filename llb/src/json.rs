@@ -6,7 +6,6 @@
 //! generated types. `<`, `>` and `&` are escaped as Go does, so lines compare
 //! byte for byte with BuildKit's.
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::marshal::Digest;
@@ -181,11 +180,6 @@ pub fn dump_line(op: &pb::Op, digest: &Digest, metadata: Option<&pb::OpMetadata>
 /// Parses one `dump-llb` JSON line.
 pub fn parse_line(line: &str) -> Result<DumpLine, serde_json::Error> {
     serde_json::from_str(line)
-}
-
-/// Parses any JSON value into an LLB type.
-pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, serde_json::Error> {
-    serde_json::from_value(value)
 }
 
 /// Escapes `<`, `>`, `&`, U+2028 and U+2029 as Go's encoder does. They can only

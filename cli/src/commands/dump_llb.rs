@@ -127,7 +127,7 @@ fn compile(args: &Args, err: &mut dyn Write) -> Result<Vec<u8>, i32> {
     let response = if args.no_resolve {
         kiln_dockerfile::compile(&request, &OfflineHost)
     } else {
-        let host = CliHost::new(&args.build_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
+        let host = CliHost::new(&request.named_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
             let _ = writeln!(err, "error: {msg}");
             EXIT_USAGE
         })?;
@@ -159,6 +159,13 @@ pub fn build_request(args: &Args, dockerfile: &Path, definition: Vec<u8>) -> Res
         Some(p) => Some(Platform::parse(p).ok_or_else(|| format!("invalid --platform {p:?}: expected os/arch[/variant]"))?),
         None => None,
     };
+    let mut named_contexts = BTreeMap::new();
+    for spec in &args.build_contexts {
+        let (name, src) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--build-context {spec:?}: expected NAME=SRC"))?;
+        named_contexts.insert(name.to_string(), src.to_string());
+    }
     let ignore_path = args.context.join(".dockerignore");
     let ignore_patterns = match std::fs::read_to_string(&ignore_path) {
         Ok(text) => parse_dockerignore(&text),
@@ -174,7 +181,7 @@ pub fn build_request(args: &Args, dockerfile: &Path, definition: Vec<u8>) -> Res
         target: args.target.clone(),
         platform,
         build_platform: Platform::linux_amd64(),
-        named_contexts: BTreeMap::new(),
+        named_contexts,
         ignore_patterns,
     })
 }

@@ -46,18 +46,6 @@ impl Diagnostic {
         }
     }
 
-    /// Sets the label.
-    pub fn with_label(mut self, label: impl Into<String>) -> Diagnostic {
-        self.label = label.into();
-        self
-    }
-
-    /// Sets the help text.
-    pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
-        self.help = Some(help.into());
-        self
-    }
-
     /// Makes it a warning.
     pub fn warning(mut self) -> Diagnostic {
         self.severity = Severity::Warning;
