@@ -16,7 +16,7 @@ use kiln_llb::State;
 
 use crate::instructions::{CopyInstr, Instruction};
 use crate::parser::{chomp_heredoc_content, Node, Span};
-use crate::shell::Lexer;
+use crate::shell::{Env, Lexer};
 
 /// Default PATH for Linux images without one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -252,9 +252,9 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Lexer::new(self.input.escape)
     }
 
-    fn expand(&self, word: &str, env: &[(String, String)], node: &Node) -> Result<String, LowerError> {
+    fn expand(&self, word: &str, env: &dyn Env, node: &Node) -> Result<String, LowerError> {
         self.lexer()
-            .process_word(word, &env)
+            .process_word(word, env)
             .map(|p| p.result)
             .map_err(|e| ("expansion", e.0, node.span_of(word)))
     }
@@ -360,8 +360,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let def = &self.input.stages[index];
         let stage_name = def.name.clone().unwrap_or_else(|| format!("stage-{index}"));
         let total = def.instructions.len() + 1;
-        let meta_env = self.meta_env.clone();
-        let image = self.expand(&def.image, &meta_env, def.from)?;
+        let image = self.expand(&def.image, &self.meta_env, def.from)?;
         if image.is_empty() {
             return Err((
                 "empty_base",
@@ -371,7 +370,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         let platform = match &def.platform {
             Some(p) => {
-                let expanded = self.expand(p, &meta_env, def.from)?;
+                let expanded = self.expand(p, &self.meta_env, def.from)?;
                 Platform::parse(&expanded).ok_or(("invalid_platform", format!("invalid platform {expanded:?}"), def.from.span_of(p)))?
             }
             None => self
@@ -472,16 +471,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         })
     }
 
-    /// The environment for expansion: declared ARGs, then ENV (ENV wins).
-    fn env_of(b: &Built, cx: &StageCx) -> Vec<(String, String)> {
-        let mut env = cx.args.clone();
-        for e in &b.config.config.env {
-            let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
-            env.push((k.to_string(), v.to_string()));
-        }
-        env
-    }
-
     fn meta(&self, cx: &StageCx, node: &Node, with_command: bool) -> VertexMeta {
         let text = node.original.trim();
         let mut m = VertexMeta::default()
@@ -497,7 +486,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     fn dispatch(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Node, inst: &Instruction) -> Result<(), LowerError> {
-        let env = Self::env_of(b, cx);
         let history = |b: &mut Built, created_by: String, empty: bool| {
             b.config.history.push(History {
                 created_by,
@@ -508,14 +496,20 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         match inst {
             Instruction::From { .. } => {}
             Instruction::Arg(args) => {
+                // Every value is expanded with the variables as they were before this instruction.
+                let env = StageVars::of(b, cx);
+                let mut values = Vec::with_capacity(args.len());
                 for (k, v) in args {
                     let value = if let Some(v) = self.input.request.build_args.get(k) {
                         Some(v.clone())
                     } else if let Some(v) = v {
                         Some(self.expand(v, &env, node)?)
                     } else {
-                        self.meta_env.iter().rev().find(|(mk, _)| mk == k).map(|(_, v)| v.clone())
+                        Env::get(&self.meta_env, k).map(str::to_string)
                     };
+                    values.push((k, value));
+                }
+                for (k, value) in values {
                     cx.args.retain(|(ak, _)| ak != k);
                     if let Some(v) = value {
                         cx.args.push((k.clone(), v));
@@ -524,28 +518,31 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 history(b, format!("ARG {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
             }
             Instruction::Env(pairs) => {
-                let mut local = env.clone();
-                for (k, v) in pairs {
-                    let value = self.expand(v, &local, node)?;
-                    let key = self.expand(k, &local, node)?;
+                // As in BuildKit, `ENV a=1 b=$a` gives b the value a had before this instruction.
+                let env = StageVars::of(b, cx);
+                let expanded = pairs
+                    .iter()
+                    .map(|(k, v)| Ok((self.expand(k, &env, node)?, self.expand(v, &env, node)?)))
+                    .collect::<Result<Vec<_>, LowerError>>()?;
+                for (key, value) in expanded {
                     b.config.set_env(&key, &value);
-                    local.push((key, value));
                 }
                 history(b, format!("ENV {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
             }
             Instruction::Label(pairs) => {
-                for (k, v) in pairs {
-                    let key = self.expand(k, &env, node)?;
-                    let value = self.expand(v, &env, node)?;
-                    b.config.config.labels.insert(key, value);
-                }
+                let env = StageVars::of(b, cx);
+                let expanded = pairs
+                    .iter()
+                    .map(|(k, v)| Ok((self.expand(k, &env, node)?, self.expand(v, &env, node)?)))
+                    .collect::<Result<Vec<_>, LowerError>>()?;
+                b.config.config.labels.extend(expanded);
                 history(b, format!("LABEL {}", node.original.trim().get(5..).unwrap_or("").trim()), true);
             }
             Instruction::Maintainer(m) => {
                 history(b, format!("MAINTAINER {m}"), true);
             }
             Instruction::Workdir(dir) => {
-                let dir = self.expand(dir, &env, node)?;
+                let dir = self.expand(dir, &StageVars::of(b, cx), node)?;
                 let path = join_path(&b.config.config.working_dir, &dir);
                 b.config.config.working_dir = path.clone();
                 let mkdir = Action::Mkdir(pb::FileActionMkDir {
@@ -560,7 +557,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 history(b, format!("WORKDIR {dir}"), false);
             }
             Instruction::User(u) => {
-                b.config.config.user = self.expand(u, &env, node)?;
+                b.config.config.user = self.expand(u, &StageVars::of(b, cx), node)?;
                 history(b, format!("USER {}", b.config.config.user), true);
             }
             Instruction::Shell(s) => {
@@ -592,7 +589,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             Instruction::Expose(ports) => {
                 for p in ports {
-                    let p = self.expand(p, &env, node)?;
+                    let p = self.expand(p, &StageVars::of(b, cx), node)?;
                     let key = if p.contains('/') {
                         p.to_ascii_lowercase()
                     } else {
@@ -604,7 +601,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             Instruction::Volume(vols) => {
                 for v in vols {
-                    let v = self.expand(v, &env, node)?;
+                    let v = self.expand(v, &StageVars::of(b, cx), node)?;
                     if v.trim().is_empty() {
                         return Err((
                             "empty_volume",
@@ -617,7 +614,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 history(b, format!("VOLUME {vols:?}"), true);
             }
             Instruction::StopSignal(s) => {
-                b.config.config.stop_signal = self.expand(s, &env, node)?;
+                b.config.config.stop_signal = self.expand(s, &StageVars::of(b, cx), node)?;
                 history(b, format!("STOPSIGNAL {}", b.config.config.stop_signal), true);
             }
             Instruction::Healthcheck { args, json, flags } => {
@@ -677,7 +674,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     b,
                     cx,
                     node,
-                    &env,
                     args,
                     *json,
                     mounts,
@@ -686,7 +682,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     heredocs,
                 )?;
             }
-            Instruction::Copy(copy) => self.copy(index, b, cx, node, &env, copy)?,
+            Instruction::Copy(copy) => self.copy(index, b, cx, node, copy)?,
         }
         Ok(())
     }
@@ -772,7 +768,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         b: &mut Built,
         cx: &StageCx,
         node: &Node,
-        env: &[(String, String)],
         args: &[String],
         json: bool,
         mount_specs: &[String],
@@ -780,6 +775,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         security: Option<&str>,
         heredocs: &[crate::parser::Heredoc],
     ) -> Result<(), LowerError> {
+        let env: &dyn Env = &StageVars::of(b, cx);
         let cwd = if b.config.config.working_dir.is_empty() {
             "/".to_string()
         } else {
@@ -902,7 +898,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         index: usize,
         b: &Built,
         node: &Node,
-        env: &[(String, String)],
+        env: &dyn Env,
         spec: &str,
         cwd: &str,
         ssh_count: &mut usize,
@@ -1082,7 +1078,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     /// A scratch filesystem holding one heredoc body as `/<name>` (mode 0644); returns the path and the state.
-    fn heredoc_file(&self, doc: &crate::parser::Heredoc, env: &[(String, String)], node: &Node) -> Result<(String, State), LowerError> {
+    fn heredoc_file(&self, doc: &crate::parser::Heredoc, env: &dyn Env, node: &Node) -> Result<(String, State), LowerError> {
         let content = self.heredoc_content(doc, env, node)?;
         let path = format!("/{}", doc.name);
         let mk = Action::Mkfile(pb::FileActionMkFile {
@@ -1099,7 +1095,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok((path, state))
     }
 
-    fn heredoc_content(&self, doc: &crate::parser::Heredoc, env: &[(String, String)], node: &Node) -> Result<String, LowerError> {
+    fn heredoc_content(&self, doc: &crate::parser::Heredoc, env: &dyn Env, node: &Node) -> Result<String, LowerError> {
         let content = if doc.chomp {
             chomp_heredoc_content(&doc.content)
         } else {
@@ -1111,20 +1107,13 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let mut lex = self.lexer();
         lex.raw_quotes = true;
         lex.skip_process_quotes = true;
-        lex.process_word(&content, &env)
+        lex.process_word(&content, env)
             .map(|p| p.result)
             .map_err(|e| ("expansion", e.0, node.span.clone()))
     }
 
-    fn copy(
-        &mut self,
-        index: usize,
-        b: &mut Built,
-        cx: &StageCx,
-        node: &Node,
-        env: &[(String, String)],
-        c: &CopyInstr,
-    ) -> Result<(), LowerError> {
+    fn copy(&mut self, index: usize, b: &mut Built, cx: &StageCx, node: &Node, c: &CopyInstr) -> Result<(), LowerError> {
+        let env: &dyn Env = &StageVars::of(b, cx);
         let cmd = if c.is_add { "ADD" } else { "COPY" };
         let dest_raw = self.expand(&c.dest, env, node)?;
         let mut dest = join_path(&b.config.config.working_dir, &dest_raw);
@@ -1284,6 +1273,33 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             empty_layer: false,
         });
         Ok(())
+    }
+}
+
+/// The variables an instruction expands with: the image's ENV, then the
+/// stage's declared ARGs (ENV wins), read in place without copying.
+struct StageVars<'x> {
+    env: &'x [String],
+    args: &'x [(String, String)],
+}
+
+impl<'x> StageVars<'x> {
+    fn of(b: &'x Built, cx: &'x StageCx) -> StageVars<'x> {
+        StageVars {
+            env: &b.config.config.env,
+            args: &cx.args,
+        }
+    }
+}
+
+impl Env for StageVars<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        let from_env = self
+            .env
+            .iter()
+            .rev()
+            .find_map(|e| e.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')));
+        from_env.or_else(|| Env::get(self.args, name))
     }
 }
 
