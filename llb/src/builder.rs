@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
-use crate::marshal::{digest_of, marshal_op, Digest};
+use crate::marshal::{digest_of, marshal_op, marshal_op_with_inputs, Digest};
 use crate::pb;
 
 /// Output index meaning "no output" / "empty input".
@@ -27,25 +27,33 @@ pub struct SourceSpan {
     pub end_line: i32,
 }
 
-/// What a vertex carries besides its op.
+/// What a vertex carries besides its op. Kept compact (caps are static
+/// names) and turned into `pb::OpMetadata` only when marshalling.
 #[derive(Clone, Debug, Default)]
 pub struct VertexMeta {
-    /// `OpMetadata` of the vertex.
-    pub metadata: pb::OpMetadata,
+    description: Vec<(&'static str, String)>,
+    caps: Vec<&'static str>,
+    ignore_cache: bool,
     /// Where the vertex came from.
     pub locations: Vec<SourceSpan>,
 }
 
 impl VertexMeta {
     /// Sets a description key (e.g. `llb.customname`).
-    pub fn describe(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.metadata.description.insert(key.to_string(), value.into());
+    pub fn describe(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        let value = value.into();
+        match self.description.iter_mut().find(|(k, _)| *k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.description.push((key, value)),
+        }
         self
     }
 
     /// Adds a solver capability.
-    pub fn cap(mut self, cap: &str) -> Self {
-        self.metadata.caps.insert(cap.to_string(), true);
+    pub fn cap(mut self, cap: &'static str) -> Self {
+        if !self.caps.contains(&cap) {
+            self.caps.push(cap);
+        }
         self
     }
 
@@ -57,8 +65,18 @@ impl VertexMeta {
 
     /// Marks the vertex as never cached.
     pub fn ignore_cache(mut self, ignore: bool) -> Self {
-        self.metadata.ignore_cache = ignore;
+        self.ignore_cache = ignore;
         self
+    }
+
+    /// The `OpMetadata` this describes.
+    pub fn to_metadata(&self) -> pb::OpMetadata {
+        pb::OpMetadata {
+            ignore_cache: self.ignore_cache,
+            description: self.description.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            caps: self.caps.iter().map(|c| (c.to_string(), true)).collect(),
+            ..Default::default()
+        }
     }
 }
 
@@ -565,27 +583,30 @@ impl Marshaller {
         if let Some(d) = self.memo.get(&key) {
             return d.clone();
         }
-        let mut op = vertex.op.clone();
-        if let (Some(late), Some(pb::op::Op::Source(source))) = (vertex.late_attrs.as_ref().and_then(|l| l.get()), op.op.as_mut()) {
-            source.attrs.extend(late.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-        op.inputs = vertex
+        let inputs: Vec<pb::Input> = vertex
             .inputs
             .iter()
-            .map(|i| pb::Input {
-                digest: self.visit(&i.vertex).to_string(),
-                index: i.index,
-            })
+            .map(|i| pb::Input { digest: self.visit(&i.vertex).to_string(), index: i.index })
             .collect();
-        let bytes = marshal_op(&op);
+        let late = vertex.late_attrs.as_ref().and_then(|l| l.get()).filter(|l| !l.is_empty());
+        let bytes = match (late, &vertex.op.op) {
+            (Some(late), Some(pb::op::Op::Source(source))) => {
+                // Only a source with late attributes is copied, to add them.
+                let mut source = source.clone();
+                source.attrs.extend(late.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let op = pb::Op { op: Some(pb::op::Op::Source(source)), ..vertex.op.clone() };
+                marshal_op_with_inputs(&op, &inputs)
+            }
+            _ => marshal_op_with_inputs(&vertex.op, &inputs),
+        };
         let digest = digest_of(&bytes);
         self.memo.insert(key, digest.clone());
-        let md = &vertex.meta.metadata;
-        self.any_description |= !md.description.is_empty();
-        self.any_ignore_cache |= md.ignore_cache;
+        let meta = &vertex.meta;
+        self.any_description |= !meta.description.is_empty();
+        self.any_ignore_cache |= meta.ignore_cache;
         if !self.metadata.contains_key(digest.as_str()) {
             self.defs.push(bytes);
-            self.metadata.insert(digest.to_string(), md.clone());
+            self.metadata.insert(digest.to_string(), meta.to_metadata());
         }
         if !vertex.meta.locations.is_empty() {
             let entry = self.locations.entry(digest.to_string()).or_default();

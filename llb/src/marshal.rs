@@ -45,9 +45,15 @@ pub fn digest_of(bytes: &[u8]) -> Digest {
 /// Go's protobuf runtime writes a message's ordinary fields in tag order and
 /// its oneof last, so an Op is `inputs, platform, constraints, op`.
 pub fn marshal_op(op: &pb::Op) -> Vec<u8> {
+    marshal_op_with_inputs(op, &op.inputs)
+}
+
+/// Marshals `op` as if its `inputs` were `inputs` (the op's own are ignored),
+/// so a graph builder need not copy an op to fill in its input digests.
+pub fn marshal_op_with_inputs(op: &pb::Op, inputs: &[pb::Input]) -> Vec<u8> {
     use pb::op::Op as O;
     let mut buf = Vec::with_capacity(256);
-    for input in &op.inputs {
+    for input in inputs {
         prost::encoding::message::encode(1, input, &mut buf);
     }
     if let Some(platform) = &op.platform {
@@ -71,6 +77,8 @@ pub fn marshal_op(op: &pb::Op) -> Vec<u8> {
         Some(O::Passthrough(v)) => prost::encoding::message::encode(8, v, &mut buf),
         None => {}
     }
+    // Definitions keep these bytes; do not keep the growth slack too.
+    buf.shrink_to_fit();
     buf
 }
 

@@ -175,8 +175,18 @@ impl Node {
     }
 }
 
+/// How the grammar classified a physical line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineKind {
+    Comment,
+    Blank,
+    /// Ends with the escape character: the instruction goes on.
+    Continued,
+    Plain,
+}
+
 struct PhysLine<'a> {
-    rule: Rule,
+    kind: LineKind,
     /// The line without its end-of-line characters.
     text: &'a str,
     /// For a continued line, the text before the escape character.
@@ -206,8 +216,8 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
     let mut i = 0;
     while i < lines.len() {
         let first = &lines[i];
-        match first.rule {
-            Rule::comment_line => {
+        match first.kind {
+            LineKind::Comment => {
                 if first.number > directive_lines {
                     let c = first.text.trim_start().trim_start_matches('#').trim();
                     if c.is_empty() {
@@ -219,14 +229,14 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                 i += 1;
                 continue;
             }
-            Rule::blank_line => {
+            LineKind::Blank => {
                 i += 1;
                 continue;
             }
             _ => {}
         }
         let mut builder = LineBuilder::default();
-        let continued = first.rule == Rule::continued_line;
+        let continued = first.kind == LineKind::Continued;
         let body = if continued { first.continued_text } else { first.text };
         let trimmed = body.trim_start();
         builder.push(trimmed, first.start + (body.len() - trimmed.len()));
@@ -240,13 +250,13 @@ pub fn parse(source: &str) -> (Ast, Vec<ParseError>) {
                 let l = &lines[j];
                 last = j;
                 j += 1;
-                match l.rule {
-                    Rule::comment_line => continue,
-                    Rule::blank_line => {
+                match l.kind {
+                    LineKind::Comment => continue,
+                    LineKind::Blank => {
                         empty_continuation = true;
                         continue;
                     }
-                    Rule::continued_line => builder.push(l.continued_text, l.start),
+                    LineKind::Continued => builder.push(l.continued_text, l.start),
                     _ => {
                         builder.push(l.text, l.start);
                         break;
@@ -406,17 +416,20 @@ fn physical_lines(text: &str, escape: char, offset: usize) -> Vec<PhysLine<'_>> 
         } else if text[end..].starts_with('\n') {
             raw_end += 1;
         }
-        let rule = pair.as_rule();
-        let continued_text = if rule == Rule::continued_line {
-            pair.into_inner()
-                .find(|p| p.as_rule() == Rule::continued_text)
-                .map(|p| &text[p.as_span().start() - 1..p.as_span().end() - 1])
-                .unwrap_or("")
-        } else {
-            ""
+        let (kind, continued_text) = match pair.as_rule() {
+            Rule::comment_line => (LineKind::Comment, ""),
+            Rule::blank_line => (LineKind::Blank, ""),
+            _ => {
+                let mut inner = pair.into_inner();
+                let head = inner.next().map(|p| &text[p.as_span().start() - 1..p.as_span().end() - 1]).unwrap_or("");
+                match inner.next().map(|p| p.as_rule()) {
+                    Some(Rule::continuation) => (LineKind::Continued, head),
+                    _ => (LineKind::Plain, ""),
+                }
+            }
         };
         out.push(PhysLine {
-            rule,
+            kind,
             text: line_text,
             continued_text,
             raw: &text[start..raw_end],
