@@ -56,7 +56,7 @@ pub fn render(diag: &Diagnostic, source: &str, color: bool) -> String {
     } else {
         GraphicalTheme::unicode_nocolor()
     };
-    let handler = GraphicalReportHandler::new_themed(theme).with_width(100);
+    let handler = GraphicalReportHandler::new_themed(theme).with_width(100).with_wrap_lines(false);
     // miette prints `[file:line:column]` above the snippet.
     let report = Report {
         diag,

@@ -1,12 +1,13 @@
 //! The CLI's frontend host: resolves base image configs from `--build-context`
-//! OCI layouts and from kiln's image store.
+//! OCI layouts, then kiln's image store, then the image's registry.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln_frontend::reference::Reference;
 use kiln_frontend::{Host, HostError, Platform, ResolvedImage};
-use kiln_oci::Layout;
+use kiln_oci::{Credentials, Layout, RegistryClient};
+use std::sync::OnceLock;
 
 /// kiln's state root: `--root`, else `$KILN_ROOT`, else `$XDG_DATA_HOME/kiln` or `~/.local/share/kiln`.
 pub fn state_root(flag: Option<&Path>) -> PathBuf {
@@ -29,6 +30,9 @@ pub fn state_root(flag: Option<&Path>) -> PathBuf {
 pub struct CliHost {
     contexts: BTreeMap<String, (PathBuf, Option<String>)>,
     store: PathBuf,
+    registry: RegistryClient,
+    /// Started on the first registry lookup only.
+    runtime: OnceLock<Result<tokio::runtime::Runtime, String>>,
 }
 
 impl CliHost {
@@ -51,6 +55,8 @@ impl CliHost {
         Ok(CliHost {
             contexts,
             store: root.join("store"),
+            registry: RegistryClient::new(Credentials::from_docker_config()),
+            runtime: OnceLock::new(),
         })
     }
 }
@@ -83,11 +89,29 @@ impl Host for CliHost {
             },
             Err(_) => format!("kiln's image store {} is empty", self.store.display()),
         };
-        Err(HostError {
-            message: format!(
-                "not found: no --build-context names it, {store_error}, and registry lookups are not implemented yet \
-                 (pass --build-context {reference}=oci-layout:///PATH[:TAG], or --no-resolve to compile without base image configs)"
-            ),
-        })
+        let runtime = self.runtime.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        let runtime = runtime.as_ref().map_err(|e| HostError {
+            message: format!("cannot start the registry client: {e}"),
+        })?;
+        match runtime.block_on(self.registry.resolve(reference, platform)) {
+            Ok(found) => {
+                let name = reference.split('@').next().unwrap_or(reference);
+                Ok(Some(ResolvedImage {
+                    reference: format!("{name}@{}", found.manifest_digest),
+                    config: found.config,
+                }))
+            }
+            Err(e) => Err(HostError {
+                message: format!(
+                    "not found: no --build-context names it, {store_error}, and the registry lookup failed: {e} \
+                     (pass --build-context {reference}=oci-layout:///PATH[:TAG], or --no-resolve to compile without base image configs)"
+                ),
+            }),
+        }
     }
 }

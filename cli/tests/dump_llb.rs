@@ -1,24 +1,9 @@
 //! `kiln dump-llb` end to end: formats, reading LLB back, OCI layout
 //! resolution, exit codes and rendered diagnostics.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn kiln(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .current_dir(dir)
-        .env("KILN_ROOT", dir.join("root"))
-        .output()
-        .expect("kiln runs")
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
+use common::{config_json, kiln, scratch_dir, write_layout, FixtureImage};
 
 const DOCKERFILE: &str = "FROM alpine AS build\nRUN make\nCOPY src/ /src/\nFROM scratch\nCOPY --from=build /out /\n";
 
@@ -78,43 +63,29 @@ fn errors_render_with_file_line_column_and_caret() {
 #[test]
 fn unresolvable_base_image_names_the_image_and_why() {
     let dir = scratch_dir("unresolved");
-    std::fs::write(dir.join("Dockerfile"), "FROM example.org/nope:1\n").expect("write");
+    // A loopback port nothing listens on: the registry lookup fails at once.
+    std::fs::write(dir.join("Dockerfile"), "FROM 127.0.0.1:9/nope:1\n").expect("write");
     let out = kiln(&["dump-llb", "."], &dir);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("example.org/nope:1"), "{err}");
+    assert!(err.contains("127.0.0.1:9/nope:1"), "{err}");
+    assert!(err.contains("registry lookup failed"), "{err}");
     assert!(err.contains("--no-resolve"), "{err}");
-}
-
-/// Writes a minimal OCI layout with one image whose config sets PATH, WORKDIR and an ONBUILD trigger.
-fn write_layout(dir: &Path) -> String {
-    use sha2::{Digest, Sha256};
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).expect("blobs");
-    let put = |bytes: &[u8]| {
-        let hex = hex::encode(Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes).expect("blob");
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let config = br#"{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/opt/bin:/bin"],"WorkingDir":"/work","OnBuild":["RUN echo triggered"]},"rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let (cdig, clen) = put(config);
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cdig}","size":{clen}}},"layers":[]}}"#
-    );
-    let (mdig, mlen) = put(manifest.as_bytes());
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{mdig}","size":{mlen},"annotations":{{"org.opencontainers.image.ref.name":"v1"}}}}]}}"#
-    );
-    std::fs::write(dir.join("index.json"), index).expect("index");
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
-    mdig
 }
 
 #[test]
 fn base_image_config_comes_from_an_oci_layout_build_context() {
     let dir = scratch_dir("layout");
     let layout = dir.join("layout");
-    let digest = write_layout(&layout);
+    let config = config_json("amd64", &["PATH=/opt/bin:/bin"], "/work", &["RUN echo triggered"]);
+    let digest = write_layout(
+        &layout,
+        "v1",
+        &[FixtureImage {
+            platform: ("linux", "amd64"),
+            config,
+        }],
+    );
     std::fs::write(dir.join("Dockerfile"), "FROM base\nRUN make\n").expect("write");
     let ctx = format!("base=oci-layout://{}:v1", layout.display());
     let out = kiln(&["dump-llb", "--build-context", &ctx, "."], &dir);

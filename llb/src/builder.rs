@@ -586,7 +586,10 @@ impl Marshaller {
         let inputs: Vec<pb::Input> = vertex
             .inputs
             .iter()
-            .map(|i| pb::Input { digest: self.visit(&i.vertex).to_string(), index: i.index })
+            .map(|i| pb::Input {
+                digest: self.visit(&i.vertex).to_string(),
+                index: i.index,
+            })
             .collect();
         let late = vertex.late_attrs.as_ref().and_then(|l| l.get()).filter(|l| !l.is_empty());
         let bytes = match (late, &vertex.op.op) {
@@ -594,7 +597,10 @@ impl Marshaller {
                 // Only a source with late attributes is copied, to add them.
                 let mut source = source.clone();
                 source.attrs.extend(late.iter().map(|(k, v)| (k.clone(), v.clone())));
-                let op = pb::Op { op: Some(pb::op::Op::Source(source)), ..vertex.op.clone() };
+                let op = pb::Op {
+                    op: Some(pb::op::Op::Source(source)),
+                    ..vertex.op.clone()
+                };
                 marshal_op_with_inputs(&op, &inputs)
             }
             _ => marshal_op_with_inputs(&vertex.op, &inputs),

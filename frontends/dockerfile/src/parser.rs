@@ -421,7 +421,10 @@ fn physical_lines(text: &str, escape: char, offset: usize) -> Vec<PhysLine<'_>> 
             Rule::blank_line => (LineKind::Blank, ""),
             _ => {
                 let mut inner = pair.into_inner();
-                let head = inner.next().map(|p| &text[p.as_span().start() - 1..p.as_span().end() - 1]).unwrap_or("");
+                let head = inner
+                    .next()
+                    .map(|p| &text[p.as_span().start() - 1..p.as_span().end() - 1])
+                    .unwrap_or("");
                 match inner.next().map(|p| p.as_rule()) {
                     Some(Rule::continuation) => (LineKind::Continued, head),
                     _ => (LineKind::Plain, ""),

@@ -1,0 +1,287 @@
+//! Resolving image configs from an OCI distribution registry.
+//!
+//! Anonymous and token auth (the registry's `WWW-Authenticate` challenge is
+//! answered by the client), credentials from `~/.docker/config.json`, plain
+//! HTTP for loopback registries as Docker allows. The tag is pinned to the
+//! digest of what it points to (an index or a manifest, as BuildKit pins), and
+//! the platform's manifest and config are fetched by digest and verified.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kiln_frontend::{ImageConfig, Platform};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::layout::ResolvedConfig;
+
+/// Why a registry lookup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The reference does not parse.
+    #[error("invalid reference {0:?}: {1}")]
+    Reference(String, String),
+    /// The registry answered with an error or could not be reached.
+    #[error("{registry}: {message}")]
+    Fetch {
+        /// Registry host.
+        registry: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A document is not what it should be.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Media types of manifests and indexes kiln reads.
+const MANIFEST_TYPES: &[&str] = &[
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+];
+
+/// Registry credentials, from Docker's `config.json`.
+#[derive(Debug, Default, Clone)]
+pub struct Credentials {
+    auths: BTreeMap<String, (String, String)>,
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    #[serde(default)]
+    auth: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    password: String,
+}
+
+impl Credentials {
+    /// Reads `config.json` from `$DOCKER_CONFIG` or `~/.docker`; none is no credentials.
+    pub fn from_docker_config() -> Credentials {
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".docker")));
+        match dir.and_then(|d| std::fs::read(d.join("config.json")).ok()) {
+            Some(bytes) => Credentials::parse(&bytes),
+            None => Credentials::default(),
+        }
+    }
+
+    /// Parses Docker's `config.json` (the `auths` section; credential helpers are not run).
+    pub fn parse(bytes: &[u8]) -> Credentials {
+        use base64::Engine as _;
+        let Ok(config) = serde_json::from_slice::<DockerConfig>(bytes) else {
+            return Credentials::default();
+        };
+        let mut auths = BTreeMap::new();
+        for (key, entry) in config.auths {
+            let (user, pass) = if !entry.auth.is_empty() {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(entry.auth.trim())
+                    .unwrap_or_default();
+                let text = String::from_utf8_lossy(&decoded).into_owned();
+                match text.split_once(':') {
+                    Some((u, p)) => (u.to_string(), p.to_string()),
+                    None => continue,
+                }
+            } else if !entry.username.is_empty() {
+                (entry.username, entry.password)
+            } else {
+                continue;
+            };
+            auths.insert(registry_key(&key), (user, pass));
+        }
+        Credentials { auths }
+    }
+
+    /// The auth to use for a registry host.
+    pub fn for_registry(&self, registry: &str) -> RegistryAuth {
+        match self.auths.get(&registry_key(registry)) {
+            Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+}
+
+/// Normalizes a `config.json` key or registry host (`https://index.docker.io/v1/` → `docker.io`).
+fn registry_key(key: &str) -> String {
+    let host = key.trim_start_matches("https://").trim_start_matches("http://");
+    let host = host.split('/').next().unwrap_or(host);
+    match host {
+        "index.docker.io" | "registry-1.docker.io" | "docker.io" => "docker.io".to_string(),
+        h => h.to_string(),
+    }
+}
+
+/// Whether a registry host is on this machine (plain HTTP allowed, as Docker does).
+pub fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(rest),
+        None => registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry),
+    };
+    host == "localhost" || host.starts_with("127.") || host == "::1"
+}
+
+/// A registry client for image config resolution.
+pub struct RegistryClient {
+    credentials: Credentials,
+}
+
+#[derive(Deserialize)]
+struct IndexDoc {
+    #[serde(default)]
+    manifests: Vec<IndexEntry>,
+    #[serde(default)]
+    config: Option<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct IndexEntry {
+    digest: String,
+    #[serde(default)]
+    platform: Option<EntryPlatform>,
+}
+
+#[derive(Deserialize)]
+struct EntryPlatform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: String,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+}
+
+impl RegistryClient {
+    /// A client using the given credentials.
+    pub fn new(credentials: Credentials) -> RegistryClient {
+        RegistryClient { credentials }
+    }
+
+    fn client_for(&self, registry: &str) -> Client {
+        let protocol = if is_loopback(registry) {
+            ClientProtocol::HttpsExcept(vec![registry.to_string()])
+        } else {
+            ClientProtocol::Https
+        };
+        Client::new(ClientConfig {
+            protocol,
+            platform_resolver: None,
+            ..Default::default()
+        })
+    }
+
+    /// Resolves `reference` (normalized, e.g. `docker.io/library/alpine:3.20`)
+    /// to the digest that pins it and the config of its `platform` image.
+    pub async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedConfig, RegistryError> {
+        let parsed: Reference = reference
+            .parse()
+            .map_err(|e: oci_client::ParseError| RegistryError::Reference(reference.to_string(), e.to_string()))?;
+        let registry = parsed.registry().to_string();
+        let client = self.client_for(&registry);
+        let auth = self.credentials.for_registry(&registry);
+        let fetch = |e: oci_client::errors::OciDistributionError| RegistryError::Fetch {
+            registry: registry.clone(),
+            message: e.to_string(),
+        };
+        let (top, top_digest) = client.pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES).await.map_err(fetch)?;
+        verify(&top, &top_digest)?;
+        if let Some(wanted) = parsed.digest() {
+            if wanted != top_digest {
+                return Err(RegistryError::Invalid(format!("{reference}: registry returned {top_digest}")));
+            }
+        }
+        let doc: IndexDoc = serde_json::from_slice(&top).map_err(|e| RegistryError::Invalid(format!("{reference}: bad manifest: {e}")))?;
+        let manifest = if doc.config.is_some() {
+            doc
+        } else {
+            let entry = doc
+                .manifests
+                .iter()
+                .find(|m| m.platform.as_ref().is_some_and(|p| platform_matches(p, platform)))
+                .ok_or_else(|| {
+                    let available: Vec<String> = doc
+                        .manifests
+                        .iter()
+                        .filter_map(|m| m.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture)))
+                        .collect();
+                    RegistryError::Invalid(format!(
+                        "{reference} has no image for {} (it has: {})",
+                        platform.to_string_form(),
+                        available.join(", ")
+                    ))
+                })?;
+            let child = Reference::with_digest(registry.clone(), parsed.repository().to_string(), entry.digest.clone());
+            let (bytes, digest) = client.pull_manifest_raw(&child, &auth, MANIFEST_TYPES).await.map_err(fetch)?;
+            verify(&bytes, &digest)?;
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("{reference}: bad manifest {digest}: {e}")))?
+        };
+        let config_digest = manifest
+            .config
+            .map(|c| c.digest)
+            .ok_or_else(|| RegistryError::Invalid(format!("{reference}: manifest has no config")))?;
+        let mut config_bytes: Vec<u8> = Vec::new();
+        client
+            .pull_blob(&parsed, config_digest.as_str(), &mut config_bytes)
+            .await
+            .map_err(fetch)?;
+        verify(&config_bytes, &config_digest)?;
+        let config: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::Invalid(format!("{reference}: bad image config: {e}")))?;
+        Ok(ResolvedConfig {
+            manifest_digest: top_digest,
+            config,
+        })
+    }
+}
+
+fn platform_matches(p: &EntryPlatform, want: &Platform) -> bool {
+    p.os == want.os && p.architecture == want.architecture && (want.variant.is_empty() || p.variant == want.variant)
+}
+
+/// Checks bytes against a `sha256:` digest.
+fn verify(bytes: &[u8], digest: &str) -> Result<(), RegistryError> {
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    if digest.starts_with("sha256:") && actual != digest {
+        return Err(RegistryError::Invalid(format!("content has digest {actual}, expected {digest}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_config_auths_are_read() {
+        let cfg = br#"{"auths":{"https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},"127.0.0.1:5000":{"username":"a","password":"b"}}}"#;
+        let c = Credentials::parse(cfg);
+        assert!(matches!(c.for_registry("docker.io"), RegistryAuth::Basic(u, p) if u == "user" && p == "pass"));
+        assert!(matches!(c.for_registry("127.0.0.1:5000"), RegistryAuth::Basic(u, _) if u == "a"));
+        assert!(matches!(c.for_registry("ghcr.io"), RegistryAuth::Anonymous));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost:5000"));
+        assert!(is_loopback("[::1]:5000"));
+        assert!(!is_loopback("docker.io"));
+        assert!(!is_loopback("registry.example.com:5000"));
+    }
+}
