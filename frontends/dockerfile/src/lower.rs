@@ -1294,11 +1294,14 @@ impl<'x> StageVars<'x> {
 
 impl Env for StageVars<'_> {
     fn get(&self, name: &str) -> Option<&str> {
+        // Check the byte after the name first: it rules out almost every entry without comparing names.
+        let n = name.len();
         let from_env = self
             .env
             .iter()
             .rev()
-            .find_map(|e| e.strip_prefix(name).and_then(|rest| rest.strip_prefix('=')));
+            .find(|e| e.as_bytes().get(n) == Some(&b'=') && e.starts_with(name))
+            .map(|e| &e[n + 1..]);
         from_env.or_else(|| Env::get(self.args, name))
     }
 }

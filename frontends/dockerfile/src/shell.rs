@@ -91,6 +91,19 @@ impl Lexer {
     }
 
     fn process(&self, word: &str, env: &dyn Env) -> Result<Processed, LexError> {
+        // Most words have nothing to expand, unquote or unescape: they come back
+        // as they are, split on whitespace, exactly as the scanner would.
+        if !word.contains(|c: char| matches!(c, '$' | '\'' | '"' | '<') || c == self.escape) {
+            return Ok(Processed {
+                result: word.to_string(),
+                words: word
+                    .split(char::is_whitespace)
+                    .filter(|w| !w.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                unmatched: Vec::new(),
+            });
+        }
         let mut sw = Scanner {
             lex: *self,
             chars: word.chars().collect(),
