@@ -93,7 +93,7 @@ impl Lexer {
     fn process(&self, word: &str, env: &dyn Env) -> Result<Processed, LexError> {
         // Most words have nothing to expand, unquote or unescape: they come back
         // as they are, split on whitespace, exactly as the scanner would.
-        if !word.contains(|c: char| matches!(c, '$' | '\'' | '"' | '<') || c == self.escape) {
+        if !word.contains(['$', '\'', '"', '<', self.escape]) {
             return Ok(Processed {
                 result: word.to_string(),
                 words: word
