@@ -34,6 +34,7 @@ pub struct VertexMeta {
     description: Vec<(&'static str, String)>,
     caps: Vec<&'static str>,
     ignore_cache: bool,
+    progress_group: Option<pb::ProgressGroup>,
     /// Where the vertex came from.
     pub locations: Vec<SourceSpan>,
 }
@@ -63,6 +64,16 @@ impl VertexMeta {
         self
     }
 
+    /// Shows the vertex in a progress group (`weak`: only while it has no other vertex).
+    pub fn progress_group(mut self, id: impl Into<String>, name: impl Into<String>, weak: bool) -> Self {
+        self.progress_group = Some(pb::ProgressGroup {
+            id: id.into(),
+            name: name.into(),
+            weak,
+        });
+        self
+    }
+
     /// Marks the vertex as never cached.
     pub fn ignore_cache(mut self, ignore: bool) -> Self {
         self.ignore_cache = ignore;
@@ -75,6 +86,7 @@ impl VertexMeta {
             ignore_cache: self.ignore_cache,
             description: self.description.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             caps: self.caps.iter().map(|c| (c.to_string(), true)).collect(),
+            progress_group: self.progress_group.clone(),
             ..Default::default()
         }
     }
@@ -610,9 +622,14 @@ impl Marshaller {
         let meta = &vertex.meta;
         self.any_description |= !meta.description.is_empty();
         self.any_ignore_cache |= meta.ignore_cache;
-        if !self.metadata.contains_key(digest.as_str()) {
-            self.defs.push(bytes);
-            self.metadata.insert(digest.to_string(), meta.to_metadata());
+        // Vertices with the same digest are one op; their metadata is merged, later
+        // descriptions winning and capabilities adding up, as BuildKit merges it.
+        match self.metadata.get_mut(digest.as_str()) {
+            Some(existing) => merge_metadata(existing, meta.to_metadata()),
+            None => {
+                self.defs.push(bytes);
+                self.metadata.insert(digest.to_string(), meta.to_metadata());
+            }
         }
         if !vertex.meta.locations.is_empty() {
             let entry = self.locations.entry(digest.to_string()).or_default();
@@ -637,6 +654,21 @@ impl Marshaller {
             }
         }
         digest
+    }
+}
+
+fn merge_metadata(into: &mut pb::OpMetadata, from: pb::OpMetadata) {
+    into.ignore_cache |= from.ignore_cache;
+    into.description.extend(from.description);
+    into.caps.extend(from.caps);
+    if from.export_cache.is_some() {
+        into.export_cache = from.export_cache;
+    }
+    if from.progress_group.is_some() {
+        into.progress_group = from.progress_group;
+    }
+    if from.linux_resources.is_some() {
+        into.linux_resources = from.linux_resources;
     }
 }
 

@@ -67,8 +67,8 @@ pub struct Lowered {
 struct Built {
     state: State,
     config: ImageConfig,
-    /// Declared ARGs (name, value) visible to stages built from this one.
-    args: Vec<(String, String)>,
+    /// The build state's environment (ENV and ARG values), inherited by stages built from this one.
+    env: EnvList,
     platform: Platform,
 }
 
@@ -85,7 +85,7 @@ pub fn lower(input: &LowerInput<'_>) -> Result<Lowered, Vec<LowerError>> {
             Built {
                 state: State::scratch(),
                 config: ImageConfig::default(),
-                args: Vec::new(),
+                env: EnvList::default(),
                 platform: Platform::default(),
             }
         }
@@ -175,14 +175,6 @@ pub fn clean_path(p: &str) -> String {
         (true, _) => format!("/{joined}"),
         (false, true) => ".".into(),
         (false, false) => joined,
-    }
-}
-
-fn join_path(base: &str, p: &str) -> String {
-    if p.starts_with('/') {
-        clean_path(p)
-    } else {
-        clean_path(&format!("{}/{}", if base.is_empty() { "/" } else { base }, p))
     }
 }
 
@@ -358,8 +350,12 @@ impl<'a, 'b> Lowerer<'a, 'b> {
 
     fn lower_stage(&mut self, index: usize) -> Result<Built, LowerError> {
         let def = &self.input.stages[index];
-        let stage_name = def.name.clone().unwrap_or_else(|| format!("stage-{index}"));
-        let total = def.instructions.len() + 1;
+        // BuildKit leaves the name out of progress names when there is only one stage.
+        let stage_name = match &def.name {
+            _ if self.input.stages.len() == 1 => String::new(),
+            Some(n) => n.clone(),
+            None => format!("stage-{index}"),
+        };
         let image = self.expand(&def.image, &self.meta_env, def.from)?;
         if image.is_empty() {
             return Err((
@@ -385,6 +381,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let base_stage = self.input.stages[..index]
             .iter()
             .position(|s| s.name.as_deref() == Some(image_lower.as_str()));
+        let from_image = base_stage.is_none() && image_lower != "scratch";
+        let mut cx = StageCx {
+            name: stage_name,
+            total: vertex_commands(def.instructions.iter().map(|(_, i)| i)) + usize::from(from_image),
+            index: 0,
+            onbuild: false,
+            cmd_set: false,
+        };
         let mut b = if let Some(base) = base_stage {
             let mut b = self.stage(base)?;
             b.platform = platform.clone();
@@ -393,17 +397,24 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             Built {
                 state: State::scratch(),
                 config: ImageConfig::default(),
-                args: Vec::new(),
+                env: EnvList::default(),
                 platform: platform.clone(),
             }
         } else {
-            self.base_image(&image, &platform, def, &stage_name, total, &from_text)?
+            self.base_image(&image, &platform, def, &mut cx, &from_text)?
         };
         b.config.architecture = platform.architecture.clone();
         b.config.os = platform.os.clone();
         b.config.variant = platform.variant.clone();
-        if b.config.env("PATH").is_none() && platform.os == "linux" {
-            b.config.config.env.insert(0, format!("PATH={DEFAULT_PATH}"));
+        // Like BuildKit: PATH is always set (last, if the image lacks it), and the
+        // image's environment is applied over the build state's, also when the base
+        // is another stage (which moves those keys after the stage's ARGs).
+        if b.config.env("PATH").is_none() && platform.os != "windows" {
+            b.config.config.env.push(format!("PATH={DEFAULT_PATH}"));
+        }
+        for e in &b.config.config.env {
+            let (k, v) = e.split_once('=').unwrap_or((e.as_str(), ""));
+            b.env.set(k, v);
         }
         // ONBUILD triggers of the base image run first.
         let triggers = std::mem::take(&mut b.config.config.on_build);
@@ -423,13 +434,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 trigger_nodes.push((node, inst));
             }
         }
-        let mut cx = StageCx {
-            name: stage_name,
-            total,
-            step: 1,
-            args: b.args.clone(),
-            cmd_set: false,
-        };
+        cx.total += vertex_commands(trigger_nodes.iter().map(|(_, i)| i));
+        cx.onbuild = true;
         for (node, inst) in &trigger_nodes {
             let mut located = node.clone();
             located.span = def.from.span.clone();
@@ -437,14 +443,13 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             located.end_line = def.from.end_line;
             self.dispatch(index, &mut b, &mut cx, &located, inst)?;
         }
+        cx.onbuild = false;
         for (node, inst) in &def.instructions {
-            cx.step += 1;
             // Report the error and go on, so one run shows every broken instruction.
             if let Err(e) = self.dispatch(index, &mut b, &mut cx, node, inst) {
                 self.errors.push(e);
             }
         }
-        b.args = cx.args;
         Ok(b)
     }
 
@@ -453,36 +458,45 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         image: &str,
         platform: &Platform,
         def: &StageDef<'_>,
-        stage_name: &str,
-        total: usize,
+        cx: &mut StageCx,
         from_text: &str,
     ) -> Result<Built, LowerError> {
         let (pinned, _) = self.resolve_image(image, platform, def.from)?;
         let meta = VertexMeta::default()
             .describe("com.docker.dockerfile.v1.command", from_text)
-            .describe("llb.customname", format!("[{stage_name} 1/{total}] FROM {pinned}"))
+            .describe("llb.customname", cx.prefix(&format!("FROM {pinned}")))
             .at(span_of(def.from));
         let (state, config) = self.image_state(image, platform, def.from, meta)?;
         Ok(Built {
             state,
             config,
-            args: Vec::new(),
+            env: EnvList::default(),
             platform: platform.clone(),
         })
     }
 
-    fn meta(&self, cx: &StageCx, node: &Node, with_command: bool) -> VertexMeta {
-        let text = node.original.trim();
-        let mut m = VertexMeta::default()
-            .describe(
-                "llb.customname",
-                format!("[{} {}/{}] {}", cx.name, cx.step, cx.total, display_command(node)),
-            )
-            .at(span_of(node));
+    /// Metadata of an instruction's vertex: its progress name and source location,
+    /// and the instruction text when BuildKit records it (FROM, RUN).
+    fn meta(node: &Node, customname: String, with_command: bool) -> VertexMeta {
+        let mut m = VertexMeta::default().describe("llb.customname", customname).at(span_of(node));
         if with_command {
-            m = m.describe("com.docker.dockerfile.v1.command", text);
+            m = m.describe("com.docker.dockerfile.v1.command", node.original.trim());
         }
         m
+    }
+
+    /// The instruction as BuildKit shows it: variables from ENV expanded
+    /// (`raw`: quotes kept and unset variables left as written, as for RUN),
+    /// keyword upper-cased.
+    fn display_text(&self, node: &Node, b: &Built, raw: bool) -> String {
+        let mut lex = self.lexer();
+        lex.raw_quotes = raw;
+        lex.skip_unset_env = raw;
+        let text = lex
+            .process_word(node.original.trim(), &b.env)
+            .map(|p| p.result)
+            .unwrap_or_else(|_| node.original.trim().to_string());
+        uppercase_cmd(&text)
     }
 
     fn dispatch(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Node, inst: &Instruction) -> Result<(), LowerError> {
@@ -497,43 +511,43 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             Instruction::From { .. } => {}
             Instruction::Arg(args) => {
                 // Every value is expanded with the variables as they were before this instruction.
-                let env = StageVars::of(b, cx);
+                let env: &dyn Env = &b.env;
                 let mut values = Vec::with_capacity(args.len());
                 for (k, v) in args {
                     let value = if let Some(v) = self.input.request.build_args.get(k) {
                         Some(v.clone())
                     } else if let Some(v) = v {
-                        Some(self.expand(v, &env, node)?)
+                        Some(self.expand(v, env, node)?)
                     } else {
                         Env::get(&self.meta_env, k).map(str::to_string)
                     };
                     values.push((k, value));
                 }
                 for (k, value) in values {
-                    cx.args.retain(|(ak, _)| ak != k);
                     if let Some(v) = value {
-                        cx.args.push((k.clone(), v));
+                        b.env.set(k, &v);
                     }
                 }
                 history(b, format!("ARG {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
             }
             Instruction::Env(pairs) => {
                 // As in BuildKit, `ENV a=1 b=$a` gives b the value a had before this instruction.
-                let env = StageVars::of(b, cx);
+                let env: &dyn Env = &b.env;
                 let expanded = pairs
                     .iter()
-                    .map(|(k, v)| Ok((self.expand(k, &env, node)?, self.expand(v, &env, node)?)))
+                    .map(|(k, v)| Ok((self.expand(k, env, node)?, self.expand(v, env, node)?)))
                     .collect::<Result<Vec<_>, LowerError>>()?;
                 for (key, value) in expanded {
                     b.config.set_env(&key, &value);
+                    b.env.set(&key, &value);
                 }
                 history(b, format!("ENV {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
             }
             Instruction::Label(pairs) => {
-                let env = StageVars::of(b, cx);
+                let env: &dyn Env = &b.env;
                 let expanded = pairs
                     .iter()
-                    .map(|(k, v)| Ok((self.expand(k, &env, node)?, self.expand(v, &env, node)?)))
+                    .map(|(k, v)| Ok((self.expand(k, env, node)?, self.expand(v, env, node)?)))
                     .collect::<Result<Vec<_>, LowerError>>()?;
                 b.config.config.labels.extend(expanded);
                 history(b, format!("LABEL {}", node.original.trim().get(5..).unwrap_or("").trim()), true);
@@ -542,22 +556,28 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 history(b, format!("MAINTAINER {m}"), true);
             }
             Instruction::Workdir(dir) => {
-                let dir = self.expand(dir, &StageVars::of(b, cx), node)?;
-                let path = join_path(&b.config.config.working_dir, &dir);
-                b.config.config.working_dir = path.clone();
-                let mkdir = Action::Mkdir(pb::FileActionMkDir {
-                    path,
-                    mode: 0o755,
-                    make_parents: true,
-                    timestamp: -1,
-                    ..Default::default()
-                });
-                let fop = FileOp::default().then(&b.state, FileInput::Empty, mkdir);
-                b.state = State::file(fop, self.meta(cx, node, false).cap("file.base"));
-                history(b, format!("WORKDIR {dir}"), false);
+                let dir = self.expand(dir, &b.env, node)?;
+                let wd = normalize_path(&b.config.config.working_dir, &dir, false);
+                b.config.config.working_dir = wd.clone();
+                if wd == "/" {
+                    history(b, format!("WORKDIR {wd}"), true);
+                } else {
+                    let name = self.display_text(node, b, false);
+                    let owner = (!b.config.config.user.is_empty()).then(|| parse_chown(&b.config.config.user, 0));
+                    let mkdir = Action::Mkdir(pb::FileActionMkDir {
+                        path: fileop_path("/", &wd, false),
+                        mode: 0o755,
+                        make_parents: true,
+                        owner,
+                        timestamp: -1,
+                    });
+                    let fop = FileOp::default().then(&b.state, FileInput::Empty, mkdir);
+                    b.state = State::file(fop, Self::meta(node, cx.prefix(&name), false).cap("file.base"));
+                    history(b, format!("WORKDIR {wd}"), false);
+                }
             }
             Instruction::User(u) => {
-                b.config.config.user = self.expand(u, &StageVars::of(b, cx), node)?;
+                b.config.config.user = self.expand(u, &b.env, node)?;
                 history(b, format!("USER {}", b.config.config.user), true);
             }
             Instruction::Shell(s) => {
@@ -589,7 +609,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             Instruction::Expose(ports) => {
                 for p in ports {
-                    let p = self.expand(p, &StageVars::of(b, cx), node)?;
+                    let p = self.expand(p, &b.env, node)?;
                     let key = if p.contains('/') {
                         p.to_ascii_lowercase()
                     } else {
@@ -601,7 +621,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             Instruction::Volume(vols) => {
                 for v in vols {
-                    let v = self.expand(v, &StageVars::of(b, cx), node)?;
+                    let v = self.expand(v, &b.env, node)?;
                     if v.trim().is_empty() {
                         return Err((
                             "empty_volume",
@@ -614,7 +634,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 history(b, format!("VOLUME {vols:?}"), true);
             }
             Instruction::StopSignal(s) => {
-                b.config.config.stop_signal = self.expand(s, &StageVars::of(b, cx), node)?;
+                b.config.config.stop_signal = self.expand(s, &b.env, node)?;
                 history(b, format!("STOPSIGNAL {}", b.config.config.stop_signal), true);
             }
             Instruction::Healthcheck { args, json, flags } => {
@@ -766,7 +786,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         &mut self,
         index: usize,
         b: &mut Built,
-        cx: &StageCx,
+        cx: &mut StageCx,
         node: &Node,
         args: &[String],
         json: bool,
@@ -775,7 +795,15 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         security: Option<&str>,
         heredocs: &[crate::parser::Heredoc],
     ) -> Result<(), LowerError> {
-        let env: &dyn Env = &StageVars::of(b, cx);
+        // A RUN whose whole command is one heredoc runs the heredoc's body (BuildKit's "fake" heredoc).
+        let cmd = args.join(" ");
+        let whole_heredoc = !json && heredocs.len() == 1 && crate::parser::parse_heredoc(&cmd).ok().flatten().is_some();
+        let mut name = self.display_text(node, b, true);
+        if whole_heredoc {
+            name = format!("{name} ({})", summarize_heredoc(&heredocs[0].content));
+        }
+        let customname = cx.prefix(&name);
+        let env: &dyn Env = &b.env;
         let cwd = if b.config.config.working_dir.is_empty() {
             "/".to_string()
         } else {
@@ -785,49 +813,45 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let mut extra_mounts = Vec::new();
         let mut argv = if json { args.to_vec() } else { self.shell(b) };
         if !json {
-            let cmd = args.join(" ");
-            let only_heredoc = heredocs.len() == 1 && crate::parser::parse_heredoc(cmd.trim()).ok().flatten().is_some();
-            if only_heredoc {
+            if whole_heredoc {
+                // Like BuildKit, the body is not expanded here: the shell does that.
                 let doc = &heredocs[0];
-                let content = self.heredoc_content(doc, env, node)?;
-                argv.push(content);
-            } else if !heredocs.is_empty() {
-                let mut cmd = cmd;
-                for doc in heredocs {
-                    let (file, st) = self.heredoc_file(doc, env, node)?;
-                    let dest = format!("/dev/pipes/{}", doc.name);
-                    let mut m = Mount::bind(dest.clone(), st);
-                    m.selector = file;
+                let data = if doc.chomp {
+                    chomp_heredoc_content(&doc.content)
+                } else {
+                    doc.content.clone()
+                };
+                if b.platform.os != "windows" && data.starts_with("#!") {
+                    // A script with its own interpreter: write it out and run it.
+                    let script = inline_document(&doc.name, 0o755, data);
+                    let mut m = Mount::bind("/dev/pipes/", script);
+                    m.selector = "/".into();
                     m.readonly = true;
+                    m.no_output = true;
                     extra_mounts.push(m);
-                    if let Some(pos) = find_heredoc_marker(&cmd, &doc.name) {
-                        cmd.replace_range(pos.clone(), &format!("<{dest}"));
-                    }
+                    argv.push(format!("/dev/pipes/{}", doc.name));
+                } else {
+                    argv.push(data);
                 }
-                argv.push(cmd);
             } else {
-                argv.push(cmd);
+                // Other heredocs go to the shell as written, bodies and delimiters included.
+                let mut script = cmd;
+                for doc in heredocs {
+                    script.push('\n');
+                    script.push_str(&doc.content);
+                    script.push_str(&doc.name);
+                }
+                argv.push(script);
             }
         }
-        let mut run_env: Vec<String> = b.config.config.env.clone();
-        let env_keys: BTreeSet<&str> = b
-            .config
-            .config
-            .env
-            .iter()
-            .map(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k))
-            .collect();
-        for (k, v) in &cx.args {
-            if !env_keys.contains(k.as_str()) && !is_proxy_arg(k) {
-                run_env.push(format!("{k}={v}"));
-            }
-        }
+        let run_env = b.env.to_array();
         exec.meta = pb::Meta {
             args: argv,
             env: run_env,
             cwd: cwd.clone(),
             user: b.config.config.user.clone(),
             remove_mount_stubs_recursive: true,
+            proxy_env: proxy_env(&self.input.request.build_args),
             ..Default::default()
         };
         exec.network = match network {
@@ -854,8 +878,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
         };
         exec.platform = Some(pb_platform(&b.platform));
-        let mut meta = self
-            .meta(cx, node, true)
+        let mut meta = Self::meta(node, customname, true)
             .cap("exec.meta.base")
             .cap("exec.mount.bind")
             .cap("exec.meta.setsdefaultpath");
@@ -965,7 +988,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     .map_err(|_| bad(format!("invalid {name} {v:?}"))),
             }
         };
-        let resolve_target = |t: &str| join_path(cwd, t);
+        // Absolute targets are kept as written, relative ones joined to the working directory.
+        let resolve_target = |t: &str| {
+            if t.starts_with('/') {
+                t.to_string()
+            } else {
+                clean_path(&format!("/{cwd}/{t}"))
+            }
+        };
         let readonly_flag = flag(&["ro", "readonly"])?;
         let rw_flag = flag(&["rw", "readwrite"])?;
         let from = get(&["from"]);
@@ -995,9 +1025,9 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 m
             }
             "cache" => {
-                let target = target.ok_or_else(|| bad("cache mount needs target=".into()))?;
-                let target = resolve_target(&target);
-                let id = get(&["id"]).unwrap_or_else(|| target.clone());
+                let raw_target = target.ok_or_else(|| bad("cache mount needs target=".into()))?;
+                let target = resolve_target(&raw_target);
+                let id = get(&["id"]).unwrap_or_else(|| clean_path(&raw_target));
                 let sharing = match get(&["sharing"]).as_deref() {
                     None | Some("shared") => pb::CacheSharingOpt::Shared,
                     Some("private") => pb::CacheSharingOpt::Private,
@@ -1020,7 +1050,30 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         .unwrap_or_default();
                 }
                 m.readonly = readonly_flag == Some(true);
-                let _ = (parse_u32("mode", 8)?, parse_u32("uid", 10)?, parse_u32("gid", 10)?);
+                let (mode, uid, gid) = (parse_u32("mode", 8)?, parse_u32("uid", 10)?, parse_u32("gid", 10)?);
+                if m.selector.is_empty() && (mode.is_some() || uid.is_some() || gid.is_some()) {
+                    // An empty cache is created owned and with the mode asked for, as BuildKit does.
+                    let user = |id: Option<u32>| {
+                        Some(pb::UserOpt {
+                            user: Some(pb::user_opt::User::ById(id.unwrap_or(0))),
+                        })
+                    };
+                    let mkdir = Action::Mkdir(pb::FileActionMkDir {
+                        path: "/cache".into(),
+                        mode: mode.unwrap_or(0o755) as i32,
+                        make_parents: false,
+                        owner: Some(pb::ChownOpt {
+                            user: user(uid),
+                            group: user(gid),
+                        }),
+                        timestamp: -1,
+                    });
+                    let meta = VertexMeta::default()
+                        .describe("llb.customname", "[internal] setting cache mount permissions")
+                        .cap("file.base");
+                    m.source = State::file(FileOp::default().then(&m.source, FileInput::Empty, mkdir), meta);
+                    m.selector = "/cache".into();
+                }
                 m
             }
             "tmpfs" => {
@@ -1077,24 +1130,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok(Some(m))
     }
 
-    /// A scratch filesystem holding one heredoc body as `/<name>` (mode 0644); returns the path and the state.
-    fn heredoc_file(&self, doc: &crate::parser::Heredoc, env: &dyn Env, node: &Node) -> Result<(String, State), LowerError> {
-        let content = self.heredoc_content(doc, env, node)?;
-        let path = format!("/{}", doc.name);
-        let mk = Action::Mkfile(pb::FileActionMkFile {
-            path: path.clone(),
-            mode: 0o644,
-            data: content.into_bytes(),
-            timestamp: -1,
-            ..Default::default()
-        });
-        let state = State::file(
-            FileOp::default().then(&State::scratch(), FileInput::Empty, mk),
-            VertexMeta::default().cap("file.base"),
-        );
-        Ok((path, state))
-    }
-
     fn heredoc_content(&self, doc: &crate::parser::Heredoc, env: &dyn Env, node: &Node) -> Result<String, LowerError> {
         let content = if doc.chomp {
             chomp_heredoc_content(&doc.content)
@@ -1112,29 +1147,39 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .map_err(|e| ("expansion", e.0, node.span.clone()))
     }
 
-    fn copy(&mut self, index: usize, b: &mut Built, cx: &StageCx, node: &Node, c: &CopyInstr) -> Result<(), LowerError> {
-        let env: &dyn Env = &StageVars::of(b, cx);
+    /// COPY and ADD, as BuildKit lowers them: one FileOp with a copy action per
+    /// source (context, another stage or image, git, HTTP, heredoc), onto the
+    /// stage's filesystem, or with `--link` onto scratch and merged.
+    fn copy(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Node, c: &CopyInstr) -> Result<(), LowerError> {
         let cmd = if c.is_add { "ADD" } else { "COPY" };
+        let name = self.display_text(node, b, false);
+        let link = c.link && c.chmod.is_none();
+        let pg_name = cx.prefix(&name);
+        let env: &dyn Env = &b.env;
         let dest_raw = self.expand(&c.dest, env, node)?;
-        let mut dest = join_path(&b.config.config.working_dir, &dest_raw);
-        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.")) && !dest.ends_with('/') {
-            dest.push('/');
-        }
+        let dest_raw = if dest_raw.is_empty() || dest_raw == "." {
+            "./".to_string()
+        } else {
+            dest_raw
+        };
+        let dest = fileop_path("/", &normalize_path(&b.config.config.working_dir, &dest_raw, true), true);
+        // Named owners are looked up in the filesystem copied onto (none for --link).
+        let base = if link { -1 } else { 0 };
         let owner = match &c.chown {
-            Some(ch) => Some(parse_chown(&self.expand(ch, env, node)?)),
+            Some(ch) => Some(parse_chown(&self.expand(ch, env, node)?, base)),
             None => None,
         };
         let (mode, mode_str) = match &c.chmod {
             None => (-1, String::new()),
             Some(m) => {
                 let m = self.expand(m, env, node)?;
-                match i32::from_str_radix(&m, 8) {
-                    Ok(v) if m.chars().all(|c| c.is_ascii_digit()) && v <= 0o7777 => (v, String::new()),
+                match u32::from_str_radix(&m, 8) {
+                    Ok(v) if v <= 0o7777 => (v as i32, String::new()),
                     _ if is_symbolic_mode(&m) => (-1, m),
                     _ => {
                         return Err((
                             "malformed_flag",
-                            format!("invalid --chmod value {m:?}: octal or symbolic (u=rwX,go=rX) expected"),
+                            format!("invalid --chmod value {m:?}: octal between 0 and 07777, or symbolic such as u=rwX,go=rX"),
                             node.span_of(&m),
                         ))
                     }
@@ -1142,6 +1187,18 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
         };
         let excludes: Vec<String> = c.excludes.iter().map(|e| self.expand(e, env, node)).collect::<Result<_, _>>()?;
+        let checksum = match &c.checksum {
+            Some(sum) => Some(self.expand(sum, env, node)?),
+            None => None,
+        };
+        let mut sources = Vec::with_capacity(c.sources.len());
+        for src in &c.sources {
+            sources.push(self.expand(src, env, node)?);
+        }
+        let mut heredocs = Vec::with_capacity(c.heredocs.len());
+        for doc in &c.heredocs {
+            heredocs.push((doc.name.clone(), self.heredoc_content(doc, env, node)?));
+        }
         let from_source = match &c.from {
             Some(f) => {
                 let f = self.expand(f, env, node)?;
@@ -1149,126 +1206,146 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             None => None,
         };
-        let target = if c.link { State::scratch() } else { b.state.clone() };
-        let mut fop = FileOp::default();
-        let copy_action = |src: String, dest: String, unpack: bool, includes: Vec<String>| {
-            Action::Copy(pb::FileActionCopy {
-                src,
-                dest,
-                owner: owner.clone(),
-                mode,
-                mode_str: mode_str.clone(),
-                follow_symlink: true,
-                dir_copy_contents: true,
-                attempt_unpack_docker_compatibility: unpack,
-                create_dest_path: true,
-                allow_wildcard: true,
-                allow_empty_wildcard: true,
-                timestamp: -1,
-                include_patterns: includes,
-                exclude_patterns: excludes.clone(),
-                ..Default::default()
-            })
+        // Only mode, ownership and destination creation apply to git, HTTP and heredoc sources.
+        let plain_copy = |src: String, unpack: bool| pb::FileActionCopy {
+            src,
+            dest: dest.clone(),
+            owner: owner.clone(),
+            mode,
+            mode_str: mode_str.clone(),
+            attempt_unpack_docker_compatibility: unpack,
+            create_dest_path: true,
+            timestamp: -1,
+            exclude_patterns: excludes.clone(),
+            ..Default::default()
         };
-        for doc in &c.heredocs {
-            let (name, src) = self.heredoc_file(doc, env, node)?;
-            let heredoc_dest = if dest.ends_with('/') {
-                format!("{dest}{}", doc.name)
-            } else {
-                dest.clone()
-            };
-            fop = fop.then(&target, FileInput::State(src), copy_action(name, heredoc_dest, false, Vec::new()));
-        }
-        for src in &c.sources {
-            let src = self.expand(src, env, node)?;
-            if c.heredocs
-                .iter()
-                .any(|d| src.starts_with("<<") && src.trim_start_matches(['<', '-']).trim_matches(['"', '\'']) == d.name)
-            {
+        let target = if link { State::scratch() } else { b.state.clone() };
+        let mut fop = FileOp::default();
+        for src in sources {
+            let is_heredoc_marker = src.starts_with("<<")
+                && c.heredocs
+                    .iter()
+                    .any(|d| src.trim_start_matches(['<', '-']).trim_matches(['"', '\'']) == d.name);
+            if is_heredoc_marker {
                 continue;
             }
-            if c.is_add && (src.starts_with("http://") || src.starts_with("https://")) && !is_git_url(&src) {
-                let filename = src
-                    .trim_end_matches('/')
-                    .rsplit('/')
-                    .next()
-                    .filter(|f| !f.is_empty() && !f.contains('?'))
-                    .unwrap_or("index.html")
-                    .to_string();
+            if let Some(git) = GitRef::parse(&src).filter(|_| c.is_add) {
                 let mut attrs = BTreeMap::new();
-                attrs.insert("http.filename".to_string(), filename.clone());
-                if let Some(sum) = &c.checksum {
-                    attrs.insert("http.checksum".to_string(), self.expand(sum, env, node)?);
-                }
-                let st = State::source(
-                    src.clone(),
-                    attrs,
-                    None,
-                    VertexMeta::default()
-                        .describe("llb.customname", format!("[internal] load remote {src}"))
-                        .cap("source.http"),
-                );
-                fop = fop.then(
-                    &target,
-                    FileInput::State(st),
-                    copy_action(format!("/{filename}"), dest.clone(), false, Vec::new()),
-                );
-                continue;
-            }
-            if c.is_add && is_git_url(&src) {
-                let (identifier, full) = git_identifier(&src);
-                let mut attrs = BTreeMap::new();
-                attrs.insert("git.fullurl".to_string(), full);
+                attrs.insert("git.authheadersecret".to_string(), "GIT_AUTH_HEADER".to_string());
+                attrs.insert("git.authtokensecret".to_string(), "GIT_AUTH_TOKEN".to_string());
+                attrs.insert("git.fullurl".to_string(), git.remote.clone());
+                let mut meta = VertexMeta::default()
+                    .describe("llb.customname", pg_name.clone())
+                    .cap("source.git")
+                    .cap("source.git.fullurl");
                 if c.keep_git_dir {
                     attrs.insert("git.keepgitdir".to_string(), "true".to_string());
+                    meta = meta.cap("source.git.keepgitdir");
                 }
-                if let Some(sum) = &c.checksum {
-                    attrs.insert("git.checksum".to_string(), self.expand(sum, env, node)?);
+                if let Some(sum) = &checksum {
+                    attrs.insert("git.checksum".to_string(), sum.clone());
                 }
-                let st = State::source(
-                    identifier,
-                    attrs,
-                    None,
-                    VertexMeta::default()
-                        .describe("llb.customname", format!("[internal] load git source {src}"))
-                        .cap("source.git"),
-                );
-                fop = fop.then(
-                    &target,
-                    FileInput::State(st),
-                    copy_action("/".into(), dest.clone(), false, Vec::new()),
-                );
+                let st = State::source(git.identifier(), attrs, None, meta);
+                fop = fop.then(&target, FileInput::State(st), Action::Copy(plain_copy("/".into(), false)));
                 continue;
             }
+            if c.is_add && (src.starts_with("http://") || src.starts_with("https://")) {
+                let filename = http_filename(&src);
+                let mut attrs = BTreeMap::new();
+                attrs.insert("http.filename".to_string(), filename.clone());
+                if let Some(sum) = &checksum {
+                    attrs.insert("http.checksum".to_string(), sum.clone());
+                }
+                let meta = VertexMeta::default().describe("llb.customname", pg_name.clone()).cap("source.http");
+                let st = State::source(src.clone(), attrs, None, meta);
+                let copy = plain_copy(format!("/{filename}"), c.unpack.unwrap_or(false));
+                fop = fop.then(&target, FileInput::State(st), Action::Copy(copy));
+                continue;
+            }
+            if !c.is_add
+                && (GitRef::parse(&src).is_some() && src.contains("://") || src.starts_with("http://") || src.starts_with("https://"))
+            {
+                return Err((
+                    "copy_remote",
+                    format!("{cmd} cannot copy from a URL or git repository ({src}); use ADD"),
+                    node.span_of(&src),
+                ));
+            }
+            let (src_path, include_patterns, required_paths) = if c.parents {
+                // `--parents`: keep the path below an optional `/./` pivot.
+                let (parent, pattern) = match src.split_once("/./") {
+                    Some((p, pat)) => (p.to_string(), pat.to_string()),
+                    None => ("/".to_string(), src.clone()),
+                };
+                let pattern = normalize_path("/", &pattern, false);
+                let required = if has_wildcards(&parent) || has_wildcards(&pattern) {
+                    Vec::new()
+                } else {
+                    vec![normalize_path("/", &clean_path(&format!("{parent}/{pattern}")), false)]
+                };
+                (
+                    fileop_path("/", &normalize_path("/", &parent, false), false),
+                    vec![pattern.trim_start_matches('/').to_string()],
+                    required,
+                )
+            } else {
+                (fileop_path("/", &normalize_path("/", &src, false), false), Vec::new(), Vec::new())
+            };
             let source_state = match &from_source {
                 Some(s) => s.clone(),
                 None => {
-                    let p = clean_path(&format!("/{src}"));
-                    self.context_paths.insert(if c.parents { "/".to_string() } else { p });
+                    self.context_paths
+                        .insert(if c.parents { "/".to_string() } else { src_path.clone() });
                     self.context()
                 }
             };
-            let unpack = c.is_add && c.unpack != Some(false);
-            let (src_path, includes) = if c.parents {
-                ("/".to_string(), vec![clean_path(&src).trim_start_matches("./").to_string()])
-            } else {
-                (clean_path(&format!("/{src}")), Vec::new())
+            let copy = pb::FileActionCopy {
+                follow_symlink: true,
+                dir_copy_contents: true,
+                allow_wildcard: true,
+                allow_empty_wildcard: true,
+                include_patterns,
+                required_paths,
+                ..plain_copy(src_path, c.unpack.unwrap_or(c.is_add))
             };
-            fop = fop.then(
-                &target,
-                FileInput::State(source_state),
-                copy_action(src_path, dest.clone(), unpack, includes),
-            );
+            fop = fop.then(&target, FileInput::State(source_state), Action::Copy(copy));
         }
-        let meta = self.meta(cx, node, false).cap("file.base");
-        let copied = State::file(fop, meta);
-        b.state = if c.link {
-            State::merge(&[b.state.clone(), copied], self.meta(cx, node, false).cap("mergeop"))
+        for (doc_name, content) in heredocs {
+            let doc_state = inline_document(&doc_name, 0o644, content);
+            let src = fileop_path("/", &doc_name, false);
+            fop = fop.then(&target, FileInput::State(doc_state), Action::Copy(plain_copy(src, false)));
+        }
+        let meta = Self::meta(node, pg_name.clone(), false).cap("file.base");
+        b.state = if link {
+            // Shown as one step: the copy and the merge share a progress group.
+            let group = format!("{}-{}", cx.name, cx.index);
+            let copied = State::file(fop, meta.progress_group(group.clone(), pg_name.clone(), true));
+            cx.index -= 1;
+            let merge_name = cx.prefix(&format!("LINK {name}"));
+            let merge_meta = Self::meta(node, merge_name, false)
+                .cap("mergeop")
+                .progress_group(group, pg_name, false);
+            State::merge(&[b.state.clone(), copied], merge_meta)
         } else {
-            copied
+            State::file(fop, meta)
         };
+        let mut created_by = String::from(cmd);
+        if c.parents {
+            created_by.push_str(" --parents");
+        }
+        if let Some(ch) = &c.chown {
+            created_by.push_str(&format!(" --chown={ch}"));
+        }
+        if let Some(m) = &c.chmod {
+            created_by.push_str(&format!(" --chmod={m}"));
+        }
+        for src in &c.sources {
+            created_by.push(' ');
+            created_by.push_str(src);
+        }
+        created_by.push_str(&format!(" {} # buildkit", c.dest));
         b.config.history.push(History {
-            created_by: format!("{cmd} {} {} # buildkit", c.sources.join(" "), c.dest),
+            created_by,
             comment: "buildkit.dockerfile.v0".into(),
             empty_layer: false,
         });
@@ -1276,75 +1353,104 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 }
 
-/// The variables an instruction expands with: the image's ENV, then the
-/// stage's declared ARGs (ENV wins), read in place without copying.
-struct StageVars<'x> {
-    env: &'x [String],
-    args: &'x [(String, String)],
-}
+/// The build state's environment as BuildKit keeps it: ENV and ARG values in
+/// the order they were last set (setting a key again moves it to the end).
+/// RUN sees it, and instructions expand their words with it.
+#[derive(Clone, Default, Debug)]
+struct EnvList(Vec<(String, String)>);
 
-impl<'x> StageVars<'x> {
-    fn of(b: &'x Built, cx: &'x StageCx) -> StageVars<'x> {
-        StageVars {
-            env: &b.config.config.env,
-            args: &cx.args,
-        }
+impl EnvList {
+    fn set(&mut self, key: &str, value: &str) {
+        self.0.retain(|(k, _)| k != key);
+        self.0.push((key.to_string(), value.to_string()));
+    }
+
+    /// `KEY=value` entries, for an ExecOp.
+    fn to_array(&self) -> Vec<String> {
+        self.0.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 }
 
-impl Env for StageVars<'_> {
+impl Env for EnvList {
     fn get(&self, name: &str) -> Option<&str> {
-        // Check the byte after the name first: it rules out almost every entry without comparing names.
-        let n = name.len();
-        let from_env = self
-            .env
-            .iter()
-            .rev()
-            .find(|e| e.as_bytes().get(n) == Some(&b'=') && e.starts_with(name))
-            .map(|e| &e[n + 1..]);
-        from_env.or_else(|| Env::get(self.args, name))
+        Env::get(self.0.as_slice(), name)
     }
 }
 
+/// Per-stage dispatch state.
 struct StageCx {
     name: String,
+    /// Commands that make a vertex (FROM an image, RUN, COPY, ADD, WORKDIR), as BuildKit counts them.
     total: usize,
-    step: usize,
-    args: Vec<(String, String)>,
+    /// How many of them have been named so far.
+    index: usize,
+    /// Dispatching an ONBUILD trigger of the base image.
+    onbuild: bool,
     cmd_set: bool,
 }
 
-fn display_command(node: &Node) -> String {
-    let text = node.original.trim();
-    let first_line = text.lines().next().unwrap_or("");
-    if node.heredocs.is_empty() {
-        return text.to_string();
-    }
-    let first = node.heredocs[0].content.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
-    format!("{first_line} ({first}...)")
-}
-
-fn is_proxy_arg(k: &str) -> bool {
-    matches!(
-        k.to_ascii_uppercase().as_str(),
-        "HTTP_PROXY" | "HTTPS_PROXY" | "FTP_PROXY" | "NO_PROXY" | "ALL_PROXY"
-    )
-}
-
-fn find_heredoc_marker(cmd: &str, name: &str) -> Option<std::ops::Range<usize>> {
-    for variant in [
-        format!("<<-\"{name}\""),
-        format!("<<-'{name}'"),
-        format!("<<-{name}"),
-        format!("<<\"{name}\""),
-        format!("<<'{name}'"),
-        format!("<<{name}"),
-    ] {
-        if let Some(at) = cmd.find(&variant) {
-            return Some(at..at + variant.len());
+impl StageCx {
+    /// BuildKit's progress name: `[stage i/N] text`, `i` padded to the width of `N`.
+    fn prefix(&mut self, text: &str) -> String {
+        if self.total == 0 {
+            return text.to_string();
         }
+        self.index += 1;
+        let width = self.total.to_string().len();
+        let onbuild = if self.onbuild { "ONBUILD " } else { "" };
+        let name = if self.name.is_empty() {
+            String::new()
+        } else {
+            format!("{} ", self.name)
+        };
+        format!("[{name}{:>width$}/{}] {onbuild}{text}", self.index, self.total)
     }
-    None
+}
+
+/// How many instructions of a stage make a vertex with a progress name.
+fn vertex_commands<'n>(instructions: impl IntoIterator<Item = &'n Instruction>) -> usize {
+    instructions
+        .into_iter()
+        .filter(|i| matches!(i, Instruction::Run { .. } | Instruction::Copy(_) | Instruction::Workdir(_)))
+        .count()
+}
+
+/// Upper-cases the first word, as BuildKit shows instructions.
+fn uppercase_cmd(text: &str) -> String {
+    match text.split_once(' ') {
+        Some((kw, rest)) => format!("{} {rest}", kw.to_uppercase()),
+        None => text.to_uppercase(),
+    }
+}
+
+/// BuildKit's one-line summary of a heredoc body.
+fn summarize_heredoc(doc: &str) -> String {
+    let doc = doc.trim().replace("\r\n", "\n");
+    let mut lines = doc.split('\n');
+    let first = lines.next().unwrap_or("").to_string();
+    if lines.next().is_some() {
+        format!("{first}...")
+    } else {
+        first
+    }
+}
+
+/// Proxy settings given as build args (any case): passed to every RUN without
+/// entering its environment or cache key, as BuildKit does.
+fn proxy_env(build_args: &BTreeMap<String, String>) -> Option<pb::ProxyEnv> {
+    let mut proxy = pb::ProxyEnv::default();
+    for (k, v) in build_args {
+        let slot = match k.to_ascii_lowercase().as_str() {
+            "http_proxy" => &mut proxy.http_proxy,
+            "https_proxy" => &mut proxy.https_proxy,
+            "ftp_proxy" => &mut proxy.ftp_proxy,
+            "no_proxy" => &mut proxy.no_proxy,
+            "all_proxy" => &mut proxy.all_proxy,
+            _ => continue,
+        };
+        *slot = v.clone();
+    }
+    (proxy != pb::ProxyEnv::default()).then_some(proxy)
 }
 
 /// Splits a `--mount` value on commas, honouring double quotes.
@@ -1365,13 +1471,30 @@ fn split_csv(s: &str) -> Vec<String> {
     out.into_iter().filter(|f| !f.trim().is_empty()).collect()
 }
 
-fn parse_chown(s: &str) -> pb::ChownOpt {
+/// A scratch filesystem holding one inline document (a heredoc body) at `/name`.
+fn inline_document(name: &str, mode: i32, data: String) -> State {
+    let mk = Action::Mkfile(pb::FileActionMkFile {
+        path: fileop_path("/", name, false),
+        mode,
+        data: data.into_bytes(),
+        timestamp: -1,
+        ..Default::default()
+    });
+    let meta = VertexMeta::default()
+        .describe("llb.customname", "[internal] preparing inline document")
+        .cap("file.base");
+    State::file(FileOp::default().then(&State::scratch(), FileInput::Empty, mk), meta)
+}
+
+/// `user[:group]` as BuildKit's `WithUser`: numbers (and `root`) are ids, other
+/// names are looked up in the filesystem of input `base`.
+fn parse_chown(s: &str, base: i64) -> pb::ChownOpt {
     let user_opt = |v: &str| pb::UserOpt {
-        user: Some(match v.parse::<u32>() {
+        user: Some(match if v == "root" { Ok(0) } else { v.parse::<i32>().map(|n| n as u32) } {
             Ok(id) => pb::user_opt::User::ById(id),
             Err(_) => pb::user_opt::User::ByName(pb::NamedUserOpt {
                 name: v.to_string(),
-                input: 0,
+                input: base,
             }),
         }),
     };
@@ -1394,26 +1517,120 @@ fn is_symbolic_mode(m: &str) -> bool {
         })
 }
 
-fn is_git_url(s: &str) -> bool {
-    s.starts_with("git://") || s.starts_with("git@") || (s.starts_with("https://") && (s.contains(".git#") || s.ends_with(".git")))
+/// A git source of ADD: remote URL, ref and sub-directory (`URL#ref:subdir`).
+struct GitRef {
+    remote: String,
+    reference: String,
+    subdir: String,
 }
 
-fn git_identifier(s: &str) -> (String, String) {
-    let (url, fragment) = match s.split_once('#') {
-        Some((u, f)) => (u, Some(f)),
-        None => (s, None),
+impl GitRef {
+    /// Recognises git sources: `git://`, `ssh://`, `git@host:path`, and HTTP(S) URLs of `.git` repositories.
+    fn parse(s: &str) -> Option<GitRef> {
+        let (remote, fragment) = match s.split_once('#') {
+            Some((r, f)) => (r, f),
+            None => (s, ""),
+        };
+        let is_git = remote.starts_with("git://")
+            || remote.starts_with("ssh://")
+            || (remote.starts_with("git@") && remote.contains(':'))
+            || ((remote.starts_with("https://") || remote.starts_with("http://")) && remote.trim_end_matches('/').ends_with(".git"));
+        if !is_git {
+            return None;
+        }
+        let (reference, subdir) = match fragment.split_once(':') {
+            Some((r, d)) => (r.to_string(), d.to_string()),
+            None => (fragment.to_string(), String::new()),
+        };
+        Some(GitRef {
+            remote: remote.to_string(),
+            reference,
+            subdir,
+        })
+    }
+
+    /// The source identifier: `git://host/path[#ref[:subdir]]`.
+    fn identifier(&self) -> String {
+        let bare = match self.remote.split_once("://") {
+            Some((_, rest)) => rest.to_string(),
+            None => self.remote.trim_start_matches("git@").replacen(':', "/", 1),
+        };
+        let bare = bare
+            .split_once('@')
+            .filter(|(user, _)| !user.contains('/'))
+            .map(|(_, host)| host.to_string())
+            .unwrap_or(bare);
+        let mut id = format!("git://{bare}");
+        if !self.reference.is_empty() || !self.subdir.is_empty() {
+            id.push('#');
+            id.push_str(&self.reference);
+            if !self.subdir.is_empty() {
+                id.push(':');
+                id.push_str(&self.subdir);
+            }
+        }
+        id
+    }
+}
+
+/// The file name an ADD of a URL saves as: the last path segment, or `__unnamed__`.
+fn http_filename(url: &str) -> String {
+    let after_scheme = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = after_scheme.find('/').map_or("", |i| &after_scheme[i..]);
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    match path.trim_end_matches('/').rsplit('/').next() {
+        Some(base) if !base.is_empty() && base != "." => base.to_string(),
+        _ => "__unnamed__".to_string(),
+    }
+}
+
+/// Whether a path holds glob characters.
+fn has_wildcards(p: &str) -> bool {
+    p.contains(['*', '?', '['])
+}
+
+/// BuildKit's `system.NormalizePath` for Linux: relative paths are joined to
+/// `parent` and cleaned, absolute ones kept as written; `keep_slash` keeps a
+/// trailing `/` or `/.`.
+fn normalize_path(parent: &str, p: &str, keep_slash: bool) -> String {
+    let parent = if parent.is_empty() { "/" } else { parent };
+    let parent = if parent.starts_with('/') {
+        parent.to_string()
+    } else {
+        clean_path(&format!("/{parent}"))
     };
-    let bare = url
-        .trim_start_matches("https://")
-        .trim_start_matches("git://")
-        .replacen("git@", "", 1)
-        .replacen(':', "/", 1);
-    let bare = bare.trim_end_matches(".git");
-    let id = match fragment {
-        Some(f) => format!("git://{bare}#{f}"),
-        None => format!("git://{bare}"),
-    };
-    (id, url.to_string())
+    let mut out = if p.is_empty() { parent.clone() } else { p.to_string() };
+    if !out.starts_with('/') {
+        out = clean_path(&format!("{parent}/{out}"));
+    }
+    if keep_slash {
+        keep_trailing(p, &mut out);
+    }
+    out
+}
+
+/// The path normalization of BuildKit's LLB client for file actions: cleaned,
+/// made absolute under `parent`, optionally keeping a trailing `/` or `/.`.
+fn fileop_path(parent: &str, p: &str, keep_slash: bool) -> String {
+    let mut out = clean_path(p);
+    if !out.starts_with('/') {
+        out = clean_path(&format!("/{parent}/{out}"));
+    }
+    if keep_slash {
+        keep_trailing(p, &mut out);
+    }
+    out
+}
+
+fn keep_trailing(original: &str, p: &mut String) {
+    if original.ends_with('/') && !p.ends_with('/') {
+        p.push('/');
+    } else if original.ends_with("/.") {
+        if p != "/" {
+            p.push('/');
+        }
+        p.push('.');
+    }
 }
 
 /// Go-style durations: `30s`, `1m30s`, `500ms`, `1h`.
@@ -1464,9 +1681,24 @@ mod tests {
     fn paths_clean_like_go() {
         assert_eq!(clean_path("/a/../b/./c/"), "/b/c");
         assert_eq!(clean_path("/.."), "/");
-        assert_eq!(join_path("/src", "app"), "/src/app");
-        assert_eq!(join_path("/src", "/abs"), "/abs");
-        assert_eq!(join_path("", "."), "/");
+        assert_eq!(normalize_path("/src", "app", false), "/src/app");
+        assert_eq!(normalize_path("/src", "/abs/../x/", false), "/abs/../x/");
+        assert_eq!(normalize_path("/src", "sub/", true), "/src/sub/");
+        assert_eq!(normalize_path("", "./", true), "/");
+        assert_eq!(fileop_path("/", "/abs/../x/", true), "/x/");
+        assert_eq!(fileop_path("/", "/app/.", true), "/app/.");
+        assert_eq!(http_filename("https://example.com/a/b.tar.gz?x=1"), "b.tar.gz");
+        assert_eq!(http_filename("https://example.com"), "__unnamed__");
+        let git = GitRef::parse("https://github.com/opencontainers/runc.git#v1.4.3").expect("git");
+        assert_eq!(git.identifier(), "git://github.com/opencontainers/runc.git#v1.4.3");
+        assert_eq!(git.remote, "https://github.com/opencontainers/runc.git");
+        assert_eq!(
+            GitRef::parse("git@github.com:moby/buildkit.git#main:docs")
+                .expect("git")
+                .identifier(),
+            "git://github.com/moby/buildkit.git#main:docs"
+        );
+        assert!(GitRef::parse("https://example.com/file.tar").is_none());
     }
 
     #[test]
