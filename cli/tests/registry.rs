@@ -58,3 +58,89 @@ fn multi_platform_image_is_pinned_and_its_platform_config_used() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("kiln/base:nope"), "{err}");
 }
+
+/// Ops of a `dump-llb` JSON stream that do not depend on a local source
+/// (BuildKit's `local.unique` attribute is random per run), as their lines.
+fn lines_without_context(text: &str) -> Vec<String> {
+    let mut local = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("json line");
+        let digest = v["Digest"].as_str().unwrap_or("").to_string();
+        let is_local = v["Op"]["Op"]["source"]["identifier"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("local://"));
+        let uses_local = v["Op"]["inputs"]
+            .as_array()
+            .is_some_and(|ins| ins.iter().any(|i| i["digest"].as_str().is_some_and(|d| local.contains(d))));
+        if is_local || uses_local {
+            local.insert(digest);
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    out
+}
+
+/// BuildKit's own LLB for the reference Dockerfiles was made with the
+/// deterministic busybox base in a registry on 127.0.0.1:5000 and RUN network
+/// none. With the same image (same digest) served the same way, kiln must print
+/// the very same lines for every op that does not depend on the build context.
+#[test]
+fn reference_dockerfiles_give_buildkits_exact_llb() {
+    if !have("docker-registry") || !have("skopeo") || !have("busybox") || !have("python3") {
+        return;
+    }
+    let shared = std::env::var_os("KILN_SHARED")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let reference = shared.join("reference/buildkit-llb");
+    if !reference.is_dir() {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "{} is required on CI",
+            reference.display()
+        );
+        return;
+    }
+    if std::net::TcpListener::bind("127.0.0.1:5000").is_err() {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "127.0.0.1:5000 must be free on CI"
+        );
+        eprintln!("127.0.0.1:5000 is in use; skipped");
+        return;
+    }
+    let dir = scratch_dir("reference");
+    let base = dir.join("busybox-oci");
+    let made = std::process::Command::new("python3")
+        .arg(shared.join("tools/peer-lab/mkbase.py"))
+        .arg(&base)
+        .output()
+        .expect("mkbase runs");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let registry = LocalRegistry::start_at(&dir.join("registry"), "127.0.0.1:5000");
+    registry.push_layout(&base, "latest", "busybox");
+    for name in ["smoke", "parallel", "deepchain"] {
+        let ctx = dir.join(name);
+        std::fs::create_dir_all(&ctx).expect("ctx");
+        std::fs::copy(reference.join(format!("{name}.Dockerfile")), ctx.join("Dockerfile")).expect("copy");
+        let out = kiln(&["dump-llb", "--network", "none", "."], &ctx);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let ours = String::from_utf8(out.stdout).expect("utf8");
+        let theirs = std::fs::read_to_string(reference.join(format!("{name}.jsonl"))).expect("reference");
+        let ours: std::collections::HashSet<String> = ours.lines().map(str::to_string).collect();
+        let expected = lines_without_context(&theirs);
+        let missing: Vec<&String> = expected.iter().filter(|l| !ours.contains(*l)).collect();
+        eprintln!(
+            "{name}: {} of {} context-independent BuildKit lines reproduced byte for byte",
+            expected.len() - missing.len(),
+            expected.len()
+        );
+        assert!(
+            missing.is_empty(),
+            "{name}: lines kiln did not reproduce:\n{}",
+            missing.iter().map(|l| l.as_str()).collect::<Vec<_>>().join("\n")
+        );
+    }
+}

@@ -41,6 +41,9 @@ pub struct Args {
     /// Additional build context (NAME=oci-layout:///path[:tag]).
     #[arg(long = "build-context", value_name = "NAME=SRC")]
     pub build_contexts: Vec<String>,
+    /// Network mode for RUN steps that do not set one (default, none, host).
+    #[arg(long)]
+    pub network: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Json)]
     pub format: Format,
@@ -183,6 +186,7 @@ pub fn build_request(args: &Args, dockerfile: &Path, definition: Vec<u8>) -> Res
         build_platform: Platform::linux_amd64(),
         named_contexts,
         ignore_patterns,
+        network: args.network.clone(),
     })
 }
 

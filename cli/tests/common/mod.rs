@@ -115,14 +115,19 @@ pub struct LocalRegistry {
 }
 
 impl LocalRegistry {
-    /// Starts a registry with its storage under `dir`.
+    /// Starts a registry on a free loopback port with its storage under `dir`.
     pub fn start(dir: &Path) -> LocalRegistry {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("free port")
             .local_addr()
             .expect("addr")
             .port();
-        let addr = format!("127.0.0.1:{port}");
+        LocalRegistry::start_at(dir, &format!("127.0.0.1:{port}"))
+    }
+
+    /// Starts a registry listening on `addr`.
+    pub fn start_at(dir: &Path, addr: &str) -> LocalRegistry {
+        let addr = addr.to_string();
         std::fs::create_dir_all(dir.join("storage")).expect("storage");
         let config = format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",

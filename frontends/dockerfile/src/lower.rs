@@ -854,7 +854,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             proxy_env: proxy_env(&self.input.request.build_args),
             ..Default::default()
         };
-        exec.network = match network {
+        exec.network = match network.or(self.input.request.network.as_deref()) {
             None | Some("default") => pb::NetMode::Unset,
             Some("none") => pb::NetMode::None,
             Some("host") => pb::NetMode::Host,

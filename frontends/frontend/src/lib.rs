@@ -34,6 +34,9 @@ pub struct Request {
     pub named_contexts: BTreeMap<String, String>,
     /// Patterns from `.dockerignore`, if the host found one.
     pub ignore_patterns: Vec<String>,
+    /// Network mode for RUN steps that do not set one (`default`, `none`, `host`),
+    /// as buildx's `--network`.
+    pub network: Option<String>,
 }
 
 /// An image's config as the host resolved it.
