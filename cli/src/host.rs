@@ -41,9 +41,19 @@ impl CliHost {
         let mut contexts = BTreeMap::new();
         for (name, src) in named_contexts {
             let Some(rest) = src.strip_prefix("oci-layout://") else {
-                return Err(format!(
-                    "--build-context {name}: only oci-layout:// sources are supported so far, got {src:?}"
-                ));
+                // docker-image:// and local directories are handled by the frontend itself.
+                if src.starts_with("docker-image://") {
+                    continue;
+                }
+                if src.contains("://") {
+                    return Err(format!(
+                        "--build-context {name}={src}: supported sources are oci-layout://PATH[:TAG], docker-image://REF and a local directory"
+                    ));
+                }
+                if !Path::new(src).is_dir() {
+                    return Err(format!("--build-context {name}={src}: no such directory"));
+                }
+                continue;
             };
             let (path, tag) = match rest.rsplit_once(':') {
                 Some((p, t)) if !t.contains('/') => (p, Some(t.to_string())),

@@ -18,7 +18,12 @@ fn err_cases_render_as_recorded() {
     for path in paths {
         let text = std::fs::read_to_string(&path).expect("case");
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("Dockerfile").to_string();
-        let request = Request { definition: text.clone().into_bytes(), filename: file.clone(), build_platform: Platform::linux_amd64(), ..Default::default() };
+        let request = Request {
+            definition: text.clone().into_bytes(),
+            filename: file.clone(),
+            build_platform: Platform::linux_amd64(),
+            ..Default::default()
+        };
         let response = kiln_dockerfile::compile(&request, &OfflineHost);
         assert!(response.has_errors(), "{file}: no error");
         let rendered = kiln::diagnostics::render_all(&response.diagnostics, &text, false);

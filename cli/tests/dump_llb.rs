@@ -97,3 +97,44 @@ fn base_image_config_comes_from_an_oci_layout_build_context() {
     assert!(text.contains("\"cwd\":\"/work\""), "{text}");
     assert!(text.contains("echo triggered"), "{text}");
 }
+
+#[test]
+fn named_contexts_replace_images_and_stages() {
+    let dir = scratch_dir("named");
+    std::fs::create_dir_all(dir.join("vendor")).expect("dir");
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM alpine AS base\nCOPY --from=deps /lib /lib\nCOPY --from=tools /bin/x /x\n",
+    )
+    .expect("write");
+    let out = kiln(
+        &[
+            "dump-llb",
+            "--no-resolve",
+            "--build-context",
+            "alpine=docker-image://debian:12",
+            "--build-context",
+            "deps=vendor",
+            "--build-context",
+            "tools=docker-image://busybox:1.36",
+            ".",
+        ],
+        &dir,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\"identifier\":\"docker-image://docker.io/library/debian:12\""),
+        "{text}"
+    );
+    assert!(!text.contains("library/alpine"), "{text}");
+    assert!(text.contains("\"identifier\":\"local://deps\""), "{text}");
+    assert!(
+        text.contains("\"identifier\":\"docker-image://docker.io/library/busybox:1.36\""),
+        "{text}"
+    );
+
+    let out = kiln(&["dump-llb", "--build-context", "deps=/no/such/dir", "."], &dir);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such directory"));
+}

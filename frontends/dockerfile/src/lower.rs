@@ -381,7 +381,13 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let base_stage = self.input.stages[..index]
             .iter()
             .position(|s| s.name.as_deref() == Some(image_lower.as_str()));
-        let from_image = base_stage.is_none() && image_lower != "scratch";
+        let named = if base_stage.is_none() { self.named_context(&image) } else { None };
+        let image = match &named {
+            Some(NamedContext::Image(replacement)) => replacement.clone(),
+            _ => image,
+        };
+        let from_local = matches!(named, Some(NamedContext::Local(_)));
+        let from_image = base_stage.is_none() && image_lower != "scratch" && !from_local;
         let mut cx = StageCx {
             name: stage_name,
             total: vertex_commands(def.instructions.iter().map(|(_, i)| i)) + usize::from(from_image),
@@ -393,6 +399,13 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             let mut b = self.stage(base)?;
             b.platform = platform.clone();
             b
+        } else if let Some(NamedContext::Local(name)) = &named {
+            Built {
+                state: self.named_local(name),
+                config: ImageConfig::default(),
+                env: EnvList::default(),
+                platform: platform.clone(),
+            }
         } else if image_lower == "scratch" {
             Built {
                 state: State::scratch(),
@@ -728,6 +741,33 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     /// Resolves `from=` of a mount or `--from` of COPY: a stage, or an image.
+    /// A `--build-context` that replaces the image or stage `name`.
+    fn named_context(&self, name: &str) -> Option<NamedContext> {
+        let contexts = &self.input.request.named_contexts;
+        let normalized = Reference::parse(name).ok().map(|r| r.normalized());
+        let (key, value) = contexts.iter().find(|(k, _)| {
+            k.as_str() == name || (normalized.is_some() && Reference::parse(k).ok().map(|r| r.normalized()) == normalized)
+        })?;
+        Some(if let Some(image) = value.strip_prefix("docker-image://") {
+            NamedContext::Image(image.to_string())
+        } else if value.starts_with("oci-layout://") {
+            NamedContext::Layout
+        } else {
+            NamedContext::Local(key.clone())
+        })
+    }
+
+    /// A local directory given as a named build context.
+    fn named_local(&self, name: &str) -> State {
+        let mut attrs = BTreeMap::new();
+        attrs.insert("local.sharedkeyhint".to_string(), name.to_string());
+        let meta = VertexMeta::default()
+            .describe("llb.customname", format!("[context {name}] load from client"))
+            .cap("source.local")
+            .cap("source.local.sharedkeyhint");
+        State::source(format!("local://{name}"), attrs, None, meta)
+    }
+
     fn source_of(&mut self, index: usize, from: &str, node: &Node, platform: &Platform) -> Result<State, LowerError> {
         if let Some(s) = self.find_stage(from, index) {
             self.stage_ref(s)?;
@@ -754,6 +794,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 format!("stage {from:?} is defined after this one"),
                 node.span_of(from),
             ));
+        }
+        match self.named_context(from) {
+            Some(NamedContext::Image(image)) => {
+                let meta = VertexMeta::default().describe("llb.customname", format!("[internal] load {image}"));
+                return self.image_state(&image, platform, node, meta).map(|(state, _)| state);
+            }
+            Some(NamedContext::Local(name)) => return Ok(self.named_local(&name)),
+            Some(NamedContext::Layout) | None => {}
         }
         // A plain name one typo away from a stage is almost certainly that stage, not an image.
         let plain = !from.contains(['/', ':', '.', '@']);
@@ -1375,6 +1423,16 @@ impl Env for EnvList {
     fn get(&self, name: &str) -> Option<&str> {
         Env::get(self.0.as_slice(), name)
     }
+}
+
+/// What a named build context stands for.
+enum NamedContext {
+    /// Another image (`docker-image://REF`).
+    Image(String),
+    /// A local directory, sent as `local://NAME`.
+    Local(String),
+    /// An OCI layout, which the host resolves under the context's name.
+    Layout,
 }
 
 /// Per-stage dispatch state.
