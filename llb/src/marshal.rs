@@ -37,7 +37,15 @@ impl fmt::Display for Digest {
 
 /// `sha256:` + hex of `bytes`: the identity of a marshalled op.
 pub fn digest_of(bytes: &[u8]) -> Digest {
-    Digest(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let sum = Sha256::digest(bytes);
+    let mut text = String::with_capacity(7 + 64);
+    text.push_str("sha256:");
+    for b in sum {
+        text.push(HEX[usize::from(b >> 4)] as char);
+        text.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    Digest(text)
 }
 
 /// Marshals an op exactly as BuildKit's Go client does.

@@ -91,7 +91,11 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
         host,
         escape: ast.escape,
     };
-    match lower::lower(&input) {
+    let result = lower::lower(&input);
+    // The syntax tree and instructions are not needed to marshal: free them first.
+    drop(input);
+    drop(ast);
+    match result {
         Ok(lowered) => {
             let info = pb::SourceInfo {
                 filename: file.clone(),

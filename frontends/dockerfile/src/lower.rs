@@ -76,7 +76,9 @@ struct Built {
 pub fn lower(input: &LowerInput<'_>) -> Result<Lowered, Vec<LowerError>> {
     let mut lowerer = Lowerer::new(input);
     let target = lowerer.target_stage()?;
-    let result = lowerer.stage(target);
+    let result = lowerer.stage_ref(target).and_then(|()| {
+        lowerer.built.remove(&target).ok_or(("internal", "the target stage was not lowered".to_string(), 0..0))
+    });
     let mut errors = std::mem::take(&mut lowerer.errors);
     let built = match result {
         Ok(b) => b,
@@ -125,6 +127,8 @@ struct Lowerer<'a, 'b> {
     images: HashMap<String, (String, ImageConfig)>,
     /// Errors of instructions that were skipped so the rest could be checked.
     errors: Vec<LowerError>,
+    /// For each stage, how many stages name it in FROM and are still to be lowered.
+    base_uses: Vec<usize>,
 }
 
 fn platform_args(prefix: &str, p: &Platform) -> Vec<(String, String)> {
@@ -194,6 +198,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             meta_env,
             images: HashMap::new(),
             errors: Vec::new(),
+            base_uses: base_uses(&input.stages),
         }
     }
 
@@ -324,9 +329,32 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         state
     }
 
-    fn stage(&mut self, index: usize) -> Result<Built, LowerError> {
+    /// A stage's result for a stage built FROM it. The last such stage takes the
+    /// image config instead of copying it (a long chain of stages would otherwise
+    /// copy ever longer histories); later users only need the filesystem.
+    fn stage_as_base(&mut self, index: usize) -> Result<Built, LowerError> {
         self.stage_ref(index)?;
-        Ok(self.built[&index].clone())
+        // Counted uses only: a base named through an ARG is not counted and always copied.
+        let last_use = match self.base_uses.get_mut(index) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                *n == 0
+            }
+            _ => false,
+        };
+        let Some(built) = self.built.get_mut(&index) else {
+            return Err(("internal", format!("stage {index} was not lowered"), 0..0));
+        };
+        if last_use {
+            let taken = Built {
+                state: built.state.clone(),
+                config: std::mem::take(&mut built.config),
+                env: std::mem::take(&mut built.env),
+                platform: built.platform.clone(),
+            };
+            return Ok(taken);
+        }
+        Ok(built.clone())
     }
 
     /// Lowers a stage once (memoized) without copying its result.
@@ -396,7 +424,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             cmd_set: false,
         };
         let mut b = if let Some(base) = base_stage {
-            let mut b = self.stage(base)?;
+            let mut b = self.stage_as_base(base)?;
             b.platform = platform.clone();
             b
         } else if let Some(NamedContext::Local(name)) = &named {
@@ -1423,6 +1451,18 @@ impl Env for EnvList {
     fn get(&self, name: &str) -> Option<&str> {
         Env::get(self.0.as_slice(), name)
     }
+}
+
+/// How many stages name each stage in FROM (only earlier stages count, as in lowering).
+fn base_uses(stages: &[StageDef<'_>]) -> Vec<usize> {
+    let mut uses = vec![0; stages.len()];
+    for (i, stage) in stages.iter().enumerate() {
+        let image = stage.image.to_ascii_lowercase();
+        if let Some(base) = stages[..i].iter().position(|s| s.name.as_deref() == Some(image.as_str())) {
+            uses[base] += 1;
+        }
+    }
+    uses
 }
 
 /// What a named build context stands for.
