@@ -77,7 +77,10 @@ pub fn lower(input: &LowerInput<'_>) -> Result<Lowered, Vec<LowerError>> {
     let mut lowerer = Lowerer::new(input);
     let target = lowerer.target_stage()?;
     let result = lowerer.stage_ref(target).and_then(|()| {
-        lowerer.built.remove(&target).ok_or(("internal", "the target stage was not lowered".to_string(), 0..0))
+        lowerer
+            .built
+            .remove(&target)
+            .ok_or(("internal", "the target stage was not lowered".to_string(), 0..0))
     });
     let mut errors = std::mem::take(&mut lowerer.errors);
     let built = match result {
