@@ -105,6 +105,19 @@ struct Vertex {
     late_attrs: Option<LateAttrs>,
 }
 
+impl Drop for Vertex {
+    /// Drops the inputs this vertex owns last without recursing, so dropping a
+    /// chain of any length does not overflow the stack.
+    fn drop(&mut self) {
+        let mut pending: Vec<Output> = std::mem::take(&mut self.inputs);
+        while let Some(output) = pending.pop() {
+            if let Ok(mut vertex) = Arc::try_unwrap(output.vertex) {
+                pending.append(&mut vertex.inputs);
+            }
+        }
+    }
+}
+
 /// One output of a vertex.
 #[derive(Clone, Debug)]
 pub struct Output {
@@ -590,16 +603,41 @@ struct Marshaller {
 }
 
 impl Marshaller {
-    fn visit(&mut self, vertex: &Arc<Vertex>) -> Digest {
-        let key = Arc::as_ptr(vertex) as usize;
-        if let Some(d) = self.memo.get(&key) {
-            return d.clone();
+    /// Marshals `root` and everything it depends on, inputs first, and returns
+    /// its digest. Iterative (an explicit stack), so a chain of any length fits.
+    fn visit(&mut self, root: &Arc<Vertex>) -> Digest {
+        let key = |v: &Arc<Vertex>| Arc::as_ptr(v) as usize;
+        let mut stack: Vec<(&Arc<Vertex>, usize)> = vec![(root, 0)];
+        while let Some(top) = stack.last_mut() {
+            let (vertex, next) = (top.0, top.1);
+            if self.memo.contains_key(&key(vertex)) {
+                stack.pop();
+            } else if next < vertex.inputs.len() {
+                top.1 += 1;
+                let child = &vertex.inputs[next].vertex;
+                if !self.memo.contains_key(&key(child)) {
+                    stack.push((child, 0));
+                }
+            } else {
+                stack.pop();
+                self.emit(vertex);
+            }
         }
+        self.memo.get(&key(root)).cloned().unwrap_or_else(|| Digest::from_string(""))
+    }
+
+    /// Marshals one vertex whose inputs are all marshalled.
+    fn emit(&mut self, vertex: &Arc<Vertex>) {
+        let key = Arc::as_ptr(vertex) as usize;
         let inputs: Vec<pb::Input> = vertex
             .inputs
             .iter()
             .map(|i| pb::Input {
-                digest: self.visit(&i.vertex).to_string(),
+                digest: self
+                    .memo
+                    .get(&(Arc::as_ptr(&i.vertex) as usize))
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
                 index: i.index,
             })
             .collect();
@@ -653,7 +691,6 @@ impl Marshaller {
                 }
             }
         }
-        digest
     }
 }
 

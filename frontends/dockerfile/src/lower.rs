@@ -18,6 +18,11 @@ use crate::instructions::{CopyInstr, Instruction};
 use crate::parser::{chomp_heredoc_content, Node, Span};
 use crate::shell::{Env, Lexer};
 
+/// Stack left before recursion grows the stack ([`stacker`]).
+pub(crate) const STACK_RED_ZONE: usize = 128 * 1024;
+/// Size of each stack segment recursion adds.
+pub(crate) const STACK_SEGMENT: usize = 2 * 1024 * 1024;
+
 /// Default PATH for Linux images without one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -373,7 +378,9 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 def.from.span.clone(),
             ));
         }
-        let result = self.lower_stage(index);
+        // Stages are lowered recursively along FROM / --from chains; grow the stack
+        // on the heap as needed so a chain of any length cannot overflow it.
+        let result = stacker::maybe_grow(STACK_RED_ZONE, STACK_SEGMENT, || self.lower_stage(index));
         self.in_progress.remove(&index);
         self.built.insert(index, result?);
         Ok(())

@@ -191,7 +191,10 @@ impl Scanner<'_> {
     fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> Result<(String, Vec<String>), LexError> {
         let saved = self.raw_escapes;
         self.raw_escapes = raw_escapes;
-        let r = self.process_stop_on_inner(stop);
+        // `${a:-${b:-…}}` nests without bound: grow the stack instead of overflowing it.
+        let r = stacker::maybe_grow(crate::lower::STACK_RED_ZONE, crate::lower::STACK_SEGMENT, || {
+            self.process_stop_on_inner(stop)
+        });
         self.raw_escapes = saved;
         r
     }

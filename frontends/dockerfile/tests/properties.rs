@@ -84,3 +84,23 @@ fn eight_stages_sharing_a_base_are_independent_branches() {
         }
     }
 }
+
+/// Inputs deep enough to overflow a recursive implementation on a test thread's
+/// 2 MiB stack: a long RUN chain, a long chain of stages, deeply nested `${}`.
+#[test]
+fn deep_inputs_compile_without_overflowing_the_stack() {
+    let mut chain = String::from("FROM scratch\n");
+    for i in 0..10_000 {
+        chain.push_str(&format!("RUN echo {i}\n"));
+    }
+    let mut stages = String::from("FROM scratch AS s0\n");
+    for i in 1..3_000 {
+        stages.push_str(&format!("FROM s{} AS s{i}\nRUN true\n", i - 1));
+    }
+    let nested = format!("FROM scratch\nENV A={}y{}\n", "${X:-".repeat(10_000), "}".repeat(10_000));
+    for (name, text) in [("chain", chain), ("stages", stages), ("nested", nested)] {
+        let response = kiln_dockerfile::compile(&request(text.into_bytes()), &OfflineHost);
+        assert!(response.diagnostics.is_empty(), "{name}: {:?}", response.diagnostics.first());
+        assert!(response.definition.is_some(), "{name}");
+    }
+}
