@@ -257,6 +257,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Lexer::new(self.input.escape)
     }
 
+    /// Expands both sides of ENV/LABEL pairs, all with the same variables.
+    fn expand_pairs(&self, pairs: &[(String, String)], env: &dyn Env, node: &Node) -> Result<Vec<(String, String)>, LowerError> {
+        pairs
+            .iter()
+            .map(|(k, v)| Ok((self.expand(k, env, node)?, self.expand(v, env, node)?)))
+            .collect()
+    }
+
     fn expand(&self, word: &str, env: &dyn Env, node: &Node) -> Result<String, LowerError> {
         self.lexer()
             .process_word(word, env)
@@ -579,29 +587,21 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         b.env.set(k, &v);
                     }
                 }
-                history(b, format!("ARG {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
+                history(b, format!("ARG {}", arguments_text(node)), true);
             }
             Instruction::Env(pairs) => {
                 // As in BuildKit, `ENV a=1 b=$a` gives b the value a had before this instruction.
-                let env: &dyn Env = &b.env;
-                let expanded = pairs
-                    .iter()
-                    .map(|(k, v)| Ok((self.expand(k, env, node)?, self.expand(v, env, node)?)))
-                    .collect::<Result<Vec<_>, LowerError>>()?;
+                let expanded = self.expand_pairs(pairs, &b.env, node)?;
                 for (key, value) in expanded {
                     b.config.set_env(&key, &value);
                     b.env.set(&key, &value);
                 }
-                history(b, format!("ENV {}", node.original.trim().get(3..).unwrap_or("").trim()), true);
+                history(b, format!("ENV {}", arguments_text(node)), true);
             }
             Instruction::Label(pairs) => {
-                let env: &dyn Env = &b.env;
-                let expanded = pairs
-                    .iter()
-                    .map(|(k, v)| Ok((self.expand(k, env, node)?, self.expand(v, env, node)?)))
-                    .collect::<Result<Vec<_>, LowerError>>()?;
+                let expanded = self.expand_pairs(pairs, &b.env, node)?;
                 b.config.config.labels.extend(expanded);
-                history(b, format!("LABEL {}", node.original.trim().get(5..).unwrap_or("").trim()), true);
+                history(b, format!("LABEL {}", arguments_text(node)), true);
             }
             Instruction::Maintainer(m) => {
                 history(b, format!("MAINTAINER {m}"), true);
@@ -1521,6 +1521,11 @@ fn vertex_commands<'n>(instructions: impl IntoIterator<Item = &'n Instruction>) 
         .into_iter()
         .filter(|i| matches!(i, Instruction::Run { .. } | Instruction::Copy(_) | Instruction::Workdir(_)))
         .count()
+}
+
+/// The instruction's text after its keyword.
+fn arguments_text(node: &Node) -> &str {
+    node.original.trim().get(node.keyword.len()..).unwrap_or("").trim()
 }
 
 /// Upper-cases the first word, as BuildKit shows instructions.
