@@ -1,19 +1,27 @@
 //! The subcommands.
 
+pub mod build;
 pub mod dump_llb;
+pub mod images;
 
 use std::io::Write;
 
 /// A kiln subcommand.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
+    /// Build an image from a Dockerfile and a context.
+    Build(build::Args),
     /// Compile a Dockerfile (or read a Definition) and print its LLB.
     DumpLlb(dump_llb::Args),
+    /// List the images in kiln's store.
+    Images(images::Args),
 }
 
 /// Runs a subcommand, writing to the given streams; returns the exit code.
 pub fn execute(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     match command {
+        Command::Build(args) => build::run(&args, out, err),
         Command::DumpLlb(args) => dump_llb::run(&args, out, err),
+        Command::Images(args) => images::run(&args, out, err),
     }
 }

@@ -3,7 +3,10 @@
 
 pub mod commands;
 pub mod diagnostics;
+pub mod frontend;
 pub mod host;
+pub mod progress;
+pub mod solver_client;
 
 use clap::Parser;
 
@@ -13,8 +16,10 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FRONTEND: i32 = 1;
 /// Exit code: bad command-line usage.
 pub const EXIT_USAGE: i32 = 2;
-/// Exit code: anything else (IO, malformed input LLB).
+/// Exit code: anything else (IO, malformed input LLB, solver or export failure).
 pub const EXIT_OTHER: i32 = 3;
+/// Exit code: a build step failed.
+pub const EXIT_STEP: i32 = 4;
 
 /// kiln: container image builds, BuildKit-compatible.
 #[derive(Parser, Debug)]

@@ -250,6 +250,64 @@ impl RegistryClient {
     }
 }
 
+impl RegistryClient {
+    fn parse_ref(reference: &str) -> Result<(Reference, String), RegistryError> {
+        let parsed: Reference = reference
+            .parse()
+            .map_err(|e: oci_client::ParseError| RegistryError::Reference(reference.to_string(), e.to_string()))?;
+        let registry = parsed.registry().to_string();
+        Ok((parsed, registry))
+    }
+
+    /// Fetches a manifest or index of `reference`'s repository by digest, verified.
+    pub async fn fetch_manifest(&self, reference: &str, digest: &str) -> Result<Vec<u8>, RegistryError> {
+        let (parsed, registry) = Self::parse_ref(reference)?;
+        let client = self.client_for(&registry);
+        let auth = self.credentials.for_registry(&registry);
+        let by_digest = Reference::with_digest(registry.clone(), parsed.repository().to_string(), digest.to_string());
+        let (bytes, got) = client
+            .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(|e| RegistryError::Fetch {
+                registry: registry.clone(),
+                message: e.to_string(),
+            })?;
+        verify(&bytes, digest)?;
+        if got != digest {
+            return Err(RegistryError::Invalid(format!("{reference}: registry returned {got} for {digest}")));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// Streams a blob of `reference`'s repository into `path`, verified
+    /// against `digest` while it arrives (a mismatch is an error and the
+    /// caller must discard the file).
+    pub async fn fetch_blob(&self, reference: &str, digest: &str, size: i64, path: &Path) -> Result<(), RegistryError> {
+        let (parsed, registry) = Self::parse_ref(reference)?;
+        let client = self.client_for(&registry);
+        let auth = self.credentials.for_registry(&registry);
+        let fetch = |e: oci_client::errors::OciDistributionError| RegistryError::Fetch {
+            registry: registry.clone(),
+            message: e.to_string(),
+        };
+        // Authenticate for pulls of this repository first (anonymous tokens too).
+        client
+            .auth(&parsed, &auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(fetch)?;
+        let file = tokio::fs::File::create(path)
+            .await
+            .map_err(|e| RegistryError::Invalid(format!("{}: {e}", path.display())))?;
+        let desc = oci_client::manifest::OciDescriptor {
+            digest: digest.to_string(),
+            size,
+            ..Default::default()
+        };
+        client.pull_blob(&parsed, &desc, file).await.map_err(fetch)?;
+        Ok(())
+    }
+}
+
 fn platform_matches(p: &EntryPlatform, want: &Platform) -> bool {
     p.os == want.os && p.architecture == want.architecture && (want.variant.is_empty() || p.variant == want.variant)
 }

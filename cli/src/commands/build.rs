@@ -1,0 +1,296 @@
+//! `kiln build`: run the frontend, hand its LLB to `kiln-solver`, render
+//! the solver's events, and report a failing step against its source line.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use kiln_frontend::{Diagnostic, Severity};
+use kiln_llb::LoadedDefinition;
+use kiln_solver_protocol::{ErrorKind, Event, Exporter, SolveRequest};
+
+use crate::frontend::{compile, FrontendArgs};
+use crate::progress::{Mode, Renderer};
+use crate::{EXIT_OK, EXIT_OTHER, EXIT_STEP, EXIT_USAGE};
+
+/// `kiln build` flags (named after `docker buildx build`).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// What to compile.
+    #[command(flatten)]
+    pub frontend: FrontendArgs,
+    /// Name (and tag) for the image in kiln's store, e.g. `app:1`; repeatable.
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    pub tags: Vec<String>,
+    /// Output: `type=oci|docker|tar,dest=FILE`, `type=local,dest=DIR`, `type=image`, or a directory.
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    pub outputs: Vec<String>,
+    /// Do not use cached results.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// At most N RUN steps at once (default: no cap).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// How to show progress.
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub progress: Mode,
+    /// The OCI runtime for RUN steps (runc, crun, or a path).
+    #[arg(long = "oci-runtime", value_name = "BIN")]
+    pub oci_runtime: Option<String>,
+}
+
+/// Parses one `--output` value into an exporter.
+pub fn parse_output(spec: &str, tags: &[String]) -> Result<Exporter, String> {
+    if !spec.contains('=') {
+        // buildx: a bare path means a local directory, `-` a tar on stdout (not supported here).
+        if spec == "-" {
+            return Err("--output -: writing to stdout is not supported; use type=tar,dest=FILE".into());
+        }
+        return Ok(Exporter::Local { dest: spec.to_string() });
+    }
+    let mut fields = BTreeMap::new();
+    for part in spec.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
+        fields.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let kind = fields.get("type").cloned().unwrap_or_else(|| "local".into());
+    let dest = fields.get("dest").cloned();
+    let mut names: Vec<String> = tags.to_vec();
+    if let Some(n) = fields.get("name") {
+        names.extend(n.split(';').map(str::to_string));
+    }
+    let need_dest = |d: Option<String>| d.filter(|d| !d.is_empty()).ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"));
+    Ok(match kind.as_str() {
+        "oci" => Exporter::Oci { dest: need_dest(dest)?, names },
+        "docker" => Exporter::Docker { dest: need_dest(dest)?, names },
+        "local" => Exporter::Local { dest: need_dest(dest)? },
+        "tar" => Exporter::Tar { dest: need_dest(dest)? },
+        "image" => Exporter::Image { names },
+        other => return Err(format!("--output {spec:?}: unknown type {other:?} (oci, docker, local, tar, image)")),
+    })
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+/// Runs the command.
+pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let mut exporters = Vec::new();
+    for o in &args.outputs {
+        match parse_output(o, &args.tags) {
+            Ok(mut e) => {
+                // Relative destinations are relative to where kiln runs, not the solver.
+                match &mut e {
+                    Exporter::Oci { dest, .. } | Exporter::Docker { dest, .. } | Exporter::Local { dest } | Exporter::Tar { dest } => {
+                        let p = Path::new(dest.as_str());
+                        if p.is_relative() {
+                            *dest = std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned();
+                        }
+                    }
+                    Exporter::Image { .. } => {}
+                }
+                exporters.push(e);
+            }
+            Err(msg) => {
+                let _ = writeln!(err, "error: {msg}");
+                return EXIT_USAGE;
+            }
+        }
+    }
+    if !args.tags.is_empty() && !exporters.iter().any(|e| matches!(e, Exporter::Image { .. })) {
+        exporters.push(Exporter::Image { names: args.tags.clone() });
+    }
+    if !args.frontend.context.is_dir() {
+        let _ = writeln!(err, "error: build context {} is not a directory", args.frontend.context.display());
+        return EXIT_USAGE;
+    }
+    let compiled = match compile(&args.frontend, false, err) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut request = SolveRequest::new(&compiled.definition);
+    request.image_config = compiled.image_config.as_ref().and_then(|c| serde_json::to_value(c).ok());
+    request.locals.insert("context".into(), absolute(&args.frontend.context).to_string_lossy().into_owned());
+    for spec in &args.frontend.build_contexts {
+        if let Some((name, src)) = spec.split_once('=') {
+            if !src.contains("://") && Path::new(src).is_dir() {
+                request.locals.insert(name.to_string(), absolute(Path::new(src)).to_string_lossy().into_owned());
+            }
+        }
+    }
+    request.exporters = exporters;
+    request.no_cache = args.no_cache;
+    request.jobs = args.jobs;
+    request.oci_runtime = args.oci_runtime.clone();
+    let root = crate::host::state_root(args.frontend.root.as_deref());
+
+    let mut renderer = Renderer::new(args.progress);
+    let (tx, rx) = mpsc::channel::<(Event, String)>();
+    let root2 = root.clone();
+    let worker = std::thread::spawn(move || {
+        crate::solver_client::solve(&root2, &request, |ev, raw| {
+            let _ = tx.send((ev.clone(), raw.to_string()));
+        })
+    });
+    let mut result = None;
+    let mut failure: Option<(String, Option<String>, ErrorKind)> = None;
+    let mut failed_exit: Option<i32> = None;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok((ev, raw)) => {
+                renderer.event(&ev, &raw, err);
+                match ev {
+                    Event::Result(r) => result = Some(r),
+                    Event::Error { message, digest, kind } => failure = Some((message, digest, kind)),
+                    Event::VertexFailed { exit_code, .. } => failed_exit = exit_code,
+                    _ => {}
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => renderer.tick(err),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    renderer.finish(err);
+    let outcome = match worker.join() {
+        Ok(Ok(o)) => o,
+        Ok(Err(msg)) => {
+            let _ = writeln!(err, "error: {msg}");
+            return EXIT_OTHER;
+        }
+        Err(_) => {
+            let _ = writeln!(err, "error: the solver thread panicked");
+            return EXIT_OTHER;
+        }
+    };
+    if let Some((message, digest, kind)) = failure {
+        let tail = digest.as_deref().map(|d| renderer.tail_of(d)).unwrap_or_default();
+        let name = digest.as_deref().and_then(|d| renderer.name_of(d));
+        report_failure(&compiled, &message, digest.as_deref(), name, &tail, failed_exit, err);
+        return if kind == ErrorKind::Vertex { EXIT_STEP } else { EXIT_OTHER };
+    }
+    match result {
+        Some(r) if outcome.exit_code == 0 => {
+            if let Some(d) = &r.image_digest {
+                let _ = writeln!(out, "{d}");
+            }
+            let _ = writeln!(
+                err,
+                "done: {} steps ran, {} cached{}",
+                r.executed,
+                r.cached,
+                if r.exported.is_empty() { String::new() } else { format!("; wrote {}", r.exported.join(", ")) }
+            );
+            EXIT_OK
+        }
+        _ => {
+            let _ = writeln!(
+                err,
+                "error: the solver exited with code {} without a result{}",
+                outcome.exit_code,
+                if outcome.garbage.is_empty() { String::new() } else { format!(": {}", outcome.garbage.join("\n")) }
+            );
+            EXIT_OTHER
+        }
+    }
+}
+
+/// Prints a failed step as a diagnostic on its Dockerfile line, with the
+/// step's last output lines.
+fn report_failure(
+    compiled: &crate::frontend::Compiled,
+    message: &str,
+    digest: Option<&str>,
+    name: Option<String>,
+    tail: &[String],
+    exit_code: Option<i32>,
+    err: &mut dyn Write,
+) {
+    let location = digest.and_then(|d| source_range(&compiled.definition, d));
+    let step = name.unwrap_or_default();
+    let help = if tail.is_empty() {
+        None
+    } else {
+        Some(format!("last output of the step:\n{}", tail.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")))
+    };
+    match location {
+        Some((start_line, end_line)) => {
+            let (offset, length) = line_span(&compiled.source, start_line, end_line);
+            let diag = Diagnostic {
+                severity: Severity::Error,
+                code: "kiln::build::step_failed".into(),
+                message: format!("{step}: {message}"),
+                label: match exit_code {
+                    Some(c) => format!("this step failed (exit code {c})"),
+                    None => "this step failed".into(),
+                },
+                help,
+                file: compiled.filename.clone(),
+                offset,
+                length,
+            };
+            let color = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let _ = err.write_all(crate::diagnostics::render(&diag, &compiled.source, color).as_bytes());
+        }
+        None => {
+            let _ = writeln!(err, "error: {}{message}", if step.is_empty() { String::new() } else { format!("{step}: ") });
+            if let Some(h) = help {
+                let _ = writeln!(err, "{h}");
+            }
+        }
+    }
+}
+
+/// The 1-based line range of an op in the Definition's source map.
+fn source_range(definition: &[u8], digest: &str) -> Option<(usize, usize)> {
+    let def = LoadedDefinition::decode(definition).ok()?;
+    let source = def.source.as_ref()?;
+    let locs = source.locations.get(digest)?;
+    let loc = locs.locations.first()?;
+    let r = loc.ranges.first()?;
+    let start = r.start.as_ref()?.line.max(1) as usize;
+    let end = r.end.as_ref().map(|e| e.line.max(1) as usize).unwrap_or(start);
+    Some((start, end.max(start)))
+}
+
+/// Byte offset and length of lines `start..=end` (1-based) of `text`.
+fn line_span(text: &str, start: usize, end: usize) -> (usize, usize) {
+    let mut offset = 0;
+    let mut begin = None;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let n = i + 1;
+        if n == start {
+            begin = Some(offset);
+        }
+        offset += line.len();
+        if n == end {
+            let b = begin.unwrap_or(0);
+            let trimmed = text[b..offset].trim_end_matches(['\n', '\r']).len();
+            return (b, trimmed);
+        }
+    }
+    (begin.unwrap_or(0), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_parse_like_buildx() {
+        let tags = vec!["app:1".to_string()];
+        assert_eq!(
+            parse_output("type=oci,dest=o.tar", &tags).expect("oci"),
+            Exporter::Oci {
+                dest: "o.tar".into(),
+                names: tags.clone()
+            }
+        );
+        assert_eq!(parse_output("outdir", &tags).expect("dir"), Exporter::Local { dest: "outdir".into() });
+        assert!(parse_output("type=oci", &tags).is_err());
+        assert!(parse_output("type=zip,dest=x", &tags).is_err());
+        assert_eq!(line_span("a\nbb\nccc\n", 2, 3), (2, 6));
+    }
+}

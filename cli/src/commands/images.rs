@@ -1,0 +1,64 @@
+//! `kiln images`: the images in kiln's store (`ROOT/store/index.json`).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::{EXIT_OK, EXIT_OTHER};
+
+/// `kiln images` flags.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// kiln's state root; default $KILN_ROOT or ~/.local/share/kiln.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Print full digests.
+    #[arg(long)]
+    pub no_trunc: bool,
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", units[i])
+    }
+}
+
+/// Runs the command.
+pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    let store = crate::host::state_root(args.root.as_deref()).join("store");
+    let index: Value = match std::fs::read(store.join("index.json")) {
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = writeln!(err, "error: {}: {e}", store.join("index.json").display());
+                return EXIT_OTHER;
+            }
+        },
+        Err(_) => Value::Null,
+    };
+    let _ = writeln!(out, "{:<50} {:<19} {:<22} {:>9}", "NAME", "DIGEST", "CREATED", "SIZE");
+    for m in index["manifests"].as_array().into_iter().flatten() {
+        let name = m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap_or("<none>");
+        let digest = m["digest"].as_str().unwrap_or("");
+        let created = m["annotations"]["org.opencontainers.image.created"].as_str().unwrap_or("");
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let size: u64 = std::fs::read(store.join("blobs/sha256").join(hex))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .map(|man| man["layers"].as_array().into_iter().flatten().filter_map(|l| l["size"].as_u64()).sum())
+            .unwrap_or(0);
+        let shown = if args.no_trunc { digest.to_string() } else { digest.chars().take(19).collect() };
+        let _ = writeln!(out, "{name:<50} {shown:<19} {created:<22} {:>9}", human(size));
+    }
+    EXIT_OK
+}

@@ -1,0 +1,74 @@
+//! Starting `kiln-solver`, sending it a request and reading its events.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use kiln_solver_protocol::{Event, SolveRequest};
+
+/// The solver binary: `$KILN_SOLVER`, else `kiln-solver` beside this
+/// executable, else on PATH.
+pub fn solver_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KILN_SOLVER") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let beside = dir.join("kiln-solver");
+            if beside.is_file() {
+                return beside;
+            }
+            // Test binaries live in target/*/deps, the solver one level up.
+            if let Some(up) = dir.parent() {
+                let p = up.join("kiln-solver");
+                if p.is_file() {
+                    return p;
+                }
+            }
+        }
+    }
+    PathBuf::from("kiln-solver")
+}
+
+/// How a solve ended.
+pub struct Outcome {
+    /// The solver's exit code.
+    pub exit_code: i32,
+    /// Lines that were not events (a broken solver), for the error message.
+    pub garbage: Vec<String>,
+}
+
+/// Runs one solve; `on_event` sees each event as it arrives (`raw` is the line).
+pub fn solve(root: &std::path::Path, request: &SolveRequest, mut on_event: impl FnMut(&Event, &str)) -> Result<Outcome, String> {
+    let bin = solver_binary();
+    let mut child = Command::new(&bin)
+        .arg("--root")
+        .arg(root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the solver {}: {e}", bin.display()))?;
+    let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    {
+        let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
+        stdin.write_all(&body).map_err(|e| format!("sending the request to the solver: {e}"))?;
+    }
+    let stdout = child.stdout.take().ok_or("solver has no stdout")?;
+    let mut garbage = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("reading the solver's output: {e}"))?;
+        if line.is_empty() {
+            continue;
+        }
+        match Event::from_line(&line) {
+            Ok(ev) => on_event(&ev, &line),
+            Err(_) => garbage.push(line),
+        }
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    Ok(Outcome {
+        exit_code: status.code().unwrap_or(-1),
+        garbage,
+    })
+}

@@ -1,0 +1,421 @@
+//! Running one ExecOp's process in an OCI runtime (runc by default).
+//!
+//! The scheduler mounts the root filesystem and every input mount; this
+//! module writes the runtime config (oci-spec), creates what the runtime
+//! needs inside the root (cwd, mount points), runs the container with its
+//! output streamed back, and afterwards removes the mount points it had to
+//! create, so they do not end up in the step's layer.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use kiln_llb::pb;
+use oci_spec::runtime::{Capability, LinuxNamespaceType, Mount, Spec};
+use tokio::io::AsyncReadExt;
+
+use crate::fsutil::{mkdir_all, resolve_in_root, resolve_user};
+use crate::layer::set_mtime_nofollow;
+
+/// The OCI runtime binary and where it keeps state.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    /// `runc`, `crun` or a path.
+    pub binary: String,
+    /// Its `--root`.
+    pub state: PathBuf,
+}
+
+/// One mount of the step besides the root.
+#[derive(Debug, Clone)]
+pub enum StepMount {
+    /// A host directory or file bound at `dest`.
+    Bind {
+        /// Path in the container.
+        dest: String,
+        /// Host path.
+        source: PathBuf,
+        /// Mounted read-only.
+        readonly: bool,
+    },
+    /// A tmpfs at `dest`.
+    Tmpfs {
+        /// Path in the container.
+        dest: String,
+        /// Size limit in bytes (0 = the kernel default).
+        size: i64,
+    },
+}
+
+impl StepMount {
+    fn dest(&self) -> &str {
+        match self {
+            StepMount::Bind { dest, .. } | StepMount::Tmpfs { dest, .. } => dest,
+        }
+    }
+}
+
+/// Everything needed to run one step.
+pub struct Step<'a> {
+    /// The op's process settings.
+    pub meta: &'a pb::Meta,
+    /// `pb::NetMode` as its number.
+    pub network: i32,
+    /// `pb::SecurityMode` as its number.
+    pub security: i32,
+    /// The mounted, writable root filesystem.
+    pub rootfs: &'a Path,
+    /// Other mounts, in the op's order.
+    pub mounts: Vec<StepMount>,
+    /// A scratch directory for the bundle (config.json, hosts, resolv.conf).
+    pub bundle: &'a Path,
+    /// The container id.
+    pub id: String,
+}
+
+/// Why a step failed.
+#[derive(Debug)]
+pub struct StepError {
+    /// What went wrong.
+    pub message: String,
+    /// The process's exit code when it ran and exited non-zero.
+    pub exit_code: Option<i32>,
+}
+
+impl StepError {
+    fn setup(message: impl Into<String>) -> StepError {
+        StepError {
+            message: message.into(),
+            exit_code: None,
+        }
+    }
+}
+
+/// `docker`'s default capability set, which BuildKit also grants.
+const DEFAULT_CAPS: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Kills and removes the container if the step is abandoned mid-way.
+struct ContainerGuard<'a> {
+    runtime: &'a Runtime,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for ContainerGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::process::Command::new(&self.runtime.binary)
+                .arg("--root")
+                .arg(&self.runtime.state)
+                .args(["delete", "--force", &self.id])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A path created only so that something could be mounted on it.
+struct Stub {
+    path: PathBuf,
+    parent_mtime: Option<(i64, i64)>,
+}
+
+fn find_stubs(rootfs: &Path, dests: &[&str]) -> Vec<Stub> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for d in dests {
+        let mut cur = String::new();
+        for part in d.split('/').filter(|p| !p.is_empty()) {
+            cur.push('/');
+            cur.push_str(part);
+            let Ok(p) = resolve_in_root(rootfs, &cur, true) else { break };
+            if fs::symlink_metadata(&p).is_err() {
+                if seen.insert(p.clone()) {
+                    let parent_mtime = p.parent().and_then(|pp| fs::metadata(pp).ok()).map(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        (m.mtime(), m.mtime_nsec())
+                    });
+                    out.push(Stub { path: p, parent_mtime });
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn remove_stubs(stubs: &[Stub]) {
+    for s in stubs.iter().rev() {
+        let Ok(m) = fs::symlink_metadata(&s.path) else { continue };
+        // Only what is still empty: the step may have written there itself.
+        let removed = if m.is_dir() {
+            remove_empty_tree(&s.path)
+        } else if m.len() == 0 {
+            fs::remove_file(&s.path).is_ok()
+        } else {
+            false
+        };
+        if removed {
+            if let (Some(parent), Some((sec, ns))) = (s.path.parent(), s.parent_mtime) {
+                set_mtime_nofollow(parent, sec, ns);
+            }
+        }
+    }
+}
+
+fn remove_empty_tree(dir: &Path) -> bool {
+    let Ok(rd) = fs::read_dir(dir) else { return false };
+    for e in rd.flatten() {
+        let p = e.path();
+        let ok = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => remove_empty_tree(&p),
+            Ok(m) if m.len() == 0 && m.is_file() => fs::remove_file(&p).is_ok(),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    fs::remove_dir(dir).is_ok()
+}
+
+/// `/etc/resolv.conf` for the step: the host's, without loopback servers
+/// unless the step shares the host network.
+fn resolv_conf(host_network: bool) -> String {
+    let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let mut out = String::new();
+    let mut servers = 0;
+    for line in host.lines() {
+        let t = line.trim();
+        if let Some(ip) = t.strip_prefix("nameserver") {
+            let ip = ip.trim();
+            if !host_network && (ip.starts_with("127.") || ip == "::1") {
+                continue;
+            }
+            servers += 1;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if servers == 0 && !host_network {
+        out.push_str("nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
+    }
+    out
+}
+
+fn hosts_file(hostname: &str, extra: &[pb::HostIp]) -> String {
+    let mut s = format!("127.0.0.1\tlocalhost {hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for h in extra {
+        s.push_str(&format!("{}\t{}\n", h.ip, h.host));
+    }
+    s
+}
+
+fn bind(dest: &str, source: &Path, readonly: bool) -> Mount {
+    let mut m = Mount::default();
+    m.set_destination(PathBuf::from(dest));
+    m.set_typ(Some("bind".into()));
+    m.set_source(Some(source.to_path_buf()));
+    let mut opts = vec!["rbind".to_string()];
+    opts.push(if readonly { "ro" } else { "rw" }.to_string());
+    m.set_options(Some(opts));
+    m
+}
+
+/// Runs the step; `on_output(stream, bytes)` receives its output as it comes.
+pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnMut(u8, &[u8])) -> Result<(), StepError> {
+    let meta = step.meta;
+    if meta.args.is_empty() {
+        return Err(StepError::setup("the step has no command"));
+    }
+    let host_network = step.network == pb::NetMode::Host as i32 || step.network == pb::NetMode::Unset as i32;
+    let insecure = step.security == pb::SecurityMode::Insecure as i32;
+    let hostname = if meta.hostname.is_empty() { "buildkitsandbox" } else { &meta.hostname };
+
+    // User and cwd from the root filesystem.
+    let user_spec = if meta.user.is_empty() { "root" } else { meta.user.as_str() };
+    let (owner, extra_gids) = resolve_user(step.rootfs, user_spec).map_err(|e| StepError::setup(e.to_string()))?;
+    let cwd = if meta.cwd.is_empty() { "/".to_string() } else { meta.cwd.clone() };
+
+    fs::create_dir_all(step.bundle).map_err(|e| StepError::setup(format!("bundle: {e}")))?;
+    let hosts = step.bundle.join("hosts");
+    let resolv = step.bundle.join("resolv.conf");
+    fs::write(&hosts, hosts_file(hostname, &meta.extra_hosts)).map_err(|e| StepError::setup(e.to_string()))?;
+    fs::write(&resolv, resolv_conf(host_network)).map_err(|e| StepError::setup(e.to_string()))?;
+
+    let mut spec = Spec::default();
+    spec.set_hostname(Some(hostname.to_string()));
+    if let Some(root) = spec.root_mut() {
+        root.set_path(step.rootfs.to_path_buf());
+        root.set_readonly(Some(false));
+    }
+    let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    mounts.push(bind("/etc/resolv.conf", &resolv, true));
+    mounts.push(bind("/etc/hosts", &hosts, true));
+    let mut user_mounts = step.mounts;
+    // Parents before what is mounted inside them.
+    user_mounts.sort_by_key(|m| m.dest().split('/').filter(|s| !s.is_empty()).count());
+    for m in &user_mounts {
+        match m {
+            StepMount::Bind { dest, source, readonly } => mounts.push(bind(dest, source, *readonly)),
+            StepMount::Tmpfs { dest, size } => {
+                let mut t = Mount::default();
+                t.set_destination(PathBuf::from(dest));
+                t.set_typ(Some("tmpfs".into()));
+                t.set_source(Some(PathBuf::from("tmpfs")));
+                let mut opts = vec!["nosuid".to_string(), "nodev".to_string(), "mode=1777".to_string()];
+                if *size > 0 {
+                    opts.push(format!("size={size}"));
+                }
+                t.set_options(Some(opts));
+                mounts.push(t);
+            }
+        }
+    }
+    let dests: Vec<String> = mounts.iter().map(|m| m.destination().to_string_lossy().into_owned()).collect();
+    let dest_refs: Vec<&str> = dests.iter().map(String::as_str).collect();
+    let stubs = find_stubs(step.rootfs, &dest_refs);
+    spec.set_mounts(Some(mounts));
+
+    let cwd_host = resolve_in_root(step.rootfs, &cwd, true).map_err(|e| StepError::setup(e.to_string()))?;
+    mkdir_all(&cwd_host, None, None).map_err(|e| StepError::setup(format!("creating working directory {cwd}: {e}")))?;
+
+    if let Some(process) = spec.process_mut() {
+        process.set_args(Some(meta.args.clone()));
+        let mut env = meta.env.clone();
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, DEFAULT_PATH.to_string());
+        }
+        process.set_env(Some(env));
+        process.set_cwd(PathBuf::from(&cwd));
+        let user = process.user_mut();
+        user.set_uid(owner.uid);
+        user.set_gid(owner.gid);
+        user.set_additional_gids(if extra_gids.is_empty() { None } else { Some(extra_gids) });
+        process.set_no_new_privileges(Some(!insecure));
+        if let Some(caps) = process.capabilities().clone() {
+            let set: HashSet<Capability> = if insecure {
+                all_capabilities()
+            } else {
+                DEFAULT_CAPS.iter().copied().collect()
+            };
+            let mut caps = caps;
+            caps.set_bounding(Some(set.clone()));
+            caps.set_effective(Some(set.clone()));
+            caps.set_permitted(Some(set));
+            caps.set_inheritable(None);
+            caps.set_ambient(None);
+            process.set_capabilities(Some(caps));
+        }
+        process.set_rlimits(None);
+    }
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(ns) = linux.namespaces().clone() {
+            let kept: Vec<_> = ns
+                .into_iter()
+                .filter(|n| !(host_network && n.typ() == LinuxNamespaceType::Network))
+                .filter(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Cgroup)
+                .collect();
+            linux.set_namespaces(Some(kept));
+        }
+        if insecure {
+            linux.set_masked_paths(None);
+            linux.set_readonly_paths(None);
+        }
+        linux.set_cgroups_path(Some(PathBuf::from(format!("/kiln/{}", step.id))));
+    }
+    let config = serde_json::to_vec(&spec).map_err(|e| StepError::setup(e.to_string()))?;
+    fs::write(step.bundle.join("config.json"), config).map_err(|e| StepError::setup(e.to_string()))?;
+
+    let mut guard = ContainerGuard {
+        runtime,
+        id: step.id.clone(),
+        armed: true,
+    };
+    let mut child = tokio::process::Command::new(&runtime.binary)
+        .arg("--root")
+        .arg(&runtime.state)
+        .arg("run")
+        .arg("--bundle")
+        .arg(step.bundle)
+        .arg("--no-new-keyring")
+        .arg(&step.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| StepError::setup(format!("cannot start the OCI runtime {:?}: {e}", runtime.binary)))?;
+    let mut out = child.stdout.take().ok_or_else(|| StepError::setup("no stdout pipe"))?;
+    let mut err = child.stderr.take().ok_or_else(|| StepError::setup("no stderr pipe"))?;
+    let mut out_buf = vec![0u8; 16 * 1024];
+    let mut err_buf = vec![0u8; 16 * 1024];
+    let (mut out_open, mut err_open) = (true, true);
+    while out_open || err_open {
+        tokio::select! {
+            r = out.read(&mut out_buf), if out_open => match r {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => on_output(1, &out_buf[..n]),
+            },
+            r = err.read(&mut err_buf), if err_open => match r {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => on_output(2, &err_buf[..n]),
+            },
+        }
+    }
+    let status = child.wait().await.map_err(|e| StepError::setup(format!("waiting for the runtime: {e}")))?;
+    guard.armed = false;
+    drop(guard);
+
+    remove_stubs(&stubs);
+    let code = status.code().unwrap_or(-1);
+    let valid = if meta.valid_exit_codes.is_empty() {
+        code == 0
+    } else {
+        meta.valid_exit_codes.contains(&code)
+    };
+    if !valid {
+        return Err(StepError {
+            message: format!("process \"{}\" did not complete successfully: exit code: {code}", display_args(&meta.args)),
+            exit_code: Some(code),
+        });
+    }
+    Ok(())
+}
+
+fn display_args(args: &[String]) -> String {
+    args.join(" ")
+}
+
+fn all_capabilities() -> HashSet<Capability> {
+    use std::str::FromStr;
+    // Every capability the spec knows, by parsing the names the kernel lists.
+    let names = [
+        "CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "CAP_AUDIT_WRITE", "CAP_BLOCK_SUSPEND", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
+        "CAP_KILL", "CAP_LEASE", "CAP_LINUX_IMMUTABLE", "CAP_MAC_ADMIN", "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN",
+        "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_RAW", "CAP_PERFMON", "CAP_SETGID", "CAP_SETFCAP", "CAP_SETPCAP",
+        "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_CHROOT", "CAP_SYS_MODULE", "CAP_SYS_NICE", "CAP_SYS_PACCT",
+        "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    ];
+    names.iter().filter_map(|n| Capability::from_str(n).ok()).collect()
+}

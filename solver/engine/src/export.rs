@@ -1,0 +1,392 @@
+//! Exporters: the final result as an OCI image (kiln's store, an OCI layout
+//! tarball, a `docker load` tarball) or as plain files (a directory, a tar).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use kiln_solver_protocol::Exporter;
+use serde_json::{json, Value as Json};
+use sha2::{Digest as _, Sha256};
+
+use crate::layer::export_layer;
+use crate::root::{write_atomic, StateRoot};
+use crate::snapshot::{layer_fs, mount_stack, read_layer_blob, write_layer_blob, LayerBlob};
+
+/// OCI media types.
+pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An image made of the result's layers.
+pub struct Image {
+    /// Manifest digest.
+    pub digest: String,
+    /// Manifest size.
+    pub size: usize,
+    /// Config digest.
+    pub config_digest: String,
+    /// Layer blobs, bottom first.
+    pub layers: Vec<LayerBlob>,
+    /// The platform of the config.
+    pub platform: Json,
+}
+
+fn sha(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
+    let d = sha(bytes);
+    let p = root.blob_path(&d);
+    if !p.exists() {
+        write_atomic(&p, bytes, false)?;
+    }
+    Ok(d)
+}
+
+/// The compressed blobs of the layers, making those not made before
+/// (several at once).
+pub fn layer_blobs(root: &StateRoot, layers: &[String]) -> Result<Vec<LayerBlob>, String> {
+    let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id)).collect();
+    let missing: Vec<usize> = (0..layers.len()).filter(|i| out[*i].is_none()).collect();
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(missing.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<(usize, Result<LayerBlob, String>)>> = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&i) = missing.get(k) else { break };
+                let id = &layers[i];
+                let r = export_layer(root, &layer_fs(root, id))
+                    .and_then(|b| write_layer_blob(root, id, &b).map(|()| b))
+                    .map_err(|e| format!("compressing layer {id}: {e}"));
+                if let Ok(mut v) = results.lock() {
+                    v.push((i, r));
+                }
+            });
+        }
+    });
+    for (i, r) in results.into_inner().map_err(|_| "layer export panicked".to_string())? {
+        out[i] = Some(r?);
+    }
+    out.into_iter().map(|b| b.ok_or_else(|| "layer blob missing".to_string())).collect()
+}
+
+/// Builds and stores the image config and manifest for the layers.
+pub fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>) -> Result<Image, String> {
+    let blobs = layer_blobs(root, layers)?;
+    let mut config = config.cloned().unwrap_or_else(|| json!({}));
+    let obj = config.as_object_mut().ok_or("the image config is not a JSON object")?;
+    obj.entry("architecture").or_insert(json!("amd64"));
+    obj.entry("os").or_insert(json!("linux"));
+    let diff_ids: Vec<Json> = blobs.iter().map(|b| json!(b.diff_id)).collect();
+    obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
+    align_history(obj, blobs.len());
+    let created: Vec<i64> = layers.iter().map(|id| crate::snapshot::layer_created(root, id)).collect();
+    stamp_history(obj, &created);
+    let platform = json!({"architecture": obj["architecture"], "os": obj["os"]});
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    let config_digest = store_blob(root, &config_bytes).map_err(|e| e.to_string())?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST,
+        "config": {"mediaType": CONFIG, "digest": config_digest, "size": config_bytes.len()},
+        "layers": blobs.iter().map(|b| json!({"mediaType": b.media_type, "digest": b.digest, "size": b.size})).collect::<Vec<_>>(),
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+    let digest = store_blob(root, &manifest_bytes).map_err(|e| e.to_string())?;
+    Ok(Image {
+        digest,
+        size: manifest_bytes.len(),
+        config_digest,
+        layers: blobs,
+        platform,
+    })
+}
+
+/// Makes the history have one non-empty entry per layer, as BuildKit's
+/// exporter does: missing entries are added for unaccounted layers, extra
+/// non-empty entries (steps that made no layer) are marked empty.
+fn align_history(obj: &mut serde_json::Map<String, Json>, layers: usize) {
+    let Some(history) = obj.get_mut("history").and_then(|h| h.as_array_mut()) else {
+        return;
+    };
+    let non_empty = history.iter().filter(|h| !h.get("empty_layer").and_then(Json::as_bool).unwrap_or(false)).count();
+    if non_empty < layers {
+        for _ in non_empty..layers {
+            history.push(json!({"created_by": "kiln: layer without a history entry"}));
+        }
+    } else if non_empty > layers {
+        let mut extra = non_empty - layers;
+        for h in history.iter_mut().rev() {
+            if extra == 0 {
+                break;
+            }
+            if !h.get("empty_layer").and_then(Json::as_bool).unwrap_or(false) {
+                if let Some(o) = h.as_object_mut() {
+                    o.insert("empty_layer".into(), json!(true));
+                }
+                extra -= 1;
+            }
+        }
+    }
+}
+
+/// Gives history entries without a `created` time the time their layer was
+/// made (an empty entry that of the layer before it), and the image the
+/// last one: a rebuild from cache gives the same config, hence the same id.
+fn stamp_history(obj: &mut serde_json::Map<String, Json>, created: &[i64]) {
+    let last = created.iter().copied().max().unwrap_or(0);
+    if let Some(history) = obj.get_mut("history").and_then(|h| h.as_array_mut()) {
+        let mut layer = 0usize;
+        let mut current = created.first().copied().unwrap_or(0);
+        for h in history.iter_mut() {
+            let empty = h.get("empty_layer").and_then(Json::as_bool).unwrap_or(false);
+            if !empty {
+                current = created.get(layer).copied().unwrap_or(current);
+                layer += 1;
+            }
+            if let Some(o) = h.as_object_mut() {
+                if !o.contains_key("created") && current > 0 {
+                    o.insert("created".into(), json!(rfc3339(current)));
+                }
+            }
+        }
+        if let Some(t) = history.last().and_then(|h| h.get("created")).and_then(Json::as_str) {
+            obj.entry("created").or_insert(json!(t));
+            return;
+        }
+    }
+    if last > 0 {
+        obj.entry("created").or_insert(json!(rfc3339(last)));
+    }
+}
+
+/// Normalizes a tag as Docker does (`app` → `docker.io/library/app:latest`).
+pub fn normalize_name(name: &str) -> String {
+    kiln_frontend::reference::Reference::parse(name)
+        .map(|r| r.normalized())
+        .unwrap_or_else(|_| name.to_string())
+}
+
+/// Adds names to kiln's image store (its `index.json`).
+pub fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), String> {
+    let _lock = root.lock_store().map_err(|e| e.to_string())?;
+    let index_path = root.store().join("index.json");
+    let mut index: Json = fs::read(&index_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| json!({"schemaVersion": 2, "manifests": []}));
+    let manifests = index
+        .get_mut("manifests")
+        .and_then(|m| m.as_array_mut())
+        .ok_or("the image store's index.json has no manifests list")?;
+    let names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
+    manifests.retain(|m| {
+        let n = m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap_or("");
+        !names.iter().any(|x| x == n)
+    });
+    let created = now_rfc3339();
+    for n in &names {
+        manifests.push(json!({
+            "mediaType": MANIFEST,
+            "digest": image.digest,
+            "size": image.size,
+            "platform": image.platform,
+            "annotations": {
+                "org.opencontainers.image.ref.name": n,
+                "org.opencontainers.image.created": created,
+            },
+        }));
+    }
+    let bytes = serde_json::to_vec_pretty(&index).map_err(|e| e.to_string())?;
+    write_atomic(&index_path, &bytes, true).map_err(|e| e.to_string())
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    rfc3339(secs)
+}
+
+/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(secs: i64) -> String {
+    let days = secs.div_euclid(86400);
+    let rem = secs.rem_euclid(86400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+}
+
+fn append_file<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    tar.append_data(&mut h, name, bytes)
+}
+
+fn append_blob<W: Write>(tar: &mut tar::Builder<W>, root: &StateRoot, digest: &str) -> std::io::Result<()> {
+    let path = root.blob_path(digest);
+    let f = fs::File::open(&path)?;
+    let len = f.metadata()?.len();
+    let mut h = tar::Header::new_ustar();
+    h.set_size(len);
+    h.set_mode(0o644);
+    h.set_mtime(0);
+    h.set_entry_type(tar::EntryType::Regular);
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    tar.append_data(&mut h, format!("blobs/sha256/{hex}"), f)
+}
+
+/// Writes an OCI layout tarball (`docker` adds `manifest.json` for `docker load`).
+fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String], docker: bool) -> Result<(), String> {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    let tmp = parent.join(format!(".{}.kiln-tmp", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+    let file = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, file));
+    let io = |e: std::io::Error| format!("{}: {e}", dest.display());
+    append_file(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
+    let full_names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
+    let mut manifests = Vec::new();
+    if full_names.is_empty() {
+        manifests.push(json!({"mediaType": MANIFEST, "digest": image.digest, "size": image.size, "platform": image.platform}));
+    }
+    for n in &full_names {
+        let mut annotations = BTreeMap::new();
+        annotations.insert("org.opencontainers.image.ref.name", n.clone());
+        if docker {
+            annotations.insert("io.containerd.image.name", n.clone());
+        }
+        manifests.push(json!({"mediaType": MANIFEST, "digest": image.digest, "size": image.size, "platform": image.platform, "annotations": annotations}));
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests});
+    append_file(&mut tar, "index.json", &serde_json::to_vec(&index).map_err(|e| e.to_string())?).map_err(io)?;
+    if docker {
+        let config_hex = image.config_digest.strip_prefix("sha256:").unwrap_or(&image.config_digest);
+        let layers: Vec<String> = image
+            .layers
+            .iter()
+            .map(|l| format!("blobs/sha256/{}", l.digest.strip_prefix("sha256:").unwrap_or(&l.digest)))
+            .collect();
+        let repo_tags: Vec<String> = names.iter().map(|n| docker_tag(n)).collect();
+        let manifest = json!([{"Config": format!("blobs/sha256/{config_hex}"), "RepoTags": repo_tags, "Layers": layers}]);
+        append_file(&mut tar, "manifest.json", &serde_json::to_vec(&manifest).map_err(|e| e.to_string())?).map_err(io)?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for d in std::iter::once(&image.digest)
+        .chain(std::iter::once(&image.config_digest))
+        .chain(image.layers.iter().map(|l| &l.digest))
+    {
+        if seen.insert(d.clone()) {
+            append_blob(&mut tar, root, d).map_err(io)?;
+        }
+    }
+    let w = tar.into_inner().map_err(io)?;
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, dest).map_err(io)?;
+    Ok(())
+}
+
+/// `docker.io/library/app:1` → `app:1`, as `docker images` shows it.
+fn docker_tag(name: &str) -> String {
+    let full = normalize_name(name);
+    let short = full.strip_prefix("docker.io/library/").or_else(|| full.strip_prefix("docker.io/")).unwrap_or(&full);
+    short.to_string()
+}
+
+/// Runs the exporters on the final layers. Returns the image (if one was
+/// made) and what was written.
+pub fn export(root: &StateRoot, layers: &[String], config: Option<&Json>, exporters: &[Exporter]) -> Result<(Option<Image>, Vec<String>), String> {
+    let mut image: Option<Image> = None;
+    let mut written = Vec::new();
+    let needs_image = exporters.iter().any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }));
+    if needs_image {
+        image = Some(make_image(root, layers, config)?);
+    }
+    for e in exporters {
+        match e {
+            Exporter::Image { names } => {
+                if let Some(img) = &image {
+                    tag_in_store(root, img, names)?;
+                    written.extend(names.iter().map(|n| normalize_name(n)));
+                }
+            }
+            Exporter::Oci { dest, names } | Exporter::Docker { dest, names } => {
+                if let Some(img) = &image {
+                    write_image_tar(root, img, Path::new(dest), names, matches!(e, Exporter::Docker { .. }))?;
+                    written.push(dest.clone());
+                }
+            }
+            Exporter::Local { dest } => {
+                let view = mount_stack(root, layers, None).map_err(|e| e.to_string())?;
+                let dest_path = Path::new(dest);
+                fs::create_dir_all(dest_path).map_err(|e| format!("{dest}: {e}"))?;
+                let action = kiln_llb::pb::FileActionCopy {
+                    src: "/".into(),
+                    dest: "/".into(),
+                    mode: -1,
+                    dir_copy_contents: true,
+                    create_dest_path: true,
+                    timestamp: -1,
+                    ..Default::default()
+                };
+                crate::fileop::copy(dest_path, &crate::fileop::SourceView::Dir(view.path()), &action)?;
+                written.push(dest.clone());
+            }
+            Exporter::Tar { dest } => {
+                let view = mount_stack(root, layers, None).map_err(|e| e.to_string())?;
+                let dest_path = Path::new(dest);
+                let tmp = dest_path.with_extension("kiln-tmp");
+                let f = fs::File::create(&tmp).map_err(|e| format!("{dest}: {e}"))?;
+                let w = crate::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f)).map_err(|e| format!("{dest}: {e}"))?;
+                w.into_inner().map_err(|e| format!("{dest}: {}", e.into_error()))?;
+                fs::rename(&tmp, dest_path).map_err(|e| format!("{dest}: {e}"))?;
+                written.push(dest.clone());
+            }
+        }
+    }
+    Ok((image, written))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn history_matches_layers() {
+        let mut cfg = json!({"history": [{"created_by": "a"}, {"created_by": "ENV", "empty_layer": true}, {"created_by": "b"}]});
+        let obj = cfg.as_object_mut().expect("object");
+        align_history(obj, 3);
+        assert_eq!(obj["history"].as_array().expect("array").len(), 4);
+        let mut cfg = json!({"history": [{"created_by": "a"}, {"created_by": "b"}]});
+        let obj = cfg.as_object_mut().expect("object");
+        align_history(obj, 1);
+        assert_eq!(obj["history"][1]["empty_layer"], json!(true));
+    }
+}

@@ -1,0 +1,539 @@
+//! FileOp actions (copy, mkfile, mkdir, rm, symlink) applied to a writable
+//! root, with the semantics of BuildKit's file backend and fsutil's copy.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use kiln_llb::pb;
+
+use crate::context::{join_rel, LocalSource};
+use crate::fsutil::{lchown, lookup_id, mkdir_all, resolve_in_root, Owner};
+use crate::layer::set_mtime_nofollow;
+use crate::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
+
+/// Where a copy reads from.
+pub enum SourceView<'a> {
+    /// A mounted filesystem.
+    Dir(&'a Path),
+    /// A local source: its directory seen through its patterns, owned by root.
+    Local(&'a LocalSource),
+}
+
+impl SourceView<'_> {
+    fn root(&self) -> &Path {
+        match self {
+            SourceView::Dir(p) => p,
+            SourceView::Local(l) => &l.dir,
+        }
+    }
+
+    /// Whether a path (relative to the root) is visible.
+    fn visible(&self, rel: &str, is_dir: bool) -> bool {
+        match self {
+            SourceView::Dir(_) => true,
+            SourceView::Local(l) => {
+                if is_dir {
+                    l.may_enter(rel)
+                } else {
+                    l.includes(rel)
+                }
+            }
+        }
+    }
+
+    fn owner_override(&self) -> Option<Owner> {
+        match self {
+            SourceView::Dir(_) => None,
+            SourceView::Local(_) => Some(Owner { uid: 0, gid: 0 }),
+        }
+    }
+}
+
+/// Why an action failed.
+pub type ActionError = String;
+
+fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> ActionError {
+    format!("{context}: {e}")
+}
+
+/// Resolves a ChownOpt against the destination root's /etc files.
+fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Owner>, ActionError> {
+    let Some(c) = chown else { return Ok(None) };
+    let id = |u: Option<&pb::UserOpt>, group: bool| -> Result<Option<u32>, ActionError> {
+        match u.and_then(|u| u.user.as_ref()) {
+            None => Ok(None),
+            Some(pb::user_opt::User::ById(n)) => Ok(Some(*n)),
+            Some(pb::user_opt::User::ByName(n)) => lookup_id(dest_root, &n.name, group).map(Some).map_err(|e| e.to_string()),
+        }
+    };
+    let uid = id(c.user.as_ref(), false)?;
+    let gid = id(c.group.as_ref(), true)?;
+    if uid.is_none() && gid.is_none() {
+        return Ok(None);
+    }
+    let uid = uid.unwrap_or(0);
+    Ok(Some(Owner { uid, gid: gid.unwrap_or(uid) }))
+}
+
+fn time_of(ts: i64) -> Option<i64> {
+    (ts >= 0).then_some(ts)
+}
+
+/// Makes a directory.
+pub fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), ActionError> {
+    let owner = owner_of(dest_root, a.owner.as_ref())?;
+    let time = time_of(a.timestamp);
+    let p = resolve_in_root(dest_root, &a.path, true).map_err(|e| err(&a.path, e))?;
+    if a.make_parents {
+        if let Some(parent) = p.parent() {
+            mkdir_all(parent, owner, time).map_err(|e| err(&a.path, e))?;
+        }
+    }
+    match fs::create_dir(&p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(err(format!("mkdir {}", a.path), e)),
+    }
+    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(|e| err(&a.path, e))?;
+    if let Some(o) = owner {
+        lchown(&p, o).map_err(|e| err(&a.path, e))?;
+    }
+    if let Some(t) = time {
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000);
+    }
+    Ok(())
+}
+
+/// Writes a file.
+pub fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), ActionError> {
+    let owner = owner_of(dest_root, a.owner.as_ref())?;
+    let p = resolve_in_root(dest_root, &a.path, true).map_err(|e| err(&a.path, e))?;
+    if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
+        fs::remove_file(&p).map_err(|e| err(&a.path, e))?;
+    }
+    fs::write(&p, &a.data).map_err(|e| err(format!("mkfile {}", a.path), e))?;
+    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(|e| err(&a.path, e))?;
+    if let Some(o) = owner {
+        lchown(&p, o).map_err(|e| err(&a.path, e))?;
+    }
+    if let Some(t) = time_of(a.timestamp) {
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000);
+    }
+    Ok(())
+}
+
+/// Makes a symlink.
+pub fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), ActionError> {
+    let owner = owner_of(dest_root, a.owner.as_ref())?;
+    let p = resolve_in_root(dest_root, &a.newpath, false).map_err(|e| err(&a.newpath, e))?;
+    std::os::unix::fs::symlink(&a.oldpath, &p).map_err(|e| err(format!("symlink {} -> {}", a.newpath, a.oldpath), e))?;
+    if let Some(o) = owner {
+        lchown(&p, o).map_err(|e| err(&a.newpath, e))?;
+    }
+    if let Some(t) = time_of(a.timestamp) {
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000);
+    }
+    Ok(())
+}
+
+/// Removes a path (or what a wildcard matches).
+pub fn rm(dest_root: &Path, a: &pb::FileActionRm) -> Result<(), ActionError> {
+    let targets: Vec<PathBuf> = if a.allow_wildcard && has_wildcards(&a.path) {
+        matches_in_dir(dest_root, &a.path)
+    } else {
+        vec![resolve_in_root(dest_root, &a.path, false).map_err(|e| err(&a.path, e))?]
+    };
+    if targets.is_empty() && !a.allow_not_found {
+        return Err(format!("rm {}: no matches found", a.path));
+    }
+    for t in targets {
+        match fs::symlink_metadata(&t) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !a.allow_not_found {
+                    return Err(err(format!("rm {}", a.path), e));
+                }
+            }
+            Err(e) => return Err(err(&a.path, e)),
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&t).map_err(|e| err(format!("rm {}", a.path), e))?,
+            Ok(_) => fs::remove_file(&t).map_err(|e| err(format!("rm {}", a.path), e))?,
+        }
+    }
+    Ok(())
+}
+
+/// Paths under `root` matching a `/`-separated glob, component by component.
+fn matches_in_dir(root: &Path, pattern: &str) -> Vec<PathBuf> {
+    let clean = clean_rel(pattern);
+    let mut found = vec![String::new()];
+    for part in clean.split('/') {
+        let mut next = Vec::new();
+        for base in &found {
+            if has_wildcards(part) {
+                let Ok(rd) = fs::read_dir(root.join(base)) else { continue };
+                let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                names.sort();
+                next.extend(names.into_iter().filter(|n| glob_match(part, n)).map(|n| join_rel(base, &n)));
+            } else {
+                next.push(join_rel(base, part));
+            }
+        }
+        found = next;
+    }
+    found
+        .into_iter()
+        .map(|p| root.join(p))
+        .filter(|p| fs::symlink_metadata(p).is_ok())
+        .collect()
+}
+
+struct Copier<'a> {
+    src: &'a SourceView<'a>,
+    owner: Option<Owner>,
+    mode: Option<ModeChange>,
+    time: Option<i64>,
+    include: Option<Matcher>,
+    exclude: Option<Matcher>,
+    replace: bool,
+    links: HashMap<(u64, u64), PathBuf>,
+}
+
+/// A `--chmod` value: octal, or symbolic (`u+x,go=rX`).
+#[derive(Debug, Clone)]
+enum ModeChange {
+    Octal(u32),
+    Symbolic(String),
+}
+
+impl ModeChange {
+    fn apply(&self, old: u32, is_dir: bool) -> u32 {
+        match self {
+            ModeChange::Octal(m) => *m & 0o7777,
+            ModeChange::Symbolic(s) => apply_symbolic(s, old & 0o7777, is_dir),
+        }
+    }
+}
+
+/// Applies a symbolic chmod (`[ugoa]*[+-=][rwxXst]*`, comma-separated).
+fn apply_symbolic(spec: &str, mut mode: u32, is_dir: bool) -> u32 {
+    for clause in spec.split(',') {
+        let who_end = clause.find(['+', '-', '=']).unwrap_or(clause.len());
+        let who = &clause[..who_end];
+        let mut mask = 0u32;
+        for c in who.chars() {
+            mask |= match c {
+                'u' => 0o4700,
+                'g' => 0o2070,
+                'o' => 0o1007,
+                'a' => 0o7777,
+                _ => 0,
+            };
+        }
+        if who.is_empty() {
+            mask = 0o7777;
+        }
+        let mut rest = &clause[who_end..];
+        while let Some(op) = rest.chars().next() {
+            let perms_end = rest[1..].find(['+', '-', '=']).map(|i| i + 1).unwrap_or(rest.len());
+            let perms = &rest[1..perms_end];
+            let mut bits = 0u32;
+            for c in perms.chars() {
+                bits |= match c {
+                    'r' => 0o444,
+                    'w' => 0o222,
+                    'x' => 0o111,
+                    'X' if is_dir || mode & 0o111 != 0 => 0o111,
+                    's' => 0o6000,
+                    't' => 0o1000,
+                    _ => 0,
+                };
+            }
+            let bits = bits & mask;
+            match op {
+                '+' => mode |= bits,
+                '-' => mode &= !bits,
+                '=' => mode = (mode & !(mask & 0o777)) | bits,
+                _ => {}
+            }
+            rest = &rest[perms_end..];
+        }
+    }
+    mode
+}
+
+/// Copies as `COPY`/`ADD` do. `dest_root` is the writable root.
+pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), ActionError> {
+    let owner = owner_of(dest_root, a.owner.as_ref())?;
+    let time = time_of(a.timestamp);
+    let mode = if !a.mode_str.is_empty() {
+        Some(ModeChange::Symbolic(a.mode_str.clone()))
+    } else if a.mode >= 0 {
+        Some(ModeChange::Octal(a.mode as u32))
+    } else {
+        None
+    };
+    let dest_is_dir = a.dest.ends_with('/') || a.dest.ends_with("/.") || a.dest == "." || a.dest.is_empty();
+    let dest_clean = format!("/{}", clean_rel(&a.dest));
+    let dest_abs = resolve_in_root(dest_root, &dest_clean, true).map_err(|e| err(&a.dest, e))?;
+    if !a.create_dest_path {
+        let parent = dest_abs.parent().unwrap_or(dest_root);
+        if fs::symlink_metadata(parent).is_err() {
+            return Err(format!("failed to stat {}: no such file or directory", a.dest));
+        }
+    }
+    let ensure = if dest_is_dir { dest_abs.clone() } else { dest_abs.parent().map(Path::to_path_buf).unwrap_or(dest_abs.clone()) };
+    mkdir_all(&ensure, owner, time).map_err(|e| err(format!("creating {}", a.dest), e))?;
+
+    let srcs: Vec<String> = if a.allow_wildcard && has_wildcards(&clean_rel(&a.src)) {
+        let found = match src {
+            SourceView::Local(l) => l.select(&a.src, true).map_err(|e| err(&a.src, e))?,
+            SourceView::Dir(d) => matches_in_dir(d, &a.src)
+                .into_iter()
+                .filter_map(|p| p.strip_prefix(d).ok().map(|r| r.to_string_lossy().into_owned()))
+                .collect(),
+        };
+        if found.is_empty() {
+            if a.allow_empty_wildcard {
+                return Ok(());
+            }
+            return Err(format!("no matches found: {}", a.src));
+        }
+        found
+    } else {
+        vec![clean_rel(&a.src)]
+    };
+    let pats = |p: &[String]| -> Result<Option<Matcher>, ActionError> {
+        if p.is_empty() {
+            Ok(None)
+        } else {
+            Matcher::new(p).map(Some)
+        }
+    };
+    let mut c = Copier {
+        src,
+        owner: owner.or(src.owner_override()),
+        mode,
+        time,
+        include: pats(&a.include_patterns)?,
+        exclude: pats(&a.exclude_patterns)?,
+        replace: a.always_replace_existing_dest_paths,
+        links: HashMap::new(),
+    };
+    for rel in srcs {
+        let src_abs = resolve_in_root(src.root(), &format!("/{rel}"), a.follow_symlink).map_err(|e| err(&a.src, e))?;
+        let rel_resolved = src_abs.strip_prefix(src.root()).map(|p| p.to_string_lossy().into_owned()).unwrap_or(rel.clone());
+        let meta = match fs::symlink_metadata(&src_abs) {
+            Ok(m) if src.visible(&rel_resolved, m.is_dir()) => m,
+            _ => return Err(format!("\"/{rel}\": not found")),
+        };
+        if a.attempt_unpack_docker_compatibility && meta.is_file() {
+            if let Some(kind) = archive_kind(&src_abs) {
+                let target = dest_abs.clone();
+                mkdir_all(&target, owner, time).map_err(|e| err(&a.dest, e))?;
+                unpack_archive(&src_abs, kind, &target, owner).map_err(|e| err(format!("extracting {rel}"), e))?;
+                continue;
+            }
+        }
+        let mut dst = dest_abs.clone();
+        let dst_meta = fs::metadata(&dst).ok();
+        if (!a.dir_copy_contents && meta.is_dir() && dst_meta.is_some()) || (!meta.is_dir() && dst_meta.as_ref().is_some_and(|m| m.is_dir())) {
+            let base = Path::new(&rel).file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            dst = dst.join(base);
+        }
+        let target_dir = if meta.is_dir() && !a.dir_copy_contents {
+            dst.clone()
+        } else {
+            dst.parent().map(Path::to_path_buf).unwrap_or(dst.clone())
+        };
+        mkdir_all(&target_dir, owner, time).map_err(|e| err(&a.dest, e))?;
+        c.copy_entry(&src_abs, &rel_resolved, "", &dst, &meta).map_err(|e| err(format!("copying {rel}"), e))?;
+    }
+    Ok(())
+}
+
+impl Copier<'_> {
+    fn filtered(&self, rel_in_copy: &str, is_dir: bool) -> bool {
+        if rel_in_copy.is_empty() {
+            return false;
+        }
+        if let Some(inc) = &self.include {
+            if !inc.matches(rel_in_copy) && !(is_dir && inc.may_contain_match(rel_in_copy)) {
+                return true;
+            }
+        }
+        self.exclude.as_ref().is_some_and(|e| e.matches(rel_in_copy) && !(is_dir && e.has_exceptions()))
+    }
+
+    fn copy_entry(&mut self, src: &Path, src_rel: &str, rel_in_copy: &str, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
+        let ft = meta.file_type();
+        let owner = self.owner.unwrap_or(Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        });
+        let mode = match &self.mode {
+            Some(m) => m.apply(meta.mode(), ft.is_dir()),
+            None => meta.mode() & 0o7777,
+        };
+        let (secs, nanos) = match self.time {
+            Some(t) => (t / 1_000_000_000, t % 1_000_000_000),
+            None => (meta.mtime(), meta.mtime_nsec()),
+        };
+        let existing = fs::symlink_metadata(dst).ok();
+        if ft.is_dir() {
+            match &existing {
+                Some(m) if m.is_dir() => {}
+                Some(_) => {
+                    fs::remove_file(dst)?;
+                    fs::create_dir(dst)?;
+                }
+                None => fs::create_dir(dst)?,
+            }
+            let mut names: Vec<_> = fs::read_dir(src)?.flatten().map(|e| e.file_name()).collect();
+            names.sort();
+            for n in names {
+                let name = n.to_string_lossy();
+                let child_src = src.join(&n);
+                let child_meta = fs::symlink_metadata(&child_src)?;
+                let child_rel = join_rel(src_rel, &name);
+                if !self.src.visible(&child_rel, child_meta.is_dir()) {
+                    continue;
+                }
+                let child_in_copy = join_rel(rel_in_copy, &name);
+                if self.filtered(&child_in_copy, child_meta.is_dir()) {
+                    continue;
+                }
+                self.copy_entry(&child_src, &child_rel, &child_in_copy, &dst.join(&n), &child_meta)?;
+            }
+            lchown(dst, owner)?;
+            fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
+            set_mtime_nofollow(dst, secs, nanos);
+            return Ok(());
+        }
+        if let Some(m) = &existing {
+            if m.is_dir() {
+                if self.replace {
+                    fs::remove_dir_all(dst)?;
+                } else {
+                    return Err(io::Error::other(format!("cannot replace directory {} with a file", dst.display())));
+                }
+            } else {
+                fs::remove_file(dst)?;
+            }
+        }
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
+            lchown(dst, owner)?;
+            set_mtime_nofollow(dst, secs, nanos);
+            return Ok(());
+        }
+        if ft.is_file() {
+            if meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = self.links.get(&key) {
+                    fs::hard_link(first, dst)?;
+                    return Ok(());
+                }
+                self.links.insert(key, dst.to_path_buf());
+            }
+            fs::copy(src, dst)?;
+        } else {
+            let kind = if ft.is_char_device() {
+                rustix::fs::FileType::CharacterDevice
+            } else if ft.is_block_device() {
+                rustix::fs::FileType::BlockDevice
+            } else if ft.is_fifo() {
+                rustix::fs::FileType::Fifo
+            } else {
+                return Ok(()); // sockets are not copied
+            };
+            rustix::fs::mknodat(rustix::fs::CWD, dst, kind, rustix::fs::Mode::from_raw_mode(mode), meta.rdev())?;
+        }
+        lchown(dst, owner)?;
+        fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
+        set_mtime_nofollow(dst, secs, nanos);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Archive {
+    Tar,
+    Gzip,
+}
+
+/// Whether a file is an archive `ADD` unpacks (tar, optionally gzip'd).
+fn archive_kind(path: &Path) -> Option<Archive> {
+    let mut f = fs::File::open(path).ok()?;
+    let mut head = [0u8; 512];
+    let n = read_full(&mut f, &mut head).ok()?;
+    if n >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+        let mut gz = flate2::read::GzDecoder::new(fs::File::open(path).ok()?);
+        let mut inner = [0u8; 512];
+        let m = read_full(&mut gz, &mut inner).ok()?;
+        return (m == 512 && is_tar_header(&inner)).then_some(Archive::Gzip);
+    }
+    (n == 512 && is_tar_header(&head)).then_some(Archive::Tar)
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let m = r.read(&mut buf[n..])?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+    }
+    Ok(n)
+}
+
+fn is_tar_header(h: &[u8; 512]) -> bool {
+    if &h[257..262] == b"ustar" {
+        return true;
+    }
+    // Old-style tar: check the header checksum.
+    let stored = std::str::from_utf8(&h[148..156])
+        .ok()
+        .and_then(|s| u32::from_str_radix(s.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok());
+    let sum: u32 = h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { *b as u32 }).sum();
+    stored == Some(sum) && h[0] != 0
+}
+
+fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
+    let f = io::BufReader::new(fs::File::open(src)?);
+    let reader: Box<dyn Read> = match kind {
+        Archive::Tar => Box::new(f),
+        Archive::Gzip => Box::new(flate2::read::GzDecoder::new(f)),
+    };
+    let mut ar = tar::Archive::new(reader);
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(owner.is_none());
+    ar.set_preserve_mtime(true);
+    ar.set_overwrite(true);
+    for entry in ar.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        if entry.unpack_in(dest)? {
+            if let Some(o) = owner {
+                let _ = lchown(&dest.join(&path), o);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symbolic_modes() {
+        assert_eq!(apply_symbolic("u+x", 0o644, false), 0o744);
+        assert_eq!(apply_symbolic("go=rX", 0o700, true), 0o755);
+        assert_eq!(apply_symbolic("go=rX", 0o600, false), 0o644);
+        assert_eq!(apply_symbolic("a-w", 0o666, false), 0o444);
+        assert_eq!(apply_symbolic("u=rw,g=r,o=", 0o777, false), 0o640);
+    }
+}

@@ -1,0 +1,232 @@
+//! Path helpers for working inside a root filesystem: resolving paths the
+//! way the container would see them (symlinks cannot escape the root),
+//! creating parents with an owner, setting owners and times.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Resolves the container path `p` inside `root`: symlinks are followed as
+/// if `root` were `/` (absolute targets and `..` stay inside), the last
+/// component only when `follow_last`. Missing components are kept as they
+/// are, so the result can name something to create.
+pub fn resolve_in_root(root: &Path, p: &str, follow_last: bool) -> io::Result<PathBuf> {
+    let mut parts: Vec<String> = Vec::new(); // resolved so far, relative to root
+    let mut pending: Vec<String> = split(p).into_iter().rev().collect();
+    let mut hops = 0;
+    while let Some(part) = pending.pop() {
+        match part.as_str() {
+            "." | "" => continue,
+            ".." => {
+                parts.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let is_last = pending.is_empty();
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&parts);
+        candidate.push(&part);
+        if is_last && !follow_last {
+            parts.push(part);
+            break;
+        }
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 255 {
+                    return Err(io::Error::other(format!("too many levels of symbolic links in {p}")));
+                }
+                let target = fs::read_link(&candidate)?;
+                let t = target.to_string_lossy().into_owned();
+                if t.starts_with('/') {
+                    parts.clear();
+                }
+                for c in split(&t).into_iter().rev() {
+                    pending.push(c);
+                }
+            }
+            _ => parts.push(part),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(parts);
+    Ok(out)
+}
+
+fn split(p: &str) -> Vec<String> {
+    Path::new(p)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            Component::ParentDir => Some("..".to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Owner of created files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Sets the owner of a path without following a final symlink.
+pub fn lchown(path: &Path, owner: Owner) -> io::Result<()> {
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        path,
+        Some(rustix::fs::Uid::from_raw(owner.uid)),
+        Some(rustix::fs::Gid::from_raw(owner.gid)),
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(Into::into)
+}
+
+/// Creates `dir` and its missing parents (mode 0755, owned by `owner`,
+/// timestamped `time` when given); existing ones are left alone. `dir` must
+/// already be resolved inside its root.
+pub fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = dir.to_path_buf();
+    loop {
+        match fs::metadata(&cur) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(io::Error::other(format!("{} is not a directory", cur.display()))),
+            Err(_) => {
+                missing.push(cur.clone());
+                if !cur.pop() {
+                    break;
+                }
+            }
+        }
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        if let Some(o) = owner {
+            lchown(d, o)?;
+        }
+        if let Some(t) = time {
+            crate::layer::set_mtime_nofollow(d, t / 1_000_000_000, t % 1_000_000_000);
+        }
+    }
+    Ok(())
+}
+
+/// Looks a user up in `root`'s `/etc/passwd` (by name or number) and the
+/// group in `/etc/group`; `user[:group]`.
+pub fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {
+    let (user, group) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let passwd = fs::read_to_string(resolve_in_root(root, "/etc/passwd", true)?).unwrap_or_default();
+    let groups = fs::read_to_string(resolve_in_root(root, "/etc/group", true)?).unwrap_or_default();
+    let (uid, mut gid) = if user.is_empty() {
+        (0, 0)
+    } else if let Ok(n) = user.parse::<u32>() {
+        let gid = passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2] == user)
+            .and_then(|f| f[3].parse().ok())
+            .unwrap_or(0);
+        (n, gid)
+    } else {
+        let f = passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[0] == user)
+            .ok_or_else(|| io::Error::other(format!("unable to find user {user}: no matching entries in passwd file")))?;
+        (
+            f[2].parse().map_err(|_| io::Error::other(format!("bad uid for {user} in /etc/passwd")))?,
+            f[3].parse().map_err(|_| io::Error::other(format!("bad gid for {user} in /etc/passwd")))?,
+        )
+    };
+    if let Some(g) = group {
+        gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => groups
+                .lines()
+                .map(|l| l.split(':').collect::<Vec<_>>())
+                .find(|f| f.len() > 2 && f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| io::Error::other(format!("unable to find group {g}: no matching entries in group file")))?,
+        };
+    }
+    // Supplementary groups of a named user.
+    let mut extra = Vec::new();
+    if group.is_none() && !user.is_empty() && user.parse::<u32>().is_err() {
+        for l in groups.lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() > 3 && f[3].split(',').any(|m| m == user) {
+                if let Ok(g) = f[2].parse::<u32>() {
+                    if g != gid {
+                        extra.push(g);
+                    }
+                }
+            }
+        }
+    }
+    Ok((Owner { uid, gid }, extra))
+}
+
+/// Looks up one name in `/etc/passwd` (`group = false`) or `/etc/group`.
+pub fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let file = if group { "/etc/group" } else { "/etc/passwd" };
+    let text = fs::read_to_string(resolve_in_root(root, file, true)?).unwrap_or_default();
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0] == name)
+        .and_then(|f| f[2].parse().ok())
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "unable to find {} {name}: no matching entries in {} file",
+                if group { "group" } else { "user" },
+                if group { "group" } else { "passwd" }
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_stay_inside_the_root() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        fs::create_dir_all(r.join("a/b")).expect("mkdir");
+        std::os::unix::fs::symlink("/a", r.join("abs")).expect("ln");
+        std::os::unix::fs::symlink("../../../../etc", r.join("a/up")).expect("ln");
+        assert_eq!(resolve_in_root(r, "/abs/b", true).expect("resolve"), r.join("a/b"));
+        assert_eq!(resolve_in_root(r, "/a/up/passwd", true).expect("resolve"), r.join("etc/passwd"));
+        assert_eq!(resolve_in_root(r, "/abs", false).expect("resolve"), r.join("abs"));
+        assert_eq!(resolve_in_root(r, "/../../x", true).expect("resolve"), r.join("x"));
+    }
+
+    #[test]
+    fn users_resolve_from_the_rootfs() {
+        let t = tempfile::tempdir().expect("tmp");
+        fs::create_dir_all(t.path().join("etc")).expect("mkdir");
+        fs::write(t.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n").expect("w");
+        fs::write(t.path().join("etc/group"), "root:x:0:\napp:x:1001:\nwheel:x:10:app\n").expect("w");
+        let (o, extra) = resolve_user(t.path(), "app").expect("user");
+        assert_eq!((o.uid, o.gid, extra), (1000, 1001, vec![10]));
+        assert_eq!(resolve_user(t.path(), "app:wheel").expect("user").0.gid, 10);
+        assert_eq!(resolve_user(t.path(), "5:6").expect("ids").0, Owner { uid: 5, gid: 6 });
+        assert!(resolve_user(t.path(), "nobody").is_err());
+    }
+}

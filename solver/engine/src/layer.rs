@@ -1,0 +1,302 @@
+//! Converting between layer directories (overlayfs form) and OCI layer
+//! tarballs (whiteouts as `.wh.` files).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use flate2::write::GzEncoder;
+use sha2::{Digest as _, Sha256};
+
+use crate::root::StateRoot;
+use crate::snapshot::LayerBlob;
+
+/// OCI media type of a gzip layer.
+pub const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// Whether a directory entry is an overlayfs whiteout.
+pub fn is_whiteout(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// Whether a directory is marked opaque (hides everything below it).
+pub fn is_opaque(path: &Path) -> bool {
+    matches!(rustix::fs::lgetxattr(path, OPAQUE_XATTR, &mut [0u8; 4]), Ok(n) if n >= 1)
+}
+
+/// A writer hashing everything that passes through.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes the layer directory `dir` as a tar stream (OCI whiteouts); a
+/// directory's entries in name order before its subdirectories' contents.
+pub fn write_tar<W: Write>(dir: &Path, out: W) -> io::Result<W> {
+    let mut builder = tar::Builder::new(out);
+    builder.mode(tar::HeaderMode::Complete);
+    builder.follow_symlinks(false);
+    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut stack: Vec<(PathBuf, PathBuf)> = vec![(dir.to_path_buf(), PathBuf::new())];
+    while let Some((abs, rel)) = stack.pop() {
+        let mut entries: Vec<_> = fs::read_dir(&abs)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        // Reverse push so that popping visits in order, depth first.
+        let mut subdirs = Vec::new();
+        if !rel.as_os_str().is_empty() && is_opaque(&abs) {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(0);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            builder.append_data(&mut h, rel.join(".wh..wh..opq"), io::empty())?;
+        }
+        for e in entries {
+            let path = e.path();
+            let name = e.file_name();
+            let rel_path = rel.join(&name);
+            let meta = fs::symlink_metadata(&path)?;
+            if is_whiteout(&meta) {
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(0);
+                h.set_mode(0o644);
+                h.set_mtime(0);
+                let mut wh = std::ffi::OsString::from(".wh.");
+                wh.push(&name);
+                builder.append_data(&mut h, rel.join(wh), io::empty())?;
+                continue;
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+            h.set_mtime(meta.mtime().max(0) as u64);
+            h.set_uid(meta.uid() as u64);
+            h.set_gid(meta.gid() as u64);
+            h.set_username("").ok();
+            h.set_groupname("").ok();
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                h.set_size(0);
+                builder.append_data(&mut h, &rel_path, io::empty())?;
+                subdirs.push((path, rel_path));
+            } else if ft.is_symlink() {
+                let target = fs::read_link(&path)?;
+                h.set_size(0);
+                builder.append_link(&mut h, &rel_path, target)?;
+            } else if ft.is_file() {
+                if meta.nlink() > 1 {
+                    let key = (meta.dev(), meta.ino());
+                    if let Some(first) = links.get(&key) {
+                        h.set_entry_type(tar::EntryType::Link);
+                        h.set_size(0);
+                        builder.append_link(&mut h, &rel_path, first)?;
+                        continue;
+                    }
+                    links.insert(key, rel_path.clone());
+                }
+                let f = fs::File::open(&path)?;
+                h.set_size(meta.len());
+                builder.append_data(&mut h, &rel_path, f)?;
+            } else {
+                // fifos and device nodes
+                h.set_size(0);
+                if ft.is_char_device() || ft.is_block_device() {
+                    let rdev = meta.rdev();
+                    h.set_device_major(rustix::fs::major(rdev)).ok();
+                    h.set_device_minor(rustix::fs::minor(rdev)).ok();
+                }
+                builder.append_data(&mut h, &rel_path, io::empty())?;
+            }
+        }
+        for d in subdirs.into_iter().rev() {
+            stack.push(d);
+        }
+    }
+    builder.into_inner()
+}
+
+/// Makes (or finds) the gzip blob of a layer directory and stores it.
+pub fn export_layer(root: &StateRoot, dir: &Path) -> io::Result<LayerBlob> {
+    let tmp = root.temp_dir()?;
+    let tmp_blob = tmp.join("blob");
+    let file = fs::File::create(&tmp_blob)?;
+    let compressed = HashingWriter {
+        inner: io::BufWriter::with_capacity(1 << 20, file),
+        hash: Sha256::new(),
+        count: 0,
+    };
+    let gz = GzEncoder::new(compressed, flate2::Compression::new(6));
+    let plain = HashingWriter {
+        inner: gz,
+        hash: Sha256::new(),
+        count: 0,
+    };
+    let plain = write_tar(dir, io::BufWriter::with_capacity(1 << 16, plain))?;
+    let plain = plain.into_inner().map_err(|e| e.into_error())?;
+    let diff_id = format!("sha256:{}", hex::encode(plain.hash.finalize()));
+    let compressed = plain.inner.finish()?;
+    let digest = format!("sha256:{}", hex::encode(compressed.hash.finalize()));
+    let size = compressed.count;
+    compressed.inner.into_inner().map_err(|e| e.into_error())?;
+    let dest = root.blob_path(&digest);
+    if !dest.exists() {
+        fs::rename(&tmp_blob, &dest)?;
+    }
+    let _ = fs::remove_dir_all(&tmp);
+    Ok(LayerBlob {
+        digest,
+        diff_id,
+        size,
+        media_type: GZIP_LAYER.to_string(),
+    })
+}
+
+/// Unpacks an OCI layer tarball (gzip or plain) into a layer directory,
+/// turning `.wh.` entries into overlayfs whiteouts. Returns its diff id.
+pub fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<String> {
+    let mut reader = io::BufReader::with_capacity(1 << 16, compressed);
+    let head = {
+        use io::BufRead;
+        reader.fill_buf()?.get(..2).map(|b| b.to_vec()).unwrap_or_default()
+    };
+    let plain: Box<dyn Read> = if head == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    };
+    let mut hashing = HashingReader {
+        inner: plain,
+        hash: Sha256::new(),
+    };
+    let mut archive = tar::Archive::new(&mut hashing);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let path = entry.path()?.into_owned();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if name == ".wh..wh..opq" {
+            let d = safe_join(dest, &parent)?;
+            fs::create_dir_all(&d)?;
+            rustix::fs::lsetxattr(&d, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())?;
+            continue;
+        }
+        if let Some(hidden) = name.strip_prefix(".wh.") {
+            let d = safe_join(dest, &parent)?;
+            fs::create_dir_all(&d)?;
+            let target = d.join(hidden);
+            let _ = crate::root::remove_all(&target);
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &target,
+                rustix::fs::FileType::CharacterDevice,
+                rustix::fs::Mode::empty(),
+                0,
+            )?;
+            continue;
+        }
+        if entry.header().entry_type().is_dir() {
+            if let Ok(m) = entry.header().mtime() {
+                dir_times.push((safe_join(dest, &path)?, m as i64));
+            }
+        }
+        entry.unpack_in(dest)?;
+    }
+    drop(archive);
+    // Drain what the tar reader left (padding) so the digest covers it all.
+    io::copy(&mut hashing, &mut io::sink())?;
+    for (d, t) in dir_times.into_iter().rev() {
+        set_mtime_nofollow(&d, t, 0);
+    }
+    Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
+}
+
+struct HashingReader<R: Read> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// `base/rel` with `..` and absolute parts refused.
+fn safe_join(base: &Path, rel: &Path) -> io::Result<PathBuf> {
+    let mut out = base.to_path_buf();
+    for c in rel.components() {
+        match c {
+            std::path::Component::Normal(p) => out.push(p),
+            std::path::Component::CurDir | std::path::Component::RootDir => {}
+            _ => return Err(io::Error::other(format!("layer entry escapes its root: {}", rel.display()))),
+        }
+    }
+    Ok(out)
+}
+
+/// Sets a path's mtime (and atime) without following a final symlink.
+pub fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) {
+    let ts = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: nanos as _,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    };
+    let _ = rustix::fs::utimensat(rustix::fs::CWD, path, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whiteouts_round_trip_through_tar() {
+        let src = tempfile::tempdir().expect("tmp");
+        fs::create_dir(src.path().join("d")).expect("mkdir");
+        fs::write(src.path().join("d/f"), b"hello").expect("write");
+        std::os::unix::fs::symlink("d/f", src.path().join("link")).expect("symlink");
+        let wh = src.path().join("gone");
+        rustix::fs::mknodat(rustix::fs::CWD, &wh, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)
+            .expect("mknod (needs root)");
+        let tar = write_tar(src.path(), Vec::new()).expect("tar");
+        let names: Vec<String> = tar::Archive::new(tar.as_slice())
+            .entries()
+            .expect("entries")
+            .map(|e| e.expect("entry").path().expect("path").to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["d", ".wh.gone", "link", "d/f"]);
+        let dest = tempfile::tempdir().expect("tmp");
+        let diff_id = unpack_layer(tar.as_slice(), dest.path()).expect("unpack");
+        assert_eq!(diff_id, format!("sha256:{}", hex::encode(Sha256::digest(&tar))));
+        assert_eq!(fs::read(dest.path().join("d/f")).expect("read"), b"hello");
+        assert!(is_whiteout(&fs::symlink_metadata(dest.path().join("gone")).expect("stat")));
+        assert_eq!(fs::read_link(dest.path().join("link")).expect("readlink"), Path::new("d/f"));
+    }
+}

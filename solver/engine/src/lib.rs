@@ -1,0 +1,154 @@
+//! kiln-solver: executes an LLB Definition and exports its result.
+//!
+//! The binary reads one [`kiln_solver_protocol::SolveRequest`] on stdin and
+//! writes [`kiln_solver_protocol::Event`]s on stdout; [`run`] is all of it.
+//!
+//! - [`scheduler`]: the DAG walk, cache keys, cache records, events.
+//! - [`ops`], [`exec`], [`fileop`]: what each op does; [`pull`] and
+//!   [`context`] for image and local sources.
+//! - [`snapshot`], [`layer`], [`root`]: layers on disk, overlayfs mounts,
+//!   tar conversion, the state root's layout and crash safety.
+//! - [`export`]: images, tarballs and directories out.
+//!
+//! **Architecture invariant:** the solver knows nothing of Dockerfiles or
+//! any other frontend; everything it needs is in the request.
+
+pub mod context;
+pub mod exec;
+pub mod export;
+pub mod fileop;
+pub mod fsutil;
+pub mod layer;
+pub mod ops;
+pub mod pattern;
+pub mod pull;
+pub mod root;
+pub mod scheduler;
+pub mod snapshot;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_llb::LoadedDefinition;
+use kiln_solver_protocol::{ErrorKind, Event, SolveRequest, SolveResult, VERSION};
+
+use crate::scheduler::{EventSink, Failure, SolveOptions, Solver};
+
+/// Process exit codes of `kiln-solver`.
+pub mod exit {
+    /// The build succeeded.
+    pub const OK: i32 = 0;
+    /// A build step failed.
+    pub const VERTEX: i32 = 1;
+    /// The request was malformed.
+    pub const REQUEST: i32 = 2;
+    /// Anything else: export, state root, runtime.
+    pub const INTERNAL: i32 = 3;
+}
+
+/// Reads a request, solves it, exports, reporting everything to `events`.
+/// Returns the process exit code.
+pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventSink>) -> i32 {
+    events.emit(Event::Hello { version: VERSION });
+    let fail = |events: &Arc<dyn EventSink>, kind: ErrorKind, message: String, digest: Option<String>| {
+        events.emit(Event::Error { message, digest, kind });
+        match kind {
+            ErrorKind::Request => exit::REQUEST,
+            ErrorKind::Vertex => exit::VERTEX,
+            _ => exit::INTERNAL,
+        }
+    };
+    let request: SolveRequest = match serde_json::from_slice(request_bytes) {
+        Ok(r) => r,
+        Err(e) => return fail(&events, ErrorKind::Request, format!("the solve request is not valid: {e}"), None),
+    };
+    if request.version != VERSION {
+        return fail(
+            &events,
+            ErrorKind::Request,
+            format!("solve request version {} is not supported (this solver speaks {VERSION})", request.version),
+            None,
+        );
+    }
+    let def_bytes = match request.definition_bytes() {
+        Ok(b) => b,
+        Err(e) => return fail(&events, ErrorKind::Request, e, None),
+    };
+    let def = match LoadedDefinition::decode(&def_bytes) {
+        Ok(d) => d,
+        Err(e) => return fail(&events, ErrorKind::Request, format!("the definition cannot be used: {e}"), None),
+    };
+    let runtime_bin = request.oci_runtime.clone().unwrap_or_else(|| "runc".to_string());
+    let root = match root::StateRoot::open(&root_dir, &runtime_bin) {
+        Ok(r) => Arc::new(r),
+        Err(e) => return fail(&events, ErrorKind::Internal, format!("state root {}: {e}", root_dir.display()), None),
+    };
+    let runtime = exec::Runtime {
+        binary: runtime_bin,
+        state: root.runtime_state(),
+    };
+    let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
+    let solver = Solver::new(
+        root.clone(),
+        def,
+        SolveOptions {
+            locals,
+            no_cache: request.no_cache,
+            jobs: request.jobs,
+            runtime,
+        },
+        events.clone(),
+    );
+    let value = match solver.solve().await {
+        Ok(v) => v,
+        Err(Failure { digest, message, kind }) => {
+            solver.save_checksums();
+            return fail(&events, kind, message, digest);
+        }
+    };
+    let layers = match &value {
+        Some(v) => match solver.layers(v).await {
+            Ok(l) => l,
+            Err(e) => return fail(&events, ErrorKind::Internal, e, None),
+        },
+        None => Arc::new(Vec::new()),
+    };
+    let mut result = SolveResult {
+        executed: solver.executed.load(std::sync::atomic::Ordering::Relaxed),
+        cached: solver.cached.load(std::sync::atomic::Ordering::Relaxed),
+        ..Default::default()
+    };
+    if !request.exporters.is_empty() {
+        events.emit(Event::Progress {
+            digest: None,
+            id: "exporting".into(),
+            current: 0,
+            total: request.exporters.len() as u64,
+            done: false,
+        });
+        let root2 = root.clone();
+        let exporters = request.exporters.clone();
+        let config = request.image_config.clone();
+        let exported = tokio::task::spawn_blocking(move || export::export(&root2, &layers, config.as_ref(), &exporters)).await;
+        match exported {
+            Ok(Ok((image, written))) => {
+                if let Some(img) = image {
+                    result.image_digest = Some(img.digest);
+                    result.config_digest = Some(img.config_digest);
+                }
+                result.exported = written;
+            }
+            Ok(Err(e)) => return fail(&events, ErrorKind::Export, format!("export: {e}"), None),
+            Err(e) => return fail(&events, ErrorKind::Export, format!("export: {e}"), None),
+        }
+        events.emit(Event::Progress {
+            digest: None,
+            id: "exporting".into(),
+            current: request.exporters.len() as u64,
+            total: request.exporters.len() as u64,
+            done: true,
+        });
+    }
+    events.emit(Event::Result(result));
+    exit::OK
+}

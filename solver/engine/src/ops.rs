@@ -1,0 +1,405 @@
+//! Executing ExecOp, FileOp, MergeOp and DiffOp on snapshots.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_llb::pb;
+
+use crate::context::LocalSource;
+use crate::exec::{run_step, Runtime, Step, StepError, StepMount};
+use crate::fileop::{self, SourceView};
+use crate::root::StateRoot;
+use crate::snapshot::{mount_stack, Layers, Mounted, NewLayer};
+
+/// A vertex output.
+#[derive(Clone, Debug)]
+pub enum Value {
+    /// A filesystem made of layers.
+    Layers(Layers),
+    /// A local directory, used in place until something needs it as layers.
+    Local(Arc<LocalSource>),
+}
+
+/// Copies a local source's included files into a new layer.
+pub fn materialize_local(root: &StateRoot, local: &LocalSource) -> Result<String, String> {
+    let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
+    let action = pb::FileActionCopy {
+        src: "/".into(),
+        dest: "/".into(),
+        mode: -1,
+        dir_copy_contents: true,
+        create_dest_path: true,
+        timestamp: -1,
+        ..Default::default()
+    };
+    fileop::copy(&layer.fs(), &SourceView::Local(local), &action)?;
+    layer.commit(root).map_err(|e| e.to_string())
+}
+
+/// Mounts for one ExecOp, in the op's mount order.
+struct PreparedMount {
+    mounted: Option<Mounted>,
+    upper: Option<NewLayer>,
+    base: Vec<String>,
+    output: i64,
+}
+
+/// Runs an ExecOp. `inputs` are the op's input values (locals already turned
+/// into layers). Returns the layers of each output index.
+#[allow(clippy::too_many_arguments)]
+pub async fn exec(
+    root: &StateRoot,
+    runtime: &Runtime,
+    op: &pb::ExecOp,
+    inputs: &[Layers],
+    id: String,
+    on_output: impl FnMut(u8, &[u8]),
+) -> Result<Vec<Option<Layers>>, StepError> {
+    let meta = op.meta.as_ref().ok_or_else(|| StepError {
+        message: "exec op has no meta".into(),
+        exit_code: None,
+    })?;
+    let setup = |m: String| StepError {
+        message: m,
+        exit_code: None,
+    };
+    let mut prepared: Vec<PreparedMount> = Vec::new();
+    let mut step_mounts: Vec<StepMount> = Vec::new();
+    let mut rootfs: Option<PathBuf> = None;
+    for m in &op.mounts {
+        let mount_type = m.mount_type;
+        if mount_type == pb::MountType::Tmpfs as i32 {
+            step_mounts.push(StepMount::Tmpfs {
+                dest: m.dest.clone(),
+                size: m.tmpfs_opt.as_ref().map(|t| t.size).unwrap_or(0),
+            });
+            continue;
+        }
+        if mount_type == pb::MountType::Cache as i32 {
+            let cache_id = m.cache_opt.as_ref().map(|c| c.id.clone()).unwrap_or_else(|| m.dest.clone());
+            let dir = root
+                .path()
+                .join("cache-mounts")
+                .join(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(cache_id.as_bytes())));
+            fs::create_dir_all(&dir).map_err(|e| setup(format!("cache mount {cache_id}: {e}")))?;
+            step_mounts.push(StepMount::Bind {
+                dest: m.dest.clone(),
+                source: dir,
+                readonly: false,
+            });
+            continue;
+        }
+        if mount_type == pb::MountType::Secret as i32 || mount_type == pb::MountType::Ssh as i32 {
+            let optional = m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false) || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
+            if optional {
+                continue;
+            }
+            return Err(setup(format!(
+                "{} mount at {}: secret and SSH mounts are not supported by this solver yet",
+                if mount_type == pb::MountType::Secret as i32 { "secret" } else { "ssh" },
+                m.dest
+            )));
+        }
+        let base: Vec<String> = if m.input < 0 {
+            Vec::new()
+        } else {
+            inputs
+                .get(m.input as usize)
+                .map(|l| l.as_ref().clone())
+                .ok_or_else(|| setup(format!("mount {} names input {} which does not exist", m.dest, m.input)))?
+        };
+        let writable = m.dest == "/" || m.output >= 0 || !m.readonly;
+        let (mounted, upper) = tokio::task::block_in_place(|| -> Result<_, String> {
+            if writable {
+                let upper = NewLayer::create(root).map_err(|e| e.to_string())?;
+                let mounted = mount_stack(root, &base, Some(&upper)).map_err(|e| e.to_string())?;
+                Ok((mounted, Some(upper)))
+            } else {
+                Ok((mount_stack(root, &base, None).map_err(|e| e.to_string())?, None))
+            }
+        })
+        .map_err(setup)?;
+        let path = if m.selector.is_empty() || m.selector == "/" {
+            mounted.path().to_path_buf()
+        } else {
+            crate::fsutil::resolve_in_root(mounted.path(), &m.selector, true).map_err(|e| setup(e.to_string()))?
+        };
+        if m.dest == "/" {
+            rootfs = Some(path);
+        } else {
+            step_mounts.push(StepMount::Bind {
+                dest: m.dest.clone(),
+                source: path,
+                readonly: !writable,
+            });
+        }
+        prepared.push(PreparedMount {
+            mounted: Some(mounted),
+            upper,
+            base,
+            output: m.output,
+        });
+    }
+    let rootfs = rootfs.ok_or_else(|| setup("exec op has no root mount".into()))?;
+    let bundle = root.temp_dir().map_err(|e| setup(e.to_string()))?;
+    let result = run_step(
+        runtime,
+        Step {
+            meta,
+            network: op.network,
+            security: op.security,
+            rootfs: &rootfs,
+            mounts: step_mounts,
+            bundle: &bundle,
+            id,
+        },
+        on_output,
+    )
+    .await;
+    let _ = fs::remove_dir_all(&bundle);
+    // Unmount the non-root mounts first (they may sit inside the root).
+    for p in prepared.iter_mut().rev() {
+        if let Some(m) = p.mounted.take() {
+            m.unmount().map_err(|e| setup(format!("unmounting: {e}")))?;
+        }
+    }
+    result?;
+    let mut outputs: Vec<Option<Layers>> = Vec::new();
+    for p in prepared {
+        if p.output < 0 {
+            continue;
+        }
+        let Some(upper) = p.upper else { continue };
+        let id = upper.commit(root).map_err(|e| setup(format!("committing layer: {e}")))?;
+        let idx = p.output as usize;
+        if outputs.len() <= idx {
+            outputs.resize(idx + 1, None);
+        }
+        let mut layers = p.base;
+        layers.push(id);
+        outputs[idx] = Some(Arc::new(layers));
+    }
+    Ok(outputs)
+}
+
+/// The working filesystem of a FileOp: a writable overlay over a base.
+struct Working {
+    action: usize,
+    upper: NewLayer,
+    mounted: Mounted,
+    base: Vec<String>,
+}
+
+/// Runs a FileOp (blocking). Returns the layers of each output index.
+pub fn file(root: &StateRoot, op: &pb::FileOp, inputs: &[Value]) -> Result<Vec<Option<Layers>>, String> {
+    let n = inputs.len() as i64;
+    let mut results: HashMap<usize, Layers> = HashMap::new();
+    let mut outputs: Vec<Option<Layers>> = Vec::new();
+    let mut working: Option<Working> = None;
+    let mut ro_views: HashMap<i64, Mounted> = HashMap::new();
+
+    // Layers of an input index (an op input, or an earlier action's result).
+    let layers_of = |idx: i64, results: &HashMap<usize, Layers>| -> Result<Vec<String>, String> {
+        if idx < 0 {
+            return Ok(Vec::new());
+        }
+        if idx < n {
+            return match &inputs[idx as usize] {
+                Value::Layers(l) => Ok(l.as_ref().clone()),
+                Value::Local(_) => Err("a local source cannot be a FileOp's base here".into()),
+            };
+        }
+        let a = (idx - n) as usize;
+        results.get(&a).map(|l| l.as_ref().clone()).ok_or_else(|| format!("action input {idx} is not available"))
+    };
+
+    for (ai, action) in op.actions.iter().enumerate() {
+        // The base: continue in place on the previous action's tree when it is the input.
+        let continue_in_place = working.as_ref().is_some_and(|w| action.input >= n && (action.input - n) as usize == w.action);
+        if continue_in_place {
+            let w = working.as_mut().ok_or("no working tree")?;
+            w.action = ai;
+        } else {
+            if let Some(w) = working.take() {
+                finish(root, w, &mut results)?;
+            }
+            let base = layers_of(action.input, &results)?;
+            let upper = NewLayer::create(root).map_err(|e| e.to_string())?;
+            let mounted = mount_stack(root, &base, Some(&upper)).map_err(|e| e.to_string())?;
+            working = Some(Working {
+                action: ai,
+                upper,
+                mounted,
+                base,
+            });
+        }
+        let w = working.as_ref().ok_or("no working tree")?;
+        let dest_root = w.mounted.path().to_path_buf();
+        use pb::file_action::Action;
+        match &action.action {
+            Some(Action::Copy(c)) => {
+                let si = action.secondary_input;
+                if si < n && si >= 0 {
+                    match &inputs[si as usize] {
+                        Value::Local(l) => fileop::copy(&dest_root, &SourceView::Local(l), c)?,
+                        Value::Layers(layers) => {
+                            if !ro_views.contains_key(&si) {
+                                ro_views.insert(si, mount_stack(root, layers, None).map_err(|e| e.to_string())?);
+                            }
+                            let view = ro_views.get(&si).ok_or("view vanished")?.path().to_path_buf();
+                            fileop::copy(&dest_root, &SourceView::Dir(&view), c)?;
+                        }
+                    }
+                } else if si < 0 {
+                    let empty = root.temp_dir().map_err(|e| e.to_string())?;
+                    let r = fileop::copy(&dest_root, &SourceView::Dir(&empty), c);
+                    let _ = fs::remove_dir_all(&empty);
+                    r?;
+                } else {
+                    let layers = layers_of(si, &results)?;
+                    let view = mount_stack(root, &layers, None).map_err(|e| e.to_string())?;
+                    fileop::copy(&dest_root, &SourceView::Dir(view.path()), c)?;
+                }
+            }
+            Some(Action::Mkfile(a)) => fileop::mkfile(&dest_root, a)?,
+            Some(Action::Mkdir(a)) => fileop::mkdir(&dest_root, a)?,
+            Some(Action::Rm(a)) => fileop::rm(&dest_root, a)?,
+            Some(Action::Symlink(a)) => fileop::symlink(&dest_root, a)?,
+            None => return Err(format!("file action {ai} is empty")),
+        }
+        if action.output >= 0 {
+            // An output is frozen before a later action changes it.
+            let w = working.take().ok_or("no working tree")?;
+            let layers = finish(root, w, &mut results)?;
+            let idx = action.output as usize;
+            if outputs.len() <= idx {
+                outputs.resize(idx + 1, None);
+            }
+            outputs[idx] = Some(layers);
+        }
+    }
+    if let Some(w) = working.take() {
+        finish(root, w, &mut results)?;
+    }
+    drop(ro_views);
+    Ok(outputs)
+}
+
+fn finish(root: &StateRoot, w: Working, results: &mut HashMap<usize, Layers>) -> Result<Layers, String> {
+    w.mounted.unmount().map_err(|e| format!("unmounting: {e}"))?;
+    let id = w.upper.commit(root).map_err(|e| e.to_string())?;
+    let mut layers = w.base;
+    layers.push(id);
+    let layers = Arc::new(layers);
+    results.insert(w.action, layers.clone());
+    Ok(layers)
+}
+
+/// MergeOp: the inputs' layers stacked in order.
+pub fn merge(inputs: &[Layers]) -> Layers {
+    Arc::new(inputs.iter().flat_map(|l| l.iter().cloned()).collect())
+}
+
+/// DiffOp: the changes from `lower` to `upper`, as layers.
+pub fn diff(root: &StateRoot, lower: &[String], upper: &[String]) -> Result<Layers, String> {
+    if upper.len() >= lower.len() && upper[..lower.len()] == *lower {
+        return Ok(Arc::new(upper[lower.len()..].to_vec()));
+    }
+    // Not a prefix: compare the two trees and write the difference as one layer.
+    let lo = mount_stack(root, lower, None).map_err(|e| e.to_string())?;
+    let up = mount_stack(root, upper, None).map_err(|e| e.to_string())?;
+    let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
+    diff_trees(lo.path(), up.path(), &layer.fs(), Path::new("")).map_err(|e| e.to_string())?;
+    drop(lo);
+    drop(up);
+    let id = layer.commit(root).map_err(|e| e.to_string())?;
+    Ok(Arc::new(vec![id]))
+}
+
+fn same_file(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb_: &Path) -> bool {
+    if a.file_type() != b.file_type() || a.mode() != b.mode() || a.uid() != b.uid() || a.gid() != b.gid() {
+        return false;
+    }
+    if a.is_dir() {
+        return true;
+    }
+    if a.file_type().is_symlink() {
+        return fs::read_link(pa).ok() == fs::read_link(pb_).ok();
+    }
+    if a.len() != b.len() || a.mtime() != b.mtime() || a.mtime_nsec() != b.mtime_nsec() {
+        return false;
+    }
+    fs::read(pa).ok() == fs::read(pb_).ok()
+}
+
+fn diff_trees(lower: &Path, upper: &Path, out: &Path, rel: &Path) -> std::io::Result<()> {
+    let lo_dir = lower.join(rel);
+    let up_dir = upper.join(rel);
+    let mut names: std::collections::BTreeSet<std::ffi::OsString> = std::collections::BTreeSet::new();
+    if let Ok(rd) = fs::read_dir(&lo_dir) {
+        names.extend(rd.flatten().map(|e| e.file_name()));
+    }
+    if let Ok(rd) = fs::read_dir(&up_dir) {
+        names.extend(rd.flatten().map(|e| e.file_name()));
+    }
+    for name in names {
+        let r = rel.join(&name);
+        let lm = fs::symlink_metadata(lower.join(&r)).ok();
+        let um = fs::symlink_metadata(upper.join(&r)).ok();
+        match (lm, um) {
+            (Some(_), None) => {
+                fs::create_dir_all(out.join(rel))?;
+                rustix::fs::mknodat(rustix::fs::CWD, &out.join(&r), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)?;
+            }
+            (lm, Some(um)) => {
+                let changed = match &lm {
+                    Some(l) => !same_file(l, &um, &lower.join(&r), &upper.join(&r)),
+                    None => true,
+                };
+                if um.is_dir() {
+                    let dir_replaced = lm.as_ref().is_some_and(|l| !l.is_dir());
+                    if changed || dir_replaced {
+                        copy_node(&upper.join(&r), &out.join(&r), &um)?;
+                    }
+                    diff_trees(lower, upper, out, &r)?;
+                    if changed || dir_replaced || out.join(&r).exists() {
+                        fs::create_dir_all(out.join(rel))?;
+                        copy_node(&upper.join(&r), &out.join(&r), &um)?;
+                    }
+                } else if changed {
+                    fs::create_dir_all(out.join(rel))?;
+                    copy_node(&upper.join(&r), &out.join(&r), &um)?;
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(())
+}
+
+fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = dst.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    if meta.is_dir() {
+        if !dst.exists() {
+            fs::create_dir(dst)?;
+        }
+    } else if meta.file_type().is_symlink() {
+        let _ = fs::remove_file(dst);
+        std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
+    } else {
+        fs::copy(src, dst)?;
+    }
+    crate::fsutil::lchown(dst, crate::fsutil::Owner { uid: meta.uid(), gid: meta.gid() })?;
+    if !meta.file_type().is_symlink() {
+        fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    }
+    crate::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec());
+    Ok(())
+}
+

@@ -1,0 +1,276 @@
+//! Image sources: `docker-image://` (kiln's store first, then the registry)
+//! and `oci-layout://PATH@DIGEST`. Manifests and layers are verified
+//! against their digests; each layer is unpacked once into a snapshot named
+//! after its blob, shared by every image that has it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::layer::unpack_layer;
+use crate::root::StateRoot;
+use crate::snapshot::{write_layer_blob, LayerBlob, NewLayer};
+
+/// Where an image comes from.
+#[derive(Debug, Clone)]
+pub enum ImageLocation {
+    /// A registry reference (normalized, maybe with `@digest`).
+    Registry(String),
+    /// An OCI layout directory.
+    Layout(PathBuf),
+}
+
+/// An image source to pull.
+#[derive(Debug, Clone)]
+pub struct ImageSource {
+    /// Where it is.
+    pub location: ImageLocation,
+    /// The pinned digest (index or manifest), if any.
+    pub digest: Option<String>,
+}
+
+/// Parses a SourceOp identifier of an image.
+pub fn parse_identifier(identifier: &str) -> Option<ImageSource> {
+    if let Some(rest) = identifier.strip_prefix("docker-image://") {
+        let digest = rest.split_once('@').map(|(_, d)| d.to_string());
+        return Some(ImageSource {
+            location: ImageLocation::Registry(rest.to_string()),
+            digest,
+        });
+    }
+    if let Some(rest) = identifier.strip_prefix("oci-layout://") {
+        let (path, digest) = match rest.rsplit_once('@') {
+            Some((p, d)) => (p, Some(d.to_string())),
+            None => (rest, None),
+        };
+        return Some(ImageSource {
+            location: ImageLocation::Layout(PathBuf::from(path)),
+            digest,
+        });
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct Doc {
+    #[serde(default)]
+    manifests: Vec<Entry>,
+    #[serde(default)]
+    config: Option<Desc>,
+    #[serde(default)]
+    layers: Vec<Desc>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    digest: String,
+    #[serde(default)]
+    platform: Option<EntryPlatform>,
+}
+
+#[derive(Deserialize)]
+struct EntryPlatform {
+    os: String,
+    architecture: String,
+    #[serde(default)]
+    variant: String,
+}
+
+#[derive(Deserialize, Clone)]
+struct Desc {
+    digest: String,
+    #[serde(default)]
+    size: i64,
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+}
+
+#[derive(Deserialize)]
+struct ConfigDoc {
+    #[serde(default)]
+    rootfs: Option<RootFs>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    #[serde(default)]
+    diff_ids: Vec<String>,
+}
+
+/// Progress of a pull, for events.
+pub trait PullProgress: Send + Sync {
+    /// A layer starts (`done = false`) or is ready (`done = true`).
+    fn layer(&self, digest: &str, size: u64, done: bool);
+}
+
+fn sha256_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Fetches a blob's bytes (small documents) into the store and returns them.
+async fn document(root: &StateRoot, registry: &kiln_oci::RegistryClient, src: &ImageSource, digest: &str, manifest: bool) -> Result<Vec<u8>, String> {
+    let stored = root.blob_path(digest);
+    if let Ok(bytes) = fs::read(&stored) {
+        if sha256_of(&bytes) == digest {
+            return Ok(bytes);
+        }
+    }
+    let bytes = match &src.location {
+        ImageLocation::Layout(dir) => {
+            let hex = digest.strip_prefix("sha256:").ok_or_else(|| format!("unsupported digest {digest}"))?;
+            fs::read(dir.join("blobs/sha256").join(hex)).map_err(|e| format!("{}: blob {digest}: {e}", dir.display()))?
+        }
+        ImageLocation::Registry(reference) => {
+            if manifest {
+                registry.fetch_manifest(reference, digest).await.map_err(|e| e.to_string())?
+            } else {
+                let tmp = root.temp_dir().map_err(|e| e.to_string())?;
+                let file = tmp.join("blob");
+                let r = registry.fetch_blob(reference, digest, -1, &file).await;
+                let bytes = r.map_err(|e| e.to_string()).and_then(|()| fs::read(&file).map_err(|e| e.to_string()));
+                let _ = fs::remove_dir_all(&tmp);
+                bytes?
+            }
+        }
+    };
+    if sha256_of(&bytes) != digest {
+        return Err(format!("content of {digest} does not match its digest"));
+    }
+    crate::root::write_atomic(&stored, &bytes, false).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+/// The resolved manifest of an image for a platform.
+pub struct PulledImage {
+    /// The digest that identifies the source (index or manifest).
+    pub digest: String,
+    /// Layer snapshot ids, bottom first.
+    pub layers: Vec<String>,
+}
+
+/// The snapshot id of a layer blob.
+pub fn layer_id_for_blob(digest: &str) -> String {
+    format!("blob-{}", digest.strip_prefix("sha256:").unwrap_or(digest))
+}
+
+/// Resolves an unpinned source to a digest (registry tag or layout index).
+pub async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platform: &kiln_frontend::Platform) -> Result<String, String> {
+    if let Some(d) = &src.digest {
+        return Ok(d.clone());
+    }
+    match &src.location {
+        ImageLocation::Registry(r) => registry.resolve(r, platform).await.map(|c| c.manifest_digest).map_err(|e| e.to_string()),
+        ImageLocation::Layout(dir) => kiln_oci::Layout::open(dir)
+            .and_then(|l| l.resolve(None, platform))
+            .map(|c| c.manifest_digest)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// Pulls the image's `platform` manifest and makes sure every layer is unpacked.
+pub async fn pull(
+    root: &StateRoot,
+    registry: &kiln_oci::RegistryClient,
+    src: &ImageSource,
+    digest: &str,
+    platform: &kiln_frontend::Platform,
+    progress: &dyn PullProgress,
+) -> Result<PulledImage, String> {
+    let top = document(root, registry, src, digest, true).await?;
+    let mut doc: Doc = serde_json::from_slice(&top).map_err(|e| format!("manifest {digest}: {e}"))?;
+    if doc.config.is_none() {
+        let entry = doc
+            .manifests
+            .iter()
+            .find(|m| {
+                m.platform.as_ref().is_some_and(|p| {
+                    p.os == platform.os && p.architecture == platform.architecture && (platform.variant.is_empty() || p.variant == platform.variant)
+                })
+            })
+            .ok_or_else(|| format!("image {digest} has no manifest for {}", platform.to_string_form()))?;
+        let child = entry.digest.clone();
+        let bytes = document(root, registry, src, &child, true).await?;
+        doc = serde_json::from_slice(&bytes).map_err(|e| format!("manifest {child}: {e}"))?;
+    }
+    let config = doc.config.clone().ok_or_else(|| format!("manifest {digest} has no config"))?;
+    let config_bytes = document(root, registry, src, &config.digest, false).await?;
+    let config_doc: ConfigDoc = serde_json::from_slice(&config_bytes).map_err(|e| format!("image config {}: {e}", config.digest))?;
+    let diff_ids = config_doc.rootfs.map(|r| r.diff_ids).unwrap_or_default();
+    if diff_ids.len() != doc.layers.len() {
+        return Err(format!(
+            "image config {} lists {} layers, the manifest {}",
+            config.digest,
+            diff_ids.len(),
+            doc.layers.len()
+        ));
+    }
+    let mut layers = Vec::new();
+    for (desc, diff_id) in doc.layers.iter().zip(diff_ids) {
+        let id = layer_id_for_blob(&desc.digest);
+        layers.push(id.clone());
+        if root.snapshot_dir(&id).join("fs").is_dir() {
+            continue;
+        }
+        progress.layer(&desc.digest, desc.size.max(0) as u64, false);
+        let blob = root.blob_path(&desc.digest);
+        if !blob.is_file() {
+            let tmp = root.temp_dir().map_err(|e| e.to_string())?;
+            let part = tmp.join("blob");
+            match &src.location {
+                ImageLocation::Registry(r) => registry.fetch_blob(r, &desc.digest, desc.size, &part).await.map_err(|e| e.to_string())?,
+                ImageLocation::Layout(dir) => {
+                    let hex = desc.digest.strip_prefix("sha256:").unwrap_or(&desc.digest);
+                    fs::copy(dir.join("blobs/sha256").join(hex), &part).map_err(|e| format!("{}: layer {}: {e}", dir.display(), desc.digest))?;
+                    let actual = file_digest(&part).map_err(|e| e.to_string())?;
+                    if actual != desc.digest {
+                        return Err(format!("layer {} in {} has digest {actual}", desc.digest, dir.display()));
+                    }
+                }
+            }
+            fs::rename(&part, &blob).map_err(|e| e.to_string())?;
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
+        let blob_path = blob.clone();
+        let dest = layer.fs();
+        let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> { unpack_layer(fs::File::open(&blob_path)?, &dest) })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("unpacking layer {}: {e}", desc.digest))?;
+        if got != diff_id {
+            return Err(format!("layer {} unpacks to {got}, the image config says {diff_id}", desc.digest));
+        }
+        let media_type = if desc.media_type.is_empty() { crate::layer::GZIP_LAYER.to_string() } else { desc.media_type.clone() };
+        let final_dir = root.snapshot_dir(&id);
+        match layer.commit_as(root, &id) {
+            Ok(()) => {}
+            Err(_) if final_dir.join("fs").is_dir() => {} // another solver unpacked it meanwhile
+            Err(e) => return Err(e.to_string()),
+        }
+        write_layer_blob(
+            root,
+            &id,
+            &LayerBlob {
+                digest: desc.digest.clone(),
+                diff_id,
+                size: desc.size.max(0) as u64,
+                media_type,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        progress.layer(&desc.digest, desc.size.max(0) as u64, true);
+    }
+    Ok(PulledImage {
+        digest: digest.to_string(),
+        layers,
+    })
+}
+
+fn file_digest(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}

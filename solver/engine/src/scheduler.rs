@@ -1,0 +1,533 @@
+//! The scheduler: walks the Definition's DAG, computes each vertex's cache
+//! key, reuses cached results, runs the rest as soon as their inputs are
+//! ready (independent vertices concurrently, each vertex once), and reports
+//! every step as an [`Event`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::future::{try_join_all, BoxFuture};
+use kiln_frontend::Platform;
+use kiln_llb::{marshal_op, pb, LoadedDefinition};
+use kiln_solver_protocol::{ErrorKind, Event};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{OnceCell, Semaphore};
+
+use crate::context::{ChecksumCache, LocalSource};
+use crate::exec::Runtime;
+use crate::ops::{self, Value};
+use crate::pull::{self, PullProgress};
+use crate::root::StateRoot;
+use crate::snapshot::{read_record, write_record, Layers, Record};
+
+/// Where events go.
+pub trait EventSink: Send + Sync {
+    /// Sends one event.
+    fn emit(&self, event: Event);
+}
+
+/// A solve failure.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The failing vertex.
+    pub digest: Option<String>,
+    /// What went wrong.
+    pub message: String,
+    /// Its class.
+    pub kind: ErrorKind,
+}
+
+impl Failure {
+    fn internal(message: impl Into<String>) -> Failure {
+        Failure {
+            digest: None,
+            message: message.into(),
+            kind: ErrorKind::Internal,
+        }
+    }
+}
+
+/// A finished vertex: its cache key and its outputs.
+#[derive(Debug)]
+pub struct Done {
+    /// The cache key.
+    pub key: String,
+    /// Outputs by index.
+    pub outputs: Vec<Option<Value>>,
+}
+
+/// Options of one solve.
+pub struct SolveOptions {
+    /// Directories of `local://NAME` sources.
+    pub locals: BTreeMap<String, PathBuf>,
+    /// Ignore cached results.
+    pub no_cache: bool,
+    /// Cap on concurrent ExecOps.
+    pub jobs: Option<usize>,
+    /// The OCI runtime.
+    pub runtime: Runtime,
+}
+
+/// One solve of one Definition.
+pub struct Solver {
+    root: Arc<StateRoot>,
+    def: LoadedDefinition,
+    index: HashMap<String, usize>,
+    cells: HashMap<String, OnceCell<Result<Arc<Done>, Failure>>>,
+    opts: SolveOptions,
+    exec_slots: Option<Semaphore>,
+    registry: kiln_oci::RegistryClient,
+    events: Arc<dyn EventSink>,
+    start: Instant,
+    checksums: Mutex<HashMap<PathBuf, Arc<ChecksumCache>>>,
+    locals: Mutex<HashMap<String, Arc<LocalSource>>>,
+    /// Vertices that ran.
+    pub executed: AtomicU32,
+    /// Vertices found in the cache.
+    pub cached: AtomicU32,
+}
+
+fn sha(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Version of the cache key scheme; changing how keys are made bumps it.
+const KEY_SCHEME: &[u8] = b"kiln-cache-v1";
+
+impl Solver {
+    /// A solver for `def`.
+    pub fn new(root: Arc<StateRoot>, def: LoadedDefinition, opts: SolveOptions, events: Arc<dyn EventSink>) -> Solver {
+        let index = def.ops.iter().enumerate().map(|(i, o)| (o.digest.as_str().to_string(), i)).collect();
+        let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
+        let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
+        Solver {
+            root,
+            def,
+            index,
+            cells,
+            opts,
+            exec_slots,
+            registry: kiln_oci::RegistryClient::new(kiln_oci::Credentials::from_docker_config()),
+            events,
+            start: Instant::now(),
+            checksums: Mutex::new(HashMap::new()),
+            locals: Mutex::new(HashMap::new()),
+            executed: AtomicU32::new(0),
+            cached: AtomicU32::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Solves the whole graph; returns the terminator's input value.
+    pub async fn solve(&self) -> Result<Option<Value>, Failure> {
+        let last = self.def.ops.last().ok_or_else(|| Failure::internal("empty definition"))?;
+        let input = last.op.inputs.first().ok_or_else(|| Failure::internal("terminator has no input"))?;
+        let done = self.vertex(&input.digest).await?;
+        let value = done.outputs.get(input.index as usize).cloned().flatten();
+        self.save_checksums();
+        Ok(value)
+    }
+
+    /// Writes remembered checksums back to the state root.
+    pub fn save_checksums(&self) {
+        if let Ok(map) = self.checksums.lock() {
+            for c in map.values() {
+                let _ = c.save();
+            }
+        }
+    }
+
+    fn vertex<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Arc<Done>, Failure>> {
+        Box::pin(async move {
+            let cell = self
+                .cells
+                .get(digest)
+                .ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
+            cell.get_or_init(|| self.compute(digest)).await.clone()
+        })
+    }
+
+    /// The op's display name.
+    pub fn name_of(&self, digest: &str) -> String {
+        if let Some(m) = self.def.metadata.get(digest) {
+            if let Some(n) = m.description.get("llb.customname") {
+                return n.clone();
+            }
+        }
+        let Some(&i) = self.index.get(digest) else {
+            return digest.to_string();
+        };
+        use pb::op::Op;
+        match &self.def.ops[i].op.op {
+            Some(Op::Source(s)) => s.identifier.clone(),
+            Some(Op::Exec(e)) => e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default(),
+            Some(Op::File(f)) => {
+                let kinds: Vec<&str> = f
+                    .actions
+                    .iter()
+                    .map(|a| match &a.action {
+                        Some(pb::file_action::Action::Copy(_)) => "copy",
+                        Some(pb::file_action::Action::Mkfile(_)) => "mkfile",
+                        Some(pb::file_action::Action::Mkdir(_)) => "mkdir",
+                        Some(pb::file_action::Action::Rm(_)) => "rm",
+                        Some(pb::file_action::Action::Symlink(_)) => "symlink",
+                        None => "?",
+                    })
+                    .collect();
+                kinds.join(", ")
+            }
+            Some(Op::Merge(_)) => "merge".into(),
+            Some(Op::Diff(_)) => "diff".into(),
+            _ => digest.to_string(),
+        }
+    }
+
+    fn platform_of(op: &pb::Op) -> Platform {
+        match &op.platform {
+            Some(p) if !p.os.is_empty() => Platform {
+                os: p.os.clone(),
+                architecture: p.architecture.clone(),
+                variant: p.variant.clone(),
+            },
+            _ => Platform::linux_amd64(),
+        }
+    }
+
+    fn checksum_cache(&self, dir: &std::path::Path) -> Arc<ChecksumCache> {
+        let mut map = match self.checksums.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(dir.to_path_buf())
+            .or_insert_with(|| Arc::new(ChecksumCache::load(&self.root, dir)))
+            .clone()
+    }
+
+    /// The key an input contributes to a consumer's key. A local source
+    /// contributes the checksum of what the consumer reads of it: the copied
+    /// paths for a FileOp that only copies from it, else all it includes.
+    fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, String> {
+        let Some(Value::Local(local)) = value else {
+            return Ok(format!("{}:{index}", done.key));
+        };
+        let cache = self.checksum_cache(&local.dir);
+        let mut parts: Vec<Vec<u8>> = vec![done.key.as_bytes().to_vec()];
+        let selectors = copy_selectors(op, input_idx as i64);
+        tokio::task::block_in_place(|| -> Result<(), String> {
+            match selectors {
+                Some(sel) => {
+                    for (src, wildcard, follow) in sel {
+                        let sum = local.checksum(&cache, &src, wildcard).map_err(|e| format!("checksum of {src}: {e}"))?;
+                        parts.push(format!("{src}\0{wildcard}\0{follow}").into_bytes());
+                        parts.push(sum.to_vec());
+                    }
+                }
+                None => {
+                    let sum = local.checksum(&cache, "/", false).map_err(|e| format!("checksum of {}: {e}", local.dir.display()))?;
+                    parts.push(b"/".to_vec());
+                    parts.push(sum.to_vec());
+                }
+            }
+            Ok(())
+        })?;
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        Ok(sha(&refs))
+    }
+
+    async fn compute(&self, digest: &str) -> Result<Arc<Done>, Failure> {
+        let idx = *self.index.get(digest).ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
+        let op = &self.def.ops[idx].op;
+        let inputs: Vec<Arc<Done>> = try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?;
+        let fail = |message: String| Failure {
+            digest: Some(digest.to_string()),
+            message,
+            kind: ErrorKind::Vertex,
+        };
+        let mut values: Vec<Option<Value>> = Vec::new();
+        for (i, input) in op.inputs.iter().enumerate() {
+            let v = inputs[i].outputs.get(input.index as usize).cloned().flatten();
+            if v.is_none() {
+                return Err(fail(format!("input {} has no output {}", input.digest, input.index)));
+            }
+            values.push(v);
+        }
+        let name = self.name_of(digest);
+        let ignore_cache = self.opts.no_cache || self.def.metadata.get(digest).is_some_and(|m| m.ignore_cache);
+
+        use pb::op::Op;
+        // Local sources are used in place: no key from content here, no record.
+        if let Some(Op::Source(s)) = &op.op {
+            if let Some(local_name) = s.identifier.strip_prefix("local://") {
+                let dir = self
+                    .opts
+                    .locals
+                    .get(local_name)
+                    .ok_or_else(|| fail(format!("local source {local_name:?} was not given a directory")))?;
+                let attrs: BTreeMap<String, String> = s.attrs.clone().into_iter().collect();
+                let source = LocalSource::new(local_name, dir.clone(), &attrs).map_err(fail)?;
+                let source = Arc::new(source);
+                if let Ok(mut l) = self.locals.lock() {
+                    l.insert(digest.to_string(), source.clone());
+                }
+                let at = self.now_ms();
+                self.events.emit(Event::VertexStarted {
+                    digest: digest.to_string(),
+                    name: name.clone(),
+                    at_ms: at,
+                });
+                self.events.emit(Event::VertexCompleted {
+                    digest: digest.to_string(),
+                    at_ms: self.now_ms(),
+                    duration_ms: 0,
+                });
+                let key = sha(&[KEY_SCHEME, b"local", &self.def.ops[idx].bytes]);
+                return Ok(Arc::new(Done {
+                    key,
+                    outputs: vec![Some(Value::Local(source))],
+                }));
+            }
+        }
+
+        // The key: the op with each input replaced by what it contributes.
+        let key = {
+            let mut keyed = op.clone();
+            for (i, input) in op.inputs.iter().enumerate() {
+                let dep = self.dependency_key(op, i, &inputs[i], values[i].as_ref(), input.index).map_err(fail)?;
+                keyed.inputs[i].digest = dep;
+                keyed.inputs[i].index = 0;
+            }
+            let mut extra: Vec<u8> = Vec::new();
+            if let Some(Op::Source(s)) = &op.op {
+                if let Some(src) = pull::parse_identifier(&s.identifier) {
+                    // Unpinned images are pinned now: the key is the content.
+                    let pinned = pull::pin(&self.registry, &src, &Self::platform_of(op)).await.map_err(fail)?;
+                    extra.extend_from_slice(pinned.as_bytes());
+                }
+            }
+            sha(&[KEY_SCHEME, &marshal_op(&keyed), &extra])
+        };
+
+        if !ignore_cache {
+            let found = tokio::task::block_in_place(|| read_record(&self.root, &key));
+            if let Some(record) = found {
+                self.cached.fetch_add(1, Ordering::Relaxed);
+                self.events.emit(Event::VertexCached {
+                    digest: digest.to_string(),
+                    name,
+                    at_ms: self.now_ms(),
+                });
+                let outputs = record
+                    .outputs
+                    .into_iter()
+                    .map(|l| Some(Value::Layers(Arc::new(l))))
+                    .collect();
+                return Ok(Arc::new(Done { key, outputs }));
+            }
+        }
+
+        let started = Instant::now();
+        self.events.emit(Event::VertexStarted {
+            digest: digest.to_string(),
+            name: name.clone(),
+            at_ms: self.now_ms(),
+        });
+        let result = self.execute(digest, op, &values).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(outputs) => {
+                let record = Record {
+                    outputs: outputs.iter().map(|o| o.as_ref().map(|l| l.as_ref().clone()).unwrap_or_default()).collect(),
+                    created: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
+                    description: name,
+                };
+                tokio::task::block_in_place(|| write_record(&self.root, &key, &record)).map_err(|e| fail(format!("writing cache record: {e}")))?;
+                self.executed.fetch_add(1, Ordering::Relaxed);
+                self.events.emit(Event::VertexCompleted {
+                    digest: digest.to_string(),
+                    at_ms: self.now_ms(),
+                    duration_ms,
+                });
+                Ok(Arc::new(Done {
+                    key,
+                    outputs: outputs.into_iter().map(|o| o.map(Value::Layers)).collect(),
+                }))
+            }
+            Err((message, exit_code)) => {
+                self.events.emit(Event::VertexFailed {
+                    digest: digest.to_string(),
+                    at_ms: self.now_ms(),
+                    duration_ms,
+                    error: message.clone(),
+                    exit_code,
+                });
+                Err(fail(message))
+            }
+        }
+    }
+
+    /// A value as layers, copying a local source into a layer if needed.
+    pub async fn layers(&self, value: &Value) -> Result<Layers, String> {
+        match value {
+            Value::Layers(l) => Ok(l.clone()),
+            Value::Local(local) => {
+                let cache = self.checksum_cache(&local.dir);
+                let root = self.root.clone();
+                tokio::task::block_in_place(|| {
+                    let sum = local.checksum(&cache, "/", false).map_err(|e| e.to_string())?;
+                    let key = sha(&[KEY_SCHEME, b"materialized-local", local.dir.as_os_str().as_encoded_bytes(), &sum]);
+                    if let Some(r) = read_record(&root, &key) {
+                        if let Some(l) = r.outputs.into_iter().next() {
+                            return Ok(Arc::new(l));
+                        }
+                    }
+                    let id = ops::materialize_local(&root, local)?;
+                    let record = Record {
+                        outputs: vec![vec![id.clone()]],
+                        created: 0,
+                        description: format!("local://{}", local.name),
+                    };
+                    write_record(&root, &key, &record).map_err(|e| e.to_string())?;
+                    Ok(Arc::new(vec![id]))
+                })
+            }
+        }
+    }
+
+    async fn execute(&self, digest: &str, op: &pb::Op, values: &[Option<Value>]) -> Result<Vec<Option<Layers>>, (String, Option<i32>)> {
+        use pb::op::Op;
+        let values: Vec<Value> = values.iter().map(|v| v.clone().ok_or(("missing input".to_string(), None))).collect::<Result<_, _>>()?;
+        match &op.op {
+            Some(Op::Source(s)) => {
+                let src = pull::parse_identifier(&s.identifier)
+                    .ok_or_else(|| (format!("source {:?} is not supported by this solver yet", s.identifier), None))?;
+                let platform = Self::platform_of(op);
+                let pinned = pull::pin(&self.registry, &src, &platform).await.map_err(|e| (e, None))?;
+                let progress = EventProgress {
+                    events: self.events.clone(),
+                    digest: digest.to_string(),
+                };
+                let image = pull::pull(&self.root, &self.registry, &src, &pinned, &platform, &progress)
+                    .await
+                    .map_err(|e| (format!("pulling {}: {e}", s.identifier), None))?;
+                Ok(vec![Some(Arc::new(image.layers))])
+            }
+            Some(Op::Exec(e)) => {
+                let mut layers = Vec::new();
+                for v in &values {
+                    layers.push(self.layers(v).await.map_err(|e| (e, None))?);
+                }
+                let _permit = match &self.exec_slots {
+                    Some(s) => Some(s.acquire().await.map_err(|e| (e.to_string(), None))?),
+                    None => None,
+                };
+                let events = self.events.clone();
+                let d = digest.to_string();
+                let on_output = move |stream: u8, bytes: &[u8]| {
+                    events.emit(Event::Log {
+                        digest: d.clone(),
+                        stream,
+                        data: String::from_utf8_lossy(bytes).into_owned(),
+                    });
+                };
+                let id = format!("kiln-{}", self.root.unique());
+                ops::exec(&self.root, &self.opts.runtime, e, &layers, id, on_output)
+                    .await
+                    .map_err(|e| (e.message, e.exit_code))
+            }
+            Some(Op::File(f)) => {
+                // Inputs used as a base must be layers; copy sources may stay local.
+                let mut vals = Vec::new();
+                for (i, v) in values.iter().enumerate() {
+                    let base_use = f.actions.iter().any(|a| a.input == i as i64);
+                    if base_use {
+                        vals.push(Value::Layers(self.layers(v).await.map_err(|e| (e, None))?));
+                    } else {
+                        vals.push(v.clone());
+                    }
+                }
+                let root = self.root.clone();
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || ops::file(&root, &f, &vals))
+                    .await
+                    .map_err(|e| (e.to_string(), None))?
+                    .map_err(|e| (e, None))
+            }
+            Some(Op::Merge(m)) => {
+                let mut all = Vec::new();
+                for mi in &m.inputs {
+                    let v = values.get(mi.input as usize).ok_or(("merge input out of range".to_string(), None))?;
+                    all.push(self.layers(v).await.map_err(|e| (e, None))?);
+                }
+                Ok(vec![Some(ops::merge(&all))])
+            }
+            Some(Op::Diff(d)) => {
+                let side = |i: Option<i64>| -> Option<&Value> { i.filter(|i| *i >= 0).and_then(|i| values.get(i as usize)) };
+                let lower = match side(d.lower.as_ref().map(|l| l.input)) {
+                    Some(v) => self.layers(v).await.map_err(|e| (e, None))?,
+                    None => Arc::new(Vec::new()),
+                };
+                let upper = match side(d.upper.as_ref().map(|u| u.input)) {
+                    Some(v) => self.layers(v).await.map_err(|e| (e, None))?,
+                    None => Arc::new(Vec::new()),
+                };
+                let root = self.root.clone();
+                let r = tokio::task::spawn_blocking(move || ops::diff(&root, &lower, &upper))
+                    .await
+                    .map_err(|e| (e.to_string(), None))?
+                    .map_err(|e| (e, None))?;
+                Ok(vec![Some(r)])
+            }
+            _ => Err(("this op type is not supported by kiln's solver".to_string(), None)),
+        }
+    }
+}
+
+/// For a FileOp whose input `i` is only read by copies, the copies' source
+/// selectors `(src, allow_wildcard, follow_symlink)`.
+fn copy_selectors(op: &pb::Op, i: i64) -> Option<Vec<(String, bool, bool)>> {
+    let Some(pb::op::Op::File(f)) = &op.op else { return None };
+    let mut out = Vec::new();
+    for a in &f.actions {
+        if a.input == i {
+            return None;
+        }
+        if a.secondary_input == i {
+            match &a.action {
+                Some(pb::file_action::Action::Copy(c)) => out.push((c.src.clone(), c.allow_wildcard, c.follow_symlink)),
+                _ => return None,
+            }
+        }
+    }
+    Some(out)
+}
+
+struct EventProgress {
+    events: Arc<dyn EventSink>,
+    digest: String,
+}
+
+impl PullProgress for EventProgress {
+    fn layer(&self, digest: &str, size: u64, done: bool) {
+        self.events.emit(Event::Progress {
+            digest: Some(self.digest.clone()),
+            id: digest.to_string(),
+            current: if done { size } else { 0 },
+            total: size,
+            done,
+        });
+    }
+}

@@ -1,0 +1,280 @@
+//! Snapshots: immutable layer directories, overlayfs views over stacks of
+//! them, and cache records naming which stack a vertex produced.
+//!
+//! A vertex result is a stack of layers (bottom first). A layer directory
+//! holds one layer's changes in overlayfs form (a deleted path is a 0:0
+//! character device, a replaced directory carries `trusted.overlay.opaque`),
+//! so a stack is mounted with overlayfs as it is, a new step's writes land in
+//! a fresh upper directory, and that upper directory is the step's layer.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::root::{remove_all, write_atomic, StateRoot};
+
+/// A stack of layer ids, bottom first. Empty is scratch.
+pub type Layers = Arc<Vec<String>>;
+
+/// What a cache record remembers of a vertex result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Each output's layers, bottom first, by output index.
+    pub outputs: Vec<Vec<String>>,
+    /// Seconds since the epoch when it was made.
+    pub created: u64,
+    /// The op that made it (its name), for `kiln du`.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// The compressed blob of a layer, once made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerBlob {
+    /// `sha256:` of the compressed tar.
+    pub digest: String,
+    /// `sha256:` of the uncompressed tar.
+    pub diff_id: String,
+    /// Size of the compressed tar.
+    pub size: u64,
+    /// Its media type.
+    pub media_type: String,
+}
+
+/// Fresh random layer id.
+pub fn new_layer_id() -> String {
+    let bytes: [u8; 10] = rand::random();
+    hex::encode(bytes)
+}
+
+/// Reads a cache record; a missing or damaged record is a miss, and a record
+/// whose layers are gone is removed.
+pub fn read_record(root: &StateRoot, key: &str) -> Option<Record> {
+    let path = root.record_path(key);
+    let bytes = fs::read(&path).ok()?;
+    let record: Record = serde_json::from_slice(&bytes).ok()?;
+    if record.outputs.iter().flatten().all(|id| root.snapshot_dir(id).join("fs").is_dir()) {
+        Some(record)
+    } else {
+        let _ = fs::remove_file(&path);
+        None
+    }
+}
+
+/// Writes a cache record (after its layers are in place).
+pub fn write_record(root: &StateRoot, key: &str, record: &Record) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    write_atomic(&root.record_path(key), &bytes, false)
+}
+
+/// The directory of a layer's files.
+pub fn layer_fs(root: &StateRoot, id: &str) -> PathBuf {
+    root.snapshot_dir(id).join("fs")
+}
+
+/// When a layer was made (seconds since the epoch), 0 if unknown.
+pub fn layer_created(root: &StateRoot, id: &str) -> i64 {
+    fs::read_to_string(root.snapshot_dir(id).join("created"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The layer's blob, if exported before.
+pub fn read_layer_blob(root: &StateRoot, id: &str) -> Option<LayerBlob> {
+    let bytes = fs::read(root.snapshot_dir(id).join("layer.json")).ok()?;
+    let blob: LayerBlob = serde_json::from_slice(&bytes).ok()?;
+    root.blob_path(&blob.digest).is_file().then_some(blob)
+}
+
+/// Remembers a layer's blob.
+pub fn write_layer_blob(root: &StateRoot, id: &str, blob: &LayerBlob) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(blob).map_err(std::io::Error::other)?;
+    write_atomic(&root.snapshot_dir(id).join("layer.json"), &bytes, false)
+}
+
+/// A layer being written: `tmp/…/fs` (and `work` for overlayfs), moved to
+/// `snapshots/ID` by [`NewLayer::commit`].
+pub struct NewLayer {
+    dir: PathBuf,
+    id: String,
+}
+
+impl NewLayer {
+    /// An empty new layer.
+    pub fn create(root: &StateRoot) -> std::io::Result<NewLayer> {
+        let dir = root.temp_dir()?;
+        fs::create_dir(dir.join("fs"))?;
+        fs::create_dir(dir.join("work"))?;
+        Ok(NewLayer { dir, id: new_layer_id() })
+    }
+
+    /// Where its files go.
+    pub fn fs(&self) -> PathBuf {
+        self.dir.join("fs")
+    }
+
+    /// overlayfs's work directory for it.
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+
+    /// Moves it into `snapshots/` and returns its id.
+    pub fn commit(self, root: &StateRoot) -> std::io::Result<String> {
+        let _ = remove_all(&self.work());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        fs::write(self.dir.join("created"), now.to_string())?;
+        let dest = root.snapshot_dir(&self.id);
+        fs::rename(&self.dir, &dest)?;
+        Ok(self.id.clone())
+    }
+
+    /// Moves it into `snapshots/ID` under a chosen id (fails if that exists).
+    pub fn commit_as(mut self, root: &StateRoot, id: &str) -> std::io::Result<()> {
+        self.id = id.to_string();
+        self.commit(root).map(|_| ())
+    }
+
+    /// Whether nothing was written into it.
+    pub fn is_empty(&self) -> bool {
+        fs::read_dir(self.fs()).map(|mut d| d.next().is_none()).unwrap_or(true)
+    }
+}
+
+impl Drop for NewLayer {
+    fn drop(&mut self) {
+        // After commit the directory is gone and this is a no-op.
+        let _ = remove_all(&self.dir);
+    }
+}
+
+/// A mounted filesystem, unmounted when dropped.
+pub struct Mounted {
+    target: PathBuf,
+    owned_dir: bool,
+}
+
+impl Mounted {
+    /// The mounted tree.
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmounts now, reporting failure.
+    pub fn unmount(mut self) -> std::io::Result<()> {
+        let r = unmount_path(&self.target);
+        if r.is_ok() && self.owned_dir {
+            let _ = fs::remove_dir(&self.target);
+        }
+        self.owned_dir = false;
+        self.target = PathBuf::new();
+        r
+    }
+}
+
+fn unmount_path(target: &Path) -> std::io::Result<()> {
+    match rustix::mount::unmount(target, UnmountFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) => rustix::mount::unmount(target, UnmountFlags::DETACH).map_err(Into::into),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.target.as_os_str().is_empty() {
+            return;
+        }
+        let _ = unmount_path(&self.target);
+        if self.owned_dir {
+            let _ = fs::remove_dir(&self.target);
+        }
+    }
+}
+
+/// An empty directory to stand in for a missing lower layer.
+fn empty_dir(root: &StateRoot) -> std::io::Result<PathBuf> {
+    let p = root.path().join("snapshots/.empty");
+    if !p.is_dir() {
+        fs::create_dir_all(&p)?;
+    }
+    Ok(p)
+}
+
+/// Mounts `layers` (bottom first) with overlayfs, read-only, or writable
+/// into `upper` when given. Returns the mount.
+pub fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
+    let mut lowers: Vec<PathBuf> = layers.iter().rev().map(|id| layer_fs(root, id)).collect();
+    // overlayfs needs one lower layer with an upper, two without.
+    let need = if upper.is_some() { 1 } else { 2 };
+    while lowers.len() < need {
+        lowers.push(empty_dir(root)?);
+    }
+    let target = root.mountpoint()?;
+    let upper_dirs = upper.map(|u| (u.fs(), u.work()));
+    match mount_overlay_fsconfig(&lowers, upper_dirs.as_ref(), &target) {
+        Ok(()) => {}
+        Err(first) => {
+            // Kernels before 6.8 lack `lowerdir+`: the classic string form.
+            let mut opts = format!(
+                "lowerdir={}",
+                lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":")
+            );
+            if let Some((u, w)) = &upper_dirs {
+                opts.push_str(&format!(",upperdir={},workdir={}", u.display(), w.display()));
+            }
+            let data = std::ffi::CString::new(opts).map_err(std::io::Error::other)?;
+            if let Err(second) = rustix::mount::mount("overlay", &target, "overlay", rustix::mount::MountFlags::empty(), Some(data.as_c_str())) {
+                let _ = fs::remove_dir(&target);
+                return Err(std::io::Error::other(format!(
+                    "cannot mount overlayfs ({} layers) at {}: {first}; {second}",
+                    layers.len(),
+                    target.display()
+                )));
+            }
+        }
+    }
+    Ok(Mounted { target, owned_dir: true })
+}
+
+fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>, target: &Path) -> std::io::Result<()> {
+    let fs_fd = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    for l in lowers {
+        rustix::mount::fsconfig_set_string(&fs_fd, "lowerdir+", l.as_path())?;
+    }
+    if let Some((u, w)) = upper {
+        rustix::mount::fsconfig_set_string(&fs_fd, "upperdir", u.as_path())?;
+        rustix::mount::fsconfig_set_string(&fs_fd, "workdir", w.as_path())?;
+        // Layers are made durable by the record protocol, not per write.
+        let _ = rustix::mount::fsconfig_set_flag(&fs_fd, "volatile");
+    }
+    rustix::mount::fsconfig_create(&fs_fd)?;
+    let mnt = rustix::mount::fsmount(&fs_fd, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
+    rustix::mount::move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )?;
+    Ok(())
+}
+
+/// Bind-mounts a host directory read-only (a local source seen by a step).
+pub fn bind_readonly(root: &StateRoot, source: &Path) -> std::io::Result<Mounted> {
+    let target = root.mountpoint()?;
+    rustix::mount::mount_bind(source, &target)?;
+    let m = Mounted { target, owned_dir: true };
+    rustix::mount::mount_remount(
+        m.path(),
+        rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+        "",
+    )?;
+    Ok(m)
+}

@@ -1,0 +1,273 @@
+//! The solver protocol: one [`SolveRequest`] in, a stream of [`Event`]s out.
+//!
+//! Both directions are JSON lines (one JSON object per `\n`-terminated line),
+//! so the stream can be read incrementally, piped over ssh and shown by
+//! `kiln build --progress rawjson` as it is. `solver/PROTOCOL.md` is the
+//! reference for the format; [`VERSION`] is bumped on incompatible changes.
+//!
+//! **Architecture invariant:** no IO here beyond (de)serialising; both the
+//! CLI and the solver depend on this crate, never on each other.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version carried by every request and by the `hello` event.
+pub const VERSION: u32 = 1;
+
+/// What to build and where to put it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SolveRequest {
+    /// Must equal [`VERSION`].
+    pub version: u32,
+    /// The marshalled `pb.Definition`, base64 (standard alphabet).
+    pub definition: String,
+    /// The image config the frontend made (OCI/Docker image config JSON);
+    /// the solver fills in `rootfs` and aligns `history` with the layers.
+    #[serde(default)]
+    pub image_config: Option<serde_json::Value>,
+    /// Directories backing `local://NAME` sources, by name (`context`, …).
+    #[serde(default)]
+    pub locals: BTreeMap<String, String>,
+    /// Where the result goes; none means build only (fill the cache).
+    #[serde(default)]
+    pub exporters: Vec<Exporter>,
+    /// Ignore cached results of every vertex (results are still stored).
+    #[serde(default)]
+    pub no_cache: bool,
+    /// At most this many ExecOps at once; none is no cap.
+    #[serde(default)]
+    pub jobs: Option<usize>,
+    /// The OCI runtime binary (`runc`, `crun`, or a path).
+    #[serde(default)]
+    pub oci_runtime: Option<String>,
+}
+
+/// One output of the build (the `--output` forms of buildx).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Exporter {
+    /// Into kiln's image store under these names (`kiln images`).
+    Image {
+        /// Tags, e.g. `example.com/app:1`.
+        names: Vec<String>,
+    },
+    /// An OCI image layout tarball.
+    Oci {
+        /// The tarball to write (`-` is not allowed: stdout carries events).
+        dest: String,
+        /// Names written as `org.opencontainers.image.ref.name` annotations.
+        #[serde(default)]
+        names: Vec<String>,
+    },
+    /// A `docker load` tarball.
+    Docker {
+        /// The tarball to write.
+        dest: String,
+        /// `RepoTags` of the manifest.
+        #[serde(default)]
+        names: Vec<String>,
+    },
+    /// The final filesystem, copied into a directory.
+    Local {
+        /// The directory (created if missing).
+        dest: String,
+    },
+    /// The final filesystem as a tarball.
+    Tar {
+        /// The tarball to write.
+        dest: String,
+    },
+}
+
+/// One line of the solver's output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// First event: the solver's protocol version.
+    Hello {
+        /// [`VERSION`].
+        version: u32,
+    },
+    /// A vertex started executing.
+    VertexStarted {
+        /// The op digest.
+        digest: String,
+        /// The op's name (its `llb.customname`, else a description of the op).
+        name: String,
+        /// Milliseconds since the solve began.
+        at_ms: u64,
+    },
+    /// A vertex's result was found in the cache; it will not run.
+    VertexCached {
+        /// The op digest.
+        digest: String,
+        /// The op's name.
+        name: String,
+        /// Milliseconds since the solve began.
+        at_ms: u64,
+    },
+    /// A vertex finished.
+    VertexCompleted {
+        /// The op digest.
+        digest: String,
+        /// Milliseconds since the solve began.
+        at_ms: u64,
+        /// How long it ran.
+        duration_ms: u64,
+    },
+    /// A vertex failed; the build stops.
+    VertexFailed {
+        /// The op digest.
+        digest: String,
+        /// Milliseconds since the solve began.
+        at_ms: u64,
+        /// How long it ran.
+        duration_ms: u64,
+        /// What went wrong.
+        error: String,
+        /// The exit code of the step's process, when it ran and exited.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+    },
+    /// Output of a running step.
+    Log {
+        /// The op digest.
+        digest: String,
+        /// 1 = stdout, 2 = stderr.
+        stream: u8,
+        /// The bytes, lossily decoded as UTF-8.
+        data: String,
+    },
+    /// Progress of a pull or an export item.
+    Progress {
+        /// The vertex it belongs to, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+        /// What is moving (`sha256:…` of a layer, `exporting layers`, …).
+        id: String,
+        /// Done so far.
+        current: u64,
+        /// Total, 0 if unknown.
+        total: u64,
+        /// Whether this item is finished.
+        done: bool,
+    },
+    /// The build finished; the last event of a successful solve.
+    Result(SolveResult),
+    /// The solve failed; the last event of a failed solve.
+    Error {
+        /// What went wrong.
+        message: String,
+        /// The failing vertex, if a vertex failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+        /// Why: `request` (bad input), `vertex` (a step failed), `export`, `internal`.
+        kind: ErrorKind,
+    },
+}
+
+/// The class of a solve failure.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request could not be read or is invalid.
+    Request,
+    /// A build step failed.
+    Vertex,
+    /// Writing an output failed.
+    Export,
+    /// Anything else (state root, runtime missing, …).
+    Internal,
+}
+
+/// What a successful solve produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct SolveResult {
+    /// The image manifest digest, if an image was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+    /// The image config digest (the image id), if an image was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+    /// Paths and names written by the exporters.
+    #[serde(default)]
+    pub exported: Vec<String>,
+    /// Vertices that ran.
+    pub executed: u32,
+    /// Vertices found in the cache.
+    pub cached: u32,
+}
+
+impl SolveRequest {
+    /// A request for a definition's bytes with nothing else set.
+    pub fn new(definition: &[u8]) -> SolveRequest {
+        use base64::Engine as _;
+        SolveRequest {
+            version: VERSION,
+            definition: base64::engine::general_purpose::STANDARD.encode(definition),
+            image_config: None,
+            locals: BTreeMap::new(),
+            exporters: Vec::new(),
+            no_cache: false,
+            jobs: None,
+            oci_runtime: None,
+        }
+    }
+
+    /// The definition's bytes.
+    pub fn definition_bytes(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(self.definition.as_bytes())
+            .map_err(|e| format!("definition is not base64: {e}"))
+    }
+}
+
+impl Event {
+    /// The event as one JSON line (with the trailing newline).
+    pub fn to_line(&self) -> String {
+        let mut s = serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"error\",\"message\":\"{e}\",\"kind\":\"internal\"}}"));
+        s.push('\n');
+        s
+    }
+
+    /// Parses one line.
+    pub fn from_line(line: &str) -> Result<Event, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trips_and_carries_bytes() {
+        let mut req = SolveRequest::new(b"\x0a\x02hi");
+        req.exporters.push(Exporter::Oci {
+            dest: "out.tar".into(),
+            names: vec!["a:1".into()],
+        });
+        let text = serde_json::to_string(&req).expect("serialise");
+        assert!(text.contains("\"type\":\"oci\""), "{text}");
+        let back: SolveRequest = serde_json::from_str(&text).expect("parse");
+        assert_eq!(back, req);
+        assert_eq!(back.definition_bytes().expect("b64"), b"\x0a\x02hi");
+    }
+
+    #[test]
+    fn events_are_tagged_lines() {
+        let ev = Event::VertexCached {
+            digest: "sha256:ab".into(),
+            name: "[1/2] RUN x".into(),
+            at_ms: 3,
+        };
+        let line = ev.to_line();
+        assert!(line.ends_with('\n'));
+        assert!(line.starts_with("{\"type\":\"vertex_cached\""), "{line}");
+        assert_eq!(Event::from_line(line.trim_end()).expect("parse"), ev);
+        let err = Event::from_line(r#"{"type":"error","message":"m","kind":"vertex","digest":"sha256:1"}"#).expect("parse");
+        assert!(matches!(err, Event::Error { kind: ErrorKind::Vertex, .. }));
+    }
+}
