@@ -155,7 +155,8 @@ fn stamp_history(obj: &mut serde_json::Map<String, Json>, created: &[i64]) {
                 }
             }
         }
-        if let Some(t) = history.last().and_then(|h| h.get("created")).and_then(Json::as_str) {
+        let t = history.last().and_then(|h| h.get("created")).and_then(Json::as_str).map(str::to_string);
+        if let Some(t) = t {
             obj.entry("created").or_insert(json!(t));
             return;
         }
