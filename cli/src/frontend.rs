@@ -35,6 +35,9 @@ pub struct FrontendArgs {
     /// kiln's state root; default $KILN_ROOT or ~/.local/share/kiln.
     #[arg(long)]
     pub root: Option<PathBuf>,
+    /// Ask the registry for the current image of every tag, even when kiln's store has it.
+    #[arg(long)]
+    pub pull: bool,
     /// Build context directory.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -67,10 +70,11 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
     let response = if no_resolve {
         kiln_dockerfile::compile(&request, &OfflineHost)
     } else {
-        let host = CliHost::new(&request.named_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
+        let mut host = CliHost::new(&request.named_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
             let _ = writeln!(err, "error: {msg}");
             EXIT_USAGE
         })?;
+        host.skip_store = args.pull;
         kiln_dockerfile::compile(&request, &host)
     };
     let source = String::from_utf8_lossy(&request.definition).into_owned();

@@ -33,6 +33,8 @@ pub struct CliHost {
     registry: RegistryClient,
     /// Started on the first registry lookup only.
     runtime: OnceLock<Result<tokio::runtime::Runtime, String>>,
+    /// Ask the registry even when the store has the tag (`--pull`).
+    pub skip_store: bool,
 }
 
 impl CliHost {
@@ -67,6 +69,7 @@ impl CliHost {
             store: root.join("store"),
             registry: RegistryClient::new(Credentials::from_docker_config()),
             runtime: OnceLock::new(),
+            skip_store: false,
         })
     }
 }
@@ -87,6 +90,7 @@ impl Host for CliHost {
             }));
         }
         let store_error = match Layout::open(&self.store) {
+            Ok(_) if self.skip_store => "the store was skipped (--pull)".to_string(),
             Ok(store) => match store.resolve(Some(reference), platform) {
                 Ok(found) => {
                     let name = reference.split('@').next().unwrap_or(reference);

@@ -175,6 +175,13 @@ pub fn normalize_name(name: &str) -> String {
 
 /// Adds names to kiln's image store (its `index.json`).
 pub fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), String> {
+    let names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
+    store_names(root, &names, &image.digest, MANIFEST, image.size, Some(&image.platform))
+}
+
+/// Points names in the store's `index.json` at a manifest or index. An
+/// entry already pointing there is left as it is (no rewrite).
+pub fn store_names(root: &StateRoot, names: &[String], digest: &str, media_type: &str, size: usize, platform: Option<&Json>) -> Result<(), String> {
     let _lock = root.lock_store().map_err(|e| e.to_string())?;
     let index_path = root.store().join("index.json");
     let mut index: Json = fs::read(&index_path)
@@ -185,23 +192,33 @@ pub fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result
         .get_mut("manifests")
         .and_then(|m| m.as_array_mut())
         .ok_or("the image store's index.json has no manifests list")?;
-    let names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
+    let unchanged = names.iter().all(|n| {
+        manifests
+            .iter()
+            .any(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(n.as_str()) && m["digest"].as_str() == Some(digest))
+    });
+    if unchanged {
+        return Ok(());
+    }
     manifests.retain(|m| {
         let n = m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap_or("");
         !names.iter().any(|x| x == n)
     });
     let created = now_rfc3339();
-    for n in &names {
-        manifests.push(json!({
-            "mediaType": MANIFEST,
-            "digest": image.digest,
-            "size": image.size,
-            "platform": image.platform,
+    for n in names {
+        let mut entry = json!({
+            "mediaType": media_type,
+            "digest": digest,
+            "size": size,
             "annotations": {
                 "org.opencontainers.image.ref.name": n,
                 "org.opencontainers.image.created": created,
             },
-        }));
+        });
+        if let Some(p) = platform {
+            entry["platform"] = p.clone();
+        }
+        manifests.push(entry);
     }
     let bytes = serde_json::to_vec_pretty(&index).map_err(|e| e.to_string())?;
     write_atomic(&index_path, &bytes, true).map_err(|e| e.to_string())

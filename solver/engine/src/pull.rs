@@ -142,6 +142,22 @@ async fn document(root: &StateRoot, registry: &kiln_oci::RegistryClient, src: &I
     Ok(bytes)
 }
 
+/// The media type of a manifest or index document.
+pub fn media_type_of(bytes: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Typed {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
+        #[serde(default)]
+        manifests: Option<Vec<serde_json::Value>>,
+    }
+    match serde_json::from_slice::<Typed>(bytes) {
+        Ok(t) if !t.media_type.is_empty() => t.media_type,
+        Ok(t) if t.manifests.is_some() => "application/vnd.oci.image.index.v1+json".into(),
+        _ => crate::export::MANIFEST.into(),
+    }
+}
+
 /// The resolved manifest of an image for a platform.
 pub struct PulledImage {
     /// The digest that identifies the source (index or manifest).
@@ -262,10 +278,24 @@ pub async fn pull(
         .map_err(|e| e.to_string())?;
         progress.layer(&desc.digest, desc.size.max(0) as u64, true);
     }
+    remember_tag(root, src, digest)?;
     Ok(PulledImage {
         digest: digest.to_string(),
         layers,
     })
+}
+
+/// Records a registry image's tag in kiln's store, so later builds find it
+/// there without a registry round trip (`kiln build --pull` asks again).
+pub fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) -> Result<(), String> {
+    let ImageLocation::Registry(reference) = &src.location else { return Ok(()) };
+    let name = reference.split('@').next().unwrap_or(reference);
+    let tagged = name.rsplit('/').next().is_some_and(|last| last.contains(':'));
+    if !tagged {
+        return Ok(());
+    }
+    let Ok(top) = fs::read(root.blob_path(digest)) else { return Ok(()) };
+    crate::export::store_names(root, &[name.to_string()], digest, &media_type_of(&top), top.len(), None)
 }
 
 fn file_digest(path: &Path) -> std::io::Result<String> {

@@ -321,6 +321,13 @@ impl Solver {
         if !ignore_cache {
             let found = tokio::task::block_in_place(|| read_record(&self.root, &key));
             if let Some(record) = found {
+                if let Some(Op::Source(s)) = &op.op {
+                    if let Some(src) = pull::parse_identifier(&s.identifier) {
+                        if let Some(d) = &src.digest {
+                            let _ = tokio::task::block_in_place(|| pull::remember_tag(&self.root, &src, d));
+                        }
+                    }
+                }
                 self.cached.fetch_add(1, Ordering::Relaxed);
                 self.events.emit(Event::VertexCached {
                     digest: digest.to_string(),
