@@ -59,36 +59,7 @@ impl ChecksumCache {
     pub fn load(root: &StateRoot, dir: &Path) -> ChecksumCache {
         let id = hex::encode(&Sha256::digest(dir.as_os_str().as_encoded_bytes())[..12]);
         let file = root.path().join("context").join(format!("{id}.sums"));
-        let mut entries = HashMap::new();
-        if let Ok(text) = fs::read_to_string(&file) {
-            for line in text.lines() {
-                let mut it = line.splitn(6, ' ');
-                let (Some(ino), Some(size), Some(m), Some(c), Some(sum), Some(path)) =
-                    (it.next(), it.next(), it.next(), it.next(), it.next(), it.next())
-                else {
-                    continue;
-                };
-                let (Ok(ino), Ok(size), Ok(mtime_ns), Ok(ctime_ns)) = (ino.parse(), size.parse(), m.parse(), c.parse()) else {
-                    continue;
-                };
-                let mut s = [0u8; 32];
-                if hex::decode_to_slice(sum, &mut s).is_err() {
-                    continue;
-                }
-                entries.insert(
-                    path.to_string(),
-                    (
-                        Stamp {
-                            ino,
-                            size,
-                            mtime_ns,
-                            ctime_ns,
-                        },
-                        s,
-                    ),
-                );
-            }
-        }
+        let entries = fs::read(&file).map(|b| decode_sums(&b)).unwrap_or_default();
         ChecksumCache {
             file,
             entries: Mutex::new(entries),
@@ -102,18 +73,11 @@ impl ChecksumCache {
             return Ok(());
         }
         let entries = self.entries.lock().map_err(|_| io::Error::other("checksum cache poisoned"))?;
-        let mut out = String::with_capacity(entries.len() * 120);
-        for (path, (s, sum)) in entries.iter() {
-            if path.contains('\n') {
-                continue;
-            }
-            out.push_str(&format!("{} {} {} {} {} {}\n", s.ino, s.size, s.mtime_ns, s.ctime_ns, hex::encode(sum), path));
-        }
-        write_atomic(&self.file, out.as_bytes(), false)
+        write_atomic(&self.file, &encode_sums(&entries), false)
     }
 
-    fn file_sum(&self, abs: &Path, meta: &fs::Metadata) -> io::Result<Sum> {
-        let key = abs.to_string_lossy().into_owned();
+    fn file_sum(&self, abs: &Path, rel: &str, meta: &fs::Metadata) -> io::Result<Sum> {
+        let key = rel.to_string();
         let st = stamp(meta);
         if let Ok(map) = self.entries.lock() {
             if let Some((s, sum)) = map.get(&key) {
@@ -139,6 +103,49 @@ impl ChecksumCache {
         }
         Ok(sum)
     }
+}
+
+/// File format of remembered checksums: a magic line, then per file
+/// `ino size mtime_ns ctime_ns` (little-endian u64/i64), the 32-byte sum,
+/// the path's length (u32) and the path.
+const SUMS_MAGIC: &[u8] = b"kiln-sums-v1\n";
+
+fn encode_sums(entries: &HashMap<String, (Stamp, Sum)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SUMS_MAGIC.len() + entries.len() * 90);
+    out.extend_from_slice(SUMS_MAGIC);
+    for (path, (s, sum)) in entries {
+        out.extend_from_slice(&s.ino.to_le_bytes());
+        out.extend_from_slice(&s.size.to_le_bytes());
+        out.extend_from_slice(&s.mtime_ns.to_le_bytes());
+        out.extend_from_slice(&s.ctime_ns.to_le_bytes());
+        out.extend_from_slice(sum);
+        out.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        out.extend_from_slice(path.as_bytes());
+    }
+    out
+}
+
+/// Reads what [`encode_sums`] wrote; a damaged tail is dropped (files are re-read).
+fn decode_sums(bytes: &[u8]) -> HashMap<String, (Stamp, Sum)> {
+    let mut map = HashMap::new();
+    let Some(mut rest) = bytes.strip_prefix(SUMS_MAGIC) else { return map };
+    let u64_at = |b: &[u8], i: usize| -> u64 { u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8])) };
+    while rest.len() >= 68 {
+        let stamp = Stamp {
+            ino: u64_at(rest, 0),
+            size: u64_at(rest, 8),
+            mtime_ns: u64_at(rest, 16) as i64,
+            ctime_ns: u64_at(rest, 24) as i64,
+        };
+        let mut sum = [0u8; 32];
+        sum.copy_from_slice(&rest[32..64]);
+        let len = u32::from_le_bytes(rest[64..68].try_into().unwrap_or([0; 4])) as usize;
+        let Some(path) = rest.get(68..68 + len) else { break };
+        let Ok(path) = std::str::from_utf8(path) else { break };
+        map.insert(path.to_string(), (stamp, sum));
+        rest = &rest[68 + len..];
+    }
+    map
 }
 
 fn json_list(attrs: &std::collections::BTreeMap<String, String>, key: &str) -> Result<Vec<String>, String> {
@@ -252,33 +259,75 @@ impl LocalSource {
     fn tree_sum(&self, cache: &ChecksumCache, rel: &str) -> io::Result<Sum> {
         let abs = self.dir.join(rel);
         let meta = fs::symlink_metadata(&abs)?;
+        // Below a directory that is included as a whole, no pattern needs checking.
+        let whole = self.exclude.is_none() && self.include.as_ref().is_none_or(|i| rel.is_empty() && i.is_empty() || i.matches(rel));
+        self.node_sum(cache, &abs, rel, &meta, whole, true)
+    }
+
+    /// Checksum of one node; `whole` = everything below is included;
+    /// `top` = split the first level of a big directory across threads.
+    fn node_sum(&self, cache: &ChecksumCache, abs: &Path, rel: &str, meta: &fs::Metadata, whole: bool, top: bool) -> io::Result<Sum> {
         let mut h = Sha256::new();
         let mode = meta.permissions().mode();
         let ft = meta.file_type();
         if ft.is_dir() {
             h.update(format!("d {mode:o}\0"));
-            let mut names: Vec<String> = fs::read_dir(&abs)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-            names.sort();
-            for n in names {
-                let child = join_rel(rel, &n);
-                let child_meta = fs::symlink_metadata(self.dir.join(&child))?;
-                let take = if child_meta.is_dir() {
-                    self.may_enter(&child)
-                } else {
-                    self.includes(&child)
-                };
-                if !take {
-                    continue;
+            let mut children: Vec<(String, fs::Metadata)> = Vec::new();
+            for e in fs::read_dir(abs)? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                // fstatat on the open directory: no path walk per file.
+                let child_meta = e.metadata()?;
+                if !whole {
+                    let child = join_rel(rel, &name);
+                    let take = if child_meta.is_dir() { self.may_enter(&child) } else { self.includes(&child) };
+                    if !take {
+                        continue;
+                    }
                 }
-                h.update(n.as_bytes());
+                children.push((name, child_meta));
+            }
+            children.sort_by(|a, b| a.0.cmp(&b.0));
+            let child_whole = |name: &str| -> bool {
+                whole || (self.exclude.is_none() && self.include.as_ref().is_some_and(|i| i.matches(&join_rel(rel, name))))
+            };
+            let sums: Vec<io::Result<Sum>> = if top && children.len() > 8 {
+                // Big trees: hash the children on all cores.
+                let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);
+                let next = std::sync::atomic::AtomicUsize::new(0);
+                let slots: Vec<Mutex<Option<io::Result<Sum>>>> = children.iter().map(|_| Mutex::new(None)).collect();
+                std::thread::scope(|sc| {
+                    for _ in 0..workers {
+                        sc.spawn(|| loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some((name, m)) = children.get(i) else { break };
+                            let r = self.node_sum(cache, &abs.join(name), &join_rel(rel, name), m, child_whole(name), false);
+                            if let Ok(mut slot) = slots[i].lock() {
+                                *slot = Some(r);
+                            }
+                        });
+                    }
+                });
+                slots
+                    .into_iter()
+                    .map(|m| m.into_inner().ok().flatten().unwrap_or_else(|| Err(io::Error::other("checksum worker failed"))))
+                    .collect()
+            } else {
+                children
+                    .iter()
+                    .map(|(name, m)| self.node_sum(cache, &abs.join(name), &join_rel(rel, name), m, child_whole(name), top && m.is_dir()))
+                    .collect()
+            };
+            for ((name, _), sum) in children.iter().zip(sums) {
+                h.update(name.as_bytes());
                 h.update([0]);
-                h.update(self.tree_sum(cache, &child)?);
+                h.update(sum?);
             }
         } else if ft.is_symlink() {
-            h.update(format!("l {}\0", fs::read_link(&abs)?.to_string_lossy()));
+            h.update(format!("l {}\0", fs::read_link(abs)?.to_string_lossy()));
         } else if ft.is_file() {
             h.update(format!("f {mode:o}\0"));
-            h.update(cache.file_sum(&abs, &meta)?);
+            h.update(cache.file_sum(abs, rel, meta)?);
         } else {
             h.update(format!("o {mode:o} {}\0", meta.rdev()));
         }
