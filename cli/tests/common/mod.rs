@@ -183,3 +183,134 @@ impl Drop for LocalRegistry {
         let _ = self.child.wait();
     }
 }
+
+/// Fixed time of every fixture file (2020-01-01), so digests are stable.
+pub const FIXTURE_EPOCH: u64 = 1_577_836_800;
+
+fn tar_header(kind: tar::EntryType, mode: u32, size: u64, uid: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(FIXTURE_EPOCH);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h
+}
+
+/// Writes kiln's test base image: Debian's static busybox with one symlink
+/// per applet, `/etc/passwd` with `root` and `app` (1000:1000), and the
+/// usual empty directories, as a deterministic OCI layout tagged `latest`.
+/// Returns the manifest digest.
+pub fn busybox_layout(dir: &Path) -> String {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("busybox-static is installed (.ci/run installs it)");
+    let list = Command::new(busybox).arg("--list-full").output().expect("busybox --list-full");
+    let mut applets: Vec<String> = String::from_utf8_lossy(&list.stdout).split_whitespace().map(str::to_string).collect();
+    applets.sort();
+    let binary = std::fs::read(busybox).expect("read busybox");
+    let mut tar = tar::Builder::new(Vec::new());
+    let dirs = [
+        ("bin", 0o755),
+        ("dev", 0o755),
+        ("etc", 0o755),
+        ("home", 0o755),
+        ("home/app", 0o755),
+        ("proc", 0o755),
+        ("root", 0o700),
+        ("sbin", 0o755),
+        ("sys", 0o755),
+        ("tmp", 0o1777),
+        ("usr", 0o755),
+        ("usr/bin", 0o755),
+        ("usr/sbin", 0o755),
+        ("var", 0o755),
+    ];
+    for (d, mode) in dirs {
+        let mut h = tar_header(tar::EntryType::Directory, mode, 0, if d == "home/app" { 1000 } else { 0 });
+        tar.append_data(&mut h, format!("{d}/"), std::io::empty()).expect("dir");
+    }
+    let mut h = tar_header(tar::EntryType::Regular, 0o755, binary.len() as u64, 0);
+    tar.append_data(&mut h, "bin/busybox", binary.as_slice()).expect("busybox");
+    let files = [
+        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n"),
+        ("etc/group", "root:x:0:\napp:x:1000:\nstaff:x:50:app\nnogroup:x:65534:\n"),
+    ];
+    for (p, c) in files {
+        let mut h = tar_header(tar::EntryType::Regular, 0o644, c.len() as u64, 0);
+        tar.append_data(&mut h, p, c.as_bytes()).expect("file");
+    }
+    for a in &applets {
+        if a == "bin/busybox" || !(a.starts_with("bin/") || a.starts_with("sbin/") || a.starts_with("usr/")) {
+            continue;
+        }
+        let mut h = tar_header(tar::EntryType::Symlink, 0o777, 0, 0);
+        tar.append_link(&mut h, a, "/bin/busybox").expect("link");
+    }
+    let layer = tar.into_inner().expect("tar");
+    let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&layer)));
+    let mut gz = flate2::GzBuilder::new().mtime(0).write(Vec::new(), flate2::Compression::default());
+    gz.write_all(&layer).expect("gzip");
+    let compressed = gz.finish().expect("gzip");
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    let (ldig, llen) = put(&blobs, &compressed);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "created": "2020-01-01T00:00:00Z",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "kiln test fixture: busybox-static"}]
+    })
+    .to_string();
+    let (cdig, clen) = put(&blobs, config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cdig}","size":{clen}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{ldig}","size":{llen}}}]}}"#
+    );
+    let (mdig, mlen) = put(&blobs, manifest.as_bytes());
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{mdig}","size":{mlen},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), index).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
+    mdig
+}
+
+/// Whether builds can run here (root, runc, overlayfs); on CI they must.
+pub fn can_build() -> bool {
+    let root = rustix_is_root();
+    let ok = root && have("runc") && have("umoci") && have("busybox");
+    if !ok {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "builds need root, runc, umoci and busybox on CI"
+        );
+        eprintln!("builds cannot run here (need root, runc, umoci, busybox); skipped");
+    }
+    ok
+}
+
+fn rustix_is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// Unpacks an OCI image tarball's image `name` with umoci into `dest`
+/// (which receives `rootfs/` and `config.json`).
+pub fn umoci_unpack(tarball: &Path, name: &str, dest: &Path) {
+    let layout = dest.with_extension("layout");
+    let _ = std::fs::remove_dir_all(&layout);
+    std::fs::create_dir_all(&layout).expect("layout dir");
+    let st = Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(&layout).status().expect("tar");
+    assert!(st.success(), "untar {}", tarball.display());
+    let _ = std::fs::remove_dir_all(dest);
+    let out = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:{name}", layout.display()))
+        .arg(dest)
+        .output()
+        .expect("umoci");
+    assert!(out.status.success(), "umoci unpack: {}", String::from_utf8_lossy(&out.stderr));
+}

@@ -59,6 +59,25 @@ fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> ActionErro
     format!("{context}: {e}")
 }
 
+/// An IO error with its causes (tar wraps its own errors in io::Error).
+fn io_chain(e: &io::Error) -> String {
+    match e.get_ref() {
+        Some(inner) => chain(inner),
+        None => e.to_string(),
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    s
+}
+
 /// Resolves a ChownOpt against the destination root's /etc files.
 fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Owner>, ActionError> {
     let Some(c) = chown else { return Ok(None) };
@@ -332,7 +351,7 @@ pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Resul
             if let Some(kind) = archive_kind(&src_abs) {
                 let target = dest_abs.clone();
                 mkdir_all(&target, owner, time).map_err(|e| err(&a.dest, e))?;
-                unpack_archive(&src_abs, kind, &target, owner).map_err(|e| err(format!("extracting {rel}"), e))?;
+                unpack_archive(&src_abs, kind, &target, owner).map_err(|e| err(format!("extracting {rel}"), io_chain(&e)))?;
                 continue;
             }
         }
@@ -509,16 +528,20 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
     };
     let mut ar = tar::Archive::new(reader);
     ar.set_preserve_permissions(true);
-    ar.set_preserve_ownerships(owner.is_none());
+    // Owners are set below: a blank uid field (some tar writers leave it so) means 0.
+    ar.set_preserve_ownerships(false);
     ar.set_preserve_mtime(true);
     ar.set_overwrite(true);
     for entry in ar.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
+        let from_tar = Owner {
+            uid: entry.header().uid().unwrap_or(0) as u32,
+            gid: entry.header().gid().unwrap_or(0) as u32,
+        };
         if entry.unpack_in(dest)? {
-            if let Some(o) = owner {
-                let _ = lchown(&dest.join(&path), o);
-            }
+            let target = dest.join(&path);
+            lchown(&target, owner.unwrap_or(from_tar))?;
         }
     }
     Ok(())

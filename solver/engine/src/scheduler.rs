@@ -343,6 +343,11 @@ impl Solver {
             }
         }
 
+        // A capped ExecOp waits for its turn before it counts as started.
+        let _permit = match (&op.op, &self.exec_slots) {
+            (Some(Op::Exec(_)), Some(s)) => Some(s.acquire().await.map_err(|e| fail(e.to_string()))?),
+            _ => None,
+        };
         let started = Instant::now();
         self.events.emit(Event::VertexStarted {
             digest: digest.to_string(),
@@ -437,10 +442,6 @@ impl Solver {
                 for v in &values {
                     layers.push(self.layers(v).await.map_err(|e| (e, None))?);
                 }
-                let _permit = match &self.exec_slots {
-                    Some(s) => Some(s.acquire().await.map_err(|e| (e.to_string(), None))?),
-                    None => None,
-                };
                 let events = self.events.clone();
                 let d = digest.to_string();
                 let on_output = move |stream: u8, bytes: &[u8]| {

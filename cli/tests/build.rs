@@ -1,0 +1,479 @@
+//! End-to-end builds: `kiln build` with the real solver, runc and
+//! overlayfs, on kiln's busybox fixture image; results checked with umoci.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{busybox_layout, can_build, scratch_dir, umoci_unpack};
+use serde_json::Value;
+
+/// A test's directories: `ctx/` (the context), `root/` (kiln's state root), `base/` (the fixture).
+struct Setup {
+    dir: PathBuf,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir = scratch_dir(name);
+        std::fs::create_dir_all(dir.join("ctx")).expect("ctx");
+        busybox_layout(&dir.join("base"));
+        Setup { dir }
+    }
+
+    fn ctx(&self) -> PathBuf {
+        self.dir.join("ctx")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    fn write(&self, rel: &str, content: &str) {
+        let p = self.ctx().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, content).expect("write");
+    }
+
+    fn base_arg(&self) -> String {
+        format!("busybox=oci-layout://{}", self.dir.join("base").display())
+    }
+
+    /// `kiln build --build-context busybox=… ARGS ctx`.
+    fn build(&self, args: &[&str]) -> Output {
+        let base = self.base_arg();
+        let mut all: Vec<&str> = vec!["build", "--build-context", &base];
+        all.extend_from_slice(args);
+        let ctx = self.ctx();
+        let ctx = ctx.to_str().expect("utf8");
+        all.push(ctx);
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&all)
+            .current_dir(&self.dir)
+            .env("KILN_ROOT", self.root())
+            .output()
+            .expect("kiln runs")
+    }
+
+    /// Builds with rawjson progress; returns the events.
+    fn build_events(&self, args: &[&str]) -> (Output, Vec<Value>) {
+        let mut a = vec!["--progress", "rawjson"];
+        a.extend_from_slice(args);
+        let out = self.build(&a);
+        let events = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect();
+        (out, events)
+    }
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "kiln build failed ({:?}):\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["type"] == kind).count()
+}
+
+/// Names of the vertices that ran (not the local context, which always "runs").
+fn ran(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "vertex_started")
+        .map(|e| e["name"].as_str().unwrap_or("").to_string())
+        .filter(|n| !n.contains("load build context"))
+        .collect()
+}
+
+fn layer_entries(layout: &Path) -> Vec<Vec<String>> {
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
+    let mdig = index["manifests"][0]["digest"].as_str().expect("digest").to_string();
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let manifest: Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).expect("manifest")).expect("json");
+    manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            let f = std::fs::File::open(blob(l["digest"].as_str().expect("digest"))).expect("layer");
+            let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+            ar.entries()
+                .expect("entries")
+                .map(|e| e.expect("entry").path().expect("path").to_string_lossy().into_owned())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn multi_stage_build_exports_the_expected_files_and_config() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("multistage");
+    s.write(
+        "Dockerfile",
+        r#"FROM busybox AS base
+ENV GREETING=hello
+WORKDIR /work/dir
+RUN echo "$GREETING" > greeting && mkdir -p /gone/deep && echo x > /gone/deep/file && echo y > /keep
+RUN rm -rf /gone && ln -s /keep /link
+ADD files.tar /unpacked/
+COPY --chown=app:app ctx.txt /home/app/
+USER app
+RUN id -u > /tmp/uid && touch /home/app/made-by-app
+
+FROM busybox AS other
+RUN echo other > /other.txt
+
+FROM base
+COPY --from=other /other.txt /
+CMD ["cat", "/work/dir/greeting"]
+"#,
+    );
+    s.write("ctx.txt", "from the context\n");
+    // A tar for ADD to unpack.
+    let mut t = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(6);
+    h.set_mode(0o640);
+    h.set_mtime(1_600_000_000);
+    t.append_data(&mut h, "inner/a.txt", &b"in tar"[..]).expect("tar");
+    std::fs::write(s.ctx().join("files.tar"), t.into_inner().expect("tar")).expect("write tar");
+
+    let oci = s.dir.join("out.tar");
+    let docker = s.dir.join("docker.tar");
+    let local = s.dir.join("local");
+    let flat = s.dir.join("flat.tar");
+    let out = s.build(&[
+        "--progress",
+        "plain",
+        "-t",
+        "example.com/app:1",
+        "-o",
+        &format!("type=oci,dest={}", oci.display()),
+        "-o",
+        &format!("type=docker,dest={}", docker.display()),
+        "-o",
+        &format!("type=local,dest={}", local.display()),
+        "-o",
+        &format!("type=tar,dest={}", flat.display()),
+    ]);
+    ok(&out);
+    let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+
+    let unpacked = s.dir.join("unpacked");
+    umoci_unpack(&oci, "example.com/app:1", &unpacked);
+    let rootfs = unpacked.join("rootfs");
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("work/dir/greeting"), "hello\n");
+    assert!(!rootfs.join("gone").exists(), "rm in a later step removes the directory");
+    assert_eq!(std::fs::read_link(rootfs.join("link")).expect("symlink"), Path::new("/keep"));
+    assert_eq!(read("unpacked/inner/a.txt"), "in tar");
+    assert_eq!(std::fs::metadata(rootfs.join("unpacked/inner/a.txt")).expect("stat").mode() & 0o777, 0o640);
+    let ctx_file = std::fs::metadata(rootfs.join("home/app/ctx.txt")).expect("ctx.txt");
+    assert_eq!((ctx_file.uid(), ctx_file.gid()), (1000, 1000), "--chown=app:app");
+    assert_eq!(read("home/app/ctx.txt"), "from the context\n");
+    assert_eq!(read("tmp/uid"), "1000\n", "USER app runs as uid 1000");
+    assert_eq!(std::fs::metadata(rootfs.join("home/app/made-by-app")).expect("stat").uid(), 1000);
+    assert_eq!(read("other.txt"), "other\n");
+    // No mount points leak into the image.
+    assert!(!rootfs.join("etc/hosts").exists() && !rootfs.join("etc/resolv.conf").exists());
+
+    // The whiteout is in the layer of the `rm` step.
+    let layers = layer_entries(&s.dir.join("unpacked.layout"));
+    assert!(layers.iter().any(|l| l.iter().any(|p| p == ".wh.gone")), "{layers:?}");
+
+    let config: Value = serde_json::from_slice(&std::fs::read(unpacked.join("config.json")).expect("config")).expect("json");
+    assert_eq!(config["process"]["args"], serde_json::json!(["cat", "/work/dir/greeting"]));
+    assert_eq!(config["process"]["cwd"], "/work/dir");
+    assert_eq!(config["process"]["user"]["uid"], 1000);
+    assert!(config["process"]["env"].as_array().expect("env").iter().any(|e| e == "GREETING=hello"));
+
+    // Image config: one diff id per layer, one non-empty history entry per layer.
+    let layout = s.dir.join("unpacked.layout");
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
+    assert_eq!(index["manifests"][0]["digest"], digest.as_str());
+    let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).expect("blob");
+    let manifest: Value = serde_json::from_slice(&blob(&digest)).expect("manifest");
+    let image: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().expect("config"))).expect("config");
+    let n_layers = manifest["layers"].as_array().expect("layers").len();
+    assert_eq!(image["rootfs"]["diff_ids"].as_array().expect("diff_ids").len(), n_layers);
+    let non_empty = image["history"].as_array().expect("history").iter().filter(|h| h["empty_layer"] != true).count();
+    assert_eq!(non_empty, n_layers);
+    // base, WORKDIR (a mkdir, a layer as in BuildKit), RUN, RUN, ADD, COPY, RUN, COPY --from.
+    assert_eq!(n_layers, 8, "{manifest}");
+    assert_eq!(image["config"]["User"], "app");
+    assert_eq!(image["config"]["WorkingDir"], "/work/dir");
+    assert!(image["created"].is_string());
+
+    if common::have("skopeo") {
+        let out = Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", oci.display())).output().expect("skopeo");
+        assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("skopeo").arg("inspect").arg(format!("docker-archive:{}", docker.display())).output().expect("skopeo");
+        assert!(out.status.success(), "skopeo docker-archive: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // docker load format: manifest.json with the tag.
+    let dl = Command::new("tar").arg("xOf").arg(&docker).arg("manifest.json").output().expect("tar");
+    let dm: Value = serde_json::from_slice(&dl.stdout).expect("manifest.json");
+    assert_eq!(dm[0]["RepoTags"], serde_json::json!(["example.com/app:1"]));
+    assert_eq!(dm[0]["Layers"].as_array().expect("layers").len(), n_layers);
+
+    // type=local and type=tar carry the same files.
+    assert_eq!(std::fs::read_to_string(local.join("work/dir/greeting")).expect("local"), "hello\n");
+    assert_eq!(std::fs::metadata(local.join("home/app/made-by-app")).expect("stat").uid(), 1000);
+    let names = Command::new("tar").arg("tf").arg(&flat).output().expect("tar");
+    let names = String::from_utf8_lossy(&names.stdout);
+    assert!(names.lines().any(|l| l.trim_end_matches('/') == "work/dir/greeting"), "{names}");
+    assert!(!names.contains("gone"));
+
+    // The store has it; `kiln images` lists it.
+    let images = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["images", "--no-trunc"])
+        .env("KILN_ROOT", s.root())
+        .output()
+        .expect("images");
+    let listing = String::from_utf8_lossy(&images.stdout);
+    assert!(listing.contains("example.com/app:1") && listing.contains(&digest), "{listing}");
+}
+
+#[test]
+fn rebuilds_run_only_what_changed() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("rebuild");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nCOPY a.txt /a.txt\nRUN cat /a.txt > /copy-a\nCOPY b.txt /b.txt\nRUN cat /b.txt > /copy-b\n",
+    );
+    s.write("a.txt", "a1\n");
+    s.write("b.txt", "b1\n");
+    let (out, events) = s.build_events(&["-t", "rebuild:1"]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 5, "{:?}", ran(&events));
+    let first = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    // Nothing changed: nothing runs, same image.
+    let (out, events) = s.build_events(&["-t", "rebuild:1"]);
+    ok(&out);
+    assert_eq!(ran(&events), Vec::<String>::new());
+    assert_eq!(count(&events, "vertex_cached"), 5);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), first, "a cached rebuild gives the same image");
+
+    // b.txt changed: only the steps after COPY b.txt run.
+    s.write("b.txt", "b2\n");
+    let (out, events) = s.build_events(&["-t", "rebuild:1"]);
+    ok(&out);
+    let r = ran(&events);
+    assert_eq!(r.len(), 2, "{r:?}");
+    assert!(r[0].contains("COPY b.txt") && r[1].contains("RUN cat /b.txt"), "{r:?}");
+
+    // An unrelated file in the context changes nothing.
+    s.write("unrelated.txt", "x\n");
+    let (out, events) = s.build_events(&["-t", "rebuild:1"]);
+    ok(&out);
+    assert_eq!(ran(&events), Vec::<String>::new());
+
+    // --no-cache runs everything again.
+    let (out, events) = s.build_events(&["--no-cache"]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 5);
+}
+
+#[test]
+fn independent_stages_run_at_once() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("parallel");
+    let mut df = String::new();
+    for i in 1..=8 {
+        df.push_str(&format!("FROM busybox AS s{i}\nRUN sleep 1 && echo x{i} > /out\n\n"));
+    }
+    df.push_str("FROM busybox\n");
+    for i in 1..=8 {
+        df.push_str(&format!("COPY --from=s{i} /out /out{i}\n"));
+    }
+    s.write("Dockerfile", &df);
+    let local = s.dir.join("fs");
+    let (out, events) = s.build_events(&["-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    // Every sleeping step started before the first one finished.
+    let sleeps: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "vertex_started" && e["name"].as_str().unwrap_or("").contains("sleep 1"))
+        .filter_map(|e| e["digest"].as_str())
+        .collect();
+    assert_eq!(sleeps.len(), 8);
+    let pos = |kind: &str, d: &str| events.iter().position(|e| e["type"] == kind && e["digest"] == d).expect("event");
+    let last_start = sleeps.iter().map(|d| pos("vertex_started", d)).max().expect("max");
+    let first_done = sleeps.iter().map(|d| pos("vertex_completed", d)).min().expect("min");
+    assert!(last_start < first_done, "the 8 stages did not overlap");
+    for i in 1..=8 {
+        assert_eq!(std::fs::read_to_string(local.join(format!("out{i}"))).expect("out"), format!("x{i}\n"));
+    }
+    // --jobs 1 serialises them.
+    let (out, events) = s.build_events(&["--no-cache", "--jobs", "1"]);
+    ok(&out);
+    let mut running = 0;
+    for e in &events {
+        let sleeping = e["name"].as_str().unwrap_or("").contains("sleep 1");
+        if e["type"] == "vertex_started" && sleeping {
+            running += 1;
+            assert!(running <= 1, "--jobs 1 ran two steps at once");
+        }
+        if e["type"] == "vertex_completed" && sleeps.contains(&e["digest"].as_str().unwrap_or("")) {
+            running -= 1;
+        }
+    }
+}
+
+fn mounts_under(path: &Path) -> Vec<String> {
+    let p = path.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&p))
+        .collect()
+}
+
+fn containers(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("runc"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_failing_step_names_its_line_shows_its_output_and_cleans_up() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("failing");
+    s.write(
+        "Dockerfile",
+        "FROM busybox AS slow\nRUN sleep 30\n\nFROM busybox\nRUN echo boom-output && echo to-stderr >&2 && exit 3\nCOPY --from=slow /etc/passwd /p\n",
+    );
+    let started = std::time::Instant::now();
+    let out = s.build(&["--progress", "plain"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "a failed step exits 4:\n{err}");
+    assert!(err.contains("[Dockerfile:5:1]"), "names the line:\n{err}");
+    assert!(err.contains("boom-output") && err.contains("to-stderr"), "shows the output:\n{err}");
+    assert!(err.contains("exit code: 3"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(25), "the slow sibling was cancelled");
+    assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "no leftover mounts");
+    assert_eq!(containers(&s.root()), Vec::<String>::new(), "no leftover containers");
+    // A frontend error is exit 1, a usage error 2.
+    s.write("Dockerfile", "FROM busybox\nRUNN x\n");
+    assert_eq!(s.build(&[]).status.code(), Some(1));
+    assert_eq!(s.build(&["--output", "type=zip,dest=x"]).status.code(), Some(2));
+}
+
+#[test]
+fn a_build_killed_mid_way_leaves_a_usable_root() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("sigkill");
+    s.write("Dockerfile", "FROM busybox\nRUN echo one > /one\nRUN echo started && sleep 30\nRUN echo three > /three\n");
+    let base = s.base_arg();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--progress", "rawjson", "--build-context", &base])
+        .arg(s.ctx())
+        .env("KILN_ROOT", s.root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut saw = false;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("line");
+        if line.contains("\"type\":\"log\"") && line.contains("started") {
+            saw = true;
+            break;
+        }
+    }
+    assert!(saw, "the long step started");
+    // SIGKILL the CLI and the solver: nothing gets to clean up.
+    let solver = children_of(child.id());
+    let _ = Command::new("kill").arg("-9").arg(child.id().to_string()).status();
+    for pid in &solver {
+        let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+    }
+    let _ = child.wait();
+    assert!(!solver.is_empty(), "the solver ran as a child");
+    for _ in 0..50 {
+        if solver.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Replace the long step and build again on the same root.
+    s.write("Dockerfile", "FROM busybox\nRUN echo one > /one\nRUN echo quick\nRUN echo three > /three\n");
+    let local = s.dir.join("fs");
+    let (out, events) = s.build_events(&["-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    let r = ran(&events);
+    assert!(!r.iter().any(|n| n.contains("echo one")), "the step finished before the kill is cached: {r:?}");
+    assert_eq!(std::fs::read_to_string(local.join("three")).expect("three"), "three\n");
+    assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "stale mounts removed");
+    assert_eq!(containers(&s.root()), Vec::<String>::new(), "stale containers removed");
+    let tmp: Vec<_> = std::fs::read_dir(s.root().join("tmp")).expect("tmp").flatten().collect();
+    assert!(tmp.is_empty(), "stale temp dirs removed");
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // pid (comm) state ppid …
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let ppid = after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn two_builds_sharing_a_root_at_once_both_succeed() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("shared-root");
+    s.write("Dockerfile", "FROM busybox\nARG N\nRUN echo $N > /n && sleep 0.3\nRUN cat /n > /m\n");
+    let base = s.base_arg();
+    let spawn = |n: &str, tag: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["build", "--progress", "plain", "--build-context", &base, "--build-arg", &format!("N={n}"), "-t", tag])
+            .arg(s.ctx())
+            .env("KILN_ROOT", s.root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln")
+    };
+    let a = spawn("1", "shared:a");
+    let b = spawn("2", "shared:b");
+    ok(&a.wait_with_output().expect("a"));
+    ok(&b.wait_with_output().expect("b"));
+    let images = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("images").env("KILN_ROOT", s.root()).output().expect("images");
+    let listing = String::from_utf8_lossy(&images.stdout);
+    assert!(listing.contains("shared:a") && listing.contains("shared:b"), "{listing}");
+}
