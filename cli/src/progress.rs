@@ -72,7 +72,13 @@ impl Renderer {
         if !self.vertices.contains_key(digest) {
             self.order.push(digest.to_string());
             let number = self.order.len();
-            self.vertices.insert(digest.to_string(), Vertex { number, ..Default::default() });
+            self.vertices.insert(
+                digest.to_string(),
+                Vertex {
+                    number,
+                    ..Default::default()
+                },
+            );
         }
         self.vertices.entry(digest.to_string()).or_default()
     }
@@ -135,7 +141,12 @@ impl Renderer {
                     let _ = writeln!(out, "#{n} DONE {:.1}s\n", *duration_ms as f64 / 1000.0);
                 }
             }
-            Event::VertexFailed { digest, duration_ms, error, .. } => {
+            Event::VertexFailed {
+                digest,
+                duration_ms,
+                error,
+                ..
+            } => {
                 let v = self.vertex(digest);
                 v.duration = Some(Duration::from_millis(*duration_ms));
                 v.failed = true;
@@ -164,19 +175,21 @@ impl Renderer {
                 }
                 v.partial = rest;
             }
-            Event::Progress { id, done, current, total, digest } => {
-                if plain && *done {
-                    match digest {
-                        Some(d) => {
-                            let n = self.vertex(d).number;
-                            let _ = writeln!(out, "#{n} {id} {current}/{total} done");
-                        }
-                        None => {
-                            let _ = writeln!(out, "#{} {id} DONE", self.order.len() + 1);
-                        }
-                    }
+            Event::Progress {
+                id,
+                done: true,
+                current,
+                total,
+                digest,
+            } if plain => match digest {
+                Some(d) => {
+                    let n = self.vertex(d).number;
+                    let _ = writeln!(out, "#{n} {id} {current}/{total} done");
                 }
-            }
+                None => {
+                    let _ = writeln!(out, "#{} {id} DONE", self.order.len() + 1);
+                }
+            },
             _ => {}
         }
         if self.mode == Mode::Tty {
@@ -213,7 +226,11 @@ impl Renderer {
             self.start.elapsed().as_secs_f64(),
             done,
             self.vertices.len(),
-            if done == self.vertices.len() && !self.vertices.is_empty() { " FINISHED" } else { "" }
+            if done == self.vertices.len() && !self.vertices.is_empty() {
+                " FINISHED"
+            } else {
+                ""
+            }
         )];
         for d in &self.order {
             let Some(v) = self.vertices.get(d) else { continue };

@@ -52,7 +52,9 @@ pub fn solve(root: &std::path::Path, request: &SolveRequest, mut on_event: impl 
     let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
     {
         let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
-        stdin.write_all(&body).map_err(|e| format!("sending the request to the solver: {e}"))?;
+        stdin
+            .write_all(&body)
+            .map_err(|e| format!("sending the request to the solver: {e}"))?;
     }
     let stdout = child.stdout.take().ok_or("solver has no stdout")?;
     let mut garbage = Vec::new();

@@ -181,7 +181,10 @@ CMD ["cat", "/work/dir/greeting"]
     assert!(!rootfs.join("gone").exists(), "rm in a later step removes the directory");
     assert_eq!(std::fs::read_link(rootfs.join("link")).expect("symlink"), Path::new("/keep"));
     assert_eq!(read("unpacked/inner/a.txt"), "in tar");
-    assert_eq!(std::fs::metadata(rootfs.join("unpacked/inner/a.txt")).expect("stat").mode() & 0o777, 0o640);
+    assert_eq!(
+        std::fs::metadata(rootfs.join("unpacked/inner/a.txt")).expect("stat").mode() & 0o777,
+        0o640
+    );
     let ctx_file = std::fs::metadata(rootfs.join("home/app/ctx.txt")).expect("ctx.txt");
     assert_eq!((ctx_file.uid(), ctx_file.gid()), (1000, 1000), "--chown=app:app");
     assert_eq!(read("home/app/ctx.txt"), "from the context\n");
@@ -199,7 +202,11 @@ CMD ["cat", "/work/dir/greeting"]
     assert_eq!(config["process"]["args"], serde_json::json!(["cat", "/work/dir/greeting"]));
     assert_eq!(config["process"]["cwd"], "/work/dir");
     assert_eq!(config["process"]["user"]["uid"], 1000);
-    assert!(config["process"]["env"].as_array().expect("env").iter().any(|e| e == "GREETING=hello"));
+    assert!(config["process"]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .any(|e| e == "GREETING=hello"));
 
     // Image config: one diff id per layer, one non-empty history entry per layer.
     let layout = s.dir.join("unpacked.layout");
@@ -210,7 +217,12 @@ CMD ["cat", "/work/dir/greeting"]
     let image: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().expect("config"))).expect("config");
     let n_layers = manifest["layers"].as_array().expect("layers").len();
     assert_eq!(image["rootfs"]["diff_ids"].as_array().expect("diff_ids").len(), n_layers);
-    let non_empty = image["history"].as_array().expect("history").iter().filter(|h| h["empty_layer"] != true).count();
+    let non_empty = image["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter(|h| h["empty_layer"] != true)
+        .count();
     assert_eq!(non_empty, n_layers);
     // base, WORKDIR (a mkdir, a layer as in BuildKit), RUN, RUN, ADD, COPY, RUN, COPY --from.
     assert_eq!(n_layers, 8, "{manifest}");
@@ -219,13 +231,30 @@ CMD ["cat", "/work/dir/greeting"]
     assert!(image["created"].is_string());
 
     if common::have("skopeo") {
-        let out = Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", oci.display())).output().expect("skopeo");
+        let out = Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("oci-archive:{}", oci.display()))
+            .output()
+            .expect("skopeo");
         assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
-        let out = Command::new("skopeo").arg("inspect").arg(format!("docker-archive:{}", docker.display())).output().expect("skopeo");
-        assert!(out.status.success(), "skopeo docker-archive: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("docker-archive:{}", docker.display()))
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo docker-archive: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // docker load format: manifest.json with the tag.
-    let dl = Command::new("tar").arg("xOf").arg(&docker).arg("manifest.json").output().expect("tar");
+    let dl = Command::new("tar")
+        .arg("xOf")
+        .arg(&docker)
+        .arg("manifest.json")
+        .output()
+        .expect("tar");
     let dm: Value = serde_json::from_slice(&dl.stdout).expect("manifest.json");
     assert_eq!(dm[0]["RepoTags"], serde_json::json!(["example.com/app:1"]));
     assert_eq!(dm[0]["Layers"].as_array().expect("layers").len(), n_layers);
@@ -270,7 +299,11 @@ fn rebuilds_run_only_what_changed() {
     ok(&out);
     assert_eq!(ran(&events), Vec::<String>::new());
     assert_eq!(count(&events, "vertex_cached"), 5);
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), first, "a cached rebuild gives the same image");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        first,
+        "a cached rebuild gives the same image"
+    );
 
     // b.txt changed: only the steps after COPY b.txt run.
     s.write("b.txt", "b2\n");
@@ -322,7 +355,10 @@ fn independent_stages_run_at_once() {
     let first_done = sleeps.iter().map(|d| pos("vertex_completed", d)).min().expect("min");
     assert!(last_start < first_done, "the 8 stages did not overlap");
     for i in 1..=8 {
-        assert_eq!(std::fs::read_to_string(local.join(format!("out{i}"))).expect("out"), format!("x{i}\n"));
+        assert_eq!(
+            std::fs::read_to_string(local.join(format!("out{i}"))).expect("out"),
+            format!("x{i}\n")
+        );
     }
     // --jobs 1 serialises them.
     let (out, events) = s.build_events(&["--no-cache", "--jobs", "1"]);
@@ -373,7 +409,10 @@ fn a_failing_step_names_its_line_shows_its_output_and_cleans_up() {
     assert!(err.contains("[Dockerfile:5:1]"), "names the line:\n{err}");
     assert!(err.contains("boom-output") && err.contains("to-stderr"), "shows the output:\n{err}");
     assert!(err.contains("exit code: 3"), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(25), "the slow sibling was cancelled");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(25),
+        "the slow sibling was cancelled"
+    );
     assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "no leftover mounts");
     assert_eq!(containers(&s.root()), Vec::<String>::new(), "no leftover containers");
     // A frontend error is exit 1, a usage error 2.
@@ -388,7 +427,10 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
         return;
     }
     let s = Setup::new("sigkill");
-    s.write("Dockerfile", "FROM busybox\nRUN echo one > /one\nRUN echo started && sleep 30\nRUN echo three > /three\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN echo one > /one\nRUN echo started && sleep 30\nRUN echo three > /three\n",
+    );
     let base = s.base_arg();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["build", "--progress", "rawjson", "--build-context", &base])
@@ -423,12 +465,18 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     // Replace the long step and build again on the same root.
-    s.write("Dockerfile", "FROM busybox\nRUN echo one > /one\nRUN echo quick\nRUN echo three > /three\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN echo one > /one\nRUN echo quick\nRUN echo three > /three\n",
+    );
     let local = s.dir.join("fs");
     let (out, events) = s.build_events(&["-o", &format!("type=local,dest={}", local.display())]);
     ok(&out);
     let r = ran(&events);
-    assert!(!r.iter().any(|n| n.contains("echo one")), "the step finished before the kill is cached: {r:?}");
+    assert!(
+        !r.iter().any(|n| n.contains("echo one")),
+        "the step finished before the kill is cached: {r:?}"
+    );
     assert_eq!(std::fs::read_to_string(local.join("three")).expect("three"), "three\n");
     assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "stale mounts removed");
     assert_eq!(containers(&s.root()), Vec::<String>::new(), "stale containers removed");
@@ -439,7 +487,9 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         // pid (comm) state ppid …
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -457,11 +507,24 @@ fn two_builds_sharing_a_root_at_once_both_succeed() {
         return;
     }
     let s = Setup::new("shared-root");
-    s.write("Dockerfile", "FROM busybox\nARG N\nRUN echo $N > /n && sleep 0.3\nRUN cat /n > /m\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nARG N\nRUN echo $N > /n && sleep 0.3\nRUN cat /n > /m\n",
+    );
     let base = s.base_arg();
     let spawn = |n: &str, tag: &str| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["build", "--progress", "plain", "--build-context", &base, "--build-arg", &format!("N={n}"), "-t", tag])
+            .args([
+                "build",
+                "--progress",
+                "plain",
+                "--build-context",
+                &base,
+                "--build-arg",
+                &format!("N={n}"),
+                "-t",
+                tag,
+            ])
             .arg(s.ctx())
             .env("KILN_ROOT", s.root())
             .stdout(Stdio::piped())
@@ -473,7 +536,48 @@ fn two_builds_sharing_a_root_at_once_both_succeed() {
     let b = spawn("2", "shared:b");
     ok(&a.wait_with_output().expect("a"));
     ok(&b.wait_with_output().expect("b"));
-    let images = Command::new(env!("CARGO_BIN_EXE_kiln")).arg("images").env("KILN_ROOT", s.root()).output().expect("images");
+    let images = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("images")
+        .env("KILN_ROOT", s.root())
+        .output()
+        .expect("images");
     let listing = String::from_utf8_lossy(&images.stdout);
     assert!(listing.contains("shared:a") && listing.contains("shared:b"), "{listing}");
+}
+
+#[test]
+fn bases_come_from_a_registry_and_from_kiln_s_own_store() {
+    if !can_build() || !common::have("docker-registry") || !common::have("skopeo") {
+        return;
+    }
+    let s = Setup::new("registry");
+    let registry = common::LocalRegistry::start(&s.dir.join("registry"));
+    registry.push_layout(&s.dir.join("base"), "latest", "test/busybox");
+    s.write(
+        "Dockerfile",
+        &format!("FROM {}/test/busybox:latest\nRUN echo pulled > /pulled\n", registry.addr),
+    );
+    let out = s.build(&["--progress", "plain", "-t", "local/first:1"]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("done"), "{err}");
+
+    // With the registry gone, a build FROM the image kiln just made (and
+    // from the pulled base, remembered by tag) needs nothing from it.
+    drop(registry);
+    s.write("Dockerfile", "FROM local/first:1\nRUN cat /pulled > /again\n");
+    let local = s.dir.join("fs");
+    let out = s.build(&["--progress", "plain", "-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    assert_eq!(std::fs::read_to_string(local.join("again")).expect("again"), "pulled\n");
+    let images = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("images")
+        .env("KILN_ROOT", s.root())
+        .output()
+        .expect("images");
+    let listing = String::from_utf8_lossy(&images.stdout);
+    assert!(
+        listing.contains("docker.io/local/first:1") && listing.contains("/test/busybox:latest"),
+        "{listing}"
+    );
 }

@@ -52,7 +52,9 @@ pub fn parse_output(spec: &str, tags: &[String]) -> Result<Exporter, String> {
     }
     let mut fields = BTreeMap::new();
     for part in spec.split(',') {
-        let (k, v) = part.split_once('=').ok_or_else(|| format!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--output {spec:?}: {part:?} is not KEY=VALUE"))?;
         fields.insert(k.trim().to_string(), v.trim().to_string());
     }
     let kind = fields.get("type").cloned().unwrap_or_else(|| "local".into());
@@ -61,14 +63,27 @@ pub fn parse_output(spec: &str, tags: &[String]) -> Result<Exporter, String> {
     if let Some(n) = fields.get("name") {
         names.extend(n.split(';').map(str::to_string));
     }
-    let need_dest = |d: Option<String>| d.filter(|d| !d.is_empty()).ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"));
+    let need_dest = |d: Option<String>| {
+        d.filter(|d| !d.is_empty())
+            .ok_or_else(|| format!("--output {spec:?}: type={kind} needs dest=PATH"))
+    };
     Ok(match kind.as_str() {
-        "oci" => Exporter::Oci { dest: need_dest(dest)?, names },
-        "docker" => Exporter::Docker { dest: need_dest(dest)?, names },
+        "oci" => Exporter::Oci {
+            dest: need_dest(dest)?,
+            names,
+        },
+        "docker" => Exporter::Docker {
+            dest: need_dest(dest)?,
+            names,
+        },
         "local" => Exporter::Local { dest: need_dest(dest)? },
         "tar" => Exporter::Tar { dest: need_dest(dest)? },
         "image" => Exporter::Image { names },
-        other => return Err(format!("--output {spec:?}: unknown type {other:?} (oci, docker, local, tar, image)")),
+        other => {
+            return Err(format!(
+                "--output {spec:?}: unknown type {other:?} (oci, docker, local, tar, image)"
+            ))
+        }
     })
 }
 
@@ -87,7 +102,11 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                     Exporter::Oci { dest, .. } | Exporter::Docker { dest, .. } | Exporter::Local { dest } | Exporter::Tar { dest } => {
                         let p = Path::new(dest.as_str());
                         if p.is_relative() {
-                            *dest = std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()).to_string_lossy().into_owned();
+                            *dest = std::env::current_dir()
+                                .map(|d| d.join(p))
+                                .unwrap_or_else(|_| p.to_path_buf())
+                                .to_string_lossy()
+                                .into_owned();
                         }
                     }
                     Exporter::Image { .. } => {}
@@ -113,11 +132,15 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     };
     let mut request = SolveRequest::new(&compiled.definition);
     request.image_config = compiled.image_config.as_ref().and_then(|c| serde_json::to_value(c).ok());
-    request.locals.insert("context".into(), absolute(&args.frontend.context).to_string_lossy().into_owned());
+    request
+        .locals
+        .insert("context".into(), absolute(&args.frontend.context).to_string_lossy().into_owned());
     for spec in &args.frontend.build_contexts {
         if let Some((name, src)) = spec.split_once('=') {
             if !src.contains("://") && Path::new(src).is_dir() {
-                request.locals.insert(name.to_string(), absolute(Path::new(src)).to_string_lossy().into_owned());
+                request
+                    .locals
+                    .insert(name.to_string(), absolute(Path::new(src)).to_string_lossy().into_owned());
             }
         }
     }
@@ -181,7 +204,11 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                 "done: {} steps ran, {} cached{}",
                 r.executed,
                 r.cached,
-                if r.exported.is_empty() { String::new() } else { format!("; wrote {}", r.exported.join(", ")) }
+                if r.exported.is_empty() {
+                    String::new()
+                } else {
+                    format!("; wrote {}", r.exported.join(", "))
+                }
             );
             EXIT_OK
         }
@@ -190,7 +217,11 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                 err,
                 "error: the solver exited with code {} without a result{}",
                 outcome.exit_code,
-                if outcome.garbage.is_empty() { String::new() } else { format!(": {}", outcome.garbage.join("\n")) }
+                if outcome.garbage.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", outcome.garbage.join("\n"))
+                }
             );
             EXIT_OTHER
         }
@@ -213,7 +244,10 @@ fn report_failure(
     let help = if tail.is_empty() {
         None
     } else {
-        Some(format!("last output of the step:\n{}", tail.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")))
+        Some(format!(
+            "last output of the step:\n{}",
+            tail.iter().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+        ))
     };
     match location {
         Some((start_line, end_line)) => {
@@ -235,7 +269,11 @@ fn report_failure(
             let _ = err.write_all(crate::diagnostics::render(&diag, &compiled.source, color).as_bytes());
         }
         None => {
-            let _ = writeln!(err, "error: {}{message}", if step.is_empty() { String::new() } else { format!("{step}: ") });
+            let _ = writeln!(
+                err,
+                "error: {}{message}",
+                if step.is_empty() { String::new() } else { format!("{step}: ") }
+            );
             if let Some(h) = help {
                 let _ = writeln!(err, "{h}");
             }
@@ -288,7 +326,10 @@ mod tests {
                 names: tags.clone()
             }
         );
-        assert_eq!(parse_output("outdir", &tags).expect("dir"), Exporter::Local { dest: "outdir".into() });
+        assert_eq!(
+            parse_output("outdir", &tags).expect("dir"),
+            Exporter::Local { dest: "outdir".into() }
+        );
         assert!(parse_output("type=oci", &tags).is_err());
         assert!(parse_output("type=zip,dest=x", &tags).is_err());
         assert_eq!(line_span("a\nbb\nccc\n", 2, 3), (2, 6));

@@ -89,4 +89,3 @@ fn read_input(input: &str) -> std::io::Result<Vec<u8>> {
         std::fs::read(input)
     }
 }
-

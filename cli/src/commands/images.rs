@@ -55,9 +55,20 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         let size: u64 = std::fs::read(store.join("blobs/sha256").join(hex))
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .map(|man| man["layers"].as_array().into_iter().flatten().filter_map(|l| l["size"].as_u64()).sum())
+            .map(|man| {
+                man["layers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|l| l["size"].as_u64())
+                    .sum()
+            })
             .unwrap_or(0);
-        let shown = if args.no_trunc { digest.to_string() } else { digest.chars().take(19).collect() };
+        let shown = if args.no_trunc {
+            digest.to_string()
+        } else {
+            digest.chars().take(19).collect()
+        };
         let _ = writeln!(out, "{name:<50} {shown:<19} {created:<22} {:>9}", human(size));
     }
     EXIT_OK

@@ -208,7 +208,10 @@ pub fn busybox_layout(dir: &Path) -> String {
         .find(|p| Path::new(p).is_file())
         .expect("busybox-static is installed (.ci/run installs it)");
     let list = Command::new(busybox).arg("--list-full").output().expect("busybox --list-full");
-    let mut applets: Vec<String> = String::from_utf8_lossy(&list.stdout).split_whitespace().map(str::to_string).collect();
+    let mut applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
     applets.sort();
     let binary = std::fs::read(busybox).expect("read busybox");
     let mut tar = tar::Builder::new(Vec::new());
@@ -235,7 +238,10 @@ pub fn busybox_layout(dir: &Path) -> String {
     let mut h = tar_header(tar::EntryType::Regular, 0o755, binary.len() as u64, 0);
     tar.append_data(&mut h, "bin/busybox", binary.as_slice()).expect("busybox");
     let files = [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n"),
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/home:/bin/false\n",
+        ),
         ("etc/group", "root:x:0:\napp:x:1000:\nstaff:x:50:app\nnogroup:x:65534:\n"),
     ];
     for (p, c) in files {
@@ -294,7 +300,11 @@ pub fn can_build() -> bool {
 }
 
 fn rustix_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// Unpacks an OCI image tarball's image `name` with umoci into `dest`
@@ -303,7 +313,13 @@ pub fn umoci_unpack(tarball: &Path, name: &str, dest: &Path) {
     let layout = dest.with_extension("layout");
     let _ = std::fs::remove_dir_all(&layout);
     std::fs::create_dir_all(&layout).expect("layout dir");
-    let st = Command::new("tar").arg("xf").arg(tarball).arg("-C").arg(&layout).status().expect("tar");
+    let st = Command::new("tar")
+        .arg("xf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(&layout)
+        .status()
+        .expect("tar");
     assert!(st.success(), "untar {}", tarball.display());
     let _ = std::fs::remove_dir_all(dest);
     let out = Command::new("umoci")

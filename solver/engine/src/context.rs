@@ -128,7 +128,9 @@ fn encode_sums(entries: &HashMap<String, (Stamp, Sum)>) -> Vec<u8> {
 /// Reads what [`encode_sums`] wrote; a damaged tail is dropped (files are re-read).
 fn decode_sums(bytes: &[u8]) -> HashMap<String, (Stamp, Sum)> {
     let mut map = HashMap::new();
-    let Some(mut rest) = bytes.strip_prefix(SUMS_MAGIC) else { return map };
+    let Some(mut rest) = bytes.strip_prefix(SUMS_MAGIC) else {
+        return map;
+    };
     let u64_at = |b: &[u8], i: usize| -> u64 { u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8])) };
     while rest.len() >= 68 {
         let stamp = Stamp {
@@ -260,7 +262,11 @@ impl LocalSource {
         let abs = self.dir.join(rel);
         let meta = fs::symlink_metadata(&abs)?;
         // Below a directory that is included as a whole, no pattern needs checking.
-        let whole = self.exclude.is_none() && self.include.as_ref().is_none_or(|i| rel.is_empty() && i.is_empty() || i.matches(rel));
+        let whole = self.exclude.is_none()
+            && self
+                .include
+                .as_ref()
+                .is_none_or(|i| rel.is_empty() && i.is_empty() || i.matches(rel));
         self.node_sum(cache, &abs, rel, &meta, whole, true)
     }
 
@@ -280,7 +286,11 @@ impl LocalSource {
                 let child_meta = e.metadata()?;
                 if !whole {
                     let child = join_rel(rel, &name);
-                    let take = if child_meta.is_dir() { self.may_enter(&child) } else { self.includes(&child) };
+                    let take = if child_meta.is_dir() {
+                        self.may_enter(&child)
+                    } else {
+                        self.includes(&child)
+                    };
                     if !take {
                         continue;
                     }
@@ -310,12 +320,26 @@ impl LocalSource {
                 });
                 slots
                     .into_iter()
-                    .map(|m| m.into_inner().ok().flatten().unwrap_or_else(|| Err(io::Error::other("checksum worker failed"))))
+                    .map(|m| {
+                        m.into_inner()
+                            .ok()
+                            .flatten()
+                            .unwrap_or_else(|| Err(io::Error::other("checksum worker failed")))
+                    })
                     .collect()
             } else {
                 children
                     .iter()
-                    .map(|(name, m)| self.node_sum(cache, &abs.join(name), &join_rel(rel, name), m, child_whole(name), top && m.is_dir()))
+                    .map(|(name, m)| {
+                        self.node_sum(
+                            cache,
+                            &abs.join(name),
+                            &join_rel(rel, name),
+                            m,
+                            child_whole(name),
+                            top && m.is_dir(),
+                        )
+                    })
                     .collect()
             };
             for ((name, _), sum) in children.iter().zip(sums) {
@@ -343,4 +367,3 @@ pub fn join_rel(base: &str, name: &str) -> String {
         format!("{base}/{name}")
     }
 }
-

@@ -249,7 +249,11 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
     }
     let host_network = step.network == pb::NetMode::Host as i32 || step.network == pb::NetMode::Unset as i32;
     let insecure = step.security == pb::SecurityMode::Insecure as i32;
-    let hostname = if meta.hostname.is_empty() { "buildkitsandbox" } else { &meta.hostname };
+    let hostname = if meta.hostname.is_empty() {
+        "buildkitsandbox"
+    } else {
+        &meta.hostname
+    };
 
     // User and cwd from the root filesystem.
     let user_spec = if meta.user.is_empty() { "root" } else { meta.user.as_str() };
@@ -382,7 +386,10 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
             },
         }
     }
-    let status = child.wait().await.map_err(|e| StepError::setup(format!("waiting for the runtime: {e}")))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| StepError::setup(format!("waiting for the runtime: {e}")))?;
     guard.armed = false;
     drop(guard);
 
@@ -395,7 +402,10 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
     };
     if !valid {
         return Err(StepError {
-            message: format!("process \"{}\" did not complete successfully: exit code: {code}", display_args(&meta.args)),
+            message: format!(
+                "process \"{}\" did not complete successfully: exit code: {code}",
+                display_args(&meta.args)
+            ),
             exit_code: Some(code),
         });
     }
@@ -410,12 +420,47 @@ fn all_capabilities() -> HashSet<Capability> {
     use std::str::FromStr;
     // Every capability the spec knows, by parsing the names the kernel lists.
     let names = [
-        "CAP_AUDIT_CONTROL", "CAP_AUDIT_READ", "CAP_AUDIT_WRITE", "CAP_BLOCK_SUSPEND", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_IPC_LOCK", "CAP_IPC_OWNER",
-        "CAP_KILL", "CAP_LEASE", "CAP_LINUX_IMMUTABLE", "CAP_MAC_ADMIN", "CAP_MAC_OVERRIDE", "CAP_MKNOD", "CAP_NET_ADMIN",
-        "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_RAW", "CAP_PERFMON", "CAP_SETGID", "CAP_SETFCAP", "CAP_SETPCAP",
-        "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_CHROOT", "CAP_SYS_MODULE", "CAP_SYS_NICE", "CAP_SYS_PACCT",
-        "CAP_SYS_PTRACE", "CAP_SYS_RAWIO", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+        "CAP_AUDIT_CONTROL",
+        "CAP_AUDIT_READ",
+        "CAP_AUDIT_WRITE",
+        "CAP_BLOCK_SUSPEND",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_IPC_LOCK",
+        "CAP_IPC_OWNER",
+        "CAP_KILL",
+        "CAP_LEASE",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_MAC_ADMIN",
+        "CAP_MAC_OVERRIDE",
+        "CAP_MKNOD",
+        "CAP_NET_ADMIN",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_BROADCAST",
+        "CAP_NET_RAW",
+        "CAP_PERFMON",
+        "CAP_SETGID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_SETUID",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_CHROOT",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_NICE",
+        "CAP_SYS_PACCT",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG",
+        "CAP_SYSLOG",
+        "CAP_WAKE_ALARM",
     ];
     names.iter().filter_map(|n| Capability::from_str(n).ok()).collect()
 }

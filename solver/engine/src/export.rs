@@ -51,7 +51,10 @@ fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
 pub fn layer_blobs(root: &StateRoot, layers: &[String]) -> Result<Vec<LayerBlob>, String> {
     let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id)).collect();
     let missing: Vec<usize> = (0..layers.len()).filter(|i| out[*i].is_none()).collect();
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(missing.len().max(1));
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(missing.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: std::sync::Mutex<Vec<(usize, Result<LayerBlob, String>)>> = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
@@ -114,7 +117,10 @@ fn align_history(obj: &mut serde_json::Map<String, Json>, layers: usize) {
     let Some(history) = obj.get_mut("history").and_then(|h| h.as_array_mut()) else {
         return;
     };
-    let non_empty = history.iter().filter(|h| !h.get("empty_layer").and_then(Json::as_bool).unwrap_or(false)).count();
+    let non_empty = history
+        .iter()
+        .filter(|h| !h.get("empty_layer").and_then(Json::as_bool).unwrap_or(false))
+        .count();
     if non_empty < layers {
         for _ in non_empty..layers {
             history.push(json!({"created_by": "kiln: layer without a history entry"}));
@@ -155,7 +161,11 @@ fn stamp_history(obj: &mut serde_json::Map<String, Json>, created: &[i64]) {
                 }
             }
         }
-        let t = history.last().and_then(|h| h.get("created")).and_then(Json::as_str).map(str::to_string);
+        let t = history
+            .last()
+            .and_then(|h| h.get("created"))
+            .and_then(Json::as_str)
+            .map(str::to_string);
         if let Some(t) = t {
             obj.entry("created").or_insert(json!(t));
             return;
@@ -181,7 +191,14 @@ pub fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result
 
 /// Points names in the store's `index.json` at a manifest or index. An
 /// entry already pointing there is left as it is (no rewrite).
-pub fn store_names(root: &StateRoot, names: &[String], digest: &str, media_type: &str, size: usize, platform: Option<&Json>) -> Result<(), String> {
+pub fn store_names(
+    root: &StateRoot,
+    names: &[String],
+    digest: &str,
+    media_type: &str,
+    size: usize,
+    platform: Option<&Json>,
+) -> Result<(), String> {
     let _lock = root.lock_store().map_err(|e| e.to_string())?;
     let index_path = root.store().join("index.json");
     let mut index: Json = fs::read(&index_path)
@@ -193,9 +210,9 @@ pub fn store_names(root: &StateRoot, names: &[String], digest: &str, media_type:
         .and_then(|m| m.as_array_mut())
         .ok_or("the image store's index.json has no manifests list")?;
     let unchanged = names.iter().all(|n| {
-        manifests
-            .iter()
-            .any(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(n.as_str()) && m["digest"].as_str() == Some(digest))
+        manifests.iter().any(|m| {
+            m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(n.as_str()) && m["digest"].as_str() == Some(digest)
+        })
     });
     if unchanged {
         return Ok(());
@@ -277,7 +294,10 @@ fn append_blob<W: Write>(tar: &mut tar::Builder<W>, root: &StateRoot, digest: &s
 fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String], docker: bool) -> Result<(), String> {
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-    let tmp = parent.join(format!(".{}.kiln-tmp", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+    let tmp = parent.join(format!(
+        ".{}.kiln-tmp",
+        dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    ));
     let file = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, file));
     let io = |e: std::io::Error| format!("{}: {e}", dest.display());
@@ -306,7 +326,12 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
             .collect();
         let repo_tags: Vec<String> = names.iter().map(|n| docker_tag(n)).collect();
         let manifest = json!([{"Config": format!("blobs/sha256/{config_hex}"), "RepoTags": repo_tags, "Layers": layers}]);
-        append_file(&mut tar, "manifest.json", &serde_json::to_vec(&manifest).map_err(|e| e.to_string())?).map_err(io)?;
+        append_file(
+            &mut tar,
+            "manifest.json",
+            &serde_json::to_vec(&manifest).map_err(|e| e.to_string())?,
+        )
+        .map_err(io)?;
     }
     let mut seen = std::collections::HashSet::new();
     for d in std::iter::once(&image.digest)
@@ -327,16 +352,26 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
 /// `docker.io/library/app:1` → `app:1`, as `docker images` shows it.
 fn docker_tag(name: &str) -> String {
     let full = normalize_name(name);
-    let short = full.strip_prefix("docker.io/library/").or_else(|| full.strip_prefix("docker.io/")).unwrap_or(&full);
+    let short = full
+        .strip_prefix("docker.io/library/")
+        .or_else(|| full.strip_prefix("docker.io/"))
+        .unwrap_or(&full);
     short.to_string()
 }
 
 /// Runs the exporters on the final layers. Returns the image (if one was
 /// made) and what was written.
-pub fn export(root: &StateRoot, layers: &[String], config: Option<&Json>, exporters: &[Exporter]) -> Result<(Option<Image>, Vec<String>), String> {
+pub fn export(
+    root: &StateRoot,
+    layers: &[String],
+    config: Option<&Json>,
+    exporters: &[Exporter],
+) -> Result<(Option<Image>, Vec<String>), String> {
     let mut image: Option<Image> = None;
     let mut written = Vec::new();
-    let needs_image = exporters.iter().any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }));
+    let needs_image = exporters
+        .iter()
+        .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }));
     if needs_image {
         image = Some(make_image(root, layers, config)?);
     }
@@ -375,7 +410,8 @@ pub fn export(root: &StateRoot, layers: &[String], config: Option<&Json>, export
                 let dest_path = Path::new(dest);
                 let tmp = dest_path.with_extension("kiln-tmp");
                 let f = fs::File::create(&tmp).map_err(|e| format!("{dest}: {e}"))?;
-                let w = crate::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f)).map_err(|e| format!("{dest}: {e}"))?;
+                let w = crate::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f))
+                    .map_err(|e| format!("{dest}: {e}"))?;
                 w.into_inner().map_err(|e| format!("{dest}: {}", e.into_error()))?;
                 fs::rename(&tmp, dest_path).map_err(|e| format!("{dest}: {e}"))?;
                 written.push(dest.clone());

@@ -94,7 +94,10 @@ fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Own
         return Ok(None);
     }
     let uid = uid.unwrap_or(0);
-    Ok(Some(Owner { uid, gid: gid.unwrap_or(uid) }))
+    Ok(Some(Owner {
+        uid,
+        gid: gid.unwrap_or(uid),
+    }))
 }
 
 fn time_of(ts: i64) -> Option<i64> {
@@ -302,7 +305,11 @@ pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Resul
             return Err(format!("failed to stat {}: no such file or directory", a.dest));
         }
     }
-    let ensure = if dest_is_dir { dest_abs.clone() } else { dest_abs.parent().map(Path::to_path_buf).unwrap_or(dest_abs.clone()) };
+    let ensure = if dest_is_dir {
+        dest_abs.clone()
+    } else {
+        dest_abs.parent().map(Path::to_path_buf).unwrap_or(dest_abs.clone())
+    };
     mkdir_all(&ensure, owner, time).map_err(|e| err(format!("creating {}", a.dest), e))?;
 
     let srcs: Vec<String> = if a.allow_wildcard && has_wildcards(&clean_rel(&a.src)) {
@@ -342,7 +349,10 @@ pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Resul
     };
     for rel in srcs {
         let src_abs = resolve_in_root(src.root(), &format!("/{rel}"), a.follow_symlink).map_err(|e| err(&a.src, e))?;
-        let rel_resolved = src_abs.strip_prefix(src.root()).map(|p| p.to_string_lossy().into_owned()).unwrap_or(rel.clone());
+        let rel_resolved = src_abs
+            .strip_prefix(src.root())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or(rel.clone());
         let meta = match fs::symlink_metadata(&src_abs) {
             Ok(m) if src.visible(&rel_resolved, m.is_dir()) => m,
             _ => return Err(format!("\"/{rel}\": not found")),
@@ -357,7 +367,9 @@ pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Resul
         }
         let mut dst = dest_abs.clone();
         let dst_meta = fs::metadata(&dst).ok();
-        if (!a.dir_copy_contents && meta.is_dir() && dst_meta.is_some()) || (!meta.is_dir() && dst_meta.as_ref().is_some_and(|m| m.is_dir())) {
+        if (!a.dir_copy_contents && meta.is_dir() && dst_meta.is_some())
+            || (!meta.is_dir() && dst_meta.as_ref().is_some_and(|m| m.is_dir()))
+        {
             let base = Path::new(&rel).file_name().map(|n| n.to_os_string()).unwrap_or_default();
             dst = dst.join(base);
         }
@@ -367,7 +379,8 @@ pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Resul
             dst.parent().map(Path::to_path_buf).unwrap_or(dst.clone())
         };
         mkdir_all(&target_dir, owner, time).map_err(|e| err(&a.dest, e))?;
-        c.copy_entry(&src_abs, &rel_resolved, "", &dst, &meta).map_err(|e| err(format!("copying {rel}"), e))?;
+        c.copy_entry(&src_abs, &rel_resolved, "", &dst, &meta)
+            .map_err(|e| err(format!("copying {rel}"), e))?;
     }
     Ok(())
 }
@@ -378,11 +391,13 @@ impl Copier<'_> {
             return false;
         }
         if let Some(inc) = &self.include {
-            if !inc.matches(rel_in_copy) && !(is_dir && inc.may_contain_match(rel_in_copy)) {
+            if !(inc.matches(rel_in_copy) || is_dir && inc.may_contain_match(rel_in_copy)) {
                 return true;
             }
         }
-        self.exclude.as_ref().is_some_and(|e| e.matches(rel_in_copy) && !(is_dir && e.has_exceptions()))
+        self.exclude
+            .as_ref()
+            .is_some_and(|e| e.matches(rel_in_copy) && !(is_dir && e.has_exceptions()))
     }
 
     fn copy_entry(&mut self, src: &Path, src_rel: &str, rel_in_copy: &str, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
@@ -516,7 +531,11 @@ fn is_tar_header(h: &[u8; 512]) -> bool {
     let stored = std::str::from_utf8(&h[148..156])
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim_matches(|c: char| c == '\0' || c == ' '), 8).ok());
-    let sum: u32 = h.iter().enumerate().map(|(i, b)| if (148..156).contains(&i) { 32 } else { *b as u32 }).sum();
+    let sum: u32 = h
+        .iter()
+        .enumerate()
+        .map(|(i, b)| if (148..156).contains(&i) { 32 } else { *b as u32 })
+        .sum();
     stored == Some(sum) && h[0] != 0
 }
 

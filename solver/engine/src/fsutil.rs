@@ -148,8 +148,10 @@ pub fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {
             .find(|f| f.len() > 3 && f[0] == user)
             .ok_or_else(|| io::Error::other(format!("unable to find user {user}: no matching entries in passwd file")))?;
         (
-            f[2].parse().map_err(|_| io::Error::other(format!("bad uid for {user} in /etc/passwd")))?,
-            f[3].parse().map_err(|_| io::Error::other(format!("bad gid for {user} in /etc/passwd")))?,
+            f[2].parse()
+                .map_err(|_| io::Error::other(format!("bad uid for {user} in /etc/passwd")))?,
+            f[3].parse()
+                .map_err(|_| io::Error::other(format!("bad gid for {user} in /etc/passwd")))?,
         )
     };
     if let Some(g) = group {
@@ -221,7 +223,11 @@ mod tests {
     fn users_resolve_from_the_rootfs() {
         let t = tempfile::tempdir().expect("tmp");
         fs::create_dir_all(t.path().join("etc")).expect("mkdir");
-        fs::write(t.path().join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n").expect("w");
+        fs::write(
+            t.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n",
+        )
+        .expect("w");
         fs::write(t.path().join("etc/group"), "root:x:0:\napp:x:1001:\nwheel:x:10:app\n").expect("w");
         let (o, extra) = resolve_user(t.path(), "app").expect("user");
         assert_eq!((o.uid, o.gid, extra), (1000, 1001, vec![10]));

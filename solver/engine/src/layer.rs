@@ -224,7 +224,6 @@ pub fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<String> {
         }
         entry.unpack_in(dest)?;
     }
-    drop(archive);
     // Drain what the tar reader left (padding) so the digest covers it all.
     io::copy(&mut hashing, &mut io::sink())?;
     for (d, t) in dir_times.into_iter().rev() {
@@ -283,8 +282,14 @@ mod tests {
         fs::write(src.path().join("d/f"), b"hello").expect("write");
         std::os::unix::fs::symlink("d/f", src.path().join("link")).expect("symlink");
         let wh = src.path().join("gone");
-        rustix::fs::mknodat(rustix::fs::CWD, &wh, rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)
-            .expect("mknod (needs root)");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &wh,
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::empty(),
+            0,
+        )
+        .expect("mknod (needs root)");
         let tar = write_tar(src.path(), Vec::new()).expect("tar");
         let names: Vec<String> = tar::Archive::new(tar.as_slice())
             .entries()

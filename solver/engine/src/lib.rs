@@ -66,7 +66,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         return fail(
             &events,
             ErrorKind::Request,
-            format!("solve request version {} is not supported (this solver speaks {VERSION})", request.version),
+            format!(
+                "solve request version {} is not supported (this solver speaks {VERSION})",
+                request.version
+            ),
             None,
         );
     }
@@ -81,7 +84,14 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let runtime_bin = request.oci_runtime.clone().unwrap_or_else(|| "runc".to_string());
     let root = match root::StateRoot::open(&root_dir, &runtime_bin) {
         Ok(r) => Arc::new(r),
-        Err(e) => return fail(&events, ErrorKind::Internal, format!("state root {}: {e}", root_dir.display()), None),
+        Err(e) => {
+            return fail(
+                &events,
+                ErrorKind::Internal,
+                format!("state root {}: {e}", root_dir.display()),
+                None,
+            )
+        }
     };
     let runtime = exec::Runtime {
         binary: runtime_bin,

@@ -33,7 +33,9 @@ fn default_root() -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
         return PathBuf::from(p).join("kiln");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".local/share/kiln")
 }
 
@@ -47,7 +49,11 @@ fn main() {
                 None => usage("--root needs a directory"),
             },
             "--version" => {
-                println!("kiln-solver {} (protocol {})", env!("CARGO_PKG_VERSION"), kiln_solver_protocol::VERSION);
+                println!(
+                    "kiln-solver {} (protocol {})",
+                    env!("CARGO_PKG_VERSION"),
+                    kiln_solver_protocol::VERSION
+                );
                 return;
             }
             "-h" | "--help" => {

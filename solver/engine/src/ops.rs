@@ -93,13 +93,18 @@ pub async fn exec(
             continue;
         }
         if mount_type == pb::MountType::Secret as i32 || mount_type == pb::MountType::Ssh as i32 {
-            let optional = m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false) || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
+            let optional =
+                m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false) || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
             if optional {
                 continue;
             }
             return Err(setup(format!(
                 "{} mount at {}: secret and SSH mounts are not supported by this solver yet",
-                if mount_type == pb::MountType::Secret as i32 { "secret" } else { "ssh" },
+                if mount_type == pb::MountType::Secret as i32 {
+                    "secret"
+                } else {
+                    "ssh"
+                },
                 m.dest
             )));
         }
@@ -213,12 +218,17 @@ pub fn file(root: &StateRoot, op: &pb::FileOp, inputs: &[Value]) -> Result<Vec<O
             };
         }
         let a = (idx - n) as usize;
-        results.get(&a).map(|l| l.as_ref().clone()).ok_or_else(|| format!("action input {idx} is not available"))
+        results
+            .get(&a)
+            .map(|l| l.as_ref().clone())
+            .ok_or_else(|| format!("action input {idx} is not available"))
     };
 
     for (ai, action) in op.actions.iter().enumerate() {
         // The base: continue in place on the previous action's tree when it is the input.
-        let continue_in_place = working.as_ref().is_some_and(|w| action.input >= n && (action.input - n) as usize == w.action);
+        let continue_in_place = working
+            .as_ref()
+            .is_some_and(|w| action.input >= n && (action.input - n) as usize == w.action);
         if continue_in_place {
             let w = working.as_mut().ok_or("no working tree")?;
             w.action = ai;
@@ -246,8 +256,8 @@ pub fn file(root: &StateRoot, op: &pb::FileOp, inputs: &[Value]) -> Result<Vec<O
                     match &inputs[si as usize] {
                         Value::Local(l) => fileop::copy(&dest_root, &SourceView::Local(l), c)?,
                         Value::Layers(layers) => {
-                            if !ro_views.contains_key(&si) {
-                                ro_views.insert(si, mount_stack(root, layers, None).map_err(|e| e.to_string())?);
+                            if let std::collections::hash_map::Entry::Vacant(slot) = ro_views.entry(si) {
+                                slot.insert(mount_stack(root, layers, None).map_err(|e| e.to_string())?);
                             }
                             let view = ro_views.get(&si).ok_or("view vanished")?.path().to_path_buf();
                             fileop::copy(&dest_root, &SourceView::Dir(&view), c)?;
@@ -352,7 +362,13 @@ fn diff_trees(lower: &Path, upper: &Path, out: &Path, rel: &Path) -> std::io::Re
         match (lm, um) {
             (Some(_), None) => {
                 fs::create_dir_all(out.join(rel))?;
-                rustix::fs::mknodat(rustix::fs::CWD, &out.join(&r), rustix::fs::FileType::CharacterDevice, rustix::fs::Mode::empty(), 0)?;
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    out.join(&r),
+                    rustix::fs::FileType::CharacterDevice,
+                    rustix::fs::Mode::empty(),
+                    0,
+                )?;
             }
             (lm, Some(um)) => {
                 let changed = match &lm {
@@ -395,11 +411,16 @@ fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()>
     } else {
         fs::copy(src, dst)?;
     }
-    crate::fsutil::lchown(dst, crate::fsutil::Owner { uid: meta.uid(), gid: meta.gid() })?;
+    crate::fsutil::lchown(
+        dst,
+        crate::fsutil::Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        },
+    )?;
     if !meta.file_type().is_symlink() {
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     }
     crate::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec());
     Ok(())
 }
-

@@ -110,7 +110,13 @@ fn sha256_of(bytes: &[u8]) -> String {
 }
 
 /// Fetches a blob's bytes (small documents) into the store and returns them.
-async fn document(root: &StateRoot, registry: &kiln_oci::RegistryClient, src: &ImageSource, digest: &str, manifest: bool) -> Result<Vec<u8>, String> {
+async fn document(
+    root: &StateRoot,
+    registry: &kiln_oci::RegistryClient,
+    src: &ImageSource,
+    digest: &str,
+    manifest: bool,
+) -> Result<Vec<u8>, String> {
     let stored = root.blob_path(digest);
     if let Ok(bytes) = fs::read(&stored) {
         if sha256_of(&bytes) == digest {
@@ -119,7 +125,9 @@ async fn document(root: &StateRoot, registry: &kiln_oci::RegistryClient, src: &I
     }
     let bytes = match &src.location {
         ImageLocation::Layout(dir) => {
-            let hex = digest.strip_prefix("sha256:").ok_or_else(|| format!("unsupported digest {digest}"))?;
+            let hex = digest
+                .strip_prefix("sha256:")
+                .ok_or_else(|| format!("unsupported digest {digest}"))?;
             fs::read(dir.join("blobs/sha256").join(hex)).map_err(|e| format!("{}: blob {digest}: {e}", dir.display()))?
         }
         ImageLocation::Registry(reference) => {
@@ -129,7 +137,9 @@ async fn document(root: &StateRoot, registry: &kiln_oci::RegistryClient, src: &I
                 let tmp = root.temp_dir().map_err(|e| e.to_string())?;
                 let file = tmp.join("blob");
                 let r = registry.fetch_blob(reference, digest, -1, &file).await;
-                let bytes = r.map_err(|e| e.to_string()).and_then(|()| fs::read(&file).map_err(|e| e.to_string()));
+                let bytes = r
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| fs::read(&file).map_err(|e| e.to_string()));
                 let _ = fs::remove_dir_all(&tmp);
                 bytes?
             }
@@ -177,7 +187,11 @@ pub async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platfor
         return Ok(d.clone());
     }
     match &src.location {
-        ImageLocation::Registry(r) => registry.resolve(r, platform).await.map(|c| c.manifest_digest).map_err(|e| e.to_string()),
+        ImageLocation::Registry(r) => registry
+            .resolve(r, platform)
+            .await
+            .map(|c| c.manifest_digest)
+            .map_err(|e| e.to_string()),
         ImageLocation::Layout(dir) => kiln_oci::Layout::open(dir)
             .and_then(|l| l.resolve(None, platform))
             .map(|c| c.manifest_digest)
@@ -202,7 +216,9 @@ pub async fn pull(
             .iter()
             .find(|m| {
                 m.platform.as_ref().is_some_and(|p| {
-                    p.os == platform.os && p.architecture == platform.architecture && (platform.variant.is_empty() || p.variant == platform.variant)
+                    p.os == platform.os
+                        && p.architecture == platform.architecture
+                        && (platform.variant.is_empty() || p.variant == platform.variant)
                 })
             })
             .ok_or_else(|| format!("image {digest} has no manifest for {}", platform.to_string_form()))?;
@@ -235,10 +251,14 @@ pub async fn pull(
             let tmp = root.temp_dir().map_err(|e| e.to_string())?;
             let part = tmp.join("blob");
             match &src.location {
-                ImageLocation::Registry(r) => registry.fetch_blob(r, &desc.digest, desc.size, &part).await.map_err(|e| e.to_string())?,
+                ImageLocation::Registry(r) => registry
+                    .fetch_blob(r, &desc.digest, desc.size, &part)
+                    .await
+                    .map_err(|e| e.to_string())?,
                 ImageLocation::Layout(dir) => {
                     let hex = desc.digest.strip_prefix("sha256:").unwrap_or(&desc.digest);
-                    fs::copy(dir.join("blobs/sha256").join(hex), &part).map_err(|e| format!("{}: layer {}: {e}", dir.display(), desc.digest))?;
+                    fs::copy(dir.join("blobs/sha256").join(hex), &part)
+                        .map_err(|e| format!("{}: layer {}: {e}", dir.display(), desc.digest))?;
                     let actual = file_digest(&part).map_err(|e| e.to_string())?;
                     if actual != desc.digest {
                         return Err(format!("layer {} in {} has digest {actual}", desc.digest, dir.display()));
@@ -258,7 +278,11 @@ pub async fn pull(
         if got != diff_id {
             return Err(format!("layer {} unpacks to {got}, the image config says {diff_id}", desc.digest));
         }
-        let media_type = if desc.media_type.is_empty() { crate::layer::GZIP_LAYER.to_string() } else { desc.media_type.clone() };
+        let media_type = if desc.media_type.is_empty() {
+            crate::layer::GZIP_LAYER.to_string()
+        } else {
+            desc.media_type.clone()
+        };
         let final_dir = root.snapshot_dir(&id);
         match layer.commit_as(root, &id) {
             Ok(()) => {}
@@ -288,7 +312,9 @@ pub async fn pull(
 /// Records a registry image's tag in kiln's store, so later builds find it
 /// there without a registry round trip (`kiln build --pull` asks again).
 pub fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) -> Result<(), String> {
-    let ImageLocation::Registry(reference) = &src.location else { return Ok(()) };
+    let ImageLocation::Registry(reference) = &src.location else {
+        return Ok(());
+    };
     let name = reference.split('@').next().unwrap_or(reference);
     let tagged = name.rsplit('/').next().is_some_and(|last| last.contains(':'));
     if !tagged {

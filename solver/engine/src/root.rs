@@ -45,7 +45,11 @@ impl StateRoot {
         if !layout.exists() {
             write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#, false)?;
         }
-        let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path.join("lock"))?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("lock"))?;
         rustix::fs::flock(&lock, FlockOperation::LockShared)?;
         let root = StateRoot {
             path: path.to_path_buf(),
@@ -79,7 +83,9 @@ impl StateRoot {
 
     /// `ROOT/cache/KEY.json`.
     pub fn record_path(&self, key: &str) -> PathBuf {
-        self.path.join("cache").join(format!("{}.json", key.strip_prefix("sha256:").unwrap_or(key)))
+        self.path
+            .join("cache")
+            .join(format!("{}.json", key.strip_prefix("sha256:").unwrap_or(key)))
     }
 
     /// `ROOT/runc`, the runtime's `--root`.
@@ -217,7 +223,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     static SEQ: AtomicU64 = AtomicU64::new(0);
-    let tmp = dir.join(format!(".{name}.{}-{}.tmp", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+    let tmp = dir.join(format!(
+        ".{name}.{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;

@@ -105,7 +105,12 @@ const KEY_SCHEME: &[u8] = b"kiln-cache-v1";
 impl Solver {
     /// A solver for `def`.
     pub fn new(root: Arc<StateRoot>, def: LoadedDefinition, opts: SolveOptions, events: Arc<dyn EventSink>) -> Solver {
-        let index = def.ops.iter().enumerate().map(|(i, o)| (o.digest.as_str().to_string(), i)).collect();
+        let index = def
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.digest.as_str().to_string(), i))
+            .collect();
         let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
         let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
         Solver {
@@ -228,13 +233,17 @@ impl Solver {
             match selectors {
                 Some(sel) => {
                     for (src, wildcard, follow) in sel {
-                        let sum = local.checksum(&cache, &src, wildcard).map_err(|e| format!("checksum of {src}: {e}"))?;
+                        let sum = local
+                            .checksum(&cache, &src, wildcard)
+                            .map_err(|e| format!("checksum of {src}: {e}"))?;
                         parts.push(format!("{src}\0{wildcard}\0{follow}").into_bytes());
                         parts.push(sum.to_vec());
                     }
                 }
                 None => {
-                    let sum = local.checksum(&cache, "/", false).map_err(|e| format!("checksum of {}: {e}", local.dir.display()))?;
+                    let sum = local
+                        .checksum(&cache, "/", false)
+                        .map_err(|e| format!("checksum of {}: {e}", local.dir.display()))?;
                     parts.push(b"/".to_vec());
                     parts.push(sum.to_vec());
                 }
@@ -246,7 +255,10 @@ impl Solver {
     }
 
     async fn compute(&self, digest: &str) -> Result<Arc<Done>, Failure> {
-        let idx = *self.index.get(digest).ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
+        let idx = *self
+            .index
+            .get(digest)
+            .ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
         let op = &self.def.ops[idx].op;
         let inputs: Vec<Arc<Done>> = try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?;
         let fail = |message: String| Failure {
@@ -303,7 +315,9 @@ impl Solver {
         let key = {
             let mut keyed = op.clone();
             for (i, input) in op.inputs.iter().enumerate() {
-                let dep = self.dependency_key(op, i, &inputs[i], values[i].as_ref(), input.index).map_err(fail)?;
+                let dep = self
+                    .dependency_key(op, i, &inputs[i], values[i].as_ref(), input.index)
+                    .map_err(fail)?;
                 keyed.inputs[i].digest = dep;
                 keyed.inputs[i].index = 0;
             }
@@ -334,11 +348,7 @@ impl Solver {
                     name,
                     at_ms: self.now_ms(),
                 });
-                let outputs = record
-                    .outputs
-                    .into_iter()
-                    .map(|l| Some(Value::Layers(Arc::new(l))))
-                    .collect();
+                let outputs = record.outputs.into_iter().map(|l| Some(Value::Layers(Arc::new(l)))).collect();
                 return Ok(Arc::new(Done { key, outputs }));
             }
         }
@@ -359,14 +369,18 @@ impl Solver {
         match result {
             Ok(outputs) => {
                 let record = Record {
-                    outputs: outputs.iter().map(|o| o.as_ref().map(|l| l.as_ref().clone()).unwrap_or_default()).collect(),
+                    outputs: outputs
+                        .iter()
+                        .map(|o| o.as_ref().map(|l| l.as_ref().clone()).unwrap_or_default())
+                        .collect(),
                     created: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     description: name,
                 };
-                tokio::task::block_in_place(|| write_record(&self.root, &key, &record)).map_err(|e| fail(format!("writing cache record: {e}")))?;
+                tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
+                    .map_err(|e| fail(format!("writing cache record: {e}")))?;
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 self.events.emit(Event::VertexCompleted {
                     digest: digest.to_string(),
@@ -421,7 +435,10 @@ impl Solver {
 
     async fn execute(&self, digest: &str, op: &pb::Op, values: &[Option<Value>]) -> Result<Vec<Option<Layers>>, (String, Option<i32>)> {
         use pb::op::Op;
-        let values: Vec<Value> = values.iter().map(|v| v.clone().ok_or(("missing input".to_string(), None))).collect::<Result<_, _>>()?;
+        let values: Vec<Value> = values
+            .iter()
+            .map(|v| v.clone().ok_or(("missing input".to_string(), None)))
+            .collect::<Result<_, _>>()?;
         match &op.op {
             Some(Op::Source(s)) => {
                 let src = pull::parse_identifier(&s.identifier)
@@ -477,7 +494,9 @@ impl Solver {
             Some(Op::Merge(m)) => {
                 let mut all = Vec::new();
                 for mi in &m.inputs {
-                    let v = values.get(mi.input as usize).ok_or(("merge input out of range".to_string(), None))?;
+                    let v = values
+                        .get(mi.input as usize)
+                        .ok_or(("merge input out of range".to_string(), None))?;
                     all.push(self.layers(v).await.map_err(|e| (e, None))?);
                 }
                 Ok(vec![Some(ops::merge(&all))])

@@ -224,13 +224,23 @@ pub fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>
             // Kernels before 6.8 lack `lowerdir+`: the classic string form.
             let mut opts = format!(
                 "lowerdir={}",
-                lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":")
+                lowers
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(":")
             );
             if let Some((u, w)) = &upper_dirs {
                 opts.push_str(&format!(",upperdir={},workdir={}", u.display(), w.display()));
             }
             let data = std::ffi::CString::new(opts).map_err(std::io::Error::other)?;
-            if let Err(second) = rustix::mount::mount("overlay", &target, "overlay", rustix::mount::MountFlags::empty(), Some(data.as_c_str())) {
+            if let Err(second) = rustix::mount::mount(
+                "overlay",
+                &target,
+                "overlay",
+                rustix::mount::MountFlags::empty(),
+                Some(data.as_c_str()),
+            ) {
                 let _ = fs::remove_dir(&target);
                 return Err(std::io::Error::other(format!(
                     "cannot mount overlayfs ({} layers) at {}: {first}; {second}",
@@ -256,13 +266,7 @@ fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>
     }
     rustix::mount::fsconfig_create(&fs_fd)?;
     let mnt = rustix::mount::fsmount(&fs_fd, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
-    rustix::mount::move_mount(
-        &mnt,
-        "",
-        rustix::fs::CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )?;
+    rustix::mount::move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
     Ok(())
 }
 
@@ -271,10 +275,6 @@ pub fn bind_readonly(root: &StateRoot, source: &Path) -> std::io::Result<Mounted
     let target = root.mountpoint()?;
     rustix::mount::mount_bind(source, &target)?;
     let m = Mounted { target, owned_dir: true };
-    rustix::mount::mount_remount(
-        m.path(),
-        rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
-        "",
-    )?;
+    rustix::mount::mount_remount(m.path(), rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY, "")?;
     Ok(m)
 }

@@ -227,7 +227,8 @@ impl SolveRequest {
 impl Event {
     /// The event as one JSON line (with the trailing newline).
     pub fn to_line(&self) -> String {
-        let mut s = serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"error\",\"message\":\"{e}\",\"kind\":\"internal\"}}"));
+        let mut s =
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"type\":\"error\",\"message\":\"{e}\",\"kind\":\"internal\"}}"));
         s.push('\n');
         s
     }
@@ -268,6 +269,12 @@ mod tests {
         assert!(line.starts_with("{\"type\":\"vertex_cached\""), "{line}");
         assert_eq!(Event::from_line(line.trim_end()).expect("parse"), ev);
         let err = Event::from_line(r#"{"type":"error","message":"m","kind":"vertex","digest":"sha256:1"}"#).expect("parse");
-        assert!(matches!(err, Event::Error { kind: ErrorKind::Vertex, .. }));
+        assert!(matches!(
+            err,
+            Event::Error {
+                kind: ErrorKind::Vertex,
+                ..
+            }
+        ));
     }
 }
