@@ -256,8 +256,12 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
     };
 
     // User and cwd from the root filesystem.
-    let user_spec = if meta.user.is_empty() { "root" } else { meta.user.as_str() };
-    let (owner, extra_gids) = resolve_user(step.rootfs, user_spec).map_err(|e| StepError::setup(e.to_string()))?;
+    // No user is root, without needing an /etc/passwd (a scratch-based step).
+    let (owner, extra_gids) = if meta.user.is_empty() {
+        (crate::fsutil::Owner { uid: 0, gid: 0 }, Vec::new())
+    } else {
+        resolve_user(step.rootfs, &meta.user).map_err(|e| StepError::setup(e.to_string()))?
+    };
     let cwd = if meta.cwd.is_empty() { "/".to_string() } else { meta.cwd.clone() };
 
     fs::create_dir_all(step.bundle).map_err(|e| StepError::setup(format!("bundle: {e}")))?;

@@ -98,7 +98,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         state: root.runtime_state(),
     };
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
-    let solver = Solver::new(
+    let solver = Arc::new(Solver::new(
         root.clone(),
         def,
         SolveOptions {
@@ -108,7 +108,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             runtime,
         },
         events.clone(),
-    );
+    ));
     let value = match solver.solve().await {
         Ok(v) => v,
         Err(Failure { digest, message, kind }) => {

@@ -135,7 +135,7 @@ impl Solver {
     }
 
     /// Solves the whole graph; returns the terminator's input value.
-    pub async fn solve(&self) -> Result<Option<Value>, Failure> {
+    pub async fn solve(self: &Arc<Self>) -> Result<Option<Value>, Failure> {
         let last = self.def.ops.last().ok_or_else(|| Failure::internal("empty definition"))?;
         let input = last.op.inputs.first().ok_or_else(|| Failure::internal("terminator has no input"))?;
         let done = self.vertex(&input.digest).await?;
@@ -153,13 +153,27 @@ impl Solver {
         }
     }
 
-    fn vertex<'a>(&'a self, digest: &'a str) -> BoxFuture<'a, Result<Arc<Done>, Failure>> {
+    /// A vertex's result, computing it once. Each vertex runs as its own
+    /// task, so independent vertices use every core; dropping the returned
+    /// future (a sibling failed) aborts the task, whose guards then remove
+    /// its containers, mounts and unfinished layers.
+    fn vertex<'a>(self: &'a Arc<Self>, digest: &'a str) -> BoxFuture<'a, Result<Arc<Done>, Failure>> {
         Box::pin(async move {
             let cell = self
                 .cells
                 .get(digest)
                 .ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
-            cell.get_or_init(|| self.compute(digest)).await.clone()
+            cell.get_or_init(|| async {
+                let me = self.clone();
+                let d = digest.to_string();
+                let mut task = AbortOnDrop(tokio::spawn(async move { me.compute(&d).await }));
+                match (&mut task.0).await {
+                    Ok(r) => r,
+                    Err(e) => Err(Failure::internal(format!("vertex {digest}: {e}"))),
+                }
+            })
+            .await
+            .clone()
         })
     }
 
@@ -254,7 +268,7 @@ impl Solver {
         Ok(sha(&refs))
     }
 
-    async fn compute(&self, digest: &str) -> Result<Arc<Done>, Failure> {
+    async fn compute(self: &Arc<Self>, digest: &str) -> Result<Arc<Done>, Failure> {
         let idx = *self
             .index
             .get(digest)
@@ -520,6 +534,15 @@ impl Solver {
             }
             _ => Err(("this op type is not supported by kiln's solver".to_string(), None)),
         }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

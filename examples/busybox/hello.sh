@@ -1,0 +1,2 @@
+#!/bin/sh
+echo "hello from kiln, running as $(id -un) on $(uname -m)"
