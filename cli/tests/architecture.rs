@@ -32,9 +32,20 @@ fn dependencies_point_one_way() {
     assert_eq!(kiln_deps("llb/Cargo.toml"), Vec::<String>::new(), "llb depends on no kiln crate");
     assert_eq!(kiln_deps("frontends/frontend/Cargo.toml"), vec!["kiln-llb"]);
     assert_eq!(kiln_deps("frontends/dockerfile/Cargo.toml"), vec!["kiln-llb", "kiln-frontend"]);
-    for dep in kiln_deps("solver/oci/Cargo.toml") {
-        assert!(!dep.contains("dockerfile"), "the solver side knows no Dockerfile frontend");
+    for manifest in ["solver/oci/Cargo.toml", "solver/engine/Cargo.toml", "solver/protocol/Cargo.toml"] {
+        for dep in kiln_deps(manifest) {
+            assert!(
+                !dep.contains("dockerfile"),
+                "{manifest}: the solver side knows no Dockerfile frontend"
+            );
+            assert!(dep != "kiln", "{manifest}: the solver does not depend on the CLI");
+        }
     }
+    assert_eq!(
+        kiln_deps("solver/protocol/Cargo.toml"),
+        Vec::<String>::new(),
+        "the protocol crate stands alone"
+    );
     for pure in ["llb/Cargo.toml", "frontends/frontend/Cargo.toml", "frontends/dockerfile/Cargo.toml"] {
         let text = std::fs::read_to_string(root().join(pure)).expect("manifest");
         let deps = text.split("[dependencies]").nth(1).unwrap_or("").split("\n[").next().unwrap_or("");
