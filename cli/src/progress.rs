@@ -252,8 +252,14 @@ impl Renderer {
                 }
             }
         }
+        // Lines wider than the terminal would wrap and break the redraw.
+        let width = terminal_size::terminal_size_of(std::io::stderr())
+            .map(|(w, _)| w.0 as usize)
+            .unwrap_or(120)
+            .max(20);
         for l in &lines {
-            s.push_str(l);
+            let cut: String = l.chars().take(width - 1).collect();
+            s.push_str(&cut);
             s.push('\n');
         }
         self.drawn_lines = lines.len();

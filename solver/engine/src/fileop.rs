@@ -570,6 +570,222 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
 mod tests {
     use super::*;
 
+    fn copy_action(src: &str, dest: &str) -> pb::FileActionCopy {
+        pb::FileActionCopy {
+            src: src.into(),
+            dest: dest.into(),
+            mode: -1,
+            timestamp: -1,
+            create_dest_path: true,
+            ..Default::default()
+        }
+    }
+
+    fn tree(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).expect("read_dir").flatten() {
+                let p = e.path();
+                let rel = p.strip_prefix(root).expect("prefix").to_string_lossy().into_owned();
+                if fs::symlink_metadata(&p).expect("stat").is_dir() {
+                    out.push(format!("{rel}/"));
+                    stack.push(p);
+                } else {
+                    out.push(rel);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// A source tree: `dir/{a.txt,b.log,sub/c.txt}`, `top.txt`, `link -> dir/a.txt`.
+    fn source() -> tempfile::TempDir {
+        let t = tempfile::tempdir().expect("tmp");
+        fs::create_dir_all(t.path().join("dir/sub")).expect("mkdir");
+        fs::write(t.path().join("dir/a.txt"), "a").expect("w");
+        fs::write(t.path().join("dir/b.log"), "b").expect("w");
+        fs::write(t.path().join("dir/sub/c.txt"), "c").expect("w");
+        fs::write(t.path().join("top.txt"), "top").expect("w");
+        std::os::unix::fs::symlink("dir/a.txt", t.path().join("link")).expect("ln");
+        t
+    }
+
+    #[test]
+    fn copy_directory_itself_or_its_contents() {
+        let src = source();
+        let view = SourceView::Dir(src.path());
+        // COPY dir /out/  (Dockerfile sets dir_copy_contents): contents land in /out.
+        let d1 = tempfile::tempdir().expect("tmp");
+        let mut a = copy_action("/dir", "/out/");
+        a.dir_copy_contents = true;
+        copy(d1.path(), &view, &a).expect("copy");
+        assert_eq!(tree(d1.path()), ["out/", "out/a.txt", "out/b.log", "out/sub/", "out/sub/c.txt"]);
+        // Without dir_copy_contents into an existing directory: the directory goes inside.
+        let d2 = tempfile::tempdir().expect("tmp");
+        fs::create_dir(d2.path().join("out")).expect("mkdir");
+        copy(d2.path(), &view, &copy_action("/dir", "/out")).expect("copy");
+        assert!(d2.path().join("out/dir/sub/c.txt").is_file());
+        // A file onto a path ending in /: into that directory; onto a new name: renamed.
+        let d3 = tempfile::tempdir().expect("tmp");
+        copy(d3.path(), &view, &copy_action("/top.txt", "/x/")).expect("copy");
+        copy(d3.path(), &view, &copy_action("/top.txt", "/y/renamed.txt")).expect("copy");
+        assert_eq!(fs::read_to_string(d3.path().join("x/top.txt")).expect("r"), "top");
+        assert_eq!(fs::read_to_string(d3.path().join("y/renamed.txt")).expect("r"), "top");
+    }
+
+    #[test]
+    fn wildcards_patterns_symlinks_and_missing_parents() {
+        let src = source();
+        let view = SourceView::Dir(src.path());
+        let d = tempfile::tempdir().expect("tmp");
+        let mut a = copy_action("/dir/*.txt", "/w/");
+        a.allow_wildcard = true;
+        copy(d.path(), &view, &a).expect("wildcard");
+        assert_eq!(tree(&d.path().join("w")), ["a.txt"]);
+        let mut none = copy_action("/dir/*.nope", "/w/");
+        none.allow_wildcard = true;
+        assert!(copy(d.path(), &view, &none).expect_err("no match").contains("no matches"));
+        none.allow_empty_wildcard = true;
+        copy(d.path(), &view, &none).expect("empty wildcard allowed");
+
+        // --exclude / include patterns apply below the copied directory.
+        let mut ex = copy_action("/dir", "/ex/");
+        ex.dir_copy_contents = true;
+        ex.exclude_patterns = vec!["*.log".into(), "sub".into()];
+        copy(d.path(), &view, &ex).expect("exclude");
+        assert_eq!(tree(&d.path().join("ex")), ["a.txt"]);
+
+        // A symlink is copied as a link unless follow_symlink.
+        copy(d.path(), &view, &copy_action("/link", "/l1")).expect("link");
+        assert_eq!(fs::read_link(d.path().join("l1")).expect("readlink"), Path::new("dir/a.txt"));
+        let mut follow = copy_action("/link", "/l2");
+        follow.follow_symlink = true;
+        copy(d.path(), &view, &follow).expect("follow");
+        assert_eq!(fs::read_to_string(d.path().join("l2")).expect("r"), "a");
+
+        // Without create_dest_path the parent must exist.
+        let mut strict = copy_action("/top.txt", "/missing/parent/f");
+        strict.create_dest_path = false;
+        assert!(copy(d.path(), &view, &strict).is_err());
+        // Missing source.
+        assert!(copy(d.path(), &view, &copy_action("/nope", "/n"))
+            .expect_err("missing")
+            .contains("not found"));
+    }
+
+    #[test]
+    fn modes_times_and_owners() {
+        let src = source();
+        let view = SourceView::Dir(src.path());
+        let d = tempfile::tempdir().expect("tmp");
+        let mut a = copy_action("/top.txt", "/m");
+        a.mode = 0o600;
+        a.timestamp = 1_600_000_000_000_000_000;
+        copy(d.path(), &view, &a).expect("copy");
+        let m = fs::metadata(d.path().join("m")).expect("stat");
+        assert_eq!(m.mode() & 0o7777, 0o600);
+        assert_eq!(m.mtime(), 1_600_000_000);
+        let mut sym = copy_action("/top.txt", "/s");
+        sym.mode_str = "u+x,go=".into();
+        fs::set_permissions(src.path().join("top.txt"), fs::Permissions::from_mode(0o644)).expect("chmod");
+        copy(d.path(), &view, &sym).expect("copy");
+        assert_eq!(fs::metadata(d.path().join("s")).expect("stat").mode() & 0o7777, 0o744 & 0o700);
+        // Owners by name resolve in the destination's /etc files.
+        fs::create_dir_all(d.path().join("etc")).expect("mkdir");
+        fs::write(d.path().join("etc/passwd"), "app:x:1234:1234::/:/bin/sh\n").expect("w");
+        fs::write(d.path().join("etc/group"), "app:x:1234:\n").expect("w");
+        let by_name = |name: &str| pb::UserOpt {
+            user: Some(pb::user_opt::User::ByName(pb::NamedUserOpt {
+                name: name.into(),
+                input: 0,
+            })),
+        };
+        let mut own = copy_action("/top.txt", "/owned");
+        own.owner = Some(pb::ChownOpt {
+            user: Some(by_name("app")),
+            group: Some(by_name("app")),
+        });
+        if rustix::process::geteuid().is_root() {
+            copy(d.path(), &view, &own).expect("chown");
+            let m = fs::metadata(d.path().join("owned")).expect("stat");
+            assert_eq!((m.uid(), m.gid()), (1234, 1234));
+        }
+        own.owner = Some(pb::ChownOpt {
+            user: Some(by_name("nobody-here")),
+            group: None,
+        });
+        assert!(copy(d.path(), &view, &own).expect_err("unknown user").contains("nobody-here"));
+    }
+
+    #[test]
+    fn mkdir_mkfile_rm_symlink() {
+        let d = tempfile::tempdir().expect("tmp");
+        mkdir(
+            d.path(),
+            &pb::FileActionMkDir {
+                path: "/a/b/c".into(),
+                mode: 0o750,
+                make_parents: true,
+                timestamp: -1,
+                ..Default::default()
+            },
+        )
+        .expect("mkdir -p");
+        assert_eq!(fs::metadata(d.path().join("a/b/c")).expect("stat").mode() & 0o7777, 0o750);
+        mkfile(
+            d.path(),
+            &pb::FileActionMkFile {
+                path: "/a/f".into(),
+                mode: 0o640,
+                data: b"data".to_vec(),
+                timestamp: -1,
+                ..Default::default()
+            },
+        )
+        .expect("mkfile");
+        assert_eq!(fs::read(d.path().join("a/f")).expect("r"), b"data");
+        symlink(
+            d.path(),
+            &pb::FileActionSymlink {
+                oldpath: "/a/f".into(),
+                newpath: "/a/l".into(),
+                timestamp: -1,
+                ..Default::default()
+            },
+        )
+        .expect("symlink");
+        assert_eq!(fs::read_link(d.path().join("a/l")).expect("readlink"), Path::new("/a/f"));
+        rm(
+            d.path(),
+            &pb::FileActionRm {
+                path: "/a/*".into(),
+                allow_wildcard: true,
+                ..Default::default()
+            },
+        )
+        .expect("rm wildcard");
+        assert_eq!(tree(&d.path().join("a")), Vec::<String>::new());
+        assert!(rm(
+            d.path(),
+            &pb::FileActionRm {
+                path: "/gone".into(),
+                ..Default::default()
+            }
+        )
+        .is_err());
+        rm(
+            d.path(),
+            &pb::FileActionRm {
+                path: "/gone".into(),
+                allow_not_found: true,
+                ..Default::default()
+            },
+        )
+        .expect("allow_not_found");
+    }
+
     #[test]
     fn symbolic_modes() {
         assert_eq!(apply_symbolic("u+x", 0o644, false), 0o744);
