@@ -44,6 +44,11 @@ impl Setup {
 
     /// `kiln build --build-context busybox=… ARGS ctx`.
     fn build(&self, args: &[&str]) -> Output {
+        self.build_env(args, &[])
+    }
+
+    /// `build` with extra environment variables.
+    fn build_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let base = self.base_arg();
         let mut all: Vec<&str> = vec!["build", "--build-context", &base];
         all.extend_from_slice(args);
@@ -54,6 +59,7 @@ impl Setup {
             .args(&all)
             .current_dir(&self.dir)
             .env("KILN_ROOT", self.root())
+            .envs(env.iter().copied())
             .output()
             .expect("kiln runs")
     }
@@ -580,4 +586,79 @@ fn bases_come_from_a_registry_and_from_kiln_s_own_store() {
         listing.contains("docker.io/local/first:1") && listing.contains("/test/busybox:latest"),
         "{listing}"
     );
+}
+
+fn listing(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).expect("stat");
+            let rel = p.strip_prefix(dir).expect("prefix").to_string_lossy().into_owned();
+            let what = if m.is_dir() {
+                stack.push(p.clone());
+                "dir".to_string()
+            } else if m.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).expect("link").display())
+            } else {
+                std::fs::read_to_string(&p).map(|c| c.len().to_string()).unwrap_or_default()
+            };
+            out.push(format!("{rel} {:o} {}:{} {what}", m.mode() & 0o7777, m.uid(), m.gid()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_copying_snapshotter_builds_the_same_files() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("copy-snapshotter");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN mkdir -p /gone/deep && echo x > /gone/deep/f && echo y > /etc/added\nRUN rm -rf /gone /etc/group && ln -s /etc/added /link\nCOPY --chown=app ctx.txt /home/app/\nUSER app\nRUN echo mine > /home/app/mine\n",
+    );
+    s.write("ctx.txt", "ctx\n");
+    let overlay_dir = s.dir.join("overlay-fs");
+    let out = s.build_env(
+        &["--progress", "plain", "-o", &format!("type=local,dest={}", overlay_dir.display())],
+        &[("KILN_SNAPSHOTTER", "overlayfs")],
+    );
+    ok(&out);
+    std::fs::remove_dir_all(s.root()).expect("fresh root");
+    let copy_dir = s.dir.join("copy-fs");
+    let oci = s.dir.join("copy.tar");
+    let out = s.build_env(
+        &[
+            "--progress",
+            "plain",
+            "-o",
+            &format!("type=local,dest={}", copy_dir.display()),
+            "-o",
+            &format!("type=oci,dest={},name=copy:1", oci.display()),
+        ],
+        &[("KILN_SNAPSHOTTER", "copy")],
+    );
+    ok(&out);
+    assert_eq!(listing(&copy_dir), listing(&overlay_dir));
+    assert!(!copy_dir.join("gone").exists() && !copy_dir.join("etc/group").exists());
+    assert_eq!(
+        mounts_under(&s.root()),
+        Vec::<String>::new(),
+        "the copying snapshotter mounts nothing"
+    );
+    // Its layers carry the deletions as whiteouts too.
+    umoci_unpack(&oci, "docker.io/library/copy:1", &s.dir.join("copy-unpacked"));
+    let layers = layer_entries(&s.dir.join("copy-unpacked.layout"));
+    assert!(
+        layers
+            .iter()
+            .any(|l| l.iter().any(|p| p == ".wh.gone") && l.iter().any(|p| p == "etc/.wh.group")),
+        "{layers:?}"
+    );
+    let tmp: Vec<_> = std::fs::read_dir(s.root().join("tmp")).expect("tmp").flatten().collect();
+    assert!(tmp.is_empty(), "no temp dirs left: {tmp:?}");
 }

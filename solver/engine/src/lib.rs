@@ -25,6 +25,7 @@ pub mod pull;
 pub mod root;
 pub mod scheduler;
 pub mod snapshot;
+pub mod treediff;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -322,105 +321,9 @@ pub fn diff(root: &StateRoot, lower: &[String], upper: &[String]) -> Result<Laye
     let lo = mount_stack(root, lower, None).map_err(|e| e.to_string())?;
     let up = mount_stack(root, upper, None).map_err(|e| e.to_string())?;
     let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
-    diff_trees(lo.path(), up.path(), &layer.fs(), Path::new("")).map_err(|e| e.to_string())?;
+    crate::treediff::diff_trees(lo.path(), up.path(), &layer.fs(), Path::new("")).map_err(|e| e.to_string())?;
     drop(lo);
     drop(up);
     let id = layer.commit(root).map_err(|e| e.to_string())?;
     Ok(Arc::new(vec![id]))
-}
-
-fn same_file(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb_: &Path) -> bool {
-    if a.file_type() != b.file_type() || a.mode() != b.mode() || a.uid() != b.uid() || a.gid() != b.gid() {
-        return false;
-    }
-    if a.is_dir() {
-        return true;
-    }
-    if a.file_type().is_symlink() {
-        return fs::read_link(pa).ok() == fs::read_link(pb_).ok();
-    }
-    if a.len() != b.len() || a.mtime() != b.mtime() || a.mtime_nsec() != b.mtime_nsec() {
-        return false;
-    }
-    fs::read(pa).ok() == fs::read(pb_).ok()
-}
-
-fn diff_trees(lower: &Path, upper: &Path, out: &Path, rel: &Path) -> std::io::Result<()> {
-    let lo_dir = lower.join(rel);
-    let up_dir = upper.join(rel);
-    let mut names: std::collections::BTreeSet<std::ffi::OsString> = std::collections::BTreeSet::new();
-    if let Ok(rd) = fs::read_dir(&lo_dir) {
-        names.extend(rd.flatten().map(|e| e.file_name()));
-    }
-    if let Ok(rd) = fs::read_dir(&up_dir) {
-        names.extend(rd.flatten().map(|e| e.file_name()));
-    }
-    for name in names {
-        let r = rel.join(&name);
-        let lm = fs::symlink_metadata(lower.join(&r)).ok();
-        let um = fs::symlink_metadata(upper.join(&r)).ok();
-        match (lm, um) {
-            (Some(_), None) => {
-                fs::create_dir_all(out.join(rel))?;
-                rustix::fs::mknodat(
-                    rustix::fs::CWD,
-                    out.join(&r),
-                    rustix::fs::FileType::CharacterDevice,
-                    rustix::fs::Mode::empty(),
-                    0,
-                )?;
-            }
-            (lm, Some(um)) => {
-                let changed = match &lm {
-                    Some(l) => !same_file(l, &um, &lower.join(&r), &upper.join(&r)),
-                    None => true,
-                };
-                if um.is_dir() {
-                    let dir_replaced = lm.as_ref().is_some_and(|l| !l.is_dir());
-                    if changed || dir_replaced {
-                        copy_node(&upper.join(&r), &out.join(&r), &um)?;
-                    }
-                    diff_trees(lower, upper, out, &r)?;
-                    if changed || dir_replaced || out.join(&r).exists() {
-                        fs::create_dir_all(out.join(rel))?;
-                        copy_node(&upper.join(&r), &out.join(&r), &um)?;
-                    }
-                } else if changed {
-                    fs::create_dir_all(out.join(rel))?;
-                    copy_node(&upper.join(&r), &out.join(&r), &um)?;
-                }
-            }
-            (None, None) => {}
-        }
-    }
-    Ok(())
-}
-
-fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = dst.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    if meta.is_dir() {
-        if !dst.exists() {
-            fs::create_dir(dst)?;
-        }
-    } else if meta.file_type().is_symlink() {
-        let _ = fs::remove_file(dst);
-        std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
-    } else {
-        fs::copy(src, dst)?;
-    }
-    crate::fsutil::lchown(
-        dst,
-        crate::fsutil::Owner {
-            uid: meta.uid(),
-            gid: meta.gid(),
-        },
-    )?;
-    if !meta.file_type().is_symlink() {
-        fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-    }
-    crate::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec());
-    Ok(())
 }

@@ -154,10 +154,19 @@ impl Drop for NewLayer {
     }
 }
 
-/// A mounted filesystem, unmounted when dropped.
+/// A mounted filesystem, unmounted when dropped. With the copying
+/// snapshotter it is a private directory holding a copy of the stack.
 pub struct Mounted {
     target: PathBuf,
     owned_dir: bool,
+    copy: Option<CopyView>,
+}
+
+/// What a copied view needs to turn its changes into a layer.
+struct CopyView {
+    root: PathBuf,
+    base: Vec<PathBuf>,
+    upper: Option<PathBuf>,
 }
 
 impl Mounted {
@@ -166,8 +175,21 @@ impl Mounted {
         &self.target
     }
 
-    /// Unmounts now, reporting failure.
+    /// Unmounts now, reporting failure. A writable copied view writes its
+    /// changes into its layer here.
     pub fn unmount(mut self) -> std::io::Result<()> {
+        if let Some(copy) = self.copy.take() {
+            let result = match &copy.upper {
+                // Rebuild the base and compare: what differs is the layer.
+                Some(upper) => materialize(&copy.base, &copy.root)
+                    .and_then(|()| crate::treediff::diff_trees(&copy.root, &self.target, upper, Path::new(""))),
+                None => Ok(()),
+            };
+            let _ = remove_all(&copy.root);
+            let _ = remove_all(&self.target);
+            self.target = PathBuf::new();
+            return result;
+        }
         let r = unmount_path(&self.target);
         if r.is_ok() && self.owned_dir {
             let _ = fs::remove_dir(&self.target);
@@ -191,6 +213,11 @@ impl Drop for Mounted {
         if self.target.as_os_str().is_empty() {
             return;
         }
+        if let Some(copy) = &self.copy {
+            let _ = remove_all(&copy.root);
+            let _ = remove_all(&self.target);
+            return;
+        }
         let _ = unmount_path(&self.target);
         if self.owned_dir {
             let _ = fs::remove_dir(&self.target);
@@ -207,9 +234,61 @@ fn empty_dir(root: &StateRoot) -> std::io::Result<PathBuf> {
     Ok(p)
 }
 
+/// Which snapshotter to use: `KILN_SNAPSHOTTER=overlayfs|copy`, else
+/// overlayfs until a mount fails, then copies from there on.
+fn use_copies() -> bool {
+    match std::env::var("KILN_SNAPSHOTTER").as_deref() {
+        Ok("copy") => true,
+        Ok("overlayfs") => false,
+        _ => OVERLAY_FAILED.load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+static OVERLAY_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Copies a stack of layer directories (bottom first) into `dest`.
+fn materialize(layers: &[PathBuf], dest: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(dest)?;
+    for l in layers {
+        crate::treediff::apply_layer(l, dest)?;
+    }
+    Ok(())
+}
+
+/// The copying snapshotter: the stack copied into a private directory.
+fn copy_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
+    let target = root.mountpoint()?;
+    let base: Vec<PathBuf> = layers.iter().map(|id| layer_fs(root, id)).collect();
+    let view = Mounted {
+        target: target.clone(),
+        owned_dir: true,
+        copy: Some(CopyView {
+            root: root.temp_dir()?,
+            base: base.clone(),
+            upper: upper.map(|u| u.fs()),
+        }),
+    };
+    materialize(&base, &target)?;
+    Ok(view)
+}
+
 /// Mounts `layers` (bottom first) with overlayfs, read-only, or writable
-/// into `upper` when given. Returns the mount.
+/// into `upper` when given; where overlayfs cannot be mounted, a copy.
 pub fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
+    if use_copies() {
+        return copy_stack(root, layers, upper);
+    }
+    match mount_overlay_stack(root, layers, upper) {
+        Ok(m) => Ok(m),
+        Err(e) if std::env::var("KILN_SNAPSHOTTER").as_deref() == Ok("overlayfs") => Err(e),
+        Err(_) => {
+            OVERLAY_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+            copy_stack(root, layers, upper)
+        }
+    }
+}
+
+fn mount_overlay_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
     let mut lowers: Vec<PathBuf> = layers.iter().rev().map(|id| layer_fs(root, id)).collect();
     // overlayfs needs one lower layer with an upper, two without.
     let need = if upper.is_some() { 1 } else { 2 };
@@ -250,7 +329,11 @@ pub fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>
             }
         }
     }
-    Ok(Mounted { target, owned_dir: true })
+    Ok(Mounted {
+        target,
+        owned_dir: true,
+        copy: None,
+    })
 }
 
 fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>, target: &Path) -> std::io::Result<()> {
@@ -274,7 +357,11 @@ fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>
 pub fn bind_readonly(root: &StateRoot, source: &Path) -> std::io::Result<Mounted> {
     let target = root.mountpoint()?;
     rustix::mount::mount_bind(source, &target)?;
-    let m = Mounted { target, owned_dir: true };
+    let m = Mounted {
+        target,
+        owned_dir: true,
+        copy: None,
+    };
     rustix::mount::mount_remount(m.path(), rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY, "")?;
     Ok(m)
 }
