@@ -662,3 +662,34 @@ fn the_copying_snapshotter_builds_the_same_files() {
     let tmp: Vec<_> = std::fs::read_dir(s.root().join("tmp")).expect("tmp").flatten().collect();
     assert!(tmp.is_empty(), "no temp dirs left: {tmp:?}");
 }
+
+#[test]
+fn the_context_honours_dockerignore() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("dockerignore");
+    s.write("Dockerfile", "FROM busybox\nCOPY . /all/\nRUN ls -R /all > /listing\n");
+    s.write(".dockerignore", "*.log\nsecret/\n!secret/public.txt\n");
+    s.write("keep.txt", "k\n");
+    s.write("debug.log", "noise\n");
+    s.write("secret/key", "s3cr3t\n");
+    s.write("secret/public.txt", "p\n");
+    s.write("sub/deep.txt", "d\n");
+    let local = s.dir.join("fs");
+    let (out, _) = s.build_events(&["-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    assert!(local.join("all/keep.txt").is_file() && local.join("all/sub/deep.txt").is_file());
+    assert!(!local.join("all/debug.log").exists(), "*.log ignored");
+    assert!(!local.join("all/secret/key").exists(), "secret/ ignored");
+    assert!(local.join("all/secret/public.txt").is_file(), "!exception kept");
+    // Changing an ignored file changes nothing; changing a used one re-runs.
+    s.write("debug.log", "more noise\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    assert_eq!(ran(&events), Vec::<String>::new());
+    s.write("keep.txt", "k2\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 2);
+}

@@ -122,6 +122,9 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     if !args.tags.is_empty() && !exporters.iter().any(|e| matches!(e, Exporter::Image { .. })) {
         exporters.push(Exporter::Image { names: args.tags.clone() });
     }
+    if exporters.is_empty() {
+        let _ = writeln!(err, "note: no -t or --output given; the result stays in kiln's cache only");
+    }
     if !args.frontend.context.is_dir() {
         let _ = writeln!(err, "error: build context {} is not a directory", args.frontend.context.display());
         return EXIT_USAGE;
