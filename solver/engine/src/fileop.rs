@@ -491,24 +491,50 @@ impl Copier<'_> {
     }
 }
 
-#[derive(Clone, Copy)]
+/// Compression of an archive `ADD` unpacks (Docker's set).
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Archive {
     Tar,
     Gzip,
+    Bzip2,
+    Xz,
+    Zstd,
 }
 
-/// Whether a file is an archive `ADD` unpacks (tar, optionally gzip'd).
+/// A reader that decompresses `path` as `kind`.
+fn open_archive(path: &Path, kind: Archive) -> io::Result<Box<dyn Read>> {
+    let f = io::BufReader::new(fs::File::open(path)?);
+    Ok(match kind {
+        Archive::Tar => Box::new(f),
+        Archive::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        Archive::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(f)),
+        Archive::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(f)),
+        Archive::Zstd => Box::new(ruzstd::decoding::StreamingDecoder::new(f).map_err(io::Error::other)?),
+    })
+}
+
+/// Whether a file is an archive `ADD` unpacks: a tar, plain or compressed
+/// with gzip, bzip2, xz or zstd (recognised by content, as Docker does).
 fn archive_kind(path: &Path) -> Option<Archive> {
     let mut f = fs::File::open(path).ok()?;
+    let mut magic = [0u8; 6];
+    let n = read_full(&mut f, &mut magic).ok()?;
+    let magic = &magic[..n];
+    let kind = if magic.starts_with(&[0x1f, 0x8b, 0x08]) {
+        Archive::Gzip
+    } else if magic.starts_with(b"BZh") {
+        Archive::Bzip2
+    } else if magic.starts_with(&[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]) {
+        Archive::Xz
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Archive::Zstd
+    } else {
+        Archive::Tar
+    };
+    let mut reader = open_archive(path, kind).ok()?;
     let mut head = [0u8; 512];
-    let n = read_full(&mut f, &mut head).ok()?;
-    if n >= 2 && head[0] == 0x1f && head[1] == 0x8b {
-        let mut gz = flate2::read::GzDecoder::new(fs::File::open(path).ok()?);
-        let mut inner = [0u8; 512];
-        let m = read_full(&mut gz, &mut inner).ok()?;
-        return (m == 512 && is_tar_header(&inner)).then_some(Archive::Gzip);
-    }
-    (n == 512 && is_tar_header(&head)).then_some(Archive::Tar)
+    let m = read_full(&mut reader, &mut head).ok()?;
+    (m == 512 && is_tar_header(&head)).then_some(kind)
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -540,12 +566,7 @@ fn is_tar_header(h: &[u8; 512]) -> bool {
 }
 
 fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
-    let f = io::BufReader::new(fs::File::open(src)?);
-    let reader: Box<dyn Read> = match kind {
-        Archive::Tar => Box::new(f),
-        Archive::Gzip => Box::new(flate2::read::GzDecoder::new(f)),
-    };
-    let mut ar = tar::Archive::new(reader);
+    let mut ar = tar::Archive::new(open_archive(src, kind)?);
     ar.set_preserve_permissions(true);
     // Owners are set below: a blank uid field (some tar writers leave it so) means 0.
     ar.set_preserve_ownerships(false);
@@ -784,6 +805,49 @@ mod tests {
             },
         )
         .expect("allow_not_found");
+    }
+
+    #[test]
+    fn add_recognises_compressed_tars_by_content() {
+        let t = tempfile::tempdir().expect("tmp");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(2);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "x/y.txt", &b"hi"[..]).expect("tar");
+        let plain = b.into_inner().expect("tar");
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, &plain).expect("gz");
+            e.finish().expect("gz")
+        };
+        let bz = {
+            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            std::io::Write::write_all(&mut e, &plain).expect("bz");
+            e.finish().expect("bz")
+        };
+        let xz = {
+            let mut e = liblzma::write::XzEncoder::new(Vec::new(), 1);
+            std::io::Write::write_all(&mut e, &plain).expect("xz");
+            e.finish().expect("xz")
+        };
+        for (name, bytes, kind) in [
+            ("a.tar", plain.clone(), Some(Archive::Tar)),
+            ("a.tgz", gz, Some(Archive::Gzip)),
+            ("a.tbz", bz, Some(Archive::Bzip2)),
+            ("a.txz", xz, Some(Archive::Xz)),
+            ("not-a-tar.gz", b"just text, not an archive at all".repeat(20), None),
+        ] {
+            let p = t.path().join(name);
+            fs::write(&p, &bytes).expect("write");
+            assert_eq!(archive_kind(&p), kind, "{name}");
+            if let Some(k) = kind {
+                let dest = t.path().join(format!("out-{name}"));
+                fs::create_dir(&dest).expect("mkdir");
+                unpack_archive(&p, k, &dest, None).expect("unpack");
+                assert_eq!(fs::read(dest.join("x/y.txt")).expect("read"), b"hi", "{name}");
+            }
+        }
     }
 
     #[test]
