@@ -693,3 +693,219 @@ fn the_context_honours_dockerignore() {
     ok(&out);
     assert_eq!(ran(&events).len(), 2);
 }
+
+/// Every byte of an OCI tarball, with each gzip layer decompressed.
+fn all_bytes(tarball: &Path) -> Vec<u8> {
+    let mut out = std::fs::read(tarball).expect("tarball");
+    let mut ar = tar::Archive::new(std::fs::File::open(tarball).expect("open"));
+    for e in ar.entries().expect("entries") {
+        let mut e = e.expect("entry");
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut buf).expect("read");
+        if buf.starts_with(&[0x1f, 0x8b]) {
+            let mut plain = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(buf.as_slice()), &mut plain).expect("gunzip");
+            out.extend(plain);
+        }
+        out.extend(buf);
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn secrets_reach_the_step_and_nothing_else() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("secrets");
+    let value = "s3cr3t-VALUE-7f1d";
+    let env_value = "env-SECRET-9a2c";
+    std::fs::write(s.dir.join("token.txt"), value).expect("secret file");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\n\
+         RUN --mount=type=secret,id=tok cat /run/secrets/tok | wc -c > /len\n\
+         RUN --mount=type=secret,id=envtok,env=TOKEN,required sh -c 'echo ${#TOKEN} > /envlen; echo \"[$TOKEN]\" | wc -c'\n\
+         RUN --mount=type=secret,id=tok,target=/etc/app.key,mode=0440,uid=1000 stat -c '%a %u' /etc/app.key > /keyperm\n",
+    );
+    let oci = s.dir.join("out.tar");
+    let secret_arg = format!("id=tok,src={}", s.dir.join("token.txt").display());
+    let out_arg = format!("type=oci,dest={},name=sec:1", oci.display());
+    let out = s.build_env(
+        &[
+            "--progress",
+            "rawjson",
+            "--secret",
+            &secret_arg,
+            "--secret",
+            "id=envtok,env=KILN_TEST_TOKEN",
+            "-o",
+            &out_arg,
+        ],
+        &[("KILN_TEST_TOKEN", env_value)],
+    );
+    ok(&out);
+    let unpacked = s.dir.join("unpacked");
+    umoci_unpack(&oci, "docker.io/library/sec:1", &unpacked);
+    let rootfs = unpacked.join("rootfs");
+    let read = |p: &str| std::fs::read_to_string(rootfs.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("len").trim(), value.len().to_string());
+    assert_eq!(read("envlen").trim(), env_value.len().to_string());
+    assert_eq!(read("keyperm").trim(), "440 1000");
+    assert!(
+        !rootfs.join("run/secrets").exists() && !rootfs.join("etc/app.key").exists(),
+        "mount points do not stay"
+    );
+    // Not in any exported byte, layer, config or event.
+    let bytes = all_bytes(&oci);
+    for v in [value, env_value] {
+        assert!(!contains(&bytes, v.as_bytes()), "{v} leaked into the image");
+        assert!(
+            !contains(&out.stderr, v.as_bytes()) && !contains(&out.stdout, v.as_bytes()),
+            "{v} leaked into the events"
+        );
+    }
+    // Nor anywhere in the state root.
+    let grep = Command::new("grep")
+        .args(["-r", "-l", "-a", value])
+        .arg(s.root())
+        .output()
+        .expect("grep");
+    assert!(
+        grep.stdout.is_empty(),
+        "found in the state root: {}",
+        String::from_utf8_lossy(&grep.stdout)
+    );
+
+    // A required secret that is not given stops the build before anything runs.
+    let (out, events) = s.build_events(&["--no-cache", "--secret", &secret_arg]);
+    assert!(!out.status.success());
+    assert_eq!(count(&events, "vertex_started"), 0, "nothing ran");
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "error");
+    assert!(last["message"].as_str().unwrap_or("").contains("envtok"), "{last}");
+}
+
+#[test]
+fn source_date_epoch_makes_builds_reproducible() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("reproducible");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN mkdir -p /app && echo built > /app/out && touch /app/stamp\nCOPY src/ /app/src/\nCMD [\"cat\", \"/app/out\"]\n",
+    );
+    s.write("src/a.txt", "a\n");
+    let mut digests = Vec::new();
+    for round in 0..2 {
+        let _ = std::fs::remove_dir_all(s.root());
+        let meta = s.dir.join(format!("meta-{round}.json"));
+        let iid = s.dir.join(format!("iid-{round}"));
+        let out = s.build_env(
+            &[
+                "--progress",
+                "plain",
+                "-t",
+                "repro:1",
+                "--metadata-file",
+                meta.to_str().expect("utf8"),
+                "--iidfile",
+                iid.to_str().expect("utf8"),
+            ],
+            &[("SOURCE_DATE_EPOCH", "1700000000")],
+        );
+        ok(&out);
+        let digest = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let m: Value = serde_json::from_slice(&std::fs::read(&meta).expect("metadata file")).expect("json");
+        assert_eq!(m["containerimage.digest"], digest.as_str());
+        assert_eq!(m["image.name"], "repro:1");
+        let id = std::fs::read_to_string(&iid).expect("iidfile");
+        assert_eq!(m["containerimage.config.digest"], id.as_str());
+        digests.push(digest);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(digests[0], digests[1], "two builds on clean roots give the same image");
+    // Times in new layers are clamped, and the image says when.
+    let oci = s.dir.join("repro.tar");
+    let out = s.build_env(
+        &[
+            "--progress",
+            "plain",
+            "-o",
+            &format!("type=oci,dest={},name=repro:1", oci.display()),
+        ],
+        &[("SOURCE_DATE_EPOCH", "1700000000")],
+    );
+    ok(&out);
+    let unpacked = s.dir.join("unpacked");
+    umoci_unpack(&oci, "docker.io/library/repro:1", &unpacked);
+    assert!(std::fs::metadata(unpacked.join("rootfs/app/stamp")).expect("stamp").mtime() <= 1_700_000_000);
+    let layout = s.dir.join("unpacked.layout");
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
+    let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).expect("blob");
+    let manifest: Value = serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().expect("d"))).expect("m");
+    let config: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().expect("c"))).expect("c");
+    assert_eq!(config["created"], "2023-11-14T22:13:20Z");
+}
+
+#[test]
+fn an_ssh_agent_is_forwarded_into_the_step() {
+    if !can_build() || !common::have("ssh-agent") {
+        return;
+    }
+    let s = Setup::new("ssh");
+    let sock = s.dir.join("agent.sock");
+    let agent = Command::new("ssh-agent")
+        .arg("-a")
+        .arg(&sock)
+        .arg("-D")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(agent);
+    for _ in 0..50 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN --mount=type=ssh,required test -S \"$SSH_AUTH_SOCK\" && echo \"$SSH_AUTH_SOCK\" > /sockpath\n",
+    );
+    let local = s.dir.join("fs");
+    let out = s.build(&[
+        "--progress",
+        "plain",
+        "--ssh",
+        &format!("default={}", sock.display()),
+        "-o",
+        &format!("type=local,dest={}", local.display()),
+    ]);
+    ok(&out);
+    assert_eq!(
+        std::fs::read_to_string(local.join("sockpath")).expect("sockpath").trim(),
+        "/run/buildkit/ssh_agent.0"
+    );
+    assert!(!local.join("run/buildkit").exists());
+    // Without --ssh: a clear error before anything runs.
+    let out = s.build(&["--progress", "plain", "--no-cache"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ssh default"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

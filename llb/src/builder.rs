@@ -344,7 +344,18 @@ impl State {
     }
 
     /// Runs a process with this state as the root filesystem.
-    pub fn run(&self, exec: Exec, meta: VertexMeta) -> ExecResult {
+    pub fn run(&self, mut exec: Exec, meta: VertexMeta) -> ExecResult {
+        // As BuildKit's client: the first SSH mount is the step's agent unless it names one.
+        let first_ssh = exec
+            .mounts
+            .iter()
+            .find(|m| matches!(m.kind, MountKind::Ssh(_)))
+            .map(|m| m.dest.clone());
+        if let Some(dest) = first_ssh {
+            if !exec.meta.env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                exec.meta.env.push(format!("SSH_AUTH_SOCK={dest}"));
+            }
+        }
         let mut mounts = vec![Mount::bind("/", self.clone())];
         mounts.extend(exec.mounts);
         mounts.sort_by(|a, b| a.dest.cmp(&b.dest));

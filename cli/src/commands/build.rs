@@ -39,6 +39,71 @@ pub struct Args {
     /// The OCI runtime for RUN steps (runc, crun, or a path).
     #[arg(long = "oci-runtime", value_name = "BIN")]
     pub oci_runtime: Option<String>,
+    /// A secret for `RUN --mount=type=secret`: `id=ID,src=FILE` or `id=ID,env=VAR`.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<String>,
+    /// An SSH agent for `RUN --mount=type=ssh`: `default`, `ID=SOCKET`.
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    pub ssh: Vec<String>,
+    /// Write the image digest and config digest here as JSON.
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+    /// Write the image id (config digest) here.
+    #[arg(long = "iidfile", value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
+}
+
+/// Reads one `--secret` value: `(id, value)`.
+pub fn parse_secret(spec: &str) -> Result<(String, Vec<u8>), String> {
+    let mut fields = BTreeMap::new();
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some((k, v)) => fields.insert(k.trim().to_string(), v.trim().to_string()),
+            None => fields.insert("id".to_string(), part.trim().to_string()),
+        };
+    }
+    let id = fields
+        .get("id")
+        .cloned()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| format!("--secret {spec:?}: needs id=ID"))?;
+    let kind = fields.get("type").map(String::as_str);
+    let src = fields.get("src").or_else(|| fields.get("source"));
+    let env = fields.get("env");
+    match (kind, src, env) {
+        (Some("env"), Some(var), _) | (_, None, Some(var)) => std::env::var_os(var)
+            .map(|v| (id.clone(), v.into_encoded_bytes()))
+            .ok_or_else(|| format!("--secret {spec:?}: ${var} is not set")),
+        (_, Some(path), _) => std::fs::read(path)
+            .map(|v| (id.clone(), v))
+            .map_err(|e| format!("--secret {spec:?}: {path}: {e}")),
+        // Neither: an environment variable named like the id, else a file.
+        (_, None, None) => match std::env::var_os(&id) {
+            Some(v) => Ok((id, v.into_encoded_bytes())),
+            None => std::fs::read(&id)
+                .map(|v| (id.clone(), v))
+                .map_err(|_| format!("--secret {spec:?}: give src=FILE or env=VAR")),
+        },
+    }
+}
+
+/// Reads one `--ssh` value: `(id, socket)`; `default` alone is `$SSH_AUTH_SOCK`.
+pub fn parse_ssh(spec: &str) -> Result<(String, String), String> {
+    let (id, path) = match spec.split_once('=') {
+        Some((id, path)) => (id.to_string(), path.to_string()),
+        None => (
+            spec.to_string(),
+            std::env::var("SSH_AUTH_SOCK").map_err(|_| format!("--ssh {spec}: SSH_AUTH_SOCK is not set; give {spec}=SOCKET"))?,
+        ),
+    };
+    let first = path.split(',').next().unwrap_or("").to_string();
+    let meta = std::fs::metadata(&first).map_err(|e| format!("--ssh {spec}: {first}: {e}"))?;
+    if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+        return Err(format!(
+            "--ssh {spec}: {first} is not an agent socket (to use key files, load them into ssh-agent with ssh-add and pass its socket)"
+        ));
+    }
+    Ok((id, absolute(Path::new(&first)).to_string_lossy().into_owned()))
 }
 
 /// Parses one `--output` value into an exporter.
@@ -148,6 +213,33 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         }
     }
     request.exporters = exporters;
+    for spec in &args.secrets {
+        match parse_secret(spec) {
+            Ok((id, value)) => request.secrets.insert(&id, &value),
+            Err(msg) => {
+                let _ = writeln!(err, "error: {msg}");
+                return EXIT_USAGE;
+            }
+        }
+    }
+    for spec in &args.ssh {
+        match parse_ssh(spec) {
+            Ok((id, socket)) => {
+                request.ssh.insert(id, socket);
+            }
+            Err(msg) => {
+                let _ = writeln!(err, "error: {msg}");
+                return EXIT_USAGE;
+            }
+        }
+    }
+    request.source_date_epoch = match source_date_epoch(&args.frontend.build_args) {
+        Ok(e) => e,
+        Err(msg) => {
+            let _ = writeln!(err, "error: {msg}");
+            return EXIT_USAGE;
+        }
+    };
     request.no_cache = args.no_cache;
     request.jobs = args.jobs;
     request.oci_runtime = args.oci_runtime.clone();
@@ -202,6 +294,10 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             if let Some(d) = &r.image_digest {
                 let _ = writeln!(out, "{d}");
             }
+            if let Err(msg) = write_result_files(args, &r) {
+                let _ = writeln!(err, "error: {msg}");
+                return EXIT_OTHER;
+            }
             let _ = writeln!(
                 err,
                 "done: {} steps ran, {} cached{}",
@@ -229,6 +325,50 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             EXIT_OTHER
         }
     }
+}
+
+/// `SOURCE_DATE_EPOCH` from `--build-arg` or the environment.
+fn source_date_epoch(build_args: &[String]) -> Result<Option<i64>, String> {
+    let from_arg = build_args
+        .iter()
+        .find_map(|a| a.strip_prefix("SOURCE_DATE_EPOCH=").map(str::to_string));
+    let value = match from_arg {
+        Some(v) => Some(v),
+        None => std::env::var("SOURCE_DATE_EPOCH").ok(),
+    };
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+    }
+}
+
+/// `--iidfile` and `--metadata-file`, as buildx writes them.
+fn write_result_files(args: &Args, r: &kiln_solver_protocol::SolveResult) -> Result<(), String> {
+    if let Some(path) = &args.iidfile {
+        let id = r
+            .config_digest
+            .clone()
+            .ok_or("--iidfile: the build made no image (give -t or an image --output)")?;
+        std::fs::write(path, id).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.metadata_file {
+        let mut meta = serde_json::Map::new();
+        if let Some(d) = &r.image_digest {
+            meta.insert("containerimage.digest".into(), d.clone().into());
+        }
+        if let Some(c) = &r.config_digest {
+            meta.insert("containerimage.config.digest".into(), c.clone().into());
+        }
+        if !args.tags.is_empty() {
+            meta.insert("image.name".into(), args.tags.join(",").into());
+        }
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(meta)).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Prints a failed step as a diagnostic on its Dockerfile line, with the

@@ -68,8 +68,11 @@ pub struct Step<'a> {
     pub rootfs: &'a Path,
     /// Other mounts, in the op's order.
     pub mounts: Vec<StepMount>,
-    /// A scratch directory for the bundle (config.json, hosts, resolv.conf).
+    /// A scratch directory for the bundle (config.json, hosts, resolv.conf);
+    /// on a tmpfs when the step sees secrets.
     pub bundle: &'a Path,
+    /// Environment added for this step only (secret env vars).
+    pub extra_env: Vec<String>,
     /// The container id.
     pub id: String,
 }
@@ -313,6 +316,7 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.insert(0, DEFAULT_PATH.to_string());
         }
+        env.extend(step.extra_env.iter().cloned());
         process.set_env(Some(env));
         process.set_cwd(PathBuf::from(&cwd));
         let user = process.user_mut();

@@ -48,8 +48,8 @@ fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
 
 /// The compressed blobs of the layers, making those not made before
 /// (several at once).
-pub fn layer_blobs(root: &StateRoot, layers: &[String]) -> Result<Vec<LayerBlob>, String> {
-    let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id)).collect();
+pub fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> Result<Vec<LayerBlob>, String> {
+    let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id, epoch)).collect();
     let missing: Vec<usize> = (0..layers.len()).filter(|i| out[*i].is_none()).collect();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -63,8 +63,9 @@ pub fn layer_blobs(root: &StateRoot, layers: &[String]) -> Result<Vec<LayerBlob>
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&i) = missing.get(k) else { break };
                 let id = &layers[i];
-                let r = export_layer(root, &layer_fs(root, id))
-                    .and_then(|b| write_layer_blob(root, id, &b).map(|()| b))
+                let clamp = if id.starts_with("blob-") { None } else { epoch };
+                let r = export_layer(root, &layer_fs(root, id), clamp)
+                    .and_then(|b| write_layer_blob(root, id, epoch, &b).map(|()| b))
                     .map_err(|e| format!("compressing layer {id}: {e}"));
                 if let Ok(mut v) = results.lock() {
                     v.push((i, r));
@@ -79,8 +80,8 @@ pub fn layer_blobs(root: &StateRoot, layers: &[String]) -> Result<Vec<LayerBlob>
 }
 
 /// Builds and stores the image config and manifest for the layers.
-pub fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>) -> Result<Image, String> {
-    let blobs = layer_blobs(root, layers)?;
+pub fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>, epoch: Option<i64>) -> Result<Image, String> {
+    let blobs = layer_blobs(root, layers, epoch)?;
     let mut config = config.cloned().unwrap_or_else(|| json!({}));
     let obj = config.as_object_mut().ok_or("the image config is not a JSON object")?;
     obj.entry("architecture").or_insert(json!("amd64"));
@@ -88,8 +89,15 @@ pub fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>) ->
     let diff_ids: Vec<Json> = blobs.iter().map(|b| json!(b.diff_id)).collect();
     obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     align_history(obj, blobs.len());
-    let created: Vec<i64> = layers.iter().map(|id| crate::snapshot::layer_created(root, id)).collect();
+    let created: Vec<i64> = match epoch {
+        // Reproducible: every time this build sets is SOURCE_DATE_EPOCH.
+        Some(e) => vec![e; layers.len()],
+        None => layers.iter().map(|id| crate::snapshot::layer_created(root, id)).collect(),
+    };
     stamp_history(obj, &created);
+    if let Some(e) = epoch {
+        obj.insert("created".into(), json!(rfc3339(e)));
+    }
     let platform = json!({"architecture": obj["architecture"], "os": obj["os"]});
     let config_bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
     let config_digest = store_blob(root, &config_bytes).map_err(|e| e.to_string())?;
@@ -366,6 +374,7 @@ pub fn export(
     layers: &[String],
     config: Option<&Json>,
     exporters: &[Exporter],
+    epoch: Option<i64>,
 ) -> Result<(Option<Image>, Vec<String>), String> {
     let mut image: Option<Image> = None;
     let mut written = Vec::new();
@@ -373,7 +382,7 @@ pub fn export(
         .iter()
         .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }));
     if needs_image {
-        image = Some(make_image(root, layers, config)?);
+        image = Some(make_image(root, layers, config, epoch)?);
     }
     for e in exporters {
         match e {
@@ -410,7 +419,7 @@ pub fn export(
                 let dest_path = Path::new(dest);
                 let tmp = dest_path.with_extension("kiln-tmp");
                 let f = fs::File::create(&tmp).map_err(|e| format!("{dest}: {e}"))?;
-                let w = crate::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f))
+                let w = crate::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f), epoch)
                     .map_err(|e| format!("{dest}: {e}"))?;
                 w.into_inner().map_err(|e| format!("{dest}: {}", e.into_error()))?;
                 fs::rename(&tmp, dest_path).map_err(|e| format!("{dest}: {e}"))?;

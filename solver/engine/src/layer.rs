@@ -49,7 +49,9 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Writes the layer directory `dir` as a tar stream (OCI whiteouts); a
 /// directory's entries in name order before its subdirectories' contents.
-pub fn write_tar<W: Write>(dir: &Path, out: W) -> io::Result<W> {
+/// With `clamp`, no timestamp is later than it (SOURCE_DATE_EPOCH).
+pub fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io::Result<W> {
+    let stamp = |t: i64| -> u64 { clamp.map_or(t, |c| t.min(c)).max(0) as u64 };
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
@@ -86,7 +88,7 @@ pub fn write_tar<W: Write>(dir: &Path, out: W) -> io::Result<W> {
             }
             let mut h = tar::Header::new_gnu();
             h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
-            h.set_mtime(meta.mtime().max(0) as u64);
+            h.set_mtime(stamp(meta.mtime()));
             h.set_uid(meta.uid() as u64);
             h.set_gid(meta.gid() as u64);
             h.set_username("").ok();
@@ -133,7 +135,7 @@ pub fn write_tar<W: Write>(dir: &Path, out: W) -> io::Result<W> {
 }
 
 /// Makes (or finds) the gzip blob of a layer directory and stores it.
-pub fn export_layer(root: &StateRoot, dir: &Path) -> io::Result<LayerBlob> {
+pub fn export_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Result<LayerBlob> {
     let tmp = root.temp_dir()?;
     let tmp_blob = tmp.join("blob");
     let file = fs::File::create(&tmp_blob)?;
@@ -148,7 +150,7 @@ pub fn export_layer(root: &StateRoot, dir: &Path) -> io::Result<LayerBlob> {
         hash: Sha256::new(),
         count: 0,
     };
-    let plain = write_tar(dir, io::BufWriter::with_capacity(1 << 16, plain))?;
+    let plain = write_tar(dir, io::BufWriter::with_capacity(1 << 16, plain), clamp)?;
     let plain = plain.into_inner().map_err(|e| e.into_error())?;
     let diff_id = format!("sha256:{}", hex::encode(plain.hash.finalize()));
     let compressed = plain.inner.finish()?;
@@ -290,7 +292,7 @@ mod tests {
             0,
         )
         .expect("mknod (needs root)");
-        let tar = write_tar(src.path(), Vec::new()).expect("tar");
+        let tar = write_tar(src.path(), Vec::new(), None).expect("tar");
         let names: Vec<String> = tar::Archive::new(tar.as_slice())
             .entries()
             .expect("entries")

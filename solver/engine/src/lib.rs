@@ -82,6 +82,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         Ok(d) => d,
         Err(e) => return fail(&events, ErrorKind::Request, format!("the definition cannot be used: {e}"), None),
     };
+    let missing = scheduler::missing_secrets(&def, &request.secrets, &request.ssh);
+    if !missing.is_empty() {
+        return fail(&events, ErrorKind::Request, missing.join("\n"), None);
+    }
     let runtime_bin = request.oci_runtime.clone().unwrap_or_else(|| "runc".to_string());
     let root = match root::StateRoot::open(&root_dir, &runtime_bin) {
         Ok(r) => Arc::new(r),
@@ -107,6 +111,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             no_cache: request.no_cache,
             jobs: request.jobs,
             runtime,
+            secrets: request.secrets.clone(),
+            ssh: request.ssh.clone(),
         },
         events.clone(),
     ));
@@ -140,7 +146,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         let root2 = root.clone();
         let exporters = request.exporters.clone();
         let config = request.image_config.clone();
-        let exported = tokio::task::spawn_blocking(move || export::export(&root2, &layers, config.as_ref(), &exporters)).await;
+        let epoch = request.source_date_epoch;
+        let exported = tokio::task::spawn_blocking(move || export::export(&root2, &layers, config.as_ref(), &exporters, epoch)).await;
         match exported {
             Ok(Ok((image, written))) => {
                 if let Some(img) = image {

@@ -46,14 +46,22 @@ struct PreparedMount {
     output: i64,
 }
 
+/// What a step may be given besides its inputs.
+pub struct StepSecrets<'a> {
+    /// Secret values by id.
+    pub secrets: &'a kiln_solver_protocol::Secrets,
+    /// SSH agent sockets by id.
+    pub ssh: &'a std::collections::BTreeMap<String, String>,
+}
+
 /// Runs an ExecOp. `inputs` are the op's input values (locals already turned
 /// into layers). Returns the layers of each output index.
-#[allow(clippy::too_many_arguments)]
 pub async fn exec(
     root: &StateRoot,
     runtime: &Runtime,
     op: &pb::ExecOp,
     inputs: &[Layers],
+    given: &StepSecrets<'_>,
     id: String,
     on_output: impl FnMut(u8, &[u8]),
 ) -> Result<Vec<Option<Layers>>, StepError> {
@@ -68,7 +76,22 @@ pub async fn exec(
     let mut prepared: Vec<PreparedMount> = Vec::new();
     let mut step_mounts: Vec<StepMount> = Vec::new();
     let mut rootfs: Option<PathBuf> = None;
-    for m in &op.mounts {
+    // Secrets live on a private tmpfs (with the bundle, whose config may hold secret env).
+    let has_secrets = !op.secretenv.is_empty() || op.mounts.iter().any(|m| m.mount_type == pb::MountType::Secret as i32);
+    let secret_fs = if has_secrets {
+        Some(tokio::task::block_in_place(|| crate::snapshot::mount_tmpfs(root)).map_err(|e| setup(format!("secrets tmpfs: {e}")))?)
+    } else {
+        None
+    };
+    let mut extra_env = Vec::new();
+    for se in &op.secretenv {
+        match given.secrets.get(&se.id) {
+            Some(v) => extra_env.push(format!("{}={}", se.name, String::from_utf8_lossy(&v))),
+            None if se.optional => {}
+            None => return Err(setup(format!("secret {:?} is required (as ${}) but was not given", se.id, se.name))),
+        }
+    }
+    for (n, m) in op.mounts.iter().enumerate() {
         let mount_type = m.mount_type;
         if mount_type == pb::MountType::Tmpfs as i32 {
             step_mounts.push(StepMount::Tmpfs {
@@ -91,21 +114,58 @@ pub async fn exec(
             });
             continue;
         }
-        if mount_type == pb::MountType::Secret as i32 || mount_type == pb::MountType::Ssh as i32 {
-            let optional =
-                m.secret_opt.as_ref().map(|s| s.optional).unwrap_or(false) || m.ssh_opt.as_ref().map(|s| s.optional).unwrap_or(false);
-            if optional {
-                continue;
-            }
-            return Err(setup(format!(
-                "{} mount at {}: secret and SSH mounts are not supported by this solver yet",
-                if mount_type == pb::MountType::Secret as i32 {
-                    "secret"
-                } else {
-                    "ssh"
-                },
-                m.dest
-            )));
+        if mount_type == pb::MountType::Secret as i32 {
+            let opt = m.secret_opt.clone().unwrap_or_default();
+            let Some(value) = given.secrets.get(&opt.id) else {
+                if opt.optional {
+                    continue;
+                }
+                return Err(setup(format!("secret {:?} is required at {} but was not given", opt.id, m.dest)));
+            };
+            let dir = secret_fs
+                .as_ref()
+                .ok_or_else(|| setup("no secrets tmpfs".into()))?
+                .path()
+                .to_path_buf();
+            let file = dir.join(format!("secret-{n}"));
+            let write = || -> std::io::Result<()> {
+                use std::os::unix::fs::PermissionsExt;
+                fs::write(&file, &value)?;
+                fs::set_permissions(&file, fs::Permissions::from_mode(opt.mode & 0o7777))?;
+                crate::fsutil::lchown(
+                    &file,
+                    crate::fsutil::Owner {
+                        uid: opt.uid,
+                        gid: opt.gid,
+                    },
+                )
+            };
+            write().map_err(|e| setup(format!("secret {:?}: {e}", opt.id)))?;
+            step_mounts.push(StepMount::Bind {
+                dest: m.dest.clone(),
+                source: file,
+                readonly: true,
+            });
+            continue;
+        }
+        if mount_type == pb::MountType::Ssh as i32 {
+            let opt = m.ssh_opt.clone().unwrap_or_default();
+            let id = if opt.id.is_empty() { "default".to_string() } else { opt.id.clone() };
+            let Some(socket) = given.ssh.get(&id) else {
+                if opt.optional {
+                    continue;
+                }
+                return Err(setup(format!(
+                    "SSH agent {id:?} is required at {} but was not given (kiln build --ssh {id})",
+                    m.dest
+                )));
+            };
+            step_mounts.push(StepMount::Bind {
+                dest: m.dest.clone(),
+                source: PathBuf::from(socket),
+                readonly: false,
+            });
+            continue;
         }
         let base: Vec<String> = if m.input < 0 {
             Vec::new()
@@ -148,7 +208,10 @@ pub async fn exec(
         });
     }
     let rootfs = rootfs.ok_or_else(|| setup("exec op has no root mount".into()))?;
-    let bundle = root.temp_dir().map_err(|e| setup(e.to_string()))?;
+    let bundle = match &secret_fs {
+        Some(fs_) => fs_.path().join("bundle"),
+        None => root.temp_dir().map_err(|e| setup(e.to_string()))?,
+    };
     let result = run_step(
         runtime,
         Step {
@@ -158,12 +221,16 @@ pub async fn exec(
             rootfs: &rootfs,
             mounts: step_mounts,
             bundle: &bundle,
+            extra_env,
             id,
         },
         on_output,
     )
     .await;
     let _ = fs::remove_dir_all(&bundle);
+    if let Some(s) = secret_fs {
+        s.unmount().map_err(|e| setup(format!("unmounting the secrets tmpfs: {e}")))?;
+    }
     // Unmount the non-root mounts first (they may sit inside the root).
     for p in prepared.iter_mut().rev() {
         if let Some(m) = p.mounted.take() {

@@ -292,6 +292,7 @@ pub async fn pull(
         write_layer_blob(
             root,
             &id,
+            None,
             &LayerBlob {
                 digest: desc.digest.clone(),
                 diff_id,

@@ -69,6 +69,10 @@ pub struct SolveOptions {
     pub jobs: Option<usize>,
     /// The OCI runtime.
     pub runtime: Runtime,
+    /// Secret values by id.
+    pub secrets: kiln_solver_protocol::Secrets,
+    /// SSH agent sockets by id.
+    pub ssh: BTreeMap<String, String>,
 }
 
 /// One solve of one Definition.
@@ -483,7 +487,11 @@ impl Solver {
                     });
                 };
                 let id = format!("kiln-{}", self.root.unique());
-                ops::exec(&self.root, &self.opts.runtime, e, &layers, id, on_output)
+                let given = ops::StepSecrets {
+                    secrets: &self.opts.secrets,
+                    ssh: &self.opts.ssh,
+                };
+                ops::exec(&self.root, &self.opts.runtime, e, &layers, &given, id, on_output)
                     .await
                     .map_err(|e| (e.message, e.exit_code))
             }
@@ -535,6 +543,47 @@ impl Solver {
             _ => Err(("this op type is not supported by kiln's solver".to_string(), None)),
         }
     }
+}
+
+/// Secrets and SSH agents that steps require but the request does not
+/// give, as messages naming the step: checked before anything runs.
+pub fn missing_secrets(def: &LoadedDefinition, secrets: &kiln_solver_protocol::Secrets, ssh: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for op in &def.ops {
+        let Some(pb::op::Op::Exec(e)) = &op.op.op else { continue };
+        let step = def
+            .metadata
+            .get(op.digest.as_str())
+            .and_then(|m| m.description.get("llb.customname").cloned())
+            .unwrap_or_else(|| e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default());
+        for se in &e.secretenv {
+            if !se.optional && !secrets.contains(&se.id) {
+                out.push(format!(
+                    "secret {:?} (env {}) is required by {step}; pass --secret id={},src=FILE|env=VAR",
+                    se.id, se.name, se.id
+                ));
+            }
+        }
+        for m in &e.mounts {
+            if let Some(s) = &m.secret_opt {
+                if m.mount_type == pb::MountType::Secret as i32 && !s.optional && !secrets.contains(&s.id) {
+                    out.push(format!(
+                        "secret {:?} is required by {step}; pass --secret id={},src=FILE|env=VAR",
+                        s.id, s.id
+                    ));
+                }
+            }
+            if let Some(s) = &m.ssh_opt {
+                let id = if s.id.is_empty() { "default" } else { s.id.as_str() };
+                if m.mount_type == pb::MountType::Ssh as i32 && !s.optional && !ssh.contains_key(id) {
+                    out.push(format!("SSH agent {id:?} is required by {step}; pass --ssh {id}[=SOCKET]"));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Aborts a spawned task when dropped.

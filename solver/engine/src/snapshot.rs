@@ -83,17 +83,26 @@ pub fn layer_created(root: &StateRoot, id: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// The layer's blob, if exported before.
-pub fn read_layer_blob(root: &StateRoot, id: &str) -> Option<LayerBlob> {
-    let bytes = fs::read(root.snapshot_dir(id).join("layer.json")).ok()?;
+/// The file remembering a layer's blob: one per SOURCE_DATE_EPOCH, since
+/// clamped times make another blob. Pulled layers keep their own blob.
+fn blob_file(root: &StateRoot, id: &str, epoch: Option<i64>) -> PathBuf {
+    match epoch {
+        Some(e) if !id.starts_with("blob-") => root.snapshot_dir(id).join(format!("layer-{e}.json")),
+        _ => root.snapshot_dir(id).join("layer.json"),
+    }
+}
+
+/// The layer's blob, if exported before (for this SOURCE_DATE_EPOCH).
+pub fn read_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Option<LayerBlob> {
+    let bytes = fs::read(blob_file(root, id, epoch)).ok()?;
     let blob: LayerBlob = serde_json::from_slice(&bytes).ok()?;
     root.blob_path(&blob.digest).is_file().then_some(blob)
 }
 
 /// Remembers a layer's blob.
-pub fn write_layer_blob(root: &StateRoot, id: &str, blob: &LayerBlob) -> std::io::Result<()> {
+pub fn write_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>, blob: &LayerBlob) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(blob).map_err(std::io::Error::other)?;
-    write_atomic(&root.snapshot_dir(id).join("layer.json"), &bytes, false)
+    write_atomic(&blob_file(root, id, epoch), &bytes, false)
 }
 
 /// A layer being written: `tmp/…/fs` (and `work` for overlayfs), moved to
@@ -351,6 +360,23 @@ fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>
     let mnt = rustix::mount::fsmount(&fs_fd, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
     rustix::mount::move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)?;
     Ok(())
+}
+
+/// A private tmpfs (for secrets: their values never touch a disk).
+pub fn mount_tmpfs(root: &StateRoot) -> std::io::Result<Mounted> {
+    let target = root.mountpoint()?;
+    rustix::mount::mount(
+        "tmpfs",
+        &target,
+        "tmpfs",
+        rustix::mount::MountFlags::NOSUID | rustix::mount::MountFlags::NODEV | rustix::mount::MountFlags::NOEXEC,
+        Some(c"size=16m,mode=0700"),
+    )?;
+    Ok(Mounted {
+        target,
+        owned_dir: true,
+        copy: None,
+    })
 }
 
 /// Bind-mounts a host directory read-only (a local source seen by a step).

@@ -41,6 +41,54 @@ pub struct SolveRequest {
     /// The OCI runtime binary (`runc`, `crun`, or a path).
     #[serde(default)]
     pub oci_runtime: Option<String>,
+    /// Secret values by id, for `RUN --mount=type=secret` and secret env.
+    #[serde(default, skip_serializing_if = "Secrets::is_empty")]
+    pub secrets: Secrets,
+    /// SSH agent sockets by id (paths on the solver's machine), for `RUN --mount=type=ssh`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ssh: BTreeMap<String, String>,
+    /// `SOURCE_DATE_EPOCH`: clamps file times in new layers and sets the
+    /// history and image creation times, for reproducible images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_date_epoch: Option<i64>,
+}
+
+/// Secret values by id, base64 on the wire; never shown by `Debug`.
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secrets(BTreeMap<String, String>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Secrets {
+    /// Whether no secret is given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds a secret.
+    pub fn insert(&mut self, id: &str, value: &[u8]) {
+        use base64::Engine as _;
+        self.0
+            .insert(id.to_string(), base64::engine::general_purpose::STANDARD.encode(value));
+    }
+
+    /// A secret's value, if given (and decodable).
+    pub fn get(&self, id: &str) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        self.0
+            .get(id)
+            .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
+    }
+
+    /// Whether a secret is given.
+    pub fn contains(&self, id: &str) -> bool {
+        self.0.contains_key(id)
+    }
 }
 
 /// One output of the build (the `--output` forms of buildx).
@@ -212,6 +260,9 @@ impl SolveRequest {
             no_cache: false,
             jobs: None,
             oci_runtime: None,
+            secrets: Secrets::default(),
+            ssh: BTreeMap::new(),
+            source_date_epoch: None,
         }
     }
 
@@ -254,6 +305,10 @@ mod tests {
         assert!(text.contains("\"type\":\"oci\""), "{text}");
         let back: SolveRequest = serde_json::from_str(&text).expect("parse");
         assert_eq!(back, req);
+        req.secrets.insert("token", b"hunter2");
+        assert!(!format!("{req:?}").contains("hunter2"), "Debug never shows secret values");
+        let back: SolveRequest = serde_json::from_str(&serde_json::to_string(&req).expect("json")).expect("parse");
+        assert_eq!(back.secrets.get("token").as_deref(), Some(&b"hunter2"[..]));
         assert_eq!(back.definition_bytes().expect("b64"), b"\x0a\x02hi");
     }
 
