@@ -909,3 +909,85 @@ fn an_ssh_agent_is_forwarded_into_the_step() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn cache_mounts_persist_across_builds_and_share_as_asked() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("cache-mounts");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nARG BUST\n\
+         RUN --mount=type=cache,target=/var/cache/pkg,uid=1000,mode=0750 sh -c 'stat -c \"%u %a\" /var/cache/pkg > /cache-owner; if [ -f /var/cache/pkg/pkg.tar ]; then echo HIT; else echo MISS; echo payload > /var/cache/pkg/pkg.tar; fi; cp /var/cache/pkg/pkg.tar /installed; echo $BUST'\n",
+    );
+    let local = s.dir.join("fs");
+    let out_arg = format!("type=local,dest={}", local.display());
+    let out = s.build(&["--progress", "plain", "--build-arg", "BUST=1", "-o", &out_arg]);
+    ok(&out);
+    let said = |out: &Output, word: &str| {
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .any(|l| l.ends_with(&format!(" {word}")))
+    };
+    assert!(said(&out, "MISS"));
+    assert_eq!(
+        std::fs::read_to_string(local.join("cache-owner")).expect("owner").trim(),
+        "1000 750"
+    );
+    // The step re-runs (BUST changed) and finds what it downloaded before.
+    let out = s.build(&["--progress", "plain", "--build-arg", "BUST=2", "-o", &out_arg]);
+    ok(&out);
+    assert!(said(&out, "HIT") && !said(&out, "MISS"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(local.join("installed")).expect("installed"), "payload\n");
+    assert!(!local.join("var/cache/pkg").exists(), "the cache's contents never enter the image");
+
+    // locked: two builds at once never hold the directory together;
+    // private: the second build gets a directory of its own.
+    for (sharing, expect_own) in [("locked", false), ("private", true)] {
+        s.write(
+            "Dockerfile",
+            &format!(
+                "FROM busybox\nARG N\nRUN --mount=type=cache,id=c-{sharing},target=/c,sharing={sharing} sh -c 'mkdir /c/busy || exit 7; ls /c > /seen; sleep 1; rmdir /c/busy; echo $N'\n"
+            ),
+        );
+        let base = s.base_arg();
+        let spawn = |n: &str| {
+            Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .args([
+                    "build",
+                    "--progress",
+                    "plain",
+                    "--build-context",
+                    &base,
+                    "--build-arg",
+                    &format!("N={n}"),
+                ])
+                .arg(s.ctx())
+                .env("KILN_ROOT", s.root())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("kiln")
+        };
+        let started = std::time::Instant::now();
+        let a = spawn("a");
+        let b = spawn("b");
+        ok(&a.wait_with_output().expect("a"));
+        ok(&b.wait_with_output().expect("b"));
+        let took = started.elapsed();
+        let dirs = std::fs::read_dir(s.root().join("cache-mounts"))
+            .expect("cache-mounts")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains('-'))
+            .count();
+        if expect_own {
+            assert!(dirs >= 1, "private made a second directory");
+        } else {
+            assert!(
+                took >= std::time::Duration::from_secs(2),
+                "locked steps ran one after the other ({took:?})"
+            );
+        }
+    }
+}

@@ -83,6 +83,8 @@ pub async fn exec(
     } else {
         None
     };
+    // Held until the step is over: the cache directories' locks.
+    let mut cache_locks: Vec<crate::cachemount::Acquired> = Vec::new();
     let mut extra_env = Vec::new();
     for se in &op.secretenv {
         match given.secrets.get(&se.id) {
@@ -101,17 +103,24 @@ pub async fn exec(
             continue;
         }
         if mount_type == pb::MountType::Cache as i32 {
-            let cache_id = m.cache_opt.as_ref().map(|c| c.id.clone()).unwrap_or_else(|| m.dest.clone());
-            let dir = root
-                .path()
-                .join("cache-mounts")
-                .join(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(cache_id.as_bytes())));
-            fs::create_dir_all(&dir).map_err(|e| setup(format!("cache mount {cache_id}: {e}")))?;
+            let opt = m.cache_opt.clone().unwrap_or_default();
+            let cache_id = if opt.id.is_empty() { m.dest.clone() } else { opt.id.clone() };
+            let seed = if m.input >= 0 {
+                let layers = inputs
+                    .get(m.input as usize)
+                    .ok_or_else(|| setup(format!("cache mount {} names input {} which does not exist", m.dest, m.input)))?;
+                Some((layers.clone(), m.selector.clone()))
+            } else {
+                None
+            };
+            let acquired = tokio::task::block_in_place(|| crate::cachemount::acquire(root, &cache_id, opt.sharing, seed.as_ref()))
+                .map_err(|e| setup(format!("cache mount {cache_id}: {e}")))?;
             step_mounts.push(StepMount::Bind {
                 dest: m.dest.clone(),
-                source: dir,
-                readonly: false,
+                source: acquired.dir.clone(),
+                readonly: m.readonly,
             });
+            cache_locks.push(acquired);
             continue;
         }
         if mount_type == pb::MountType::Secret as i32 {
@@ -231,6 +240,7 @@ pub async fn exec(
     if let Some(s) = secret_fs {
         s.unmount().map_err(|e| setup(format!("unmounting the secrets tmpfs: {e}")))?;
     }
+    drop(cache_locks);
     // Unmount the non-root mounts first (they may sit inside the root).
     for p in prepared.iter_mut().rev() {
         if let Some(m) = p.mounted.take() {
