@@ -3,6 +3,7 @@
 pub mod build;
 pub mod dump_llb;
 pub mod images;
+pub mod push;
 
 use std::io::Write;
 
@@ -15,6 +16,8 @@ pub enum Command {
     DumpLlb(dump_llb::Args),
     /// List the images in kiln's store.
     Images(images::Args),
+    /// Push an image from kiln's store to its registry.
+    Push(push::Args),
 }
 
 /// Runs a subcommand, writing to the given streams; returns the exit code.
@@ -23,5 +26,6 @@ pub fn execute(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i3
         Command::Build(args) => build::run(&args, out, err),
         Command::DumpLlb(args) => dump_llb::run(&args, out, err),
         Command::Images(args) => images::run(&args, out, err),
+        Command::Push(args) => push::run(&args, out, err),
     }
 }

@@ -991,3 +991,46 @@ fn cache_mounts_persist_across_builds_and_share_as_asked() {
         }
     }
 }
+
+#[test]
+fn images_are_pushed_then_pulled_back_as_bases() {
+    if !can_build() || !common::have("docker-registry") || !common::have("skopeo") {
+        return;
+    }
+    let s = Setup::new("push");
+    let registry = common::LocalRegistry::start(&s.dir.join("registry"));
+    registry.push_layout(&s.dir.join("base"), "latest", "lib/busybox");
+    let app = format!("{}/team/app:1", registry.addr);
+    s.write(
+        "Dockerfile",
+        &format!("FROM {}/lib/busybox:latest\nRUN echo pushed > /pushed\n", registry.addr),
+    );
+    // --push with -t: stored, then pushed; the base layer is mounted from lib/busybox.
+    let out = s.build(&["--progress", "plain", "-t", &app, "--push"]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 uploaded") || err.contains("2 uploaded"), "{err}");
+    assert!(err.contains("1 mounted"), "the base layer is mounted, not uploaded: {err}");
+    // `kiln push` again: nothing is re-sent.
+    let push = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["push", &app])
+        .env("KILN_ROOT", s.root())
+        .output()
+        .expect("push");
+    let perr = String::from_utf8_lossy(&push.stderr);
+    assert!(push.status.success(), "{perr}");
+    assert!(perr.contains("0 blobs uploaded") && perr.contains("3 already there"), "{perr}");
+    // skopeo sees it; a fresh root builds FROM it through the registry.
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{app}"))
+        .output()
+        .expect("skopeo");
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    std::fs::remove_dir_all(s.root()).expect("fresh root");
+    s.write("Dockerfile", &format!("FROM {app}\nRUN cat /pushed > /pulled\n"));
+    let local = s.dir.join("fs");
+    let out = s.build(&["--progress", "plain", "-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    assert_eq!(std::fs::read_to_string(local.join("pulled")).expect("pulled"), "pushed\n");
+}

@@ -51,6 +51,9 @@ pub struct Args {
     /// Write the image id (config digest) here.
     #[arg(long = "iidfile", value_name = "FILE")]
     pub iidfile: Option<PathBuf>,
+    /// Push the -t names to their registries (as `--output type=image,push=true`).
+    #[arg(long)]
+    pub push: bool,
 }
 
 /// Reads one `--secret` value: `(id, value)`.
@@ -143,7 +146,10 @@ pub fn parse_output(spec: &str, tags: &[String]) -> Result<Exporter, String> {
         },
         "local" => Exporter::Local { dest: need_dest(dest)? },
         "tar" => Exporter::Tar { dest: need_dest(dest)? },
-        "image" => Exporter::Image { names },
+        "image" => Exporter::Image {
+            names,
+            push: matches!(fields.get("push").map(String::as_str), Some("true") | Some("1")),
+        },
         other => {
             return Err(format!(
                 "--output {spec:?}: unknown type {other:?} (oci, docker, local, tar, image)"
@@ -185,7 +191,10 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         }
     }
     if !args.tags.is_empty() && !exporters.iter().any(|e| matches!(e, Exporter::Image { .. })) {
-        exporters.push(Exporter::Image { names: args.tags.clone() });
+        exporters.push(Exporter::Image {
+            names: args.tags.clone(),
+            push: args.push,
+        });
     }
     if exporters.is_empty() {
         let _ = writeln!(err, "note: no -t or --output given; the result stays in kiln's cache only");

@@ -386,7 +386,7 @@ pub fn export(
     }
     for e in exporters {
         match e {
-            Exporter::Image { names } => {
+            Exporter::Image { names, .. } => {
                 if let Some(img) = &image {
                     tag_in_store(root, img, names)?;
                     written.extend(names.iter().map(|n| normalize_name(n)));

@@ -151,11 +151,47 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         let exported = tokio::task::spawn_blocking(move || export::export(&root2, &layers, config.as_ref(), &exporters, epoch)).await;
         match exported {
             Ok(Ok((image, written))) => {
+                result.exported = written;
                 if let Some(img) = image {
+                    let to_push: Vec<String> = request
+                        .exporters
+                        .iter()
+                        .filter_map(|e| match e {
+                            kiln_solver_protocol::Exporter::Image { names, push: true } => Some(names.clone()),
+                            _ => None,
+                        })
+                        .flatten()
+                        .collect();
+                    let registry = kiln_oci::RegistryClient::new(kiln_oci::Credentials::from_docker_config());
+                    for name in to_push {
+                        let full = export::normalize_name(&name);
+                        events.emit(Event::Progress {
+                            digest: None,
+                            id: format!("pushing {full}"),
+                            current: 0,
+                            total: 0,
+                            done: false,
+                        });
+                        match kiln_oci::push_from_store(&registry, root.path(), &img.digest, &full).await {
+                            Ok(r) => {
+                                events.emit(Event::Progress {
+                                    digest: None,
+                                    id: format!(
+                                        "pushing {full}: {} uploaded, {} already there, {} mounted",
+                                        r.uploaded, r.existing, r.mounted
+                                    ),
+                                    current: 1,
+                                    total: 1,
+                                    done: true,
+                                });
+                                result.exported.push(format!("pushed {full}"));
+                            }
+                            Err(e) => return fail(&events, ErrorKind::Export, format!("pushing {full}: {e}"), None),
+                        }
+                    }
                     result.image_digest = Some(img.digest);
                     result.config_digest = Some(img.config_digest);
                 }
-                result.exported = written;
             }
             Ok(Err(e)) => return fail(&events, ErrorKind::Export, format!("export: {e}"), None),
             Err(e) => return fail(&events, ErrorKind::Export, format!("export: {e}"), None),

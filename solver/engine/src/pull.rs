@@ -267,6 +267,14 @@ pub async fn pull(
             }
             fs::rename(&part, &blob).map_err(|e| e.to_string())?;
             let _ = fs::remove_dir_all(&tmp);
+            if let ImageLocation::Registry(r) = &src.location {
+                let repo = r.split('@').next().unwrap_or(r);
+                let repo = match repo.rsplit_once(':') {
+                    Some((name, tag)) if !tag.contains('/') => name,
+                    _ => repo,
+                };
+                let _ = kiln_oci::record_blob_source(root.path(), &desc.digest, repo);
+            }
         }
         let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
         let blob_path = blob.clone();

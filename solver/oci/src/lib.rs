@@ -8,4 +8,63 @@ pub mod layout;
 pub mod registry;
 
 pub use layout::{Layout, LayoutError, ResolvedConfig};
-pub use registry::{Credentials, RegistryClient, RegistryError};
+pub use registry::{Credentials, PushBlob, PushReport, RegistryClient, RegistryError};
+
+use std::path::Path;
+
+/// Remembers which `registry/repository` a blob was pulled from (under
+/// `ROOT/blob-sources/`), so a push to another repository of the same
+/// registry can mount it instead of uploading it.
+pub fn record_blob_source(root: &Path, digest: &str, source: &str) -> std::io::Result<()> {
+    let dir = root.join("blob-sources");
+    std::fs::create_dir_all(&dir)?;
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    let tmp = dir.join(format!(".{hex}.{}", std::process::id()));
+    std::fs::write(&tmp, source)?;
+    std::fs::rename(tmp, dir.join(hex))
+}
+
+/// Where a blob was pulled from, if recorded.
+pub fn blob_source(root: &Path, digest: &str) -> Option<String> {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    std::fs::read_to_string(root.join("blob-sources").join(hex)).ok()
+}
+
+/// Pushes the image whose manifest `digest` is in kiln's store (`ROOT/store`)
+/// to `reference`.
+pub async fn push_from_store(client: &RegistryClient, root: &Path, digest: &str, reference: &str) -> Result<PushReport, RegistryError> {
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: String,
+        #[serde(default)]
+        size: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        #[serde(rename = "mediaType", default)]
+        media_type: String,
+        config: Desc,
+        #[serde(default)]
+        layers: Vec<Desc>,
+    }
+    let blobs_dir = root.join("store/blobs/sha256");
+    let path_of = |d: &str| blobs_dir.join(d.strip_prefix("sha256:").unwrap_or(d));
+    let bytes =
+        std::fs::read(path_of(digest)).map_err(|e| RegistryError::Invalid(format!("manifest {digest} is not in kiln's store: {e}")))?;
+    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("manifest {digest}: {e}")))?;
+    let mut blobs = Vec::new();
+    for d in manifest.layers.iter().chain(std::iter::once(&manifest.config)) {
+        blobs.push(PushBlob {
+            digest: d.digest.clone(),
+            path: path_of(&d.digest),
+            size: d.size,
+            source: blob_source(root, &d.digest),
+        });
+    }
+    let media_type = if manifest.media_type.is_empty() {
+        "application/vnd.oci.image.manifest.v1+json".to_string()
+    } else {
+        manifest.media_type
+    };
+    client.push(reference, &blobs, &bytes, &media_type).await
+}

@@ -308,6 +308,99 @@ impl RegistryClient {
     }
 }
 
+/// One blob to push: its digest, where its bytes are, and where else on
+/// the same registry it may already be (for a cross-repository mount).
+#[derive(Debug, Clone)]
+pub struct PushBlob {
+    /// `sha256:` digest.
+    pub digest: String,
+    /// The file holding it.
+    pub path: std::path::PathBuf,
+    /// Its size.
+    pub size: u64,
+    /// A `registry/repository` it was pulled from, if known.
+    pub source: Option<String>,
+}
+
+/// What a push did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PushReport {
+    /// Blobs sent.
+    pub uploaded: usize,
+    /// Blobs the registry already had in the repository.
+    pub existing: usize,
+    /// Blobs mounted from another repository of the registry.
+    pub mounted: usize,
+}
+
+impl RegistryClient {
+    /// Pushes an image: its blobs (skipping those the repository has,
+    /// mounting those another repository of the same registry has), then
+    /// its manifest under `reference`'s tag.
+    pub async fn push(&self, reference: &str, blobs: &[PushBlob], manifest: &[u8], media_type: &str) -> Result<PushReport, RegistryError> {
+        let (parsed, registry) = Self::parse_ref(reference)?;
+        let client = self.client_for(&registry);
+        let auth = self.credentials.for_registry(&registry);
+        let fetch = |e: oci_client::errors::OciDistributionError| RegistryError::Fetch {
+            registry: registry.clone(),
+            message: e.to_string(),
+        };
+        client
+            .auth(&parsed, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(fetch)?;
+        let mut report = PushReport::default();
+        for blob in blobs {
+            if client.blob_exists(&parsed, &blob.digest).await.map_err(fetch)? {
+                report.existing += 1;
+                continue;
+            }
+            if let Some(source) = &blob.source {
+                if let Ok(src) = source.parse::<Reference>() {
+                    if src.registry() == parsed.registry() && src.repository() != parsed.repository() {
+                        // Pull access to the source repository is needed for a mount.
+                        let _ = client.auth(&src, &auth, oci_client::RegistryOperation::Pull).await;
+                        if client.mount_blob(&parsed, &src, &blob.digest).await.is_ok()
+                            && client.blob_exists(&parsed, &blob.digest).await.unwrap_or(false)
+                        {
+                            report.mounted += 1;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let file = tokio::fs::File::open(&blob.path)
+                .await
+                .map_err(|e| RegistryError::Invalid(format!("{}: {e}", blob.path.display())))?;
+            let stream = futures::stream::unfold(file, |mut f| async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 1 << 20];
+                match f.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(bytes::Bytes::from(buf)), f))
+                    }
+                    Err(e) => Some((Err(oci_client::errors::OciDistributionError::IoError(e)), f)),
+                }
+            });
+            client
+                .push_blob_stream(&parsed, stream, &blob.digest, Some(blob.size))
+                .await
+                .map_err(fetch)?;
+            report.uploaded += 1;
+        }
+        let content_type = media_type
+            .parse()
+            .map_err(|_| RegistryError::Invalid(format!("bad media type {media_type:?}")))?;
+        client
+            .push_manifest_raw(&parsed, manifest.to_vec(), content_type)
+            .await
+            .map_err(fetch)?;
+        Ok(report)
+    }
+}
+
 fn platform_matches(p: &EntryPlatform, want: &Platform) -> bool {
     p.os == want.os && p.architecture == want.architecture && (want.variant.is_empty() || p.variant == want.variant)
 }

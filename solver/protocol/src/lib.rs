@@ -95,10 +95,14 @@ impl Secrets {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Exporter {
-    /// Into kiln's image store under these names (`kiln images`).
+    /// Into kiln's image store under these names (`kiln images`), and
+    /// pushed to their registries when `push`.
     Image {
         /// Tags, e.g. `example.com/app:1`.
         names: Vec<String>,
+        /// Push each name to its registry.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        push: bool,
     },
     /// An OCI image layout tarball.
     Oci {
