@@ -1,6 +1,7 @@
 //! The subcommands.
 
 pub mod build;
+pub mod du;
 pub mod dump_llb;
 pub mod images;
 pub mod push;
@@ -18,6 +19,10 @@ pub enum Command {
     Images(images::Args),
     /// Push an image from kiln's store to its registry.
     Push(push::Args),
+    /// Show what kiln's cache holds.
+    Du(du::DuArgs),
+    /// Remove cache records, least recently used first.
+    Prune(du::PruneArgs),
 }
 
 /// Runs a subcommand, writing to the given streams; returns the exit code.
@@ -27,5 +32,7 @@ pub fn execute(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i3
         Command::DumpLlb(args) => dump_llb::run(&args, out, err),
         Command::Images(args) => images::run(&args, out, err),
         Command::Push(args) => push::run(&args, out, err),
+        Command::Du(args) => du::du(&args, out, err),
+        Command::Prune(args) => du::prune(&args, out, err),
     }
 }

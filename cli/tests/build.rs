@@ -1034,3 +1034,99 @@ fn images_are_pushed_then_pulled_back_as_bases() {
     ok(&out);
     assert_eq!(std::fs::read_to_string(local.join("pulled")).expect("pulled"), "pushed\n");
 }
+
+fn kiln_at(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_ROOT", root)
+        .output()
+        .expect("kiln")
+}
+
+#[test]
+fn du_lists_records_and_prune_removes_the_least_recently_used() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("prune");
+    s.write(
+        "Dockerfile.x",
+        "FROM busybox\nRUN echo x > /x && dd if=/dev/zero of=/big bs=1k count=512 2>/dev/null\n",
+    );
+    s.write("Dockerfile.y", "FROM busybox\nRUN echo y > /y\n");
+    let dx = s.ctx().join("Dockerfile.x");
+    let dy = s.ctx().join("Dockerfile.y");
+    let (dx, dy) = (dx.to_str().expect("utf8"), dy.to_str().expect("utf8"));
+    ok(&s.build(&["-f", dx, "-t", "x:1"]));
+    let du = kiln_at(&s.root(), &["du"]);
+    let listing = String::from_utf8_lossy(&du.stdout);
+    assert!(
+        du.status.success() && listing.contains("RUN echo x") && listing.contains("FROM"),
+        "{listing}"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    ok(&s.build(&["-f", dy]));
+    // Records not used in the last 2 s: x's step (the base was used again by y).
+    let pruned = kiln_at(&s.root(), &["prune", "--filter", "until=2s"]);
+    assert!(pruned.status.success(), "{}", String::from_utf8_lossy(&pruned.stderr));
+    assert!(
+        String::from_utf8_lossy(&pruned.stdout).contains("removed 1 records"),
+        "{}",
+        String::from_utf8_lossy(&pruned.stdout)
+    );
+    let (out, events) = s.build_events(&["-f", dy]);
+    ok(&out);
+    assert_eq!(ran(&events), Vec::<String>::new(), "y's records survived");
+    let (out, events) = s.build_events(&["-f", dx]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 1, "x's step ran again");
+
+    // A prune waits for a running build and removes nothing it uses.
+    s.write("Dockerfile.z", "FROM busybox\nRUN sleep 2 && echo z > /z\n");
+    let dz = s.ctx().join("Dockerfile.z");
+    let base = s.base_arg();
+    let build = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "build",
+            "--progress",
+            "plain",
+            "--build-context",
+            &base,
+            "-f",
+            dz.to_str().expect("utf8"),
+            "-t",
+            "z:1",
+        ])
+        .arg(s.ctx())
+        .env("KILN_ROOT", s.root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kiln");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let all = kiln_at(&s.root(), &["prune", "--all"]);
+    assert!(all.status.success());
+    let built = build.wait_with_output().expect("build");
+    ok(&built);
+    // --all removed every record; images in the store stay listed and pushable.
+    let (out, events) = s.build_events(&["-f", dy]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 2, "after --all the base is unpacked and the step runs again");
+    let images = String::from_utf8_lossy(&kiln_at(&s.root(), &["images"]).stdout).into_owned();
+    assert!(images.contains("x:1") && images.contains("z:1"), "{images}");
+    let du = kiln_at(&s.root(), &["du", "--json"]);
+    let v: Value = serde_json::from_slice(&du.stdout).expect("du json");
+    assert!(v["blobs"].as_u64().unwrap_or(0) > 0, "the store's blobs stay");
+    // The automatic collector prunes down to its limit (here 1 byte: everything).
+    let solver = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("kiln-solver");
+    let gc = Command::new(&solver)
+        .arg("gc")
+        .arg("--root")
+        .arg(s.root())
+        .env("KILN_GC_KEEP", "1")
+        .output()
+        .expect("gc");
+    assert!(gc.status.success(), "{}", String::from_utf8_lossy(&gc.stderr));
+    let v: Value = serde_json::from_slice(&kiln_at(&s.root(), &["du", "--json"]).stdout).expect("du json");
+    assert_eq!(v["records"].as_array().map(Vec::len), Some(0), "{v}");
+}

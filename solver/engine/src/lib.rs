@@ -19,6 +19,7 @@ pub mod exec;
 pub mod export;
 pub mod fileop;
 pub mod fsutil;
+pub mod gc;
 pub mod layer;
 pub mod ops;
 pub mod pattern;

@@ -39,7 +39,82 @@ fn default_root() -> PathBuf {
     home.join(".local/share/kiln")
 }
 
+/// `kiln-solver du|prune|gc`: the state root's maintenance, JSON on stdout.
+fn maintenance(cmd: &str, args: &[String]) -> i32 {
+    let mut root = default_root();
+    let mut policy = kiln_solver::gc::Policy::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |what: &str| it.next().cloned().unwrap_or_else(|| usage(&format!("{a} needs {what}")));
+        match a.as_str() {
+            "--root" => root = PathBuf::from(value("a directory")),
+            "--all" => policy.all = true,
+            "--until" => {
+                let v = value("a duration");
+                policy.unused_for = Some(
+                    kiln_solver::gc::parse_duration(&v)
+                        .unwrap_or_else(|| usage(&format!("--until {v:?}: expected e.g. 90s, 30m, 24h, 7d"))),
+                );
+            }
+            "--keep-storage" => {
+                let v = value("a size");
+                policy.keep_bytes = Some(
+                    kiln_solver::gc::parse_size(&v).unwrap_or_else(|| usage(&format!("--keep-storage {v:?}: expected e.g. 500M, 10G"))),
+                );
+            }
+            other => usage(&format!("unknown argument {other:?}")),
+        }
+    }
+    let print = |v: &dyn erased::Json| println!("{}", v.to_json());
+    match cmd {
+        "du" => {
+            print(&kiln_solver::gc::usage(&root));
+            0
+        }
+        "prune" | "gc" => {
+            let wait = cmd == "prune";
+            if wait && kiln_solver::root::StateRoot::lock_exclusive(&root, false).ok().flatten().is_none() {
+                eprintln!("kiln-solver: waiting for running builds to finish");
+            }
+            let lock = match kiln_solver::root::StateRoot::lock_exclusive(&root, true) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("kiln-solver: {}: {e}", root.display());
+                    return kiln_solver::exit::INTERNAL;
+                }
+            };
+            let report = if cmd == "gc" {
+                kiln_solver::gc::collect(&root).unwrap_or_default()
+            } else {
+                kiln_solver::gc::prune(&root, &policy)
+            };
+            drop(lock);
+            print(&report);
+            0
+        }
+        _ => usage("unknown command"),
+    }
+}
+
+/// Serialising the maintenance results without naming their types twice.
+mod erased {
+    /// Anything printable as one JSON line.
+    pub trait Json {
+        /// The JSON text.
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+    }
+}
+
 fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(cmd) = argv.first().filter(|c| ["du", "prune", "gc"].contains(&c.as_str())) {
+        std::process::exit(maintenance(cmd, &argv[1..]));
+    }
     let mut root = default_root();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -57,7 +132,9 @@ fn main() {
                 return;
             }
             "-h" | "--help" => {
-                println!("usage: kiln-solver [--root DIR] < request.json\nReads one solve request on stdin and writes JSON-lines events on stdout (solver/PROTOCOL.md).");
+                println!(
+                    "usage: kiln-solver [--root DIR] < request.json\n       kiln-solver du|gc [--root DIR]\n       kiln-solver prune [--root DIR] [--all] [--until DURATION] [--keep-storage SIZE]\nReads one solve request on stdin and writes JSON-lines events on stdout (solver/PROTOCOL.md)."
+                );
                 return;
             }
             other => usage(&format!("unknown argument {other:?}")),
@@ -80,6 +157,7 @@ fn main() {
             std::process::exit(kiln_solver::exit::INTERNAL);
         }
     };
+    let root_for_gc = root.clone();
     let code = rt.block_on(async {
         let solve = kiln_solver::run(&request, root, sink.clone());
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -98,6 +176,9 @@ fn main() {
     // Dropping the runtime ends any step still running; their guards remove
     // containers and mounts.
     rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    if code == kiln_solver::exit::OK {
+        kiln_solver::gc::maybe_start_collector(&root_for_gc);
+    }
     std::process::exit(code);
 }
 

@@ -112,6 +112,27 @@ impl StateRoot {
         Ok(dir)
     }
 
+    /// Takes the root's exclusive lock (no build runs while it is held),
+    /// waiting for running builds. Returns the lock's file.
+    pub fn lock_exclusive(path: &Path, wait: bool) -> std::io::Result<Option<fs::File>> {
+        fs::create_dir_all(path)?;
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path.join("lock"))?;
+        let op = if wait {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::NonBlockingLockExclusive
+        };
+        match rustix::fs::flock(&lock, op) {
+            Ok(()) => Ok(Some(lock)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Takes the store's exclusive lock (held while the returned file lives).
     pub fn lock_store(&self) -> std::io::Result<fs::File> {
         let f = fs::OpenOptions::new()

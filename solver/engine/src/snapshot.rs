@@ -57,6 +57,10 @@ pub fn read_record(root: &StateRoot, key: &str) -> Option<Record> {
     let bytes = fs::read(&path).ok()?;
     let record: Record = serde_json::from_slice(&bytes).ok()?;
     if record.outputs.iter().flatten().all(|id| root.snapshot_dir(id).join("fs").is_dir()) {
+        // Its last use, for least-recently-used pruning.
+        if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
         Some(record)
     } else {
         let _ = fs::remove_file(&path);
