@@ -149,7 +149,7 @@ pub fn usage(root: &Path) -> Usage {
             created: r.created,
         })
         .collect();
-    list.sort_by(|a, b| b.last_used.cmp(&a.last_used));
+    list.sort_by_key(|r| std::cmp::Reverse(r.last_used));
     let layers = fs::read_dir(root.join("snapshots"))
         .into_iter()
         .flatten()
@@ -222,12 +222,10 @@ pub fn prune(root: &Path, policy: &Policy) -> PruneReport {
     for (key, _, used) in &records {
         let old = policy.unused_for.is_some_and(|d| now.saturating_sub(*used) >= d.as_secs());
         let over = policy.keep_bytes.is_some_and(|k| remaining > k);
-        if policy.all || old || over {
-            if fs::remove_file(root.join("cache").join(format!("{key}.json"))).is_ok() {
-                report.records += 1;
-                removed.insert(key.clone());
-                remaining = remaining.saturating_sub(own.get(key).copied().unwrap_or(0));
-            }
+        if (policy.all || old || over) && fs::remove_file(root.join("cache").join(format!("{key}.json"))).is_ok() {
+            report.records += 1;
+            removed.insert(key.clone());
+            remaining = remaining.saturating_sub(own.get(key).copied().unwrap_or(0));
         }
     }
     // Layers no remaining record uses.
