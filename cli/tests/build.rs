@@ -1130,3 +1130,35 @@ fn du_lists_records_and_prune_removes_the_least_recently_used() {
     let v: Value = serde_json::from_slice(&kiln_at(&s.root(), &["du", "--json"]).stdout).expect("du json");
     assert_eq!(v["records"].as_array().map(Vec::len), Some(0), "{v}");
 }
+
+#[test]
+fn load_hands_the_image_to_docker_or_says_there_is_none() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("load");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN echo loaded > /loaded\nCMD [\"cat\", \"/loaded\"]\n",
+    );
+    let docker = std::env::var("DOCKER").unwrap_or_else(|_| "docker".into());
+    let docker_up = Command::new(&docker)
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let out = s.build(&["--progress", "plain", "-t", "kiln-load-test:1", "--load"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    if docker_up {
+        ok(&out);
+        assert!(err.contains("Loaded image: kiln-load-test:1"), "{err}");
+        let run = Command::new(&docker)
+            .args(["run", "--rm", "kiln-load-test:1"])
+            .output()
+            .expect("docker run");
+        assert_eq!(String::from_utf8_lossy(&run.stdout), "loaded\n");
+        let _ = Command::new(&docker).args(["image", "rm", "kiln-load-test:1"]).output();
+    } else {
+        assert_eq!(out.status.code(), Some(3));
+        assert!(err.contains("--load needs a running Docker engine"), "{err}");
+    }
+}

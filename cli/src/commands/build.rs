@@ -54,6 +54,26 @@ pub struct Args {
     /// Push the -t names to their registries (as `--output type=image,push=true`).
     #[arg(long)]
     pub push: bool,
+    /// Hand the image to the local Docker engine (`docker load`).
+    #[arg(long)]
+    pub load: bool,
+}
+
+/// The Docker engine's version, or why there is none.
+fn docker_engine() -> Result<String, String> {
+    let docker = std::env::var("DOCKER").unwrap_or_else(|_| "docker".into());
+    match std::process::Command::new(&docker)
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+    {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .last()
+            .unwrap_or("docker version failed")
+            .to_string()),
+        Err(e) => Err(format!("cannot run {docker:?}: {e}")),
+    }
 }
 
 /// Reads one `--secret` value: `(id, value)`.
@@ -196,6 +216,21 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             push: args.push,
         });
     }
+    let load_tar = if args.load {
+        if let Err(why) = docker_engine() {
+            let _ = writeln!(err, "error: --load needs a running Docker engine, and none answers: {why}");
+            let _ = writeln!(err, "       (without --load, -t NAME keeps the image in kiln's store; -o type=docker,dest=FILE writes a tarball for docker load)");
+            return EXIT_OTHER;
+        }
+        let path = std::env::temp_dir().join(format!("kiln-load-{}.tar", std::process::id()));
+        exporters.push(Exporter::Docker {
+            dest: path.to_string_lossy().into_owned(),
+            names: args.tags.clone(),
+        });
+        Some(path)
+    } else {
+        None
+    };
     if exporters.is_empty() {
         let _ = writeln!(err, "note: no -t or --output given; the result stays in kiln's cache only");
     }
@@ -306,6 +341,24 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             if let Err(msg) = write_result_files(args, &r) {
                 let _ = writeln!(err, "error: {msg}");
                 return EXIT_OTHER;
+            }
+            if let Some(tar) = &load_tar {
+                let docker = std::env::var("DOCKER").unwrap_or_else(|_| "docker".into());
+                let loaded = std::process::Command::new(&docker).arg("load").arg("-i").arg(tar).output();
+                let _ = std::fs::remove_file(tar);
+                match loaded {
+                    Ok(o) if o.status.success() => {
+                        let _ = err.write_all(&o.stdout);
+                    }
+                    Ok(o) => {
+                        let _ = writeln!(err, "error: docker load: {}", String::from_utf8_lossy(&o.stderr).trim());
+                        return EXIT_OTHER;
+                    }
+                    Err(e) => {
+                        let _ = writeln!(err, "error: docker load: {e}");
+                        return EXIT_OTHER;
+                    }
+                }
             }
             let _ = writeln!(
                 err,
