@@ -881,27 +881,56 @@ fn an_ssh_agent_is_forwarded_into_the_step() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    s.write(
-        "Dockerfile",
-        "FROM busybox\nRUN --mount=type=ssh,required test -S \"$SSH_AUTH_SOCK\" && echo \"$SSH_AUTH_SOCK\" > /sockpath\n",
-    );
+    // A key in the agent.
+    let key = s.dir.join("id_test");
+    let gen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-test-key", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(gen.success());
+    let add = Command::new("ssh-add")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .expect("ssh-add");
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    // The step runs the host's ssh-add: copy it and its libraries into the image.
+    let ldd = Command::new("ldd").arg("/usr/bin/ssh-add").output().expect("ldd");
+    let mut df = String::from("FROM busybox\nCOPY --from=host /usr/bin/ssh-add /usr/bin/ssh-add\n");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) else {
+            continue;
+        };
+        let real = std::fs::canonicalize(path).expect("canonical");
+        df.push_str(&format!("COPY --from=host {} {}\n", real.display(), path));
+    }
+    df.push_str("RUN --mount=type=ssh,required ssh-add -l > /keys && echo \"$SSH_AUTH_SOCK\" > /sockpath\n");
+    s.write("Dockerfile", &df);
     let local = s.dir.join("fs");
     let out = s.build(&[
         "--progress",
         "plain",
+        "--build-context",
+        "host=/",
         "--ssh",
         &format!("default={}", sock.display()),
         "-o",
         &format!("type=local,dest={}", local.display()),
     ]);
     ok(&out);
+    let keys = std::fs::read_to_string(local.join("keys")).expect("keys");
+    assert!(
+        keys.contains("kiln-test-key") && keys.contains("ED25519"),
+        "ssh-add -l in the step: {keys}"
+    );
     assert_eq!(
         std::fs::read_to_string(local.join("sockpath")).expect("sockpath").trim(),
         "/run/buildkit/ssh_agent.0"
     );
     assert!(!local.join("run/buildkit").exists());
     // Without --ssh: a clear error before anything runs.
-    let out = s.build(&["--progress", "plain", "--no-cache"]);
+    let out = s.build(&["--progress", "plain", "--no-cache", "--build-context", "host=/"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--ssh default"),
