@@ -56,6 +56,7 @@ impl Setup {
         let ctx = ctx.to_str().expect("utf8");
         all.push(ctx);
         Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_GC", "off")
             .args(&all)
             .current_dir(&self.dir)
             .env("KILN_ROOT", self.root())
@@ -166,6 +167,8 @@ CMD ["cat", "/work/dir/greeting"]
         "plain",
         "-t",
         "example.com/app:1",
+        "-t",
+        "app:latest",
         "-o",
         &format!("type=oci,dest={}", oci.display()),
         "-o",
@@ -218,6 +221,13 @@ CMD ["cat", "/work/dir/greeting"]
     let layout = s.dir.join("unpacked.layout");
     let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
     assert_eq!(index["manifests"][0]["digest"], digest.as_str());
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .collect();
+    assert_eq!(names, ["example.com/app:1", "docker.io/library/app:latest"], "several tags");
     let blob = |d: &str| std::fs::read(layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"))).expect("blob");
     let manifest: Value = serde_json::from_slice(&blob(&digest)).expect("manifest");
     let image: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().expect("config"))).expect("config");
@@ -239,7 +249,7 @@ CMD ["cat", "/work/dir/greeting"]
     if common::have("skopeo") {
         let out = Command::new("skopeo")
             .arg("inspect")
-            .arg(format!("oci-archive:{}", oci.display()))
+            .arg(format!("oci-archive:{}:example.com/app:1", oci.display()))
             .output()
             .expect("skopeo");
         assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
@@ -262,7 +272,11 @@ CMD ["cat", "/work/dir/greeting"]
         .output()
         .expect("tar");
     let dm: Value = serde_json::from_slice(&dl.stdout).expect("manifest.json");
-    assert_eq!(dm[0]["RepoTags"], serde_json::json!(["example.com/app:1"]));
+    assert_eq!(
+        dm[0]["RepoTags"],
+        serde_json::json!(["example.com/app:1", "app:latest"]),
+        "several tags"
+    );
     assert_eq!(dm[0]["Layers"].as_array().expect("layers").len(), n_layers);
 
     // type=local and type=tar carry the same files.
@@ -275,6 +289,7 @@ CMD ["cat", "/work/dir/greeting"]
 
     // The store has it; `kiln images` lists it.
     let images = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .args(["images", "--no-trunc"])
         .env("KILN_ROOT", s.root())
         .output()
@@ -439,6 +454,7 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
     );
     let base = s.base_arg();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .args(["build", "--progress", "rawjson", "--build-context", &base])
         .arg(s.ctx())
         .env("KILN_ROOT", s.root())
@@ -520,6 +536,7 @@ fn two_builds_sharing_a_root_at_once_both_succeed() {
     let base = s.base_arg();
     let spawn = |n: &str, tag: &str| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_GC", "off")
             .args([
                 "build",
                 "--progress",
@@ -543,6 +560,7 @@ fn two_builds_sharing_a_root_at_once_both_succeed() {
     ok(&a.wait_with_output().expect("a"));
     ok(&b.wait_with_output().expect("b"));
     let images = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .arg("images")
         .env("KILN_ROOT", s.root())
         .output()
@@ -577,6 +595,7 @@ fn bases_come_from_a_registry_and_from_kiln_s_own_store() {
     ok(&out);
     assert_eq!(std::fs::read_to_string(local.join("again")).expect("again"), "pulled\n");
     let images = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .arg("images")
         .env("KILN_ROOT", s.root())
         .output()
@@ -983,6 +1002,7 @@ fn cache_mounts_persist_across_builds_and_share_as_asked() {
         let base = s.base_arg();
         let spawn = |n: &str| {
             Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .env("KILN_GC", "off")
                 .args([
                     "build",
                     "--progress",
@@ -1042,6 +1062,7 @@ fn images_are_pushed_then_pulled_back_as_bases() {
     assert!(err.contains("1 mounted"), "the base layer is mounted, not uploaded: {err}");
     // `kiln push` again: nothing is re-sent.
     let push = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .args(["push", &app])
         .env("KILN_ROOT", s.root())
         .output()
@@ -1066,6 +1087,7 @@ fn images_are_pushed_then_pulled_back_as_bases() {
 
 fn kiln_at(root: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .args(args)
         .env("KILN_ROOT", root)
         .output()
@@ -1115,6 +1137,7 @@ fn du_lists_records_and_prune_removes_the_least_recently_used() {
     let dz = s.ctx().join("Dockerfile.z");
     let base = s.base_arg();
     let build = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_GC", "off")
         .args([
             "build",
             "--progress",
@@ -1190,4 +1213,37 @@ fn load_hands_the_image_to_docker_or_says_there_is_none() {
         assert_eq!(out.status.code(), Some(3));
         assert!(err.contains("--load needs a running Docker engine"), "{err}");
     }
+}
+
+#[test]
+fn bind_and_tmpfs_mounts() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("bind-tmpfs");
+    s.write("data/in.txt", "from the context\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox AS other\nRUN mkdir /x && echo original > /x/f\n\n\
+         FROM busybox\n\
+         RUN --mount=type=bind,from=other,source=/x,target=/mnt/x,rw sh -c 'echo changed > /mnt/x/f && cat /mnt/x/f > /seen-rw'\n\
+         RUN --mount=type=bind,from=other,source=/x,target=/mnt/x sh -c 'cat /mnt/x/f > /seen-ro; echo nope > /mnt/x/g 2>/dev/null && echo writable > /ro-check || echo readonly > /ro-check'\n\
+         RUN --mount=type=bind,source=data,target=/ctx cat /ctx/in.txt > /seen-ctx\n\
+         RUN --mount=type=tmpfs,target=/t,size=1m sh -c 'df -k /t | tail -1 | awk \"{print \\$2}\" > /tmpfs-size; echo x > /t/file'\n\
+         COPY --from=other /x/f /other-after\n",
+    );
+    let local = s.dir.join("fs");
+    let out = s.build(&["--progress", "plain", "-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    let read = |p: &str| std::fs::read_to_string(local.join(p)).unwrap_or_else(|e| panic!("{p}: {e}"));
+    assert_eq!(read("seen-rw"), "changed\n");
+    assert_eq!(read("other-after"), "original\n", "an rw bind is a throwaway copy");
+    assert_eq!(read("seen-ro"), "original\n");
+    assert_eq!(read("ro-check"), "readonly\n", "binds are read-only by default");
+    assert_eq!(read("seen-ctx"), "from the context\n");
+    assert_eq!(read("tmpfs-size").trim(), "1024", "tmpfs size=1m");
+    assert!(
+        !local.join("mnt").exists() && !local.join("t").exists() && !local.join("ctx").exists(),
+        "mount points do not stay"
+    );
 }
