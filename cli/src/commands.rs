@@ -25,6 +25,22 @@ pub enum Command {
     Prune(du::PruneArgs),
 }
 
+/// Bytes as `docker images` shows sizes (1000-based: `1.2MB`).
+pub fn human_size(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i + 1 < units.len() {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", units[i])
+    }
+}
+
 /// Runs a subcommand, writing to the given streams; returns the exit code.
 pub fn execute(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     match command {

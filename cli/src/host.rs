@@ -11,19 +11,10 @@ use std::sync::OnceLock;
 
 /// kiln's state root: `--root`, else `$KILN_ROOT`, else `$XDG_DATA_HOME/kiln` or `~/.local/share/kiln`.
 pub fn state_root(flag: Option<&Path>) -> PathBuf {
-    if let Some(p) = flag {
-        return p.to_path_buf();
+    match flag {
+        Some(p) => p.to_path_buf(),
+        None => kiln_solver_protocol::default_state_root(),
     }
-    if let Some(p) = std::env::var_os("KILN_ROOT") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(p).join("kiln");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".local/share/kiln")
 }
 
 /// A host reading images from OCI layouts on this machine.

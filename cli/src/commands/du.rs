@@ -38,21 +38,6 @@ pub struct PruneArgs {
     pub keep_storage: Option<String>,
 }
 
-fn human(bytes: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i + 1 < units.len() {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{v:.1}{}", units[i])
-    }
-}
-
 fn solver(args: &[String], root: &Option<PathBuf>, err: &mut dyn Write) -> Result<Value, i32> {
     let root = crate::host::state_root(root.as_deref());
     let out = Command::new(crate::solver_client::solver_binary())
@@ -104,7 +89,7 @@ pub fn du(args: &DuArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             out,
             "{:<20} {:>9} {:>12}  {desc}",
             &key[..key.len().min(20)],
-            human(r["size"].as_u64().unwrap_or(0)),
+            super::human_size(r["size"].as_u64().unwrap_or(0)),
             ago
         );
     }
@@ -112,10 +97,10 @@ pub fn du(args: &DuArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let _ = writeln!(
         out,
         "layers: {}  blobs: {}  cache mounts: {}  total: {}",
-        human(g("layers")),
-        human(g("blobs")),
-        human(g("cache_mounts")),
-        human(g("layers") + g("blobs") + g("cache_mounts"))
+        super::human_size(g("layers")),
+        super::human_size(g("blobs")),
+        super::human_size(g("cache_mounts")),
+        super::human_size(g("layers") + g("blobs") + g("cache_mounts"))
     );
     EXIT_OK
 }
@@ -152,7 +137,7 @@ pub fn prune(args: &PruneArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 
         v["records"].as_u64().unwrap_or(0),
         v["layers"].as_u64().unwrap_or(0),
         v["blobs"].as_u64().unwrap_or(0),
-        human(v["freed"].as_u64().unwrap_or(0))
+        super::human_size(v["freed"].as_u64().unwrap_or(0))
     );
     EXIT_OK
 }

@@ -18,21 +18,6 @@ pub struct Args {
     pub no_trunc: bool,
 }
 
-fn human(bytes: u64) -> String {
-    let units = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i + 1 < units.len() {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{v:.1}{}", units[i])
-    }
-}
-
 /// Runs the command.
 pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let store = crate::host::state_root(args.root.as_deref()).join("store");
@@ -69,7 +54,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         } else {
             digest.chars().take(19).collect()
         };
-        let _ = writeln!(out, "{name:<50} {shown:<19} {created:<22} {:>9}", human(size));
+        let _ = writeln!(out, "{name:<50} {shown:<19} {created:<22} {:>9}", super::human_size(size));
     }
     EXIT_OK
 }

@@ -80,16 +80,7 @@ fn ensure(root: &StateRoot, entry: &Path, seed: Option<&(crate::snapshot::Layers
         let view = mount_stack(root, layers, None)?;
         let src = crate::fsutil::resolve_in_root(view.path(), if selector.is_empty() { "/" } else { selector }, true)?;
         if src.is_dir() {
-            let action = kiln_llb::pb::FileActionCopy {
-                src: "/".into(),
-                dest: "/".into(),
-                mode: -1,
-                dir_copy_contents: true,
-                create_dest_path: true,
-                timestamp: -1,
-                ..Default::default()
-            };
-            crate::fileop::copy(&data, &crate::fileop::SourceView::Dir(&src), &action).map_err(std::io::Error::other)?;
+            crate::fileop::copy_tree(&data, &crate::fileop::SourceView::Dir(&src)).map_err(std::io::Error::other)?;
             // The directory itself takes the source's owner and mode.
             use std::os::unix::fs::{MetadataExt, PermissionsExt};
             let meta = fs::metadata(&src)?;

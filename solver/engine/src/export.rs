@@ -402,16 +402,7 @@ pub fn export(
                 let view = mount_stack(root, layers, None).map_err(|e| e.to_string())?;
                 let dest_path = Path::new(dest);
                 fs::create_dir_all(dest_path).map_err(|e| format!("{dest}: {e}"))?;
-                let action = kiln_llb::pb::FileActionCopy {
-                    src: "/".into(),
-                    dest: "/".into(),
-                    mode: -1,
-                    dir_copy_contents: true,
-                    create_dest_path: true,
-                    timestamp: -1,
-                    ..Default::default()
-                };
-                crate::fileop::copy(dest_path, &crate::fileop::SourceView::Dir(view.path()), &action)?;
+                crate::fileop::copy_tree(dest_path, &crate::fileop::SourceView::Dir(view.path()))?;
                 written.push(dest.clone());
             }
             Exporter::Tar { dest } => {

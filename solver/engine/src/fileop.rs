@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use kiln_llb::pb;
@@ -285,6 +285,21 @@ fn apply_symbolic(spec: &str, mut mode: u32, is_dir: bool) -> u32 {
     mode
 }
 
+/// Copies everything `src` shows into `dest_root` (owners, modes and times
+/// kept): materialising a local source, seeding a cache mount, the local exporter.
+pub fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), ActionError> {
+    let action = pb::FileActionCopy {
+        src: "/".into(),
+        dest: "/".into(),
+        mode: -1,
+        dir_copy_contents: true,
+        create_dest_path: true,
+        timestamp: -1,
+        ..Default::default()
+    };
+    copy(dest_root, src, &action)
+}
+
 /// Copies as `COPY`/`ADD` do. `dest_root` is the writable root.
 pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), ActionError> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
@@ -472,17 +487,8 @@ impl Copier<'_> {
                 self.links.insert(key, dst.to_path_buf());
             }
             fs::copy(src, dst)?;
-        } else {
-            let kind = if ft.is_char_device() {
-                rustix::fs::FileType::CharacterDevice
-            } else if ft.is_block_device() {
-                rustix::fs::FileType::BlockDevice
-            } else if ft.is_fifo() {
-                rustix::fs::FileType::Fifo
-            } else {
-                return Ok(()); // sockets are not copied
-            };
-            rustix::fs::mknodat(rustix::fs::CWD, dst, kind, rustix::fs::Mode::from_raw_mode(mode), meta.rdev())?;
+        } else if !crate::fsutil::make_special(dst, meta, mode)? {
+            return Ok(()); // sockets are not copied
         }
         lchown(dst, owner)?;
         fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;

@@ -122,6 +122,24 @@ pub fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Res
     Ok(())
 }
 
+/// Makes a device node or fifo like `meta` at `dst`; false for what is not
+/// one (a socket), which is not copied.
+pub fn make_special(dst: &Path, meta: &fs::Metadata, mode: u32) -> io::Result<bool> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let ft = meta.file_type();
+    let kind = if ft.is_char_device() {
+        rustix::fs::FileType::CharacterDevice
+    } else if ft.is_block_device() {
+        rustix::fs::FileType::BlockDevice
+    } else if ft.is_fifo() {
+        rustix::fs::FileType::Fifo
+    } else {
+        return Ok(false);
+    };
+    rustix::fs::mknodat(rustix::fs::CWD, dst, kind, rustix::fs::Mode::from_raw_mode(mode), meta.rdev())?;
+    Ok(true)
+}
+
 /// Looks a user up in `root`'s `/etc/passwd` (by name or number) and the
 /// group in `/etc/group`; `user[:group]`.
 pub fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {

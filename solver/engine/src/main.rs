@@ -27,16 +27,7 @@ impl EventSink for Stdout {
 }
 
 fn default_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_ROOT") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(p).join("kiln");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".local/share/kiln")
+    kiln_solver_protocol::default_state_root()
 }
 
 /// `kiln-solver du|prune|gc`: the state root's maintenance, JSON on stdout.

@@ -25,16 +25,7 @@ pub enum Value {
 /// Copies a local source's included files into a new layer.
 pub fn materialize_local(root: &StateRoot, local: &LocalSource) -> Result<String, String> {
     let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
-    let action = pb::FileActionCopy {
-        src: "/".into(),
-        dest: "/".into(),
-        mode: -1,
-        dir_copy_contents: true,
-        create_dest_path: true,
-        timestamp: -1,
-        ..Default::default()
-    };
-    fileop::copy(&layer.fs(), &SourceView::Local(local), &action)?;
+    fileop::copy_tree(&layer.fs(), &SourceView::Local(local))?;
     layer.commit(root).map_err(|e| e.to_string())
 }
 

@@ -80,7 +80,7 @@ pub fn diff_trees(lower: &Path, upper: &Path, out: &Path, rel: &Path) -> std::io
 
 /// Copies one node (not a directory's contents) with its owner, mode and mtime.
 fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     if let Some(parent) = dst.parent() {
         fs::create_dir_all(parent)?;
     }
@@ -100,23 +100,8 @@ fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()>
             std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
         } else if ft.is_file() {
             fs::copy(src, dst)?;
-        } else {
-            let kind = if ft.is_char_device() {
-                rustix::fs::FileType::CharacterDevice
-            } else if ft.is_block_device() {
-                rustix::fs::FileType::BlockDevice
-            } else if ft.is_fifo() {
-                rustix::fs::FileType::Fifo
-            } else {
-                return Ok(());
-            };
-            rustix::fs::mknodat(
-                rustix::fs::CWD,
-                dst,
-                kind,
-                rustix::fs::Mode::from_raw_mode(meta.mode() & 0o7777),
-                meta.rdev(),
-            )?;
+        } else if !crate::fsutil::make_special(dst, meta, meta.mode() & 0o7777)? {
+            return Ok(());
         }
     }
     crate::fsutil::lchown(

@@ -5,12 +5,30 @@
 //! `kiln build --progress rawjson` as it is. `solver/PROTOCOL.md` is the
 //! reference for the format; [`VERSION`] is bumped on incompatible changes.
 //!
-//! **Architecture invariant:** no IO here beyond (de)serialising; both the
+//! **Architecture invariant:** no IO here beyond (de)serialising (and reading
+//! the environment for the default state root); both the
 //! CLI and the solver depend on this crate, never on each other.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// The state root when none is given: `$KILN_ROOT`, else
+/// `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln` (the CLI and the solver
+/// agree on it; the CLI always passes `--root`).
+pub fn default_state_root() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os("KILN_ROOT") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(p).join("kiln");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".local/share/kiln")
+}
 
 /// Protocol version carried by every request and by the `hello` event.
 pub const VERSION: u32 = 1;
