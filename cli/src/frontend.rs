@@ -38,6 +38,10 @@ pub struct FrontendArgs {
     /// Ask the registry for the current image of every tag, even when kiln's store has it.
     #[arg(long)]
     pub pull: bool,
+    /// The frontend to use, overriding the file's `# syntax=` line
+    /// (`dockerfile`, or NAME for a `kiln-frontend-NAME` program on PATH).
+    #[arg(long)]
+    pub frontend: Option<String>,
     /// Build context directory.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -67,15 +71,32 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
         let _ = writeln!(err, "error: {msg}");
         EXIT_USAGE
     })?;
-    let response = if no_resolve {
-        kiln_dockerfile::compile(&request, &OfflineHost)
+    let syntax = args
+        .frontend
+        .clone()
+        .or_else(|| kiln_frontend_stdio::detect_syntax(&request.definition));
+    let chosen = choose_frontend(syntax.as_deref()).map_err(|msg| {
+        let _ = writeln!(err, "error: {msg}");
+        EXIT_USAGE
+    })?;
+    let cli_host;
+    let host: &dyn kiln_frontend::Host = if no_resolve {
+        &OfflineHost
     } else {
-        let mut host = CliHost::new(&request.named_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
+        let mut h = CliHost::new(&request.named_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
             let _ = writeln!(err, "error: {msg}");
             EXIT_USAGE
         })?;
-        host.skip_store = args.pull;
-        kiln_dockerfile::compile(&request, &host)
+        h.skip_store = args.pull;
+        cli_host = h;
+        &cli_host
+    };
+    let response = match chosen {
+        Chosen::Builtin => kiln_dockerfile::compile(&request, host),
+        Chosen::Native(program) => run_native(&program, &request, host, &args.context).map_err(|msg| {
+            let _ = writeln!(err, "error: frontend {}: {msg}", program.display());
+            EXIT_FRONTEND
+        })?,
     };
     let source = String::from_utf8_lossy(&request.definition).into_owned();
     let _ = err.write_all(
@@ -89,6 +110,73 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
             filename: request.filename,
         }),
         _ => Err(EXIT_FRONTEND),
+    }
+}
+
+/// Which frontend compiles a file.
+#[derive(Debug, PartialEq)]
+pub enum Chosen {
+    /// kiln's built-in Dockerfile frontend.
+    Builtin,
+    /// A native frontend program speaking the frontend protocol.
+    Native(PathBuf),
+}
+
+/// Resolves a `# syntax=` value (or `--frontend`): absent, `dockerfile` or
+/// BuildKit's `docker/dockerfile:…` are the built-in Dockerfile frontend;
+/// NAME is a `kiln-frontend-NAME` program on PATH. Anything else is an error
+/// listing what was tried.
+pub fn choose_frontend(syntax: Option<&str>) -> Result<Chosen, String> {
+    let Some(name) = syntax else { return Ok(Chosen::Builtin) };
+    let bare = name.trim_start_matches("docker.io/");
+    if name == "dockerfile"
+        || bare.starts_with("docker/dockerfile:")
+        || bare.starts_with("docker/dockerfile@")
+        || bare == "docker/dockerfile"
+    {
+        return Ok(Chosen::Builtin);
+    }
+    let simple = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let program = format!("kiln-frontend-{name}");
+    if simple {
+        if let Some(found) = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .map(|d| d.join(&program))
+            .find(|p| p.is_file())
+        {
+            return Ok(Chosen::Native(found));
+        }
+    }
+    Err(format!(
+        "no frontend for `# syntax={name}`: tried the built-in Dockerfile frontend (dockerfile, docker/dockerfile:…){}; \
+         WASM plugins (.wasm files, the plugin directory, OCI artifacts) are not supported yet",
+        if simple { format!(" and {program} on PATH") } else { String::new() }
+    ))
+}
+
+/// Runs a native frontend program over the frontend protocol.
+fn run_native(
+    program: &Path,
+    request: &Request,
+    host: &dyn kiln_frontend::Host,
+    context: &Path,
+) -> Result<kiln_frontend::Response, String> {
+    let mut child = std::process::Command::new(program)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start it: {e}"))?;
+    let mut to = child.stdin.take().ok_or("no stdin")?;
+    let from = child.stdout.take().ok_or("no stdout")?;
+    let mut reader = std::io::BufReader::new(from);
+    let result = kiln_frontend_stdio::run(&mut to, &mut reader, request, host, Some(context), |m| eprintln!("{m}"));
+    drop(to);
+    let status = child.wait().map_err(|e| e.to_string())?;
+    match result {
+        Ok(r) => Ok(r),
+        Err(e) => Err(format!("{e} (exit status {status})")),
     }
 }
 

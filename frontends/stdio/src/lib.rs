@@ -1,0 +1,391 @@
+//! kiln's frontend protocol (version 1, `frontends/PROTOCOL.md`) over a
+//! byte stream: JSON lines on the frontend's stdin and stdout. One host
+//! implementation serves native frontend binaries and, later, WASM plugins
+//! (whose WASI stdin/stdout carry the same lines).
+//!
+//! - [`serve`]: the frontend side (read the request, call the host, reply).
+//! - [`run`]: the host side (start a frontend, answer its calls, read its response).
+//! - [`detect_syntax`]: the `# syntax=` directive, read as BuildKit reads it.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+
+use base64::Engine as _;
+use kiln_frontend::{Diagnostic, Host, HostError, ImageConfig, Platform, Request, ResolvedImage, Response};
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+
+/// Protocol version.
+pub const VERSION: u32 = 1;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(s: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| format!("bad base64: {e}"))
+}
+
+/// Host → frontend.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToFrontend {
+    /// The first line: what to compile.
+    Request {
+        /// [`VERSION`].
+        version: u32,
+        /// The definition file, base64.
+        definition: String,
+        /// Its name.
+        filename: String,
+        /// Build arguments.
+        #[serde(default)]
+        build_args: BTreeMap<String, String>,
+        /// Target stage.
+        #[serde(default)]
+        target: Option<String>,
+        /// Target platform.
+        #[serde(default)]
+        platform: Option<Platform>,
+        /// Build platform.
+        build_platform: Platform,
+        /// Named build contexts.
+        #[serde(default)]
+        named_contexts: BTreeMap<String, String>,
+        /// `.dockerignore` patterns.
+        #[serde(default)]
+        ignore_patterns: Vec<String>,
+        /// Default network mode for steps.
+        #[serde(default)]
+        network: Option<String>,
+    },
+    /// Answer to `resolve_image`.
+    Resolved {
+        /// The call's id.
+        id: u64,
+        /// The image, if the host resolves it (`null`: compile without it).
+        image: Option<WireImage>,
+        /// Why it could not be resolved.
+        #[serde(default)]
+        error: Option<String>,
+    },
+    /// Answer to `read_file`.
+    File {
+        /// The call's id.
+        id: u64,
+        /// The bytes, base64; `null` if there is no such file.
+        data: Option<String>,
+    },
+}
+
+/// A resolved image on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireImage {
+    /// Pinned reference or source identifier.
+    pub reference: String,
+    /// Its config.
+    pub config: ImageConfig,
+}
+
+/// Frontend → host.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromFrontend {
+    /// Resolve an image's config.
+    ResolveImage {
+        /// Call id, echoed in the answer.
+        id: u64,
+        /// Normalized reference.
+        reference: String,
+        /// For this platform.
+        platform: Platform,
+    },
+    /// Read a file of the build context (relative path).
+    ReadFile {
+        /// Call id.
+        id: u64,
+        /// Path relative to the context.
+        path: String,
+    },
+    /// Progress to show (no answer).
+    Progress {
+        /// A line of text.
+        message: String,
+    },
+    /// The last line: the result.
+    Response {
+        /// The marshalled `pb.Definition`, base64; `null` when compilation failed.
+        definition: Option<String>,
+        /// The image config.
+        #[serde(default)]
+        image_config: Option<ImageConfig>,
+        /// Errors and warnings with spans.
+        #[serde(default)]
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+/// The request as its first line.
+pub fn request_message(r: &Request) -> ToFrontend {
+    ToFrontend::Request {
+        version: VERSION,
+        definition: b64(&r.definition),
+        filename: r.filename.clone(),
+        build_args: r.build_args.clone(),
+        target: r.target.clone(),
+        platform: r.platform.clone(),
+        build_platform: r.build_platform.clone(),
+        named_contexts: r.named_contexts.clone(),
+        ignore_patterns: r.ignore_patterns.clone(),
+        network: r.network.clone(),
+    }
+}
+
+fn line<T: Serialize>(out: &mut dyn Write, msg: &T) -> Result<(), String> {
+    let mut s = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    s.push('\n');
+    out.write_all(s.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("writing to the frontend protocol stream: {e}"))
+}
+
+/// A [`Host`] that asks over the protocol stream.
+struct StreamHost<'a> {
+    input: std::cell::RefCell<&'a mut dyn BufRead>,
+    output: std::cell::RefCell<&'a mut dyn Write>,
+    next: std::cell::Cell<u64>,
+}
+
+impl Host for StreamHost<'_> {
+    fn resolve_image(&self, reference: &str, platform: &Platform) -> Result<Option<ResolvedImage>, HostError> {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        let call = FromFrontend::ResolveImage {
+            id,
+            reference: reference.to_string(),
+            platform: platform.clone(),
+        };
+        let herr = |message: String| HostError { message };
+        line(*self.output.borrow_mut(), &call).map_err(herr)?;
+        let mut text = String::new();
+        self.input.borrow_mut().read_line(&mut text).map_err(|e| herr(e.to_string()))?;
+        match serde_json::from_str::<ToFrontend>(&text).map_err(|e| herr(format!("bad answer from the host: {e}")))? {
+            ToFrontend::Resolved { id: got, image, error } if got == id => match error {
+                Some(message) => Err(HostError { message }),
+                None => Ok(image.map(|i| ResolvedImage {
+                    reference: i.reference,
+                    config: i.config,
+                })),
+            },
+            other => Err(herr(format!("unexpected answer from the host: {other:?}"))),
+        }
+    }
+}
+
+/// The frontend side: reads the request from `input`, compiles it with
+/// `compile` (whose host calls go over the stream), writes the response.
+pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&Request, &dyn Host) -> Response) -> Result<(), String> {
+    let mut first = String::new();
+    input.read_line(&mut first).map_err(|e| format!("reading the request: {e}"))?;
+    let msg: ToFrontend = serde_json::from_str(&first).map_err(|e| format!("the first line is not a request: {e}"))?;
+    let ToFrontend::Request {
+        version,
+        definition,
+        filename,
+        build_args,
+        target,
+        platform,
+        build_platform,
+        named_contexts,
+        ignore_patterns,
+        network,
+    } = msg
+    else {
+        return Err("the first line is not a request".into());
+    };
+    if version != VERSION {
+        return Err(format!(
+            "frontend protocol version {version} is not supported (this frontend speaks {VERSION})"
+        ));
+    }
+    let request = Request {
+        definition: unb64(&definition)?,
+        filename,
+        build_args,
+        target,
+        platform,
+        build_platform,
+        named_contexts,
+        ignore_patterns,
+        network,
+    };
+    let host = StreamHost {
+        input: std::cell::RefCell::new(input),
+        output: std::cell::RefCell::new(output),
+        next: std::cell::Cell::new(1),
+    };
+    let r = compile(&request, &host);
+    line(
+        host.output.into_inner(),
+        &FromFrontend::Response {
+            definition: r.definition.as_ref().map(|d| b64(&d.encode_to_vec())),
+            image_config: r.image_config,
+            diagnostics: r.diagnostics,
+        },
+    )
+}
+
+/// The host side: sends `request` to a started frontend (its stdin and
+/// stdout), answers its calls with `host` (and `read_file` from `context`),
+/// and returns its response.
+pub fn run(
+    to_frontend: &mut dyn Write,
+    from_frontend: &mut dyn BufRead,
+    request: &Request,
+    host: &dyn Host,
+    context: Option<&std::path::Path>,
+    mut progress: impl FnMut(&str),
+) -> Result<Response, String> {
+    line(to_frontend, &request_message(request))?;
+    loop {
+        let mut text = String::new();
+        let n = from_frontend
+            .read_line(&mut text)
+            .map_err(|e| format!("reading from the frontend: {e}"))?;
+        if n == 0 {
+            return Err("the frontend exited without a response".into());
+        }
+        let msg: FromFrontend = serde_json::from_str(&text)
+            .map_err(|e| format!("the frontend wrote something that is not protocol: {e}: {}", text.trim_end()))?;
+        match msg {
+            FromFrontend::ResolveImage { id, reference, platform } => {
+                let answer = match host.resolve_image(&reference, &platform) {
+                    Ok(image) => ToFrontend::Resolved {
+                        id,
+                        image: image.map(|i| WireImage {
+                            reference: i.reference,
+                            config: i.config,
+                        }),
+                        error: None,
+                    },
+                    Err(e) => ToFrontend::Resolved {
+                        id,
+                        image: None,
+                        error: Some(e.message),
+                    },
+                };
+                line(to_frontend, &answer)?;
+            }
+            FromFrontend::ReadFile { id, path } => {
+                // Only inside the context: no absolute paths, no `..`.
+                let safe = !path.starts_with('/') && !path.split('/').any(|c| c == "..");
+                let data = context
+                    .filter(|_| safe)
+                    .and_then(|c| std::fs::read(c.join(&path)).ok())
+                    .map(|b| b64(&b));
+                line(to_frontend, &ToFrontend::File { id, data })?;
+            }
+            FromFrontend::Progress { message } => progress(&message),
+            FromFrontend::Response {
+                definition,
+                image_config,
+                diagnostics,
+            } => {
+                let definition = match definition {
+                    Some(d) => Some(
+                        kiln_llb::pb::Definition::decode(unb64(&d)?.as_slice()).map_err(|e| format!("the frontend's definition: {e}"))?,
+                    ),
+                    None => None,
+                };
+                return Ok(Response {
+                    definition,
+                    image_config,
+                    diagnostics,
+                });
+            }
+        }
+    }
+}
+
+/// The `# syntax=` directive of a definition file, as BuildKit reads it:
+/// the first line (after a UTF-8 BOM and a `#!` line) as `# syntax=REF`,
+/// `// syntax=REF` or a JSON comment `# {"syntax": "REF"}`.
+pub fn detect_syntax(definition: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(definition).ok()?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut lines = text.lines();
+    let mut first = lines.next()?;
+    if first.starts_with("#!") {
+        first = lines.next()?;
+    }
+    let t = first.trim();
+    let body = t.strip_prefix('#').or_else(|| t.strip_prefix("//"))?.trim();
+    if body.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        return v
+            .get("syntax")
+            .and_then(|s| s.as_str())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+    }
+    let (key, value) = body.split_once('=')?;
+    (key.trim().eq_ignore_ascii_case("syntax"))
+        .then(|| value.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_directive_forms() {
+        assert_eq!(
+            detect_syntax(b"# syntax=docker/dockerfile:1\nFROM x"),
+            Some("docker/dockerfile:1".into())
+        );
+        assert_eq!(detect_syntax(b"\xef\xbb\xbf#syntax = recipe\n"), Some("recipe".into()));
+        assert_eq!(detect_syntax(b"#!/usr/bin/env kiln\n// syntax=mine\n"), Some("mine".into()));
+        assert_eq!(detect_syntax(b"# {\"syntax\": \"./f.wasm\"}\n"), Some("./f.wasm".into()));
+        assert_eq!(detect_syntax(b"FROM x\n# syntax=late\n"), None);
+        assert_eq!(detect_syntax(b"# escape=`\n"), None);
+    }
+
+    #[test]
+    fn a_frontend_and_its_host_talk_over_the_stream() {
+        // Run the frontend side in a thread, connected by pipes, with the Dockerfile frontend.
+        let (host_to_fe_r, mut host_to_fe_w) = std::io::pipe().expect("pipe");
+        let (mut fe_to_host_r, fe_to_host_w) = std::io::pipe().expect("pipe");
+        let fe = std::thread::spawn(move || {
+            let mut input = std::io::BufReader::new(host_to_fe_r);
+            let mut output = fe_to_host_w;
+            serve(&mut input, &mut output, kiln_dockerfile::compile)
+        });
+        struct Fixed;
+        impl Host for Fixed {
+            fn resolve_image(&self, reference: &str, _: &Platform) -> Result<Option<ResolvedImage>, HostError> {
+                let mut config = ImageConfig::default();
+                config.config.working_dir = "/from-host".into();
+                Ok(Some(ResolvedImage {
+                    reference: format!("{reference}@sha256:{}", "a".repeat(64)),
+                    config,
+                }))
+            }
+        }
+        let request = Request {
+            definition: b"FROM alpine\nRUN pwd\n".to_vec(),
+            filename: "Dockerfile".into(),
+            build_platform: Platform::linux_amd64(),
+            ..Default::default()
+        };
+        let mut reader = std::io::BufReader::new(&mut fe_to_host_r);
+        let over_stream = run(&mut host_to_fe_w, &mut reader, &request, &Fixed, None, |_| {}).expect("response");
+        fe.join().expect("thread").expect("serve");
+        let direct = kiln_dockerfile::compile(&request, &Fixed);
+        assert_eq!(over_stream.definition, direct.definition, "same LLB through the protocol");
+        assert_eq!(over_stream.image_config, direct.image_config);
+        assert!(over_stream.definition.is_some());
+    }
+}
