@@ -120,7 +120,7 @@ pub enum FromFrontend {
         definition: Option<String>,
         /// The image config.
         #[serde(default)]
-        image_config: Option<ImageConfig>,
+        image_config: Option<Box<ImageConfig>>,
         /// Errors and warnings with spans.
         #[serde(default)]
         diagnostics: Vec<Diagnostic>,
@@ -231,7 +231,7 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
         host.output.into_inner(),
         &FromFrontend::Response {
             definition: r.definition.as_ref().map(|d| b64(&d.encode_to_vec())),
-            image_config: r.image_config,
+            image_config: r.image_config.map(Box::new),
             diagnostics: r.diagnostics,
         },
     )
@@ -301,7 +301,7 @@ pub fn run(
                 };
                 return Ok(Response {
                     definition,
-                    image_config,
+                    image_config: image_config.map(|c| *c),
                     diagnostics,
                 });
             }
