@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use kiln_oci::document::Document;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
@@ -51,40 +52,6 @@ pub fn parse_identifier(identifier: &str) -> Option<ImageSource> {
         });
     }
     None
-}
-
-#[derive(Deserialize)]
-struct Doc {
-    #[serde(default)]
-    manifests: Vec<Entry>,
-    #[serde(default)]
-    config: Option<Desc>,
-    #[serde(default)]
-    layers: Vec<Desc>,
-}
-
-#[derive(Deserialize)]
-struct Entry {
-    digest: String,
-    #[serde(default)]
-    platform: Option<EntryPlatform>,
-}
-
-#[derive(Deserialize)]
-struct EntryPlatform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: String,
-}
-
-#[derive(Deserialize, Clone)]
-struct Desc {
-    digest: String,
-    #[serde(default)]
-    size: i64,
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
 }
 
 #[derive(Deserialize)]
@@ -209,19 +176,15 @@ pub async fn pull(
     progress: &dyn PullProgress,
 ) -> Result<PulledImage, String> {
     let top = document(root, registry, src, digest, true).await?;
-    let mut doc: Doc = serde_json::from_slice(&top).map_err(|e| format!("manifest {digest}: {e}"))?;
-    if doc.config.is_none() {
-        let entry = doc
-            .manifests
-            .iter()
-            .find(|m| {
-                m.platform.as_ref().is_some_and(|p| {
-                    p.os == platform.os
-                        && p.architecture == platform.architecture
-                        && (platform.variant.is_empty() || p.variant == platform.variant)
-                })
-            })
-            .ok_or_else(|| format!("image {digest} has no manifest for {}", platform.to_string_form()))?;
+    let mut doc: Document = serde_json::from_slice(&top).map_err(|e| format!("manifest {digest}: {e}"))?;
+    if !doc.is_manifest() {
+        let entry = doc.entry_for(platform).ok_or_else(|| {
+            format!(
+                "image {digest} has no manifest for {} (it has: {})",
+                platform.to_string_form(),
+                doc.platforms().join(", ")
+            )
+        })?;
         let child = entry.digest.clone();
         let bytes = document(root, registry, src, &child, true).await?;
         doc = serde_json::from_slice(&bytes).map_err(|e| format!("manifest {child}: {e}"))?;

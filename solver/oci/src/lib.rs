@@ -4,6 +4,7 @@
 //! Shared by the CLI's frontend host and the solver, as is the registry
 //! client ([`registry`]).
 
+pub mod document;
 pub mod layout;
 pub mod registry;
 
@@ -33,31 +34,22 @@ pub fn blob_source(root: &Path, digest: &str) -> Option<String> {
 /// Pushes the image whose manifest `digest` is in kiln's store (`ROOT/store`)
 /// to `reference`.
 pub async fn push_from_store(client: &RegistryClient, root: &Path, digest: &str, reference: &str) -> Result<PushReport, RegistryError> {
-    #[derive(serde::Deserialize)]
-    struct Desc {
-        digest: String,
-        #[serde(default)]
-        size: u64,
-    }
-    #[derive(serde::Deserialize)]
-    struct Manifest {
-        #[serde(rename = "mediaType", default)]
-        media_type: String,
-        config: Desc,
-        #[serde(default)]
-        layers: Vec<Desc>,
-    }
     let blobs_dir = root.join("store/blobs/sha256");
     let path_of = |d: &str| blobs_dir.join(d.strip_prefix("sha256:").unwrap_or(d));
     let bytes =
         std::fs::read(path_of(digest)).map_err(|e| RegistryError::Invalid(format!("manifest {digest} is not in kiln's store: {e}")))?;
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("manifest {digest}: {e}")))?;
+    let manifest: document::Document =
+        serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("manifest {digest}: {e}")))?;
+    let config = manifest
+        .config
+        .as_ref()
+        .ok_or_else(|| RegistryError::Invalid(format!("{digest} is not an image manifest")))?;
     let mut blobs = Vec::new();
-    for d in manifest.layers.iter().chain(std::iter::once(&manifest.config)) {
+    for d in manifest.layers.iter().chain(std::iter::once(config)) {
         blobs.push(PushBlob {
             digest: d.digest.clone(),
             path: path_of(&d.digest),
-            size: d.size,
+            size: d.size.max(0) as u64,
             source: blob_source(root, &d.digest),
         });
     }

@@ -16,6 +16,7 @@ use oci_client::{Client, Reference};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::document::Document;
 use crate::layout::ResolvedConfig;
 
 /// Why a registry lookup failed.
@@ -139,34 +140,6 @@ pub struct RegistryClient {
     credentials: Credentials,
 }
 
-#[derive(Deserialize)]
-struct IndexDoc {
-    #[serde(default)]
-    manifests: Vec<IndexEntry>,
-    #[serde(default)]
-    config: Option<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct IndexEntry {
-    digest: String,
-    #[serde(default)]
-    platform: Option<EntryPlatform>,
-}
-
-#[derive(Deserialize)]
-struct EntryPlatform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: String,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
-}
-
 impl RegistryClient {
     /// A client using the given credentials.
     pub fn new(credentials: Credentials) -> RegistryClient {
@@ -189,16 +162,8 @@ impl RegistryClient {
     /// Resolves `reference` (normalized, e.g. `docker.io/library/alpine:3.20`)
     /// to the digest that pins it and the config of its `platform` image.
     pub async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedConfig, RegistryError> {
-        let parsed: Reference = reference
-            .parse()
-            .map_err(|e: oci_client::ParseError| RegistryError::Reference(reference.to_string(), e.to_string()))?;
-        let registry = parsed.registry().to_string();
-        let client = self.client_for(&registry);
-        let auth = self.credentials.for_registry(&registry);
-        let fetch = |e: oci_client::errors::OciDistributionError| RegistryError::Fetch {
-            registry: registry.clone(),
-            message: e.to_string(),
-        };
+        let (parsed, registry, client, auth) = self.connect(reference)?;
+        let fetch = fetch_error(&registry);
         let (top, top_digest) = client.pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES).await.map_err(fetch)?;
         verify(&top, &top_digest)?;
         if let Some(wanted) = parsed.digest() {
@@ -206,26 +171,17 @@ impl RegistryClient {
                 return Err(RegistryError::Invalid(format!("{reference}: registry returned {top_digest}")));
             }
         }
-        let doc: IndexDoc = serde_json::from_slice(&top).map_err(|e| RegistryError::Invalid(format!("{reference}: bad manifest: {e}")))?;
-        let manifest = if doc.config.is_some() {
+        let doc: Document = serde_json::from_slice(&top).map_err(|e| RegistryError::Invalid(format!("{reference}: bad manifest: {e}")))?;
+        let manifest: Document = if doc.is_manifest() {
             doc
         } else {
-            let entry = doc
-                .manifests
-                .iter()
-                .find(|m| m.platform.as_ref().is_some_and(|p| platform_matches(p, platform)))
-                .ok_or_else(|| {
-                    let available: Vec<String> = doc
-                        .manifests
-                        .iter()
-                        .filter_map(|m| m.platform.as_ref().map(|p| format!("{}/{}", p.os, p.architecture)))
-                        .collect();
-                    RegistryError::Invalid(format!(
-                        "{reference} has no image for {} (it has: {})",
-                        platform.to_string_form(),
-                        available.join(", ")
-                    ))
-                })?;
+            let entry = doc.entry_for(platform).ok_or_else(|| {
+                RegistryError::Invalid(format!(
+                    "{reference} has no image for {} (it has: {})",
+                    platform.to_string_form(),
+                    doc.platforms().join(", ")
+                ))
+            })?;
             let child = Reference::with_digest(registry.clone(), parsed.repository().to_string(), entry.digest.clone());
             let (bytes, digest) = client.pull_manifest_raw(&child, &auth, MANIFEST_TYPES).await.map_err(fetch)?;
             verify(&bytes, &digest)?;
@@ -251,27 +207,25 @@ impl RegistryClient {
 }
 
 impl RegistryClient {
-    fn parse_ref(reference: &str) -> Result<(Reference, String), RegistryError> {
+    /// The parsed reference, its registry host, a client for it and the credentials to use.
+    fn connect(&self, reference: &str) -> Result<(Reference, String, Client, RegistryAuth), RegistryError> {
         let parsed: Reference = reference
             .parse()
             .map_err(|e: oci_client::ParseError| RegistryError::Reference(reference.to_string(), e.to_string()))?;
         let registry = parsed.registry().to_string();
-        Ok((parsed, registry))
+        let client = self.client_for(&registry);
+        let auth = self.credentials.for_registry(&registry);
+        Ok((parsed, registry, client, auth))
     }
 
     /// Fetches a manifest or index of `reference`'s repository by digest, verified.
     pub async fn fetch_manifest(&self, reference: &str, digest: &str) -> Result<Vec<u8>, RegistryError> {
-        let (parsed, registry) = Self::parse_ref(reference)?;
-        let client = self.client_for(&registry);
-        let auth = self.credentials.for_registry(&registry);
+        let (parsed, registry, client, auth) = self.connect(reference)?;
         let by_digest = Reference::with_digest(registry.clone(), parsed.repository().to_string(), digest.to_string());
         let (bytes, got) = client
             .pull_manifest_raw(&by_digest, &auth, MANIFEST_TYPES)
             .await
-            .map_err(|e| RegistryError::Fetch {
-                registry: registry.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(fetch_error(&registry))?;
         verify(&bytes, digest)?;
         if got != digest {
             return Err(RegistryError::Invalid(format!("{reference}: registry returned {got} for {digest}")));
@@ -283,13 +237,8 @@ impl RegistryClient {
     /// against `digest` while it arrives (a mismatch is an error and the
     /// caller must discard the file).
     pub async fn fetch_blob(&self, reference: &str, digest: &str, size: i64, path: &Path) -> Result<(), RegistryError> {
-        let (parsed, registry) = Self::parse_ref(reference)?;
-        let client = self.client_for(&registry);
-        let auth = self.credentials.for_registry(&registry);
-        let fetch = |e: oci_client::errors::OciDistributionError| RegistryError::Fetch {
-            registry: registry.clone(),
-            message: e.to_string(),
-        };
+        let (parsed, registry, client, auth) = self.connect(reference)?;
+        let fetch = fetch_error(&registry);
         // Authenticate for pulls of this repository first (anonymous tokens too).
         client
             .auth(&parsed, &auth, oci_client::RegistryOperation::Pull)
@@ -338,13 +287,8 @@ impl RegistryClient {
     /// mounting those another repository of the same registry has), then
     /// its manifest under `reference`'s tag.
     pub async fn push(&self, reference: &str, blobs: &[PushBlob], manifest: &[u8], media_type: &str) -> Result<PushReport, RegistryError> {
-        let (parsed, registry) = Self::parse_ref(reference)?;
-        let client = self.client_for(&registry);
-        let auth = self.credentials.for_registry(&registry);
-        let fetch = |e: oci_client::errors::OciDistributionError| RegistryError::Fetch {
-            registry: registry.clone(),
-            message: e.to_string(),
-        };
+        let (parsed, registry, client, auth) = self.connect(reference)?;
+        let fetch = fetch_error(&registry);
         client
             .auth(&parsed, &auth, oci_client::RegistryOperation::Push)
             .await
@@ -401,8 +345,12 @@ impl RegistryClient {
     }
 }
 
-fn platform_matches(p: &EntryPlatform, want: &Platform) -> bool {
-    p.os == want.os && p.architecture == want.architecture && (want.variant.is_empty() || p.variant == want.variant)
+/// Turns a client error into a [`RegistryError::Fetch`] naming the registry.
+fn fetch_error(registry: &str) -> impl Fn(oci_client::errors::OciDistributionError) -> RegistryError + Copy + '_ {
+    move |e| RegistryError::Fetch {
+        registry: registry.to_string(),
+        message: e.to_string(),
+    }
 }
 
 /// Checks bytes against a `sha256:` digest.
