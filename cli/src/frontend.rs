@@ -9,6 +9,7 @@ use kiln_frontend::{ImageConfig, OfflineHost, Platform, Request};
 use prost::Message;
 
 use crate::host::CliHost;
+use crate::plugins::PluginCache;
 use crate::{EXIT_FRONTEND, EXIT_OTHER, EXIT_USAGE};
 
 /// Flags shared by every command that compiles a definition.
@@ -39,9 +40,17 @@ pub struct FrontendArgs {
     #[arg(long)]
     pub pull: bool,
     /// The frontend to use, overriding the file's `# syntax=` line
-    /// (`dockerfile`, or NAME for a `kiln-frontend-NAME` program on PATH).
+    /// (`dockerfile`, a `.wasm` file, a plugin NAME, an OCI artifact reference,
+    /// or NAME for a `kiln-frontend-NAME` program on PATH).
     #[arg(long)]
     pub frontend: Option<String>,
+    /// Memory limit of a WASM frontend plugin, in MiB (default $KILN_PLUGIN_MEMORY or 512).
+    #[arg(long, value_name = "MIB")]
+    pub plugin_memory: Option<u64>,
+    /// Time limit of a WASM frontend plugin, in seconds of its own computing
+    /// (default $KILN_PLUGIN_TIMEOUT or 10).
+    #[arg(long, value_name = "SECONDS")]
+    pub plugin_timeout: Option<f64>,
     /// Build context directory.
     #[arg(default_value = ".")]
     pub context: PathBuf,
@@ -75,7 +84,8 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
         .frontend
         .clone()
         .or_else(|| kiln_frontend_stdio::detect_syntax(&request.definition));
-    let chosen = choose_frontend(syntax.as_deref()).map_err(|msg| {
+    let definition_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let chosen = choose_frontend(syntax.as_deref(), &definition_dir).map_err(|msg| {
         let _ = writeln!(err, "error: {msg}");
         EXIT_USAGE
     })?;
@@ -97,6 +107,28 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
             let _ = writeln!(err, "error: frontend {}: {msg}", program.display());
             EXIT_FRONTEND
         })?,
+        Chosen::Wasm(file) => {
+            let wasm = std::fs::read(&file).map_err(|e| {
+                let _ = writeln!(err, "error: cannot read frontend plugin {}: {e}", file.display());
+                EXIT_OTHER
+            })?;
+            let name = file.display().to_string();
+            run_plugin(args, &name, &wasm, &request, host).map_err(|msg| {
+                let _ = writeln!(err, "error: {msg}");
+                EXIT_FRONTEND
+            })?
+        }
+        Chosen::Artifact(reference) => {
+            let cache = PluginCache::new(&crate::host::state_root(args.root.as_deref()));
+            let (_, wasm) = cache.fetch(&reference, args.pull).map_err(|msg| {
+                let _ = writeln!(err, "error: cannot fetch frontend plugin {reference}: {msg}");
+                EXIT_FRONTEND
+            })?;
+            run_plugin(args, &reference, &wasm, &request, host).map_err(|msg| {
+                let _ = writeln!(err, "error: {msg}");
+                EXIT_FRONTEND
+            })?
+        }
     };
     let source = String::from_utf8_lossy(&request.definition).into_owned();
     let _ = err.write_all(
@@ -120,13 +152,20 @@ pub enum Chosen {
     Builtin,
     /// A native frontend program speaking the frontend protocol.
     Native(PathBuf),
+    /// A WASM plugin file.
+    Wasm(PathBuf),
+    /// A WASM plugin in an OCI artifact (`oci-layout://…` or a registry reference).
+    Artifact(String),
 }
 
-/// Resolves a `# syntax=` value (or `--frontend`): absent, `dockerfile` or
-/// BuildKit's `docker/dockerfile:…` are the built-in Dockerfile frontend;
-/// NAME is a `kiln-frontend-NAME` program on PATH. Anything else is an error
-/// listing what was tried.
-pub fn choose_frontend(syntax: Option<&str>) -> Result<Chosen, String> {
+/// Resolves a `# syntax=` value (or `--frontend`), in this order:
+/// absent, `dockerfile` or BuildKit's `docker/dockerfile:…` are the built-in
+/// Dockerfile frontend; a value ending in `.wasm` is a plugin file (relative
+/// to the definition file's directory); a plain NAME is `NAME.wasm` in a
+/// plugin directory, else a `kiln-frontend-NAME` program on PATH; a value
+/// with `/`, `:` or `@` (or `oci-layout://`) is an OCI artifact reference.
+/// Anything else is an error listing what was tried.
+pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Chosen, String> {
     let Some(name) = syntax else { return Ok(Chosen::Builtin) };
     let bare = name.trim_start_matches("docker.io/");
     if name == "dockerfile"
@@ -136,9 +175,28 @@ pub fn choose_frontend(syntax: Option<&str>) -> Result<Chosen, String> {
     {
         return Ok(Chosen::Builtin);
     }
+    if name.ends_with(".wasm") && !name.contains("://") {
+        let file = definition_dir.join(name);
+        if file.is_file() {
+            return Ok(Chosen::Wasm(file));
+        }
+        return Err(format!(
+            "no frontend for `# syntax={name}`: the plugin file {} does not exist",
+            file.display()
+        ));
+    }
     let simple = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    let program = format!("kiln-frontend-{name}");
+    let mut tried = vec!["the built-in Dockerfile frontend (dockerfile, docker/dockerfile:…)".to_string()];
     if simple {
+        let dirs = crate::plugins::plugin_dirs();
+        if let Some(found) = dirs.iter().map(|d| d.join(format!("{name}.wasm"))).find(|p| p.is_file()) {
+            return Ok(Chosen::Wasm(found));
+        }
+        tried.push(format!(
+            "{name}.wasm in the plugin directories ({})",
+            dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+        ));
+        let program = format!("kiln-frontend-{name}");
         if let Some(found) = std::env::var_os("PATH")
             .into_iter()
             .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
@@ -147,12 +205,37 @@ pub fn choose_frontend(syntax: Option<&str>) -> Result<Chosen, String> {
         {
             return Ok(Chosen::Native(found));
         }
+        tried.push(format!("{program} on PATH"));
+    } else if name.starts_with("oci-layout://") || kiln_frontend::reference::Reference::parse(name).is_ok() {
+        return Ok(Chosen::Artifact(name.to_string()));
+    } else {
+        tried.push("an OCI artifact reference (it does not parse as one)".to_string());
     }
-    Err(format!(
-        "no frontend for `# syntax={name}`: tried the built-in Dockerfile frontend (dockerfile, docker/dockerfile:…){}; \
-         WASM plugins (.wasm files, the plugin directory, OCI artifacts) are not supported yet",
-        if simple { format!(" and {program} on PATH") } else { String::new() }
-    ))
+    Err(format!("no frontend for `# syntax={name}`: tried {}", tried.join("; ")))
+}
+
+/// Runs a WASM plugin under its limits, with compiled code cached in the state root.
+fn run_plugin(
+    args: &FrontendArgs,
+    name: &str,
+    wasm: &[u8],
+    request: &Request,
+    host: &dyn kiln_frontend::Host,
+) -> Result<kiln_frontend::Response, String> {
+    let env_number = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<f64>().ok());
+    let mut limits = kiln_frontend_wasm::Limits::default();
+    if let Some(mib) = args.plugin_memory.map(|m| m as f64).or_else(|| env_number("KILN_PLUGIN_MEMORY")) {
+        limits.memory_bytes = (mib * 1024.0 * 1024.0) as u64;
+    }
+    if let Some(secs) = args.plugin_timeout.or_else(|| env_number("KILN_PLUGIN_TIMEOUT")) {
+        limits.time = std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("plugin time limit {secs}: {e}"))?;
+    }
+    let cache = PluginCache::new(&crate::host::state_root(args.root.as_deref()));
+    let plugins = kiln_frontend_wasm::PluginHost::new(Some(cache.compiled_dir()))?;
+    let plugin = plugins.load(name, wasm).map_err(|e| e.to_string())?;
+    plugin
+        .run(request, host, Some(&args.context), limits, |m| eprintln!("{m}"))
+        .map_err(|e| e.to_string())
 }
 
 /// Runs a native frontend program over the frontend protocol.

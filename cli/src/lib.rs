@@ -5,6 +5,7 @@ pub mod commands;
 pub mod diagnostics;
 pub mod frontend;
 pub mod host;
+pub mod plugins;
 pub mod progress;
 pub mod solver_client;
 

@@ -126,9 +126,34 @@ impl Layout {
 
     /// Resolves the image tagged `tag` (any image when `tag` is None and there is one) for `platform`.
     pub fn resolve(&self, tag: Option<&str>, platform: &Platform) -> Result<ResolvedConfig, LayoutError> {
-        let index_path = self.root.join("index.json");
-        let index: Index = self.json(&self.read(index_path)?, "index.json")?;
-        let candidates: Vec<&Descriptor> = match tag {
+        let index = self.index()?;
+        let candidates = self.tagged(&index, tag)?;
+        let desc = match candidates.as_slice() {
+            [one] => *one,
+            many => many.iter().find(|d| platform_matches(d, platform)).copied().unwrap_or(many[0]),
+        };
+        self.resolve_descriptor(desc, platform)
+    }
+
+    /// The digest of the manifest tagged `tag` (the only one when `tag` is None).
+    pub fn manifest_digest(&self, tag: Option<&str>) -> Result<String, LayoutError> {
+        let index = self.index()?;
+        match self.tagged(&index, tag)?.as_slice() {
+            [one] => Ok(one.digest.clone()),
+            _ => Err(LayoutError::NotFound(format!(
+                "{} holds several manifests; name one with :TAG or @sha256:…",
+                self.root.display()
+            ))),
+        }
+    }
+
+    fn index(&self) -> Result<Index, LayoutError> {
+        self.json(&self.read(self.root.join("index.json"))?, "index.json")
+    }
+
+    /// The index entries tagged `tag` (all of them for None); none is an error listing the tags.
+    fn tagged<'i>(&self, index: &'i Index, tag: Option<&str>) -> Result<Vec<&'i Descriptor>, LayoutError> {
+        let found: Vec<&Descriptor> = match tag {
             Some(t) => index
                 .manifests
                 .iter()
@@ -140,24 +165,20 @@ impl Layout {
                 .collect(),
             None => index.manifests.iter().collect(),
         };
-        let desc = match candidates.as_slice() {
-            [one] => *one,
-            [] => {
-                let tags: Vec<&str> = index
-                    .manifests
-                    .iter()
-                    .filter_map(|d| d.annotations.get(REF_NAME).map(String::as_str))
-                    .collect();
-                return Err(LayoutError::NotFound(format!(
-                    "no image tagged {:?} in {} (tags: {})",
-                    tag.unwrap_or(""),
-                    self.root.display(),
-                    tags.join(", ")
-                )));
-            }
-            many => many.iter().find(|d| platform_matches(d, platform)).copied().unwrap_or(many[0]),
-        };
-        self.resolve_descriptor(desc, platform)
+        if found.is_empty() {
+            let tags: Vec<&str> = index
+                .manifests
+                .iter()
+                .filter_map(|d| d.annotations.get(REF_NAME).map(String::as_str))
+                .collect();
+            return Err(LayoutError::NotFound(format!(
+                "no image tagged {:?} in {} (tags: {})",
+                tag.unwrap_or(""),
+                self.root.display(),
+                tags.join(", ")
+            )));
+        }
+        Ok(found)
     }
 
     fn resolve_descriptor(&self, desc: &Descriptor, platform: &Platform) -> Result<ResolvedConfig, LayoutError> {

@@ -4,6 +4,7 @@
 //! Shared by the CLI's frontend host and the solver, as is the registry
 //! client ([`registry`]).
 
+pub mod artifact;
 pub mod document;
 pub mod layout;
 pub mod registry;

@@ -162,15 +162,9 @@ impl RegistryClient {
     /// Resolves `reference` (normalized, e.g. `docker.io/library/alpine:3.20`)
     /// to the digest that pins it and the config of its `platform` image.
     pub async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedConfig, RegistryError> {
+        let (top, top_digest) = self.fetch_top_manifest(reference).await?;
         let (parsed, registry, client, auth) = self.connect(reference)?;
         let fetch = fetch_error(&registry);
-        let (top, top_digest) = client.pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES).await.map_err(fetch)?;
-        verify(&top, &top_digest)?;
-        if let Some(wanted) = parsed.digest() {
-            if wanted != top_digest {
-                return Err(RegistryError::Invalid(format!("{reference}: registry returned {top_digest}")));
-            }
-        }
         let doc: Document = serde_json::from_slice(&top).map_err(|e| RegistryError::Invalid(format!("{reference}: bad manifest: {e}")))?;
         let manifest: Document = if doc.is_manifest() {
             doc
@@ -216,6 +210,23 @@ impl RegistryClient {
         let client = self.client_for(&registry);
         let auth = self.credentials.for_registry(&registry);
         Ok((parsed, registry, client, auth))
+    }
+
+    /// Fetches the manifest or index `reference` names (by tag or digest),
+    /// verified; returns it and its digest.
+    pub async fn fetch_top_manifest(&self, reference: &str) -> Result<(Vec<u8>, String), RegistryError> {
+        let (parsed, registry, client, auth) = self.connect(reference)?;
+        let (top, top_digest) = client
+            .pull_manifest_raw(&parsed, &auth, MANIFEST_TYPES)
+            .await
+            .map_err(fetch_error(&registry))?;
+        verify(&top, &top_digest)?;
+        if let Some(wanted) = parsed.digest() {
+            if wanted != top_digest {
+                return Err(RegistryError::Invalid(format!("{reference}: registry returned {top_digest}")));
+            }
+        }
+        Ok((top.to_vec(), top_digest))
     }
 
     /// Fetches a manifest or index of `reference`'s repository by digest, verified.
