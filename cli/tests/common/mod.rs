@@ -330,3 +330,60 @@ pub fn umoci_unpack(tarball: &Path, name: &str, dest: &Path) {
         .expect("umoci");
     assert!(out.status.success(), "umoci unpack: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Builds kiln's WASM plugins from source once per test binary
+/// (`frontends/build-wasm.sh`: the Dockerfile frontend and the `steps`
+/// example, for wasm32-wasip1) and returns the folder holding
+/// `dockerfile.wasm` and `steps.wasm`.
+pub fn wasm_plugins() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let out = repo.join("target/plugins");
+            let run = Command::new("bash")
+                .arg(repo.join("frontends/build-wasm.sh"))
+                .env("KILN_PLUGINS_DIR", &out)
+                .output()
+                .expect("bash runs");
+            assert!(
+                run.status.success(),
+                "frontends/build-wasm.sh failed (it needs Debian's rustc-web; .ci/run installs it):\n{}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+            out
+        })
+        .clone()
+}
+
+/// Writes `wasm` as a CNCF wasm OCI artifact into an OCI layout at `dir`,
+/// tagged `tag`; returns (manifest bytes, config bytes).
+pub fn write_wasm_artifact(dir: &Path, tag: &str, wasm: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs");
+    let put = |bytes: &[u8]| {
+        let hex = hex::encode(Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).expect("blob");
+        format!("sha256:{hex}")
+    };
+    let config = br#"{"created":"2026-01-01T00:00:00Z","architecture":"wasm","os":"wasip1","layerDigests":[],"component":{}}"#.to_vec();
+    let config_digest = put(&config);
+    let module_digest = put(wasm);
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.wasm.config.v0+json","config":{{"mediaType":"application/vnd.wasm.config.v0+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/wasm","digest":"{module_digest}","size":{}}}]}}"#,
+        config.len(),
+        wasm.len()
+    )
+    .into_bytes();
+    let manifest_digest = put(&manifest);
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
+    std::fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"{tag}"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .expect("index");
+    (manifest, config)
+}
