@@ -41,12 +41,26 @@ fn dependencies_point_one_way() {
             assert!(dep != "kiln", "{manifest}: the solver does not depend on the CLI");
         }
     }
+    // The guest side (what plugins link) must build for wasm32: no host-only crates.
+    assert_eq!(
+        kiln_deps("frontends/guest/Cargo.toml"),
+        vec!["kiln-llb", "kiln-frontend", "kiln-frontend-stdio"]
+    );
+    assert_eq!(kiln_deps("frontends/plugins/steps/Cargo.toml"), vec!["kiln-guest"]);
+    assert_eq!(kiln_deps("frontends/wasm/Cargo.toml"), vec!["kiln-frontend", "kiln-frontend-stdio"]);
     assert_eq!(
         kiln_deps("solver/protocol/Cargo.toml"),
         Vec::<String>::new(),
         "the protocol crate stands alone"
     );
-    for pure in ["llb/Cargo.toml", "frontends/frontend/Cargo.toml", "frontends/dockerfile/Cargo.toml"] {
+    for pure in [
+        "llb/Cargo.toml",
+        "frontends/frontend/Cargo.toml",
+        "frontends/dockerfile/Cargo.toml",
+        "frontends/stdio/Cargo.toml",
+        "frontends/guest/Cargo.toml",
+        "frontends/plugins/steps/Cargo.toml",
+    ] {
         let text = std::fs::read_to_string(root().join(pure)).expect("manifest");
         let deps = text.split("[dependencies]").nth(1).unwrap_or("").split("\n[").next().unwrap_or("");
         for io in ["tokio", "reqwest", "walkdir", "wasmtime"] {

@@ -11,7 +11,7 @@
 //!     let build = kiln_guest::Build::new(request, host);
 //!     let stage = match build.image("alpine") {
 //!         Ok(s) => s.run("echo hello > /hello"),
-//!         Err(d) => return kiln_guest::Response { diagnostics: vec![d], ..Default::default() },
+//!         Err(d) => return kiln_guest::Response { diagnostics: vec![*d], ..Default::default() },
 //!     };
 //!     build.finish(&stage)
 //! });
@@ -88,17 +88,18 @@ impl<'a> Build<'a> {
     }
 
     /// A stage from an image, resolved by the host (pinned to its digest,
-    /// with its environment, user and working directory).
-    pub fn image(&self, reference: &str) -> Result<Stage, Diagnostic> {
+    /// with its environment, user and working directory). The error's span
+    /// is empty: the caller knows where the reference is and sets it.
+    pub fn image(&self, reference: &str) -> Result<Stage, Box<Diagnostic>> {
         let parsed = kiln_frontend::reference::Reference::parse(reference)
-            .map_err(|e| self.error("kiln::guest::invalid_reference", format!("{reference}: {e}"), 0..0))?;
+            .map_err(|e| Box::new(self.error("kiln::guest::invalid_reference", format!("{reference}: {e}"), 0..0)))?;
         let normalized = parsed.normalized();
         let resolved = self.host.resolve_image(&normalized, &self.platform).map_err(|e| {
-            self.error(
+            Box::new(self.error(
                 "kiln::guest::unresolved_image",
                 format!("cannot resolve image {normalized}: {e}"),
                 0..0,
-            )
+            ))
         })?;
         let (pinned, config) = match resolved {
             Some(r) => (r.reference, r.config),

@@ -125,8 +125,7 @@ fn files_that_are_not_preview1_modules_are_refused() {
         .load("reactor", &wat::parse_str("(module (memory (export \"memory\") 1))").expect("wat"))
         .expect("compiles")
         .run(&request(), &OfflineHost, None, Limits::default(), |_| {})
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("no `_start`"), "{err}");
 }
 

@@ -135,7 +135,7 @@ fn compile(request: &Request, host: &dyn Host) -> Response {
                     Err(mut d) => {
                         d.offset = rest_span.start;
                         d.length = rest_span.len();
-                        diagnostics.push(d);
+                        diagnostics.push(*d);
                         continue;
                     }
                 },
