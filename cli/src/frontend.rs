@@ -15,7 +15,7 @@ use crate::{EXIT_FRONTEND, EXIT_OTHER, EXIT_USAGE};
 /// Flags shared by every command that compiles a definition.
 #[derive(clap::Args, Debug, Clone)]
 pub struct FrontendArgs {
-    /// Name of the Dockerfile (default: CONTEXT/Dockerfile).
+    /// The definition file: a Dockerfile, a recipe, or any format its `# syntax=` names (default: CONTEXT/Dockerfile).
     #[arg(short = 'f', long = "file")]
     pub file: Option<PathBuf>,
     /// Build this stage and what it needs.
@@ -103,6 +103,7 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
     };
     let response = match chosen {
         Chosen::Builtin => kiln_dockerfile::compile(&request, host),
+        Chosen::Recipe => kiln_recipe::compile(&request, host),
         Chosen::Native(program) => run_native(&program, &request, host, &args.context).map_err(|msg| {
             let _ = writeln!(err, "error: frontend {}: {msg}", program.display());
             EXIT_FRONTEND
@@ -150,6 +151,8 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
 pub enum Chosen {
     /// kiln's built-in Dockerfile frontend.
     Builtin,
+    /// kiln's built-in YAML recipe frontend.
+    Recipe,
     /// A native frontend program speaking the frontend protocol.
     Native(PathBuf),
     /// A WASM plugin file.
@@ -160,7 +163,7 @@ pub enum Chosen {
 
 /// Resolves a `# syntax=` value (or `--frontend`), in this order:
 /// absent, `dockerfile` or BuildKit's `docker/dockerfile:…` are the built-in
-/// Dockerfile frontend; a value ending in `.wasm` is a plugin file (relative
+/// Dockerfile frontend; `recipe` the built-in YAML recipe frontend; a value ending in `.wasm` is a plugin file (relative
 /// to the definition file's directory); a plain NAME is `NAME.wasm` in a
 /// plugin directory, else a `kiln-frontend-NAME` program on PATH; a value
 /// with `/`, `:` or `@` (or `oci-layout://`) is an OCI artifact reference.
@@ -175,6 +178,9 @@ pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Ch
     {
         return Ok(Chosen::Builtin);
     }
+    if name == "recipe" {
+        return Ok(Chosen::Recipe);
+    }
     if name.ends_with(".wasm") && !name.contains("://") {
         let file = definition_dir.join(name);
         if file.is_file() {
@@ -186,7 +192,7 @@ pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Ch
         ));
     }
     let simple = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    let mut tried = vec!["the built-in Dockerfile frontend (dockerfile, docker/dockerfile:…)".to_string()];
+    let mut tried = vec!["the built-in frontends (dockerfile, docker/dockerfile:…, recipe)".to_string()];
     if simple {
         let dirs = crate::plugins::plugin_dirs();
         if let Some(found) = dirs.iter().map(|d| d.join(format!("{name}.wasm"))).find(|p| p.is_file()) {

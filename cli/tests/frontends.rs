@@ -58,7 +58,8 @@ fn an_unknown_syntax_lists_what_was_tried() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("kiln-frontend-nosuchfrontend on PATH") && err.contains("built-in Dockerfile frontend"),
+        err.contains("kiln-frontend-nosuchfrontend on PATH")
+            && err.contains("built-in frontends (dockerfile, docker/dockerfile:…, recipe)"),
         "{err}"
     );
     // BuildKit's own references are the built-in frontend.

@@ -1,7 +1,7 @@
 //! WASM frontend plugins end to end: the plugins are built from source for
 //! wasm32-wasip1 (`frontends/build-wasm.sh`), selected only by `# syntax=`
 //! (a file, the plugin directory, an OCI layout, a registry), and compared
-//! with the built-in Dockerfile frontend and the native `steps` binary.
+//! with the built-in Dockerfile and recipe frontends and the native `steps` binary.
 
 mod common;
 
@@ -113,6 +113,20 @@ const STEPS: &str = "base busybox\nworkdir /app\ncopy site /app/site\nrun echo b
 const DOCKERFILE: &str =
     "FROM busybox\nWORKDIR /app\nCOPY site /app/site\nRUN echo built by $(basename $0) > /app/built\nCMD [\"cat\", \"/app/built\"]\n";
 
+const RECIPE: &str = "stages:\n  main:\n    from: busybox\n    steps:\n      - workdir: /app\n      - copy: site\n        to: /app/site\n      - run: echo built by $(basename $0) > /app/built\n    image:\n      cmd: [cat, /app/built]\n";
+
+/// The op digests of a `dump-llb` JSON dump, in order.
+fn digests(dump: &str) -> Vec<String> {
+    dump.lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json line")["Digest"]
+                .as_str()
+                .expect("digest")
+                .to_string()
+        })
+        .collect()
+}
+
 /// A context with both definitions, a plugin folder, an OCI layout holding
 /// the steps plugin, and a bin folder with the native `kiln-frontend-steps`.
 struct Lab {
@@ -193,6 +207,9 @@ fn dump_llb_works_with_every_frontend_and_a_plugin_gives_the_same_llb_however_it
     let builtin = lab.dump(&lab.definition("Dockerfile.builtin", "dockerfile", DOCKERFILE));
     let wasm_df = lab.dump(&lab.definition("Dockerfile.wasm", "./dockerfile.wasm", DOCKERFILE));
     assert_eq!(builtin.replace("Dockerfile.builtin", "X"), wasm_df.replace("Dockerfile.wasm", "X"));
+    // The recipe saying the same thing has the same ops.
+    let recipe = lab.dump(&lab.definition("recipe.yaml", "recipe", RECIPE));
+    assert_eq!(digests(&recipe), digests(&builtin));
     let mut dumps = Vec::new();
     for (how, file) in lab.steps_selectors(None) {
         if how == "native on PATH" {
@@ -303,7 +320,7 @@ fn plugin_errors_are_shown_like_kilns_own() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     for tried in [
-        "built-in Dockerfile frontend",
+        "built-in frontends (dockerfile, docker/dockerfile:…, recipe)",
         "nosuchfrontend.wasm in the plugin directories",
         "kiln-frontend-nosuchfrontend on PATH",
     ] {
