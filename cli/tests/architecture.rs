@@ -49,6 +49,10 @@ fn dependencies_point_one_way() {
     assert_eq!(kiln_deps("frontends/plugins/steps/Cargo.toml"), vec!["kiln-guest"]);
     assert_eq!(kiln_deps("frontends/wasm/Cargo.toml"), vec!["kiln-frontend", "kiln-frontend-stdio"]);
     assert_eq!(
+        kiln_deps("frontends/recipe/Cargo.toml"),
+        vec!["kiln-llb", "kiln-frontend", "kiln-dockerfile", "kiln-frontend-stdio"]
+    );
+    assert_eq!(
         kiln_deps("solver/protocol/Cargo.toml"),
         Vec::<String>::new(),
         "the protocol crate stands alone"
@@ -60,6 +64,7 @@ fn dependencies_point_one_way() {
         "frontends/stdio/Cargo.toml",
         "frontends/guest/Cargo.toml",
         "frontends/plugins/steps/Cargo.toml",
+        "frontends/recipe/Cargo.toml",
     ] {
         let text = std::fs::read_to_string(root().join(pure)).expect("manifest");
         let deps = text.split("[dependencies]").nth(1).unwrap_or("").split("\n[").next().unwrap_or("");
