@@ -62,6 +62,16 @@ pub trait Host {
     /// Resolves an image reference (already normalized) for a platform.
     /// `Ok(None)` means the host resolves nothing (offline compilation).
     fn resolve_image(&self, reference: &str, platform: &Platform) -> Result<Option<ResolvedImage>, HostError>;
+
+    /// Reads a file of the build context (a relative path). `None` when the
+    /// host has no context, the file does not exist, or the path leaves the
+    /// context. In-process frontends get what they need in the [`Request`].
+    fn read_file(&self, _path: &str) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Reports progress to the user (a line of text).
+    fn progress(&self, _message: &str) {}
 }
 
 /// A host that resolves nothing: base images are taken as empty and left unpinned.

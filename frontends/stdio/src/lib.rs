@@ -182,6 +182,34 @@ impl Host for StreamHost<'_> {
             other => Err(herr(format!("unexpected answer from the host: {other:?}"))),
         }
     }
+
+    fn read_file(&self, path: &str) -> Option<Vec<u8>> {
+        let id = self.next.get();
+        self.next.set(id + 1);
+        line(
+            *self.output.borrow_mut(),
+            &FromFrontend::ReadFile {
+                id,
+                path: path.to_string(),
+            },
+        )
+        .ok()?;
+        let mut text = String::new();
+        self.input.borrow_mut().read_line(&mut text).ok()?;
+        match serde_json::from_str::<ToFrontend>(&text).ok()? {
+            ToFrontend::File { id: got, data: Some(data) } if got == id => unb64(&data).ok(),
+            _ => None,
+        }
+    }
+
+    fn progress(&self, message: &str) {
+        let _ = line(
+            *self.output.borrow_mut(),
+            &FromFrontend::Progress {
+                message: message.to_string(),
+            },
+        );
+    }
 }
 
 /// The frontend side: reads the request from `input`, compiles it with
@@ -279,11 +307,17 @@ pub fn run(
                 line(to_frontend, &answer)?;
             }
             FromFrontend::ReadFile { id, path } => {
-                // Only inside the context: no absolute paths, no `..`.
+                // Only inside the context: no absolute paths, no `..`, and no
+                // symlink that leads out of it.
                 let safe = !path.starts_with('/') && !path.split('/').any(|c| c == "..");
                 let data = context
                     .filter(|_| safe)
-                    .and_then(|c| std::fs::read(c.join(&path)).ok())
+                    .and_then(|c| {
+                        let root = c.canonicalize().ok()?;
+                        let file = c.join(&path).canonicalize().ok()?;
+                        file.starts_with(&root).then_some(file)
+                    })
+                    .and_then(|file| std::fs::read(file).ok())
                     .map(|b| b64(&b));
                 line(to_frontend, &ToFrontend::File { id, data })?;
             }
@@ -351,6 +385,52 @@ mod tests {
         assert_eq!(detect_syntax(b"# {\"syntax\": \"./f.wasm\"}\n"), Some("./f.wasm".into()));
         assert_eq!(detect_syntax(b"FROM x\n# syntax=late\n"), None);
         assert_eq!(detect_syntax(b"# escape=`\n"), None);
+    }
+
+    #[test]
+    fn read_file_is_confined_to_the_context_and_progress_reaches_the_host() {
+        let dir = std::env::temp_dir().join(format!("kiln-stdio-read-file-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ctx/sub")).expect("ctx");
+        std::fs::write(dir.join("ctx/sub/inside.txt"), "in").expect("file");
+        std::fs::write(dir.join("outside.txt"), "secret").expect("file");
+        std::os::unix::fs::symlink("../outside.txt", dir.join("ctx/escape")).expect("symlink");
+        let (host_to_fe_r, mut host_to_fe_w) = std::io::pipe().expect("pipe");
+        let (mut fe_to_host_r, fe_to_host_w) = std::io::pipe().expect("pipe");
+        let fe = std::thread::spawn(move || {
+            let mut input = std::io::BufReader::new(host_to_fe_r);
+            let mut output = fe_to_host_w;
+            serve(&mut input, &mut output, |_, host| {
+                host.progress("reading");
+                let seen: Vec<String> = ["sub/inside.txt", "escape", "../outside.txt", "/etc/hostname", "missing"]
+                    .iter()
+                    .map(|p| format!("{p}={:?}", host.read_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())))
+                    .collect();
+                Response {
+                    diagnostics: vec![kiln_frontend::Diagnostic::error("probe", seen.join(" "), "f", 0..0)],
+                    ..Default::default()
+                }
+            })
+        });
+        let mut reader = std::io::BufReader::new(&mut fe_to_host_r);
+        let mut progress = Vec::new();
+        let request = Request::default();
+        let r = run(
+            &mut host_to_fe_w,
+            &mut reader,
+            &request,
+            &kiln_frontend::OfflineHost,
+            Some(&dir.join("ctx")),
+            |m| progress.push(m.to_string()),
+        )
+        .expect("response");
+        fe.join().expect("thread").expect("serve");
+        assert_eq!(progress, ["reading"]);
+        assert_eq!(
+            r.diagnostics[0].message,
+            "sub/inside.txt=Some(\"in\") escape=None ../outside.txt=None /etc/hostname=None missing=None"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
