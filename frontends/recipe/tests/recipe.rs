@@ -61,8 +61,8 @@ fn each_recipe_gives_the_ops_of_its_dockerfile() {
                 let from_dockerfile = kiln_dockerfile::compile(&dr, host);
                 assert_eq!(ops(&from_recipe), ops(&from_dockerfile), "{} (target {target:?})", yaml.display());
                 assert_eq!(
-                    serde_json::to_value(&from_recipe.image_config.as_ref().map(|c| &c.config)).expect("json"),
-                    serde_json::to_value(&from_dockerfile.image_config.as_ref().map(|c| &c.config)).expect("json"),
+                    serde_json::to_value(from_recipe.image_config.as_ref().map(|c| &c.config)).expect("json"),
+                    serde_json::to_value(from_dockerfile.image_config.as_ref().map(|c| &c.config)).expect("json"),
                     "{}: image config",
                     yaml.display()
                 );
