@@ -89,6 +89,11 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
         let _ = writeln!(err, "error: {msg}");
         EXIT_USAGE
     })?;
+    if let (Chosen::Builtin, Some(requested)) = (&chosen, syntax.as_deref()) {
+        if let Some(warning) = version_warning(requested) {
+            let _ = writeln!(err, "warning: {warning}");
+        }
+    }
     let cli_host;
     let host: &dyn kiln_frontend::Host = if no_resolve {
         &OfflineHost
@@ -220,6 +225,41 @@ pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Ch
     Err(format!("no frontend for `# syntax={name}`: tried {}", tried.join("; ")))
 }
 
+/// The newest BuildKit Dockerfile frontend whose features the built-in frontend covers.
+pub const COVERED_DOCKERFILE_VERSION: (u32, u32) = (1, 14);
+
+/// A warning when `# syntax=docker/dockerfile:…` asks for more than the
+/// built-in frontend covers: a newer version, a `labs` channel, or a pinned
+/// digest kiln cannot check. None for `1`, `1.N` up to the covered version,
+/// `latest` and `dockerfile`.
+pub fn version_warning(syntax: &str) -> Option<String> {
+    let bare = syntax.trim_start_matches("docker.io/");
+    let rest = bare.strip_prefix("docker/dockerfile")?;
+    let (major, minor) = COVERED_DOCKERFILE_VERSION;
+    let covered = format!("kiln's built-in Dockerfile frontend covers the docker/dockerfile:{major}.{minor} feature set");
+    if rest.contains('@') {
+        return Some(format!(
+            "{covered}; `{syntax}` pins an image kiln does not run, so its exact version is not checked"
+        ));
+    }
+    let tag = rest.strip_prefix(':').unwrap_or("latest");
+    let (version, channel) = tag.split_once('-').unwrap_or((tag, ""));
+    if channel == "labs" || version == "labs" {
+        return Some(format!(
+            "{covered}; `{syntax}` asks for the labs channel, whose experimental features beyond that are not supported"
+        ));
+    }
+    let parts: Vec<u32> = version.split('.').map_while(|p| p.parse().ok()).collect();
+    match parts.as_slice() {
+        [] => None,
+        [m, ..] if *m > major => Some(format!("{covered}; `{syntax}` asks for a newer major version")),
+        [m, n, ..] if *m == major && *n > minor => Some(format!(
+            "{covered}; `{syntax}` may use features added after it, which will be reported as errors"
+        )),
+        _ => None,
+    }
+}
+
 /// Runs a WASM plugin under its limits, with compiled code cached in the state root.
 fn run_plugin(
     args: &FrontendArgs,
@@ -328,4 +368,32 @@ pub fn parse_dockerignore(text: &str) -> Vec<String> {
             format!("{neg}{}", if cleaned.is_empty() { "." } else { cleaned })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buildkit_versions_beyond_the_covered_set_get_a_warning() {
+        for quiet in [
+            "docker/dockerfile:1",
+            "docker/dockerfile:1.7",
+            "docker.io/docker/dockerfile:1.14.1",
+            "docker/dockerfile",
+            "dockerfile",
+        ] {
+            assert_eq!(version_warning(quiet), None, "{quiet}");
+        }
+        for loud in [
+            "docker/dockerfile:1.15",
+            "docker/dockerfile:2",
+            "docker/dockerfile:1.7-labs",
+            "docker/dockerfile:labs",
+            "docker/dockerfile@sha256:abc",
+        ] {
+            let w = version_warning(loud).unwrap_or_else(|| panic!("{loud}: no warning"));
+            assert!(w.contains("covers the docker/dockerfile:1.14 feature set"), "{w}");
+        }
+    }
 }
