@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use kiln_frontend_wasm::write_atomically;
 use kiln_oci::{artifact, Credentials, Layout, RegistryClient};
 use sha2::{Digest, Sha256};
 
@@ -104,15 +105,6 @@ fn split_layout_reference(rest: &str) -> (&str, Option<&str>, Option<&str>) {
         Some((path, tag)) if !tag.contains('/') && !path.is_empty() => (path, Some(tag), None),
         _ => (rest, None, None),
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

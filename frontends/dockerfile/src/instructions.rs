@@ -433,10 +433,7 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
                 "onbuild",
                 "maintainer",
             ];
-            let suggestion = known
-                .iter()
-                .min_by_key(|k| edit_distance(k, &cmd))
-                .filter(|k| edit_distance(k, &cmd) <= 2);
+            let suggestion = kiln_frontend::diagnostic::closest(&cmd, known.iter().copied());
             let msg = format!("unknown instruction: {}", node.keyword);
             let msg = match suggestion {
                 Some(s) => format!("{msg} (did you mean {}?)", s.to_uppercase()),
@@ -446,18 +443,4 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
         }
     };
     Ok(inst)
-}
-
-/// Levenshtein distance, for did-you-mean hints.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }

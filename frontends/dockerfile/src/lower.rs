@@ -156,15 +156,6 @@ fn span_of(node: &Node) -> SourceSpan {
     }
 }
 
-fn pb_platform(p: &Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture.clone(),
-        os: p.os.clone(),
-        variant: p.variant.clone(),
-        ..Default::default()
-    }
-}
-
 /// Go's `path.Clean` for absolute or relative slash paths.
 pub fn clean_path(p: &str) -> String {
     let rooted = p.starts_with('/');
@@ -319,7 +310,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         } else {
             format!("docker-image://{pinned}")
         };
-        let state = State::source(identifier, BTreeMap::new(), Some(pb_platform(platform)), meta.cap("source.image"));
+        let state = State::source(identifier, BTreeMap::new(), Some(platform.to_pb()), meta.cap("source.image"));
         Ok((state, config))
     }
 
@@ -848,7 +839,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .stages
             .iter()
             .filter_map(|s| s.name.as_deref())
-            .find(|n| plain && crate::instructions::edit_distance(n, &from.to_ascii_lowercase()) <= 2)
+            .find(|n| plain && kiln_frontend::diagnostic::edit_distance(n, &from.to_ascii_lowercase()) <= 2)
         {
             return Err((
                 "unknown_stage",
@@ -963,7 +954,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 ))
             }
         };
-        exec.platform = Some(pb_platform(&b.platform));
+        exec.platform = Some(b.platform.to_pb());
         let mut meta = Self::meta(node, customname, true)
             .cap("exec.meta.base")
             .cap("exec.mount.bind")

@@ -17,6 +17,16 @@ pub struct Platform {
 }
 
 impl Platform {
+    /// As an LLB `pb.Platform`.
+    pub fn to_pb(&self) -> kiln_llb::pb::Platform {
+        kiln_llb::pb::Platform {
+            architecture: self.architecture.clone(),
+            os: self.os.clone(),
+            variant: self.variant.clone(),
+            ..Default::default()
+        }
+    }
+
     /// `linux/amd64`.
     pub fn linux_amd64() -> Platform {
         Platform {

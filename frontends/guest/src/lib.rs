@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+pub use kiln_frontend::diagnostic::closest;
 pub use kiln_frontend::{Diagnostic, Host, ImageConfig, OfflineHost, Platform, Request, Response, Severity};
 pub use kiln_llb as llb;
 use kiln_llb::builder::{Exec, FileInput, FileOp, SourceSpan, VertexMeta};
@@ -113,7 +114,7 @@ impl<'a> Build<'a> {
         let meta = VertexMeta::default()
             .describe("llb.customname", format!("[internal] load {normalized}"))
             .cap("source.image");
-        let state = State::source(identifier, BTreeMap::new(), Some(pb_platform(&self.platform)), meta);
+        let state = State::source(identifier, BTreeMap::new(), Some(self.platform.to_pb()), meta);
         Ok(Stage::new(state, config, &self.platform))
     }
 
@@ -209,7 +210,7 @@ impl Stage {
                 remove_mount_stubs_recursive: true,
                 ..Default::default()
             },
-            platform: Some(pb_platform(&self.platform)),
+            platform: Some(self.platform.to_pb()),
             ..Default::default()
         };
         let meta = self
@@ -328,15 +329,6 @@ impl Stage {
         let mut next = self.clone();
         next.config.config.labels.insert(key.to_string(), value.to_string());
         next
-    }
-}
-
-fn pb_platform(p: &Platform) -> pb::Platform {
-    pb::Platform {
-        architecture: p.architecture.clone(),
-        os: p.os.clone(),
-        variant: p.variant.clone(),
-        ..Default::default()
     }
 }
 

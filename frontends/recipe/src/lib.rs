@@ -11,6 +11,7 @@
 pub mod model;
 pub mod positions;
 
+use kiln_frontend::diagnostic::closest;
 use kiln_frontend::{Diagnostic, Host, Request, Response};
 use kiln_llb::pb;
 
@@ -121,28 +122,6 @@ fn context_of(text: &str) -> String {
         Some((path, _)) if !path.is_empty() => format!(" in {path}"),
         _ => String::new(),
     }
-}
-
-/// The candidate closest to `word` (edit distance at most 2, or a prefix).
-fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let distance = |a: &str, b: &str| {
-        let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-        let mut prev: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.iter().enumerate() {
-            let mut cur = vec![i + 1];
-            for (j, cb) in b.iter().enumerate() {
-                cur.push((prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
-            }
-            prev = cur;
-        }
-        prev[b.len()]
-    };
-    candidates
-        .into_iter()
-        .map(|c| (distance(word, c), c))
-        .filter(|(d, c)| *d <= 2 || c.starts_with(word))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, c)| c)
 }
 
 /// Double-quoted for a Dockerfile value (expansion of `$VAR` stays on, as in a Dockerfile).

@@ -200,7 +200,9 @@ impl PluginHost {
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes a cache file whole or not at all (temp file + rename), so a file
+/// another process has mapped is replaced, never changed under it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }

@@ -87,23 +87,6 @@ fn unescape(s: &str) -> String {
     out
 }
 
-/// The verb closest to a misspelt one, if any is close.
-fn suggest(verb: &str) -> Option<&'static str> {
-    let verb = verb.to_ascii_lowercase();
-    VERBS.iter().copied().find(|v| {
-        let (a, b): (Vec<char>, Vec<char>) = (v.chars().collect(), verb.chars().collect());
-        let mut prev: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.iter().enumerate() {
-            let mut cur = vec![i + 1];
-            for (j, cb) in b.iter().enumerate() {
-                cur.push((prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
-            }
-            prev = cur;
-        }
-        prev[b.len()] <= 2
-    })
-}
-
 fn compile(request: &Request, host: &dyn Host) -> Response {
     let text = String::from_utf8_lossy(&request.definition).into_owned();
     let build = Build::new(request, host);
@@ -148,7 +131,7 @@ fn compile(request: &Request, host: &dyn Host) -> Response {
                 format!("unknown step `{}`", line.verb),
                 verb_span.clone(),
             );
-            d.help = Some(match suggest(line.verb) {
+            d.help = Some(match kiln_guest::closest(&line.verb.to_ascii_lowercase(), VERBS.iter().copied()) {
                 Some(v) => format!("did you mean `{v}`?"),
                 None => format!("steps are: {}", VERBS.join(", ")),
             });
