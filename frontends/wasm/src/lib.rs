@@ -368,13 +368,13 @@ impl Plugin {
                 message: "it has no `_start` function (build it as a command, not a reactor)".into(),
             })?;
 
-        let done = AtomicBool::new(false);
+        // Dropping `stop` ends the ticker at once (a sleep would hold up every run by up to a tick).
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let engine = &self.engine;
         let (answer, outcome) = std::thread::scope(|scope| {
             // Ticks the epoch so the deadline callback runs while the plugin computes.
-            scope.spawn(|| {
-                while !done.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
+            scope.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(TICK) {
                     engine.increment_epoch();
                 }
             });
@@ -397,7 +397,7 @@ impl Plugin {
             // Drain its stdout so a plugin blocked writing it can finish.
             let _ = std::io::copy(&mut reader.take(1 << 20), &mut std::io::sink());
             let outcome = guest.join();
-            done.store(true, Ordering::Relaxed);
+            drop(stop);
             (answer, outcome)
         });
         let stderr_text = String::from_utf8_lossy(&stderr.contents()).into_owned();
