@@ -314,6 +314,15 @@ fn plugin_errors_are_shown_like_kilns_own() {
     assert!(err.contains("Stepfile.bad:3:1"), "{err}");
     assert!(err.contains("did you mean `workdir`?"), "{err}");
 
+    // A recipe error: rendered by miette at the YAML line and column, with the did-you-mean.
+    let file = lab.definition("recipe-bad.yaml", "recipe", "stages:\n  main:\n    from: busybox\n    steps:\n      - rnu: make\n");
+    let out = lab.kiln(&["dump-llb", "--no-resolve", "-f", &format!("ctx/{file}"), "ctx"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kiln::recipe::unknown_key"), "{err}");
+    assert!(err.contains("recipe-bad.yaml:6:9"), "{err}");
+    assert!(err.contains("did you mean `run`?"), "{err}");
+
     // An unresolvable directive lists what was tried.
     let file = lab.definition("Stepfile.none", "nosuchfrontend", "base scratch\n");
     let out = lab.kiln(&["dump-llb", "--no-resolve", "-f", &format!("ctx/{file}"), "ctx"]);
