@@ -315,7 +315,11 @@ fn plugin_errors_are_shown_like_kilns_own() {
     assert!(err.contains("did you mean `workdir`?"), "{err}");
 
     // A recipe error: rendered by miette at the YAML line and column, with the did-you-mean.
-    let file = lab.definition("recipe-bad.yaml", "recipe", "stages:\n  main:\n    from: busybox\n    steps:\n      - rnu: make\n");
+    let file = lab.definition(
+        "recipe-bad.yaml",
+        "recipe",
+        "stages:\n  main:\n    from: busybox\n    steps:\n      - rnu: make\n",
+    );
     let out = lab.kiln(&["dump-llb", "--no-resolve", "-f", &format!("ctx/{file}"), "ctx"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
