@@ -34,16 +34,8 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 /// Serves one request on stdin/stdout with `compile`, then exits the process
 /// (status 0, or 2 with a message on stderr when the protocol failed).
 pub fn main(compile: impl Fn(&Request, &dyn Host) -> Response) -> ! {
-    let stdin = std::io::stdin();
-    let mut input = stdin.lock();
-    let mut output = std::io::stdout().lock();
-    match kiln_frontend_stdio::serve(&mut input, &mut output, compile) {
-        Ok(()) => std::process::exit(0),
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(2)
-        }
-    }
+    let name = std::env::args().next().unwrap_or_else(|| "frontend".into());
+    kiln_frontend_stdio::serve_stdio(&name, compile)
 }
 
 /// One build: the request, the host to resolve images with, and the build context.
@@ -194,6 +186,15 @@ impl Stage {
         }
     }
 
+    /// `path` taken from the working directory unless it is absolute.
+    fn absolute(&self, path: &str) -> String {
+        if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("{}/{path}", self.cwd().trim_end_matches('/'))
+        }
+    }
+
     /// Runs a shell command (`/bin/sh -c COMMAND`).
     pub fn run(&self, command: &str) -> Stage {
         self.run_args(&["/bin/sh", "-c", command])
@@ -239,11 +240,7 @@ impl Stage {
 
     /// Sets (and creates) the working directory; relative paths are taken from the current one.
     pub fn workdir(&self, dir: &str) -> Stage {
-        let path = if dir.starts_with('/') {
-            dir.to_string()
-        } else {
-            format!("{}/{dir}", self.cwd().trim_end_matches('/'))
-        };
+        let path = self.absolute(dir);
         let mkdir = Action::Mkdir(pb::FileActionMkDir {
             path: path.clone(),
             mode: 0o755,
@@ -263,11 +260,7 @@ impl Stage {
     /// Copies `src` (wildcards allowed; a directory's contents) from `from`
     /// to `dest` (relative to the working directory).
     pub fn copy(&self, from: &State, src: &str, dest: &str) -> Stage {
-        let dest = if dest.starts_with('/') {
-            dest.to_string()
-        } else {
-            format!("{}/{dest}", self.cwd().trim_end_matches('/'))
-        };
+        let dest = self.absolute(dest);
         let copy = pb::FileActionCopy {
             src: format!("/{}", src.trim_start_matches('/')),
             dest: dest.clone(),
@@ -290,11 +283,7 @@ impl Stage {
 
     /// Writes a file with these contents and permission bits.
     pub fn write(&self, path: &str, contents: &[u8], mode: u32) -> Stage {
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("{}/{path}", self.cwd().trim_end_matches('/'))
-        };
+        let path = self.absolute(path);
         let mk = Action::Mkfile(pb::FileActionMkFile {
             path: path.clone(),
             mode: mode as i32,

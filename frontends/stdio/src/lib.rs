@@ -265,6 +265,22 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
     )
 }
 
+/// A frontend program's `main`: serves one request on this process's
+/// stdin/stdout with `compile`, then exits (0, or 2 with `name: error` on
+/// stderr when the protocol failed).
+pub fn serve_stdio(name: &str, compile: impl Fn(&Request, &dyn Host) -> Response) -> ! {
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut output = std::io::stdout().lock();
+    match serve(&mut input, &mut output, compile) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::exit(2)
+        }
+    }
+}
+
 /// The host side: sends `request` to a started frontend (its stdin and
 /// stdout), answers its calls with `host` (and `read_file` from `context`),
 /// and returns its response.

@@ -2,11 +2,5 @@
 //! protocol on stdin/stdout.
 
 fn main() {
-    let stdin = std::io::stdin();
-    let mut input = stdin.lock();
-    let mut output = std::io::stdout().lock();
-    if let Err(e) = kiln_frontend_stdio::serve(&mut input, &mut output, kiln_recipe::compile) {
-        eprintln!("kiln-frontend-recipe: {e}");
-        std::process::exit(2);
-    }
+    kiln_frontend_stdio::serve_stdio("kiln-frontend-recipe", kiln_recipe::compile)
 }
