@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::OnceLock;
 
 use kiln_llb::pb;
 use oci_spec::runtime::{Capability, LinuxNamespaceType, Mount, Spec};
@@ -19,12 +20,107 @@ use crate::fsutil::{mkdir_all, resolve_in_root, resolve_user};
 use crate::layer::set_mtime_nofollow;
 
 /// The OCI runtime binary and where it keeps state.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Runtime {
     /// `runc`, `crun` or a path.
     pub binary: String,
     /// Its `--root`.
     pub state: PathBuf,
+    /// A sealed in-memory copy of the binary, made once per solve.
+    sealed: OnceLock<Option<SealedBinary>>,
+}
+
+/// The runtime binary copied into a sealed memfd. runc starts each
+/// container by re-executing itself; to keep a container from overwriting
+/// the host's runc (CVE-2019-5736) runc 1.1 first clones its own binary
+/// (a bind mount and a second exec, or a 9 MB copy) unless it already runs
+/// from a sealed memfd, the arrangement runc's own `memfd-bind` tool
+/// provides. Starting it from one copy per solve skips that work in every
+/// container; the protection is the same, since a sealed memfd cannot be
+/// written.
+#[derive(Debug)]
+struct SealedBinary {
+    fd: rustix::fd::OwnedFd,
+}
+
+impl SealedBinary {
+    fn create(binary: &str) -> std::io::Result<SealedBinary> {
+        use rustix::fs::{fcntl_add_seals, memfd_create, MemfdFlags, SealFlags};
+        let path = find_program(binary).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, binary.to_string()))?;
+        let mut source = fs::File::open(path)?;
+        // Only a binary: a script run from a memfd would not find itself.
+        let mut magic = [0u8; 4];
+        std::io::Read::read_exact(&mut source, &mut magic)?;
+        if magic != *b"\x7fELF" {
+            return Err(std::io::Error::other("not an ELF binary"));
+        }
+        std::io::Seek::rewind(&mut source)?;
+        let fd = memfd_create(binary, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+        let mut copy = fs::File::from(fd);
+        std::io::copy(&mut source, &mut copy)?;
+        let fd = rustix::fd::OwnedFd::from(copy);
+        // Exactly the seals runc checks for.
+        fcntl_add_seals(&fd, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE)?;
+        Ok(SealedBinary { fd })
+    }
+
+    fn path(&self) -> PathBuf {
+        use rustix::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// `name` as a path: itself when it has a slash, else the first executable
+/// file of that name on PATH.
+fn find_program(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+impl Runtime {
+    /// The runtime `binary` keeping its state in `state`.
+    pub fn new(binary: String, state: PathBuf) -> Runtime {
+        Runtime {
+            binary,
+            state,
+            sealed: OnceLock::new(),
+        }
+    }
+
+    /// Makes the sealed copy of the binary now (a few milliseconds), so the
+    /// first step need not wait for it. Without memfd support, for a script,
+    /// or with `KILN_SEALED_RUNTIME=off`, the binary is run from its path.
+    pub fn prepare(&self) {
+        self.sealed.get_or_init(|| {
+            if std::env::var_os("KILN_SEALED_RUNTIME").is_some_and(|v| v == "off") {
+                return None;
+            }
+            SealedBinary::create(&self.binary).ok()
+        });
+    }
+
+    /// The program to execute: the sealed copy when there is one.
+    fn program(&self) -> PathBuf {
+        self.prepare();
+        match self.sealed.get() {
+            Some(Some(s)) => s.path(),
+            _ => PathBuf::from(&self.binary),
+        }
+    }
+
+    /// A command running the runtime, named as the binary in `ps`.
+    fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.program());
+        std::os::unix::process::CommandExt::arg0(&mut cmd, &self.binary);
+        cmd.arg("--root").arg(&self.state);
+        cmd
+    }
 }
 
 /// One mount of the step besides the root.
@@ -125,9 +221,9 @@ struct ContainerGuard<'a> {
 impl Drop for ContainerGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            let _ = std::process::Command::new(&self.runtime.binary)
-                .arg("--root")
-                .arg(&self.runtime.state)
+            let _ = self
+                .runtime
+                .command()
                 .args(["delete", "--force", &self.id])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -363,9 +459,8 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
         id: step.id.clone(),
         armed: true,
     };
-    let mut child = tokio::process::Command::new(&runtime.binary)
-        .arg("--root")
-        .arg(&runtime.state)
+    let command = tokio::task::block_in_place(|| runtime.command());
+    let mut child = tokio::process::Command::from(command)
         .arg("run")
         .arg("--bundle")
         .arg(step.bundle)
@@ -471,4 +566,34 @@ fn all_capabilities() -> HashSet<Capability> {
         "CAP_WAKE_ALARM",
     ];
     names.iter().filter_map(|n| Capability::from_str(n).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::fs::{fcntl_get_seals, SealFlags};
+
+    #[test]
+    fn a_binary_runtime_runs_from_a_sealed_copy() {
+        let runtime = Runtime::new("true".into(), PathBuf::from("/nonexistent"));
+        let program = runtime.program();
+        assert!(program.starts_with("/proc/self/fd"), "{program:?}");
+        let sealed = runtime.sealed.get().and_then(Option::as_ref).expect("sealed copy");
+        let seals = fcntl_get_seals(&sealed.fd).expect("seals");
+        assert_eq!(seals, SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE);
+        let bytes = fs::read(&program).expect("read copy");
+        assert_eq!(bytes, fs::read(find_program("true").expect("on PATH")).expect("read original"));
+        assert!(runtime.command().status().expect("runs").success());
+    }
+
+    #[test]
+    fn a_script_runtime_runs_from_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("runtime");
+        fs::write(&script, "#!/bin/sh\n[ \"$1\" = --root ] && exit 3\n").expect("script");
+        fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let runtime = Runtime::new(script.to_string_lossy().into_owned(), PathBuf::from("/nonexistent"));
+        assert_eq!(runtime.program(), script);
+        assert_eq!(runtime.command().status().expect("runs").code(), Some(3));
+    }
 }

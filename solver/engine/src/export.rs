@@ -62,11 +62,7 @@ pub fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> R
             s.spawn(|| loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&i) = missing.get(k) else { break };
-                let id = &layers[i];
-                let clamp = if id.starts_with("blob-") { None } else { epoch };
-                let r = export_layer(root, &layer_fs(root, id), clamp)
-                    .and_then(|b| write_layer_blob(root, id, epoch, &b).map(|()| b))
-                    .map_err(|e| format!("compressing layer {id}: {e}"));
+                let r = layer_blob(root, &layers[i], epoch);
                 if let Ok(mut v) = results.lock() {
                     v.push((i, r));
                 }
@@ -77,6 +73,17 @@ pub fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> R
         out[i] = Some(r?);
     }
     out.into_iter().map(|b| b.ok_or_else(|| "layer blob missing".to_string())).collect()
+}
+
+/// The compressed blob of one layer, made and remembered if it was not.
+pub fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<LayerBlob, String> {
+    if let Some(b) = read_layer_blob(root, id, epoch) {
+        return Ok(b);
+    }
+    let clamp = if id.starts_with("blob-") { None } else { epoch };
+    export_layer(root, &layer_fs(root, id), clamp)
+        .and_then(|b| write_layer_blob(root, id, epoch, &b).map(|()| b))
+        .map_err(|e| format!("compressing layer {id}: {e}"))
 }
 
 /// Builds and stores the image config and manifest for the layers.

@@ -33,7 +33,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_llb::LoadedDefinition;
-use kiln_solver_protocol::{ErrorKind, Event, SolveRequest, SolveResult, VERSION};
+use kiln_solver_protocol::{ErrorKind, Event, Exporter, SolveRequest, SolveResult, VERSION};
 
 use crate::scheduler::{EventSink, Failure, SolveOptions, Solver};
 
@@ -100,10 +100,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             )
         }
     };
-    let runtime = exec::Runtime {
-        binary: runtime_bin,
-        state: root.runtime_state(),
-    };
+    let runtime = exec::Runtime::new(runtime_bin, root.runtime_state());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let solver = Arc::new(Solver::new(
         root.clone(),
@@ -115,6 +112,11 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             runtime,
             secrets: request.secrets.clone(),
             ssh: request.ssh.clone(),
+            image_layers: request
+                .exporters
+                .iter()
+                .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }))
+                .then_some(request.source_date_epoch),
         },
         events.clone(),
     ));
@@ -145,6 +147,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             total: request.exporters.len() as u64,
             done: false,
         });
+        solver.compressed().await;
         let root2 = root.clone();
         let exporters = request.exporters.clone();
         let config = request.image_config.clone();

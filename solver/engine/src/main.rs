@@ -164,9 +164,14 @@ fn main() {
             _ = term.recv() => interrupted(&sink),
         }
     });
-    // Dropping the runtime ends any step still running; their guards remove
-    // containers and mounts.
-    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    if code == kiln_solver::exit::OK {
+        // Nothing is left running after a success.
+        rt.shutdown_background();
+    } else {
+        // Dropping the runtime ends any step still running; their guards
+        // remove containers and mounts.
+        rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    }
     if code == kiln_solver::exit::OK {
         kiln_solver::gc::maybe_start_collector(&root_for_gc);
     }

@@ -73,6 +73,9 @@ pub struct SolveOptions {
     pub secrets: kiln_solver_protocol::Secrets,
     /// SSH agent sockets by id.
     pub ssh: BTreeMap<String, String>,
+    /// The exporters want an image: compress the result's layers as soon
+    /// as they are made, with timestamps clamped to this SOURCE_DATE_EPOCH.
+    pub image_layers: Option<Option<i64>>,
 }
 
 /// One solve of one Definition.
@@ -88,6 +91,10 @@ pub struct Solver {
     start: Instant,
     checksums: Mutex<HashMap<PathBuf, Arc<ChecksumCache>>>,
     locals: Mutex<HashMap<String, Arc<LocalSource>>>,
+    /// Vertices whose new layer ends up in the result, by output index.
+    result_layers: HashMap<String, i64>,
+    /// Layers being compressed ahead of the export.
+    compressing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Vertices that ran.
     pub executed: AtomicU32,
     /// Vertices found in the cache.
@@ -101,6 +108,52 @@ fn sha(parts: &[&[u8]]) -> String {
         h.update(p);
     }
     format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// The vertices (and output index) whose newest layer is part of the
+/// definition's result: from the result, down the input each output is built
+/// on (a FileOp's base, an ExecOp's root mount, every input of a MergeOp).
+fn result_spine(def: &LoadedDefinition, index: &HashMap<String, usize>) -> HashMap<String, i64> {
+    use pb::op::Op;
+    let mut spine = HashMap::new();
+    let Some(last) = def.ops.last() else {
+        return spine;
+    };
+    let mut todo: Vec<(String, i64)> = last.op.inputs.iter().map(|i| (i.digest.clone(), i.index)).collect();
+    while let Some((digest, out)) = todo.pop() {
+        let Some(&i) = index.get(digest.as_str()) else { continue };
+        if spine.insert(digest.clone(), out).is_some() {
+            continue;
+        }
+        let op = &def.ops[i].op;
+        let base_input: Option<i64> = match &op.op {
+            Some(Op::Exec(e)) => e.mounts.iter().find(|m| m.output == out && m.dest == "/").map(|m| m.input),
+            Some(Op::File(f)) => {
+                let n = op.inputs.len() as i64;
+                let mut action = f.actions.iter().position(|a| a.output == out);
+                let mut input = None;
+                // Follow earlier actions' results back to an op input.
+                while let Some(a) = action {
+                    let from = f.actions[a].input;
+                    if from < n {
+                        input = Some(from);
+                        break;
+                    }
+                    action = usize::try_from(from - n).ok().filter(|&b| b < a);
+                }
+                input
+            }
+            Some(Op::Merge(_)) => {
+                todo.extend(op.inputs.iter().map(|i| (i.digest.clone(), i.index)));
+                None
+            }
+            _ => None,
+        };
+        if let Some(inp) = base_input.and_then(|b| usize::try_from(b).ok()).and_then(|b| op.inputs.get(b)) {
+            todo.push((inp.digest.clone(), inp.index));
+        }
+    }
+    spine
 }
 
 /// Version of the cache key scheme; changing how keys are made bumps it.
@@ -117,6 +170,11 @@ impl Solver {
             .collect();
         let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
         let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
+        let result_layers = if opts.image_layers.is_some() {
+            result_spine(&def, &index)
+        } else {
+            HashMap::new()
+        };
         Solver {
             root,
             def,
@@ -129,6 +187,8 @@ impl Solver {
             start: Instant::now(),
             checksums: Mutex::new(HashMap::new()),
             locals: Mutex::new(HashMap::new()),
+            result_layers,
+            compressing: Mutex::new(Vec::new()),
             executed: AtomicU32::new(0),
             cached: AtomicU32::new(0),
         }
@@ -371,6 +431,12 @@ impl Solver {
             }
         }
 
+        if matches!(op.op, Some(Op::Exec(_))) {
+            // The first step to run makes the runtime's sealed copy while the
+            // others prepare their root filesystems.
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.opts.runtime.prepare());
+        }
         // A capped ExecOp waits for its turn before it counts as started.
         let _permit = match (&op.op, &self.exec_slots) {
             (Some(Op::Exec(_)), Some(s)) => Some(s.acquire().await.map_err(|e| fail(e.to_string()))?),
@@ -400,6 +466,7 @@ impl Solver {
                 tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
                     .map_err(|e| fail(format!("writing cache record: {e}")))?;
                 self.executed.fetch_add(1, Ordering::Relaxed);
+                self.compress_ahead(digest, &outputs, &inputs);
                 self.events.emit(Event::VertexCompleted {
                     digest: digest.to_string(),
                     at_ms: self.now_ms(),
@@ -420,6 +487,47 @@ impl Solver {
                 });
                 Err(fail(message))
             }
+        }
+    }
+
+    /// Starts compressing the layer a vertex added, when that layer will be
+    /// in the exported image, so the export finds its blob made.
+    fn compress_ahead(&self, digest: &str, outputs: &[Option<Layers>], inputs: &[Arc<Done>]) {
+        let (Some(&index), Some(epoch)) = (self.result_layers.get(digest), self.opts.image_layers) else {
+            return;
+        };
+        let Some(Some(layers)) = outputs.get(index as usize) else {
+            return;
+        };
+        let Some(id) = layers.last() else {
+            return;
+        };
+        let inherited = inputs.iter().flat_map(|d| d.outputs.iter().flatten()).any(|v| match v {
+            Value::Layers(l) => l.contains(id),
+            Value::Local(_) => false,
+        });
+        if inherited {
+            return;
+        }
+        let root = self.root.clone();
+        let id = id.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            // A failure here is met again, and reported, by the export.
+            let _ = crate::export::layer_blob(&root, &id, epoch);
+        });
+        if let Ok(mut tasks) = self.compressing.lock() {
+            tasks.push(task);
+        }
+    }
+
+    /// Waits for the compressions started ahead of the export.
+    pub async fn compressed(&self) {
+        let tasks: Vec<_> = match self.compressing.lock() {
+            Ok(mut t) => t.drain(..).collect(),
+            Err(_) => return,
+        };
+        for t in tasks {
+            let _ = t.await;
         }
     }
 
@@ -628,5 +736,95 @@ impl PullProgress for EventProgress {
             total: size,
             done,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_llb::builder::{Exec, FileInput, FileOp, State, VertexMeta};
+
+    fn copy(src: &str, dest: &str) -> pb::file_action::Action {
+        pb::file_action::Action::Copy(pb::FileActionCopy {
+            src: src.into(),
+            dest: dest.into(),
+            ..Default::default()
+        })
+    }
+
+    fn run(base: &State, script: &str) -> State {
+        let exec = Exec {
+            meta: pb::Meta {
+                args: vec!["sh".into(), "-c".into(), script.into()],
+                cwd: "/".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        base.run(exec, VertexMeta::default()).root
+    }
+
+    fn kinds(def: &LoadedDefinition, spine: &HashMap<String, i64>) -> Vec<String> {
+        let mut v: Vec<String> = def
+            .ops
+            .iter()
+            .filter(|o| spine.contains_key(o.digest.as_str()))
+            .map(|o| match &o.op.op {
+                Some(pb::op::Op::Source(s)) => s.identifier.clone(),
+                Some(pb::op::Op::Exec(e)) => e.meta.as_ref().map(|m| m.args[2].clone()).unwrap_or_default(),
+                Some(pb::op::Op::File(f)) => format!("file {}", f.actions.len()),
+                Some(pb::op::Op::Merge(_)) => "merge".into(),
+                _ => "?".into(),
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn spine_of(result: &State) -> (LoadedDefinition, HashMap<String, i64>) {
+        let def = LoadedDefinition::from_definition(result.marshal(Vec::new())).expect("definition");
+        let index = def
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, o)| (o.digest.as_str().to_string(), i))
+            .collect();
+        let spine = result_spine(&def, &index);
+        (def, spine)
+    }
+
+    #[test]
+    fn the_result_spine_follows_bases_not_copy_sources() {
+        let base = State::source("docker-image://busybox", BTreeMap::new(), None, VertexMeta::default());
+        let other = State::source("docker-image://alpine", BTreeMap::new(), None, VertexMeta::default());
+        let built = run(&other, "make");
+        let stage = run(&base, "install");
+        // COPY --from=built /out /out, then a second FileOp of two chained actions.
+        let step1 = State::file(
+            FileOp::default().then(&stage, FileInput::State(built.clone()), copy("/out", "/out")),
+            VertexMeta::default(),
+        );
+        let step2 = State::file(
+            FileOp::default()
+                .then(&step1, FileInput::State(built), copy("/a", "/a"))
+                .then(&step1, FileInput::Empty, copy("/b", "/b")),
+            VertexMeta::default(),
+        );
+        let (def, spine) = spine_of(&step2);
+        // The image's layers: busybox, install's, and the two FileOps' own;
+        // not alpine's nor make's, which only feed copies.
+        assert_eq!(kinds(&def, &spine), ["docker-image://busybox", "file 1", "file 2", "install"]);
+    }
+
+    #[test]
+    fn a_merge_puts_every_input_on_the_spine() {
+        let a = State::source("docker-image://busybox", BTreeMap::new(), None, VertexMeta::default());
+        let b = State::source("docker-image://alpine", BTreeMap::new(), None, VertexMeta::default());
+        let merged = State::merge(&[run(&a, "one"), run(&b, "two")], VertexMeta::default());
+        let (def, spine) = spine_of(&merged);
+        assert_eq!(
+            kinds(&def, &spine),
+            ["docker-image://alpine", "docker-image://busybox", "merge", "one", "two"]
+        );
     }
 }
