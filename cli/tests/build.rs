@@ -1247,3 +1247,36 @@ fn bind_and_tmpfs_mounts() {
         "mount points do not stay"
     );
 }
+
+#[test]
+fn copies_made_ahead_of_their_stage_match_copies_made_in_order() {
+    if !can_build() {
+        return;
+    }
+    // `src` is ready long before the last stage's first step, so its copies
+    // are made ahead on the base image. That step then makes /dest a symlink:
+    // the first copy must be made again through it; the second, elsewhere,
+    // stands; the third copies from the context, also ahead.
+    let s = Setup::new("copy-ahead");
+    s.write("ctx.txt", "context\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox AS src\nRUN echo fast > /f\n\n\
+         FROM busybox\n\
+         RUN sleep 1 && mkdir /elsewhere && ln -s /elsewhere /dest\n\
+         COPY --from=src /f /dest/f\n\
+         COPY --from=src /f /other/f\n\
+         COPY ctx.txt /other/\n",
+    );
+    for round in ["cold", "again"] {
+        let local = s.dir.join(format!("fs-{round}"));
+        let out = s.build(&["--no-cache", "--progress", "plain", "-o", &format!("type=local,dest={}", local.display())]);
+        ok(&out);
+        let dest = std::fs::symlink_metadata(local.join("dest")).expect("dest");
+        assert!(dest.file_type().is_symlink(), "{round}: /dest stays the symlink the RUN made");
+        assert_eq!(std::fs::read_link(local.join("dest")).expect("link"), Path::new("/elsewhere"));
+        assert_eq!(std::fs::read_to_string(local.join("elsewhere/f")).expect("through the link"), "fast\n");
+        assert_eq!(std::fs::read_to_string(local.join("other/f")).expect("other"), "fast\n");
+        assert_eq!(std::fs::read_to_string(local.join("other/ctx.txt")).expect("ctx"), "context\n");
+    }
+}

@@ -13,6 +13,7 @@
 //! **Architecture invariant:** the solver knows nothing of Dockerfiles or
 //! any other frontend; everything it needs is in the request.
 
+pub mod ahead;
 pub mod cachemount;
 pub mod context;
 pub mod exec;

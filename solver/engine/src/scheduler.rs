@@ -16,6 +16,7 @@ use kiln_solver_protocol::{ErrorKind, Event};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 
+use crate::ahead::{self, CopyAhead};
 use crate::context::{ChecksumCache, LocalSource};
 use crate::exec::Runtime;
 use crate::ops::{self, Value};
@@ -94,7 +95,7 @@ pub struct Solver {
     /// Vertices whose new layer ends up in the result, by output index.
     result_layers: HashMap<String, i64>,
     /// Layers being compressed ahead of the export.
-    compressing: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    compressing: Mutex<Vec<tokio::task::JoinHandle<Option<()>>>>,
     /// Vertices that ran.
     pub executed: AtomicU32,
     /// Vertices found in the cache.
@@ -126,34 +127,55 @@ fn result_spine(def: &LoadedDefinition, index: &HashMap<String, usize>) -> HashM
             continue;
         }
         let op = &def.ops[i].op;
-        let base_input: Option<i64> = match &op.op {
-            Some(Op::Exec(e)) => e.mounts.iter().find(|m| m.output == out && m.dest == "/").map(|m| m.input),
-            Some(Op::File(f)) => {
-                let n = op.inputs.len() as i64;
-                let mut action = f.actions.iter().position(|a| a.output == out);
-                let mut input = None;
-                // Follow earlier actions' results back to an op input.
-                while let Some(a) = action {
-                    let from = f.actions[a].input;
-                    if from < n {
-                        input = Some(from);
-                        break;
-                    }
-                    action = usize::try_from(from - n).ok().filter(|&b| b < a);
-                }
-                input
-            }
-            Some(Op::Merge(_)) => {
-                todo.extend(op.inputs.iter().map(|i| (i.digest.clone(), i.index)));
-                None
-            }
-            _ => None,
-        };
-        if let Some(inp) = base_input.and_then(|b| usize::try_from(b).ok()).and_then(|b| op.inputs.get(b)) {
+        if matches!(op.op, Some(Op::Merge(_))) {
+            todo.extend(op.inputs.iter().map(|i| (i.digest.clone(), i.index)));
+        }
+        if let Some(inp) = base_input(op, out)
+            .and_then(|b| usize::try_from(b).ok())
+            .and_then(|b| op.inputs.get(b))
+        {
             todo.push((inp.digest.clone(), inp.index));
         }
     }
     spine
+}
+
+/// The input an output is built on, whose layers it extends: a FileOp
+/// output's base (through its chain of actions), an ExecOp's root mount.
+fn base_input(op: &pb::Op, out: i64) -> Option<i64> {
+    use pb::op::Op;
+    match &op.op {
+        Some(Op::Exec(e)) => e.mounts.iter().find(|m| m.output == out && m.dest == "/").map(|m| m.input),
+        Some(Op::File(f)) => {
+            let n = op.inputs.len() as i64;
+            let mut action = f.actions.iter().position(|a| a.output == out);
+            // Follow earlier actions' results back to an op input.
+            while let Some(a) = action {
+                let from = f.actions[a].input;
+                if from < n {
+                    return Some(from);
+                }
+                action = usize::try_from(from - n).ok().filter(|&b| b < a);
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Runs `work` on a thread of its own at the lowest priority: work done
+/// ahead of need uses only processor time nothing else wants.
+async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("kiln-ahead".into())
+        .spawn(move || {
+            // Linux: the nice value of this thread only.
+            let _ = rustix::process::setpriority_process(None, 19);
+            let _ = tx.send(work());
+        })
+        .ok()?;
+    rx.await.ok()
 }
 
 /// Version of the cache key scheme; changing how keys are made bumps it.
@@ -338,7 +360,10 @@ impl Solver {
             .get(digest)
             .ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
         let op = &self.def.ops[idx].op;
-        let inputs: Vec<Arc<Done>> = try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?;
+        let (inputs, ahead) = match ahead::plan(op) {
+            Some(dests) => self.inputs_copying_ahead(op, &dests).await?,
+            None => (try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?, None),
+        };
         let fail = |message: String| Failure {
             digest: Some(digest.to_string()),
             message,
@@ -448,7 +473,11 @@ impl Solver {
             name: name.clone(),
             at_ms: self.now_ms(),
         });
-        let result = self.execute(digest, op, &values).await;
+        let made_ahead = ahead.and_then(|a| values.first().and_then(|base| base.as_ref()).and_then(|base| a.settle(base)));
+        let result = match made_ahead {
+            Some(outputs) => Ok(outputs),
+            None => self.execute(digest, op, &values).await,
+        };
         let duration_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(outputs) => {
@@ -511,10 +540,10 @@ impl Solver {
         }
         let root = self.root.clone();
         let id = id.clone();
-        let task = tokio::task::spawn_blocking(move || {
+        let task = tokio::spawn(in_background(move || {
             // A failure here is met again, and reported, by the export.
             let _ = crate::export::layer_blob(&root, &id, epoch);
-        });
+        }));
         if let Ok(mut tasks) = self.compressing.lock() {
             tasks.push(task);
         }
@@ -529,6 +558,80 @@ impl Solver {
         for t in tasks {
             let _ = t.await;
         }
+    }
+
+    /// Awaits a copying FileOp's inputs (see [`ahead`]); when its sources are
+    /// ready before its destination, makes the copy meanwhile on the finished
+    /// part of the destination.
+    async fn inputs_copying_ahead(
+        self: &Arc<Self>,
+        op: &pb::Op,
+        dests: &[std::path::PathBuf],
+    ) -> Result<(Vec<Arc<Done>>, Option<CopyAhead>), Failure> {
+        let (first, others) = op.inputs.split_first().ok_or_else(|| Failure::internal("a copy without inputs"))?;
+        let base = self.vertex(&first.digest);
+        let rest = async {
+            let done = try_join_all(others.iter().map(|i| self.vertex(&i.digest))).await?;
+            if self.finished(first).is_some() {
+                return Ok((done, None));
+            }
+            let chain = self.base_chain(first);
+            if !chain.iter().any(|i| self.finished(i).is_some()) {
+                // Not even the bottom (an image, usually) is there yet.
+                if let Some(bottom) = chain.last() {
+                    let _ = self.vertex(&bottom.digest).await;
+                }
+            }
+            if self.finished(first).is_some() {
+                return Ok((done, None));
+            }
+            let Some(prefix) = chain.iter().find_map(|i| match self.finished(i) {
+                Some(Value::Layers(l)) => Some(l),
+                _ => None,
+            }) else {
+                return Ok((done, None));
+            };
+            let sources: Option<Vec<Value>> = others
+                .iter()
+                .zip(&done)
+                .map(|(i, d)| d.outputs.get(i.index as usize).cloned().flatten())
+                .collect();
+            let Some(sources) = sources else {
+                return Ok((done, None));
+            };
+            let (root, op, dests) = (self.root.clone(), op.clone(), dests.to_vec());
+            let made = in_background(move || ahead::copy(&root, &op, &dests, prefix, &sources))
+                .await
+                .flatten();
+            Ok((done, made))
+        };
+        // The first failure ends the wait, as for any other op.
+        let (base, (rest, made)) = tokio::try_join!(base, rest)?;
+        let mut inputs = vec![base];
+        inputs.extend(rest);
+        Ok((inputs, made))
+    }
+
+    /// An input's value, if its vertex has finished.
+    fn finished(&self, input: &pb::Input) -> Option<Value> {
+        let cell = self.cells.get(input.digest.as_str())?;
+        match cell.get()? {
+            Ok(done) => done.outputs.get(input.index as usize).cloned().flatten(),
+            Err(_) => None,
+        }
+    }
+
+    /// `input` and the bases below it, down to one built on nothing: each
+    /// one's layers are a prefix of the layers of those above it.
+    fn base_chain(&self, input: &pb::Input) -> Vec<pb::Input> {
+        let mut chain = vec![input.clone()];
+        while let Some(below) = chain.last().and_then(|i| {
+            let op = &self.def.ops[*self.index.get(i.digest.as_str())?].op;
+            op.inputs.get(usize::try_from(base_input(op, i.index)?).ok()?).cloned()
+        }) {
+            chain.push(below);
+        }
+        chain
     }
 
     /// A value as layers, copying a local source into a layer if needed.
