@@ -58,6 +58,8 @@ pub struct Done {
     pub key: String,
     /// Outputs by index.
     pub outputs: Vec<Option<Value>>,
+    /// It ran in this solve (it was not found in the cache).
+    pub ran: bool,
 }
 
 /// Options of one solve.
@@ -410,6 +412,7 @@ impl Solver {
                 return Ok(Arc::new(Done {
                     key,
                     outputs: vec![Some(Value::Local(source))],
+                    ran: false,
                 }));
             }
         }
@@ -452,7 +455,7 @@ impl Solver {
                     at_ms: self.now_ms(),
                 });
                 let outputs = record.outputs.into_iter().map(|l| Some(Value::Layers(Arc::new(l)))).collect();
-                return Ok(Arc::new(Done { key, outputs }));
+                return Ok(Arc::new(Done { key, outputs, ran: false }));
             }
         }
 
@@ -504,6 +507,7 @@ impl Solver {
                 Ok(Arc::new(Done {
                     key,
                     outputs: outputs.into_iter().map(|o| o.map(Value::Layers)).collect(),
+                    ran: true,
                 }))
             }
             Err((message, exit_code)) => {
@@ -572,7 +576,9 @@ impl Solver {
         let base = self.vertex(&first.digest);
         let rest = async {
             let done = try_join_all(others.iter().map(|i| self.vertex(&i.digest))).await?;
-            if self.finished(first).is_some() {
+            // A source that ran gives the copy a new cache key: it will run
+            // too. Otherwise it may well be found in the cache.
+            if self.finished(first).is_some() || !(self.opts.no_cache || done.iter().any(|d| d.ran)) {
                 return Ok((done, None));
             }
             let chain = self.base_chain(first);
