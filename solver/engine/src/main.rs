@@ -171,6 +171,7 @@ fn main() {
         // Dropping the runtime ends any step still running; their guards
         // remove containers and mounts.
         rt.shutdown_timeout(std::time::Duration::from_secs(10));
+        kiln_solver::scheduler::wait_for_background_work(std::time::Duration::from_secs(10));
     }
     if code == kiln_solver::exit::OK {
         kiln_solver::gc::maybe_start_collector(&root_for_gc);

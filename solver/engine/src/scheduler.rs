@@ -165,19 +165,39 @@ fn base_input(op: &pb::Op, out: i64) -> Option<i64> {
     }
 }
 
+/// How many [`in_background`] threads are running.
+static BACKGROUND: (Mutex<usize>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
+
 /// Runs `work` on a thread of its own at the lowest priority: work done
 /// ahead of need uses only processor time nothing else wants.
 async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("kiln-ahead".into())
-        .spawn(move || {
-            // Linux: the nice value of this thread only.
-            let _ = rustix::process::setpriority_process(None, 19);
-            let _ = tx.send(work());
-        })
-        .ok()?;
+    let count = |delta: isize| {
+        if let Ok(mut n) = BACKGROUND.0.lock() {
+            *n = n.saturating_add_signed(delta);
+        }
+        BACKGROUND.1.notify_all();
+    };
+    count(1);
+    let spawned = std::thread::Builder::new().name("kiln-ahead".into()).spawn(move || {
+        // Linux: the nice value of this thread only.
+        let _ = rustix::process::setpriority_process(None, 19);
+        let _ = tx.send(work());
+        count(-1);
+    });
+    if spawned.is_err() {
+        count(-1);
+        return None;
+    }
     rx.await.ok()
+}
+
+/// Waits (at most `limit`) for work started ahead of need that nobody
+/// awaits any more, after a failure: it may hold mounts and temporary layers,
+/// which it removes when it ends.
+pub fn wait_for_background_work(limit: std::time::Duration) {
+    let Ok(n) = BACKGROUND.0.lock() else { return };
+    let _ = BACKGROUND.1.wait_timeout_while(n, limit, |n| *n > 0);
 }
 
 /// Version of the cache key scheme; changing how keys are made bumps it.
