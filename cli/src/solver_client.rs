@@ -2,7 +2,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use kiln_solver_protocol::{Event, SolveRequest};
 
@@ -38,39 +38,64 @@ pub struct Outcome {
     pub garbage: Vec<String>,
 }
 
-/// Runs one solve; `on_event` sees each event as it arrives (`raw` is the line).
-pub fn solve(root: &std::path::Path, request: &SolveRequest, mut on_event: impl FnMut(&Event, &str)) -> Result<Outcome, String> {
-    let bin = solver_binary();
-    let mut child = Command::new(&bin)
-        .arg("--root")
-        .arg(root)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start the solver {}: {e}", bin.display()))?;
-    let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-    {
-        let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
-        stdin
-            .write_all(&body)
-            .map_err(|e| format!("sending the request to the solver: {e}"))?;
+/// A solver started ahead of its request, so that it sets itself up while
+/// the frontend runs. Dropped unused, it is stopped.
+pub struct Started {
+    child: Option<Child>,
+}
+
+impl Started {
+    /// Starts `kiln-solver` on the state root `root`.
+    pub fn new(root: &std::path::Path) -> Result<Started, String> {
+        let bin = solver_binary();
+        let child = Command::new(&bin)
+            .arg("--root")
+            .arg(root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the solver {}: {e}", bin.display()))?;
+        Ok(Started { child: Some(child) })
     }
-    let stdout = child.stdout.take().ok_or("solver has no stdout")?;
-    let mut garbage = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.map_err(|e| format!("reading the solver's output: {e}"))?;
-        if line.is_empty() {
-            continue;
+
+    /// Sends the request and reads the events until the solver ends;
+    /// `on_event` sees each event as it arrives (`raw` is the line).
+    pub fn solve(mut self, request: &SolveRequest, mut on_event: impl FnMut(&Event, &str)) -> Result<Outcome, String> {
+        let mut child = self.child.take().ok_or("the solver is gone")?;
+        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+        {
+            let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
+            stdin
+                .write_all(&body)
+                .map_err(|e| format!("sending the request to the solver: {e}"))?;
         }
-        match Event::from_line(&line) {
-            Ok(ev) => on_event(&ev, &line),
-            Err(_) => garbage.push(line),
+        let stdout = child.stdout.take().ok_or("solver has no stdout")?;
+        let mut garbage = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.map_err(|e| format!("reading the solver's output: {e}"))?;
+            if line.is_empty() {
+                continue;
+            }
+            match Event::from_line(&line) {
+                Ok(ev) => on_event(&ev, &line),
+                Err(_) => garbage.push(line),
+            }
+        }
+        let status = child.wait().map_err(|e| e.to_string())?;
+        Ok(Outcome {
+            exit_code: status.code().unwrap_or(-1),
+            garbage,
+        })
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Nothing was sent: it holds no build state yet.
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
-    Ok(Outcome {
-        exit_code: status.code().unwrap_or(-1),
-        garbage,
-    })
 }

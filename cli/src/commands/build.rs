@@ -238,6 +238,9 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         let _ = writeln!(err, "error: build context {} is not a directory", args.frontend.context.display());
         return EXIT_USAGE;
     }
+    let root = crate::host::state_root(args.frontend.root.as_deref());
+    // The solver starts while the frontend runs.
+    let solver = crate::solver_client::Started::new(&root);
     let compiled = match compile(&args.frontend, false, err) {
         Ok(c) => c,
         Err(code) => return code,
@@ -287,13 +290,11 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     request.no_cache = args.no_cache;
     request.jobs = args.jobs;
     request.oci_runtime = args.oci_runtime.clone();
-    let root = crate::host::state_root(args.frontend.root.as_deref());
 
     let mut renderer = Renderer::new(args.progress);
     let (tx, rx) = mpsc::channel::<(Event, String)>();
-    let root2 = root.clone();
     let worker = std::thread::spawn(move || {
-        crate::solver_client::solve(&root2, &request, |ev, raw| {
+        solver?.solve(&request, |ev, raw| {
             let _ = tx.send((ev.clone(), raw.to_string()));
         })
     });

@@ -131,6 +131,14 @@ fn main() {
             other => usage(&format!("unknown argument {other:?}")),
         }
     }
+    // The runtime starts while the request is still being written.
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kiln-solver: cannot start the async runtime: {e}");
+            std::process::exit(kiln_solver::exit::INTERNAL);
+        }
+    };
     let sink: Arc<dyn EventSink> = Arc::new(Stdout(Mutex::new(std::io::stdout())));
     let mut request = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut request) {
@@ -141,13 +149,6 @@ fn main() {
         });
         std::process::exit(kiln_solver::exit::REQUEST);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kiln-solver: cannot start the async runtime: {e}");
-            std::process::exit(kiln_solver::exit::INTERNAL);
-        }
-    };
     let root_for_gc = root.clone();
     let code = rt.block_on(async {
         let solve = kiln_solver::run(&request, root, sink.clone());
