@@ -113,6 +113,15 @@ fn sha(parts: &[&[u8]]) -> String {
     format!("sha256:{}", hex::encode(h.finalize()))
 }
 
+/// Each op's position in the definition, by digest.
+fn op_index(def: &LoadedDefinition) -> HashMap<String, usize> {
+    def.ops
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.digest.as_str().to_string(), i))
+        .collect()
+}
+
 /// The vertices (and output index) whose newest layer is part of the
 /// definition's result: from the result, down the input each output is built
 /// on (a FileOp's base, an ExecOp's root mount, every input of a MergeOp).
@@ -206,12 +215,7 @@ const KEY_SCHEME: &[u8] = b"kiln-cache-v1";
 impl Solver {
     /// A solver for `def`.
     pub fn new(root: Arc<StateRoot>, def: LoadedDefinition, opts: SolveOptions, events: Arc<dyn EventSink>) -> Solver {
-        let index = def
-            .ops
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.digest.as_str().to_string(), i))
-            .collect();
+        let index = op_index(&def);
         let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
         let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
         let result_layers = if opts.image_layers.is_some() {
@@ -912,13 +916,7 @@ mod tests {
 
     fn spine_of(result: &State) -> (LoadedDefinition, HashMap<String, i64>) {
         let def = LoadedDefinition::from_definition(result.marshal(Vec::new())).expect("definition");
-        let index = def
-            .ops
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (o.digest.as_str().to_string(), i))
-            .collect();
-        let spine = result_spine(&def, &index);
+        let spine = result_spine(&def, &op_index(&def));
         (def, spine)
     }
 
