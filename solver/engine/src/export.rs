@@ -374,6 +374,13 @@ fn docker_tag(name: &str) -> String {
     short.to_string()
 }
 
+/// Whether an exporter writes an image (kiln's store, OCI or docker tarball).
+pub fn wants_image(exporters: &[Exporter]) -> bool {
+    exporters
+        .iter()
+        .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }))
+}
+
 /// Runs the exporters on the final layers. Returns the image (if one was
 /// made) and what was written.
 pub fn export(
@@ -385,10 +392,7 @@ pub fn export(
 ) -> Result<(Option<Image>, Vec<String>), String> {
     let mut image: Option<Image> = None;
     let mut written = Vec::new();
-    let needs_image = exporters
-        .iter()
-        .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }));
-    if needs_image {
+    if wants_image(exporters) {
         image = Some(make_image(root, layers, config, epoch)?);
     }
     for e in exporters {

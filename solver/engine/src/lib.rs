@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_llb::LoadedDefinition;
-use kiln_solver_protocol::{ErrorKind, Event, Exporter, SolveRequest, SolveResult, VERSION};
+use kiln_solver_protocol::{ErrorKind, Event, SolveRequest, SolveResult, VERSION};
 
 use crate::scheduler::{EventSink, Failure, SolveOptions, Solver};
 
@@ -113,11 +113,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             runtime,
             secrets: request.secrets.clone(),
             ssh: request.ssh.clone(),
-            image_layers: request
-                .exporters
-                .iter()
-                .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }))
-                .then_some(request.source_date_epoch),
+            image_layers: export::wants_image(&request.exporters).then_some(request.source_date_epoch),
         },
         events.clone(),
     ));
