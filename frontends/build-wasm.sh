@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds kiln's WASM frontend plugins from source for wasm32-wasip1:
 #   target/plugins/dockerfile.wasm  kiln's own Dockerfile frontend (proof the protocol is complete)
-#   target/plugins/steps.wasm       the example plugin (frontends/plugins/steps)
+#   target/plugins/steps.wasm       the example plugin (frontends/plugins/frontend-steps)
 # rustup cannot fetch a wasm target offline, so this uses Debian's rustc-web
 # (Rust 1.96 with its std sources) and rebuilds std with -Zbuild-std
 # (see frontends/AUTHORING.md). Installs those packages with apt-get when
@@ -31,7 +31,7 @@ export CARGO_TARGET_WASM32_WASIP1_LINKER=/usr/bin/wasm-ld-22
 export RUSTFLAGS="-C link-self-contained=no -L /usr/lib/wasm32-wasi -C link-arg=/usr/lib/wasm32-wasi/crt1-command.o"
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=true
 /usr/bin/cargo build --quiet --locked --release -Zbuild-std=std,panic_abort --target wasm32-wasip1 \
-  --target-dir target/wasm32 -p kiln-frontend-stdio -p kiln-frontend-steps --bin kiln-frontend-dockerfile --bin kiln-frontend-steps
+  --target-dir target/wasm32 -p kiln-frontend-dockerfile -p kiln-frontend-steps
 
 mkdir -p "$out"
 for pair in kiln-frontend-dockerfile:dockerfile kiln-frontend-steps:steps; do

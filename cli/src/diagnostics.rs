@@ -58,8 +58,15 @@ pub fn render(diag: &Diagnostic, source: &str, color: bool) -> String {
     };
     let handler = GraphicalReportHandler::new_themed(theme).with_width(100).with_wrap_lines(false);
     // miette prints `[file:line:column]` above the snippet.
+    // A plugin's span may point past the text or inside a character: clamp it.
+    let span = kiln_frontend::diagnostic::clamp_span(source, diag.offset, diag.length);
+    let clamped = Diagnostic {
+        offset: span.start,
+        length: span.len(),
+        ..diag.clone()
+    };
     let report = Report {
-        diag,
+        diag: &clamped,
         source: NamedSource::new(diag.file.clone(), source.to_string()),
     };
     let mut out = String::new();

@@ -217,7 +217,7 @@ pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Ch
             return Ok(Chosen::Native(found));
         }
         tried.push(format!("{program} on PATH"));
-    } else if name.starts_with("oci-layout://") || kiln_frontend::reference::Reference::parse(name).is_ok() {
+    } else if name.starts_with("oci-layout://") || kiln_image::Reference::parse(name).is_ok() {
         return Ok(Chosen::Artifact(name.to_string()));
     } else {
         tried.push("an OCI artifact reference (it does not parse as one)".to_string());

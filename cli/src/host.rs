@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kiln_frontend::reference::Reference;
 use kiln_frontend::{Host, HostError, Platform, ResolvedImage};
+use kiln_image::Reference;
 use kiln_oci::{Credentials, Layout, RegistryClient};
 use std::sync::OnceLock;
 

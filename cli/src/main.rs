@@ -7,5 +7,5 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    std::process::exit(kiln::run(std::env::args_os()));
+    std::process::exit(kiln_cli::run(std::env::args_os()));
 }

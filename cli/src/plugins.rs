@@ -71,7 +71,7 @@ impl PluginCache {
             let _ = self.store(reference, &found);
             return Ok((found.module_digest, found.module));
         }
-        let parsed = kiln_frontend::reference::Reference::parse(reference).map_err(|e| format!("{reference}: {e}"))?;
+        let parsed = kiln_image::Reference::parse(reference).map_err(|e| format!("{reference}: {e}"))?;
         let normalized = parsed.normalized();
         let pinned = normalized.contains("@sha256:");
         if !refresh || pinned {

@@ -26,7 +26,7 @@ fn err_cases_render_as_recorded() {
         };
         let response = kiln_dockerfile::compile(&request, &OfflineHost);
         assert!(response.has_errors(), "{file}: no error");
-        let rendered = kiln::diagnostics::render_all(&response.diagnostics, &text, false);
+        let rendered = kiln_cli::diagnostics::render_all(&response.diagnostics, &text, false);
         let name = path.file_stem().and_then(|n| n.to_str()).unwrap_or("case").to_string();
         settings.bind(|| insta::assert_snapshot!(name, rendered));
     }

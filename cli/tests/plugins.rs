@@ -35,9 +35,7 @@ fn ok(out: &Output) -> String {
 
 /// Every Dockerfile of the conformance corpora (parser cases and real-world files).
 fn corpus_dockerfiles() -> Vec<PathBuf> {
-    let shared = std::env::var_os("KILN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let shared = common::shared_dir();
     let mut out = Vec::new();
     let mut stack = vec![
         shared.join("conformance/real-world"),
@@ -58,11 +56,12 @@ fn corpus_dockerfiles() -> Vec<PathBuf> {
         }
     }
     out.sort();
-    assert!(
-        out.len() > 250 || std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-        "the conformance corpus is required on CI ({} files found)",
-        out.len()
-    );
+    if out.len() <= 250 {
+        kiln_test_support::skip(
+            "dockerfile.wasm corpus",
+            &format!("the conformance corpus under {} has {} files", shared.display(), out.len()),
+        );
+    }
     out
 }
 

@@ -91,24 +91,13 @@ fn reference_dockerfiles_give_buildkits_exact_llb() {
     if !have("docker-registry") || !have("skopeo") || !have("busybox") || !have("python3") {
         return;
     }
-    let shared = std::env::var_os("KILN_SHARED")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let reference = shared.join("reference/buildkit-llb");
-    if !reference.is_dir() {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "{} is required on CI",
-            reference.display()
-        );
+    let test = "reference_dockerfiles_give_buildkits_exact_llb";
+    let Some(reference) = kiln_test_support::shared(test, "reference/buildkit-llb") else {
         return;
-    }
-    if std::net::TcpListener::bind("127.0.0.1:5000").is_err() {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "127.0.0.1:5000 must be free on CI"
-        );
-        eprintln!("127.0.0.1:5000 is in use; skipped");
+    };
+    let shared = common::shared_dir();
+    let free = std::net::TcpListener::bind("127.0.0.1:5000").is_ok();
+    if !kiln_test_support::require(test, free, "127.0.0.1:5000 is in use (BuildKit's LLB names that registry)") {
         return;
     }
     let dir = scratch_dir("reference");

@@ -37,6 +37,77 @@ pub enum DefinitionError {
     /// A negative output index.
     #[error("op {0} has a negative input index")]
     NegativeIndex(Digest),
+    /// An index inside an op (an input's output, a mount's or file action's
+    /// input or output) that points past what exists.
+    #[error("op {op}: {what} is out of range")]
+    IndexOutOfRange {
+        /// The op.
+        op: Digest,
+        /// Which index, and its value and bound.
+        what: String,
+    },
+}
+
+/// How many outputs an op can have: one per mount of an ExecOp, one per
+/// action of a FileOp, one otherwise.
+fn output_count(op: &pb::Op) -> usize {
+    match &op.op {
+        Some(pb::op::Op::Exec(e)) => e.mounts.len().max(1),
+        Some(pb::op::Op::File(f)) => f.actions.len().max(1),
+        _ => 1,
+    }
+}
+
+/// Checks the indices inside an op against what they index, so no consumer
+/// sizes anything by a number from the wire: mount inputs and outputs, file
+/// action inputs (an op input, or an earlier action's result) and outputs,
+/// merge and diff inputs.
+fn check_indices(op: &pb::Op) -> Result<(), String> {
+    let inputs = op.inputs.len() as i64;
+    let input_ok = |i: i64| i == -1 || (0..inputs).contains(&i);
+    match &op.op {
+        Some(pb::op::Op::Exec(e)) => {
+            let mounts = e.mounts.len() as i64;
+            for (n, m) in e.mounts.iter().enumerate() {
+                if !input_ok(m.input) {
+                    return Err(format!("mount {n} has input {} of {inputs}", m.input));
+                }
+                if m.output < -1 || m.output >= mounts {
+                    return Err(format!("mount {n} has output {} of {mounts}", m.output));
+                }
+            }
+        }
+        Some(pb::op::Op::File(f)) => {
+            let actions = f.actions.len() as i64;
+            for (n, a) in f.actions.iter().enumerate() {
+                // Past the op's inputs, an index names the result of an earlier action.
+                let ok = |i: i64| i == -1 || (0..inputs + n as i64).contains(&i);
+                if !ok(a.input) || !ok(a.secondary_input) {
+                    return Err(format!("file action {n} has input {}/{}", a.input, a.secondary_input));
+                }
+                if a.output < -1 || a.output >= actions {
+                    return Err(format!("file action {n} has output {} of {actions}", a.output));
+                }
+            }
+        }
+        Some(pb::op::Op::Merge(m)) => {
+            if let Some(i) = m.inputs.iter().find(|i| !(0..inputs).contains(&i.input)) {
+                return Err(format!("merge input {} of {inputs}", i.input));
+            }
+        }
+        Some(pb::op::Op::Diff(d)) => {
+            for i in [d.lower.as_ref().map(|l| l.input), d.upper.as_ref().map(|u| u.input)]
+                .into_iter()
+                .flatten()
+            {
+                if !input_ok(i) {
+                    return Err(format!("diff input {i} of {inputs}"));
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A decoded Definition with each op's original bytes and digest.
@@ -74,7 +145,8 @@ impl LoadedDefinition {
             return Err(DefinitionError::TooShort(def.def.len()));
         }
         let mut ops = Vec::with_capacity(def.def.len());
-        let mut seen: HashMap<Digest, ()> = HashMap::new();
+        // Each op seen so far, with how many outputs it has.
+        let mut seen: HashMap<Digest, usize> = HashMap::new();
         for (index, bytes) in def.def.into_iter().enumerate() {
             let op = pb::Op::decode(bytes.as_slice()).map_err(|source| DefinitionError::DecodeOp { index, source })?;
             let digest = digest_of(&bytes);
@@ -82,14 +154,21 @@ impl LoadedDefinition {
                 if input.index < 0 {
                     return Err(DefinitionError::NegativeIndex(digest));
                 }
-                if !seen.contains_key(&Digest::from_string(input.digest.clone())) {
+                let Some(&outputs) = seen.get(&Digest::from_string(input.digest.clone())) else {
                     return Err(DefinitionError::DanglingInput {
                         op: digest,
                         input: input.digest.clone(),
                     });
+                };
+                if input.index as u64 >= outputs as u64 {
+                    return Err(DefinitionError::IndexOutOfRange {
+                        op: digest,
+                        what: format!("input {} uses output {} of an op with {outputs}", input.digest, input.index),
+                    });
                 }
             }
-            seen.insert(digest.clone(), ());
+            check_indices(&op).map_err(|what| DefinitionError::IndexOutOfRange { op: digest.clone(), what })?;
+            seen.insert(digest.clone(), output_count(&op));
             ops.push(LoadedOp { digest, bytes, op });
         }
         let last = &ops[ops.len() - 1].op;
@@ -116,5 +195,77 @@ impl LoadedDefinition {
             out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::marshal::marshal_op;
+
+    /// A scratch-based ExecOp with the given mounts, behind a source op, and the terminator.
+    fn definition(mounts: Vec<pb::Mount>, input_index: i64) -> pb::Definition {
+        let source = pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: "docker-image://docker.io/library/busybox:latest".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let source_bytes = marshal_op(&source);
+        let source_digest = digest_of(&source_bytes);
+        let exec = pb::Op {
+            inputs: vec![pb::Input {
+                digest: source_digest.as_str().to_string(),
+                index: input_index,
+            }],
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: vec!["true".into()],
+                    cwd: "/".into(),
+                    ..Default::default()
+                }),
+                mounts,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let exec_bytes = marshal_op(&exec);
+        let end = pb::Op {
+            inputs: vec![pb::Input {
+                digest: digest_of(&exec_bytes).as_str().to_string(),
+                index: 0,
+            }],
+            ..Default::default()
+        };
+        pb::Definition {
+            def: vec![source_bytes, exec_bytes, marshal_op(&end)],
+            ..Default::default()
+        }
+    }
+
+    fn root_mount(output: i64) -> pb::Mount {
+        pb::Mount {
+            input: 0,
+            dest: "/".into(),
+            output,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn wire_indices_are_bounded_when_loaded() {
+        assert!(LoadedDefinition::from_definition(definition(vec![root_mount(0)], 0)).is_ok());
+        // An output index that would size a vector by a number from the wire.
+        let huge = LoadedDefinition::from_definition(definition(vec![root_mount(1 << 40)], 0));
+        assert!(matches!(huge, Err(DefinitionError::IndexOutOfRange { .. })), "{huge:?}");
+        // A mount input past the op's inputs.
+        let mut m = root_mount(0);
+        m.input = 3;
+        let bad_input = LoadedDefinition::from_definition(definition(vec![m], 0));
+        assert!(matches!(bad_input, Err(DefinitionError::IndexOutOfRange { .. })), "{bad_input:?}");
+        // An input naming output 7 of a source op, which has one.
+        let bad_output = LoadedDefinition::from_definition(definition(vec![root_mount(0)], 7));
+        assert!(matches!(bad_output, Err(DefinitionError::IndexOutOfRange { .. })), "{bad_output:?}");
     }
 }

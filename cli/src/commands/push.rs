@@ -20,7 +20,7 @@ pub struct Args {
 /// Runs the command.
 pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let root = crate::host::state_root(args.root.as_deref());
-    let name = match kiln_frontend::reference::Reference::parse(&args.name) {
+    let name = match kiln_image::Reference::parse(&args.name) {
         Ok(r) => r.normalized(),
         Err(e) => {
             let _ = writeln!(err, "error: {:?} is not an image reference: {e}", args.name);

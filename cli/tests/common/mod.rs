@@ -89,21 +89,20 @@ pub fn config_json(arch: &str, env: &[&str], workdir: &str, onbuild: &[&str]) ->
     .to_string()
 }
 
-/// Whether a tool is installed; on CI a missing tool fails the test instead.
+/// Whether a tool is installed; on CI a missing tool fails the test instead
+/// (`kiln_test_support` decides and reports).
 pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "{tool} is required on CI (.ci/run installs it)"
-        );
-        eprintln!("{tool} not installed; skipped");
-    }
-    found
+    kiln_test_support::tool(&current_test(), tool)
+}
+
+/// The running test's name, for skip reports.
+pub fn current_test() -> String {
+    std::thread::current().name().unwrap_or("cli test").to_string()
+}
+
+/// The `../shared` folder beside the checkout (`KILN_SHARED` overrides).
+pub fn shared_dir() -> PathBuf {
+    kiln_test_support::shared_dir()
 }
 
 /// Debian's `docker-registry` serving plain HTTP on a free loopback port; stopped on drop.
@@ -285,26 +284,10 @@ pub fn busybox_layout(dir: &Path) -> String {
     mdig
 }
 
-/// Whether builds can run here (root, runc, overlayfs); on CI they must.
+/// Whether builds can run here (root, runc, umoci, busybox); on CI they must.
 pub fn can_build() -> bool {
-    let root = rustix_is_root();
-    let ok = root && have("runc") && have("umoci") && have("busybox");
-    if !ok {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "builds need root, runc, umoci and busybox on CI"
-        );
-        eprintln!("builds cannot run here (need root, runc, umoci, busybox); skipped");
-    }
-    ok
-}
-
-fn rustix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    let test = current_test();
+    kiln_test_support::root(&test, "runc and overlayfs mounts") && kiln_test_support::tools(&test, &["runc", "umoci", "busybox"])
 }
 
 /// Unpacks an OCI image tarball's image `name` with umoci into `dest`

@@ -1,9 +1,12 @@
-//! Phase 2, type: AST nodes → instructions with validated flags.
+//! Phase 2, type: AST nodes → the typed IR ([`crate::ir`]) with validated
+//! flags: mount options split and their keys checked, health-check timings
+//! parsed, booleans read, all with errors at the flag.
 //!
-//! Values are kept unexpanded; variables are expanded while lowering, when the
-//! stage's environment is known.
+//! Values that variables may change are kept unexpanded; lowering expands
+//! them when the stage's environment is known.
 
-use crate::parser::{Heredoc, Node, Span};
+use crate::ir::{CopyInstr, HealthcheckInstr, Instruction, Located, MountKey, MountSpec, Program, RunInstr, Stage};
+use crate::parser::{Ast, Node, Span};
 
 /// A typing error: (code, message, span).
 pub type TypeError = (&'static str, String, Span);
@@ -83,101 +86,132 @@ impl Flags {
     }
 }
 
-/// A typed instruction.
+/// A node typed: a FROM starts a stage, anything else is an instruction.
 #[derive(Debug, Clone)]
-pub enum Instruction {
+pub enum Typed {
     /// `FROM [--platform=P] image [AS name]`.
     From {
-        /// Image or stage reference (unexpanded).
+        /// Image or stage reference (a word).
         image: String,
-        /// Stage name.
+        /// Stage name, lower-cased.
         name: Option<String>,
-        /// `--platform`.
+        /// `--platform` (a word).
         platform: Option<String>,
     },
-    /// `RUN`.
-    Run {
-        /// Command (shell form: one element).
-        args: Vec<String>,
-        /// Exec form.
-        json: bool,
-        /// `--mount` values.
-        mounts: Vec<String>,
-        /// `--network`.
-        network: Option<String>,
-        /// `--security`.
-        security: Option<String>,
-        /// Heredocs.
-        heredocs: Vec<Heredoc>,
-    },
-    /// `COPY` or `ADD`.
-    Copy(Box<CopyInstr>),
-    /// `ENV k=v…`.
-    Env(Vec<(String, String)>),
-    /// `ARG k[=v]…`.
-    Arg(Vec<(String, Option<String>)>),
-    /// `LABEL k=v…`.
-    Label(Vec<(String, String)>),
-    /// `WORKDIR`.
-    Workdir(String),
-    /// `USER`.
-    User(String),
-    /// `SHELL [..]`.
-    Shell(Vec<String>),
-    /// `CMD`.
-    Cmd(Vec<String>, bool),
-    /// `ENTRYPOINT`.
-    Entrypoint(Vec<String>, bool),
-    /// `EXPOSE`.
-    Expose(Vec<String>),
-    /// `VOLUME`.
-    Volume(Vec<String>),
-    /// `STOPSIGNAL`.
-    StopSignal(String),
-    /// `HEALTHCHECK`.
-    Healthcheck {
-        /// `NONE` or `CMD …`.
-        args: Vec<String>,
-        /// Exec form.
-        json: bool,
-        /// Flag values.
-        flags: Flags,
-    },
-    /// `ONBUILD <instruction>`: the trigger text.
-    Onbuild(String),
-    /// `MAINTAINER`.
-    Maintainer(String),
+    /// Any other instruction.
+    Other(Instruction),
 }
 
-/// `COPY`/`ADD` arguments.
-#[derive(Debug, Clone)]
-pub struct CopyInstr {
-    /// ADD (URLs, git, tar unpacking).
-    pub is_add: bool,
-    /// Sources (unexpanded).
-    pub sources: Vec<String>,
-    /// Destination (unexpanded).
-    pub dest: String,
-    /// `--from`.
-    pub from: Option<String>,
-    /// `--chown`.
-    pub chown: Option<String>,
-    /// `--chmod`.
-    pub chmod: Option<String>,
-    /// `--link`.
-    pub link: bool,
-    /// `--parents`.
-    pub parents: bool,
-    /// `--exclude`.
-    pub excludes: Vec<String>,
-    /// ADD `--keep-git-dir`.
-    pub keep_git_dir: bool,
-    /// ADD `--checksum`.
-    pub checksum: Option<String>,
-    /// ADD `--unpack`.
-    pub unpack: Option<bool>,
-    /// Heredoc sources.
-    pub heredocs: Vec<Heredoc>,
+/// Types a whole syntax tree into a [`Program`], collecting every error
+/// (code, message, span) so one run reports them all.
+pub fn program(ast: &Ast) -> (Program, Vec<TypeError>) {
+    let mut errors = Vec::new();
+    let mut program = Program {
+        escape: ast.escape,
+        ..Program::default()
+    };
+    for node in &ast.nodes {
+        let typed = match type_node(node) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let at = Located::from_node(node);
+        match typed {
+            Typed::From { image, name, platform } => {
+                if let Some(n) = &name {
+                    if program.stages.iter().any(|s| s.name.as_ref() == Some(n)) {
+                        errors.push(("duplicate_stage", format!("duplicate stage name {n:?}"), node.span_of(n)));
+                    }
+                }
+                program.stages.push(Stage {
+                    image,
+                    name,
+                    platform,
+                    from: at,
+                    instructions: Vec::new(),
+                });
+            }
+            Typed::Other(Instruction::Arg(args)) if program.stages.is_empty() => program.meta_args.push((at, args)),
+            Typed::Other(other) => match program.stages.last_mut() {
+                Some(stage) => stage.instructions.push((at, other)),
+                None => errors.push((
+                    "no_from",
+                    format!("{} comes before the first FROM; only ARG may", node.keyword.to_uppercase()),
+                    node.keyword_span(),
+                )),
+            },
+        }
+    }
+    if program.stages.is_empty() && errors.is_empty() {
+        errors.push(("no_from", "the Dockerfile has no FROM instruction".into(), 0..0));
+    }
+    (program, errors)
+}
+
+/// Splits a `--mount` value into checked options (fields split on commas,
+/// double quotes honoured, keys lower-cased and known).
+pub fn mount_spec(raw: &str) -> Result<MountSpec, String> {
+    let mut options = Vec::new();
+    for field in split_csv(raw) {
+        let (k, v) = match field.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.to_string())),
+            None => (field.trim(), None),
+        };
+        let key = MountKey::parse(k).ok_or_else(|| format!("unknown mount option {:?}", k.to_ascii_lowercase()))?;
+        options.push((key, v));
+    }
+    Ok(MountSpec {
+        raw: raw.to_string(),
+        options,
+    })
+}
+
+/// Splits a `--mount` value on commas, honouring double quotes.
+fn split_csv(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in s.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out.into_iter().filter(|f| !f.trim().is_empty()).collect()
+}
+
+/// Go-style durations: `30s`, `1m30s`, `500ms`, `1h`.
+pub fn parse_duration(s: &str) -> Option<i64> {
+    if s == "0" {
+        return Some(0);
+    }
+    let mut total: f64 = 0.0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(total as i64)
 }
 
 fn pairs(args: &[String]) -> Vec<(String, String)> {
@@ -187,7 +221,7 @@ fn pairs(args: &[String]) -> Vec<(String, String)> {
 }
 
 /// Types one node.
-pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
+pub fn type_node(node: &Node) -> Result<Typed, TypeError> {
     let cmd = node.command();
     let need = |n: usize, what: &str| -> Result<(), TypeError> {
         if node.args.len() < n {
@@ -216,23 +250,27 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
                     ))
                 }
             };
-            Instruction::From {
+            return Ok(Typed::From {
                 image,
                 name,
                 platform: flags.get("platform").map(str::to_string),
-            }
+            });
         }
         "run" => {
             let flags = Flags::parse(node, &["mount*", "network", "security", "device*"])?;
             need(1, "at least one argument")?;
-            Instruction::Run {
+            let mut mounts = Vec::new();
+            for raw in flags.all("mount") {
+                mounts.push(mount_spec(raw).map_err(|m| ("malformed_mount", m, node.span_of(raw)))?);
+            }
+            Instruction::Run(Box::new(RunInstr {
                 args: node.args.clone(),
                 json: node.json,
-                mounts: flags.all("mount").into_iter().map(str::to_string).collect(),
+                mounts,
                 network: flags.get("network").map(str::to_string),
                 security: flags.get("security").map(str::to_string),
                 heredocs: node.heredocs.clone(),
-            }
+            }))
         }
         "copy" | "add" => {
             let is_add = cmd == "add";
@@ -370,11 +408,27 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
             if typ == "NONE" && node.args.len() > 1 {
                 return Err(("healthcheck_none", "HEALTHCHECK NONE takes no arguments".into(), node.span.clone()));
             }
-            Instruction::Healthcheck {
+            let dur = |n: &str| -> Result<i64, TypeError> {
+                match flags.get(n) {
+                    None => Ok(0),
+                    Some(v) => parse_duration(v).ok_or(("malformed_flag", format!("invalid duration for --{n}: {v:?}"), node.span_of(v))),
+                }
+            };
+            let retries = match flags.get("retries") {
+                None => 0,
+                Some(r) => r
+                    .parse::<i64>()
+                    .map_err(|_| ("malformed_flag", format!("invalid --retries value {r:?}"), node.span_of(r)))?,
+            };
+            Instruction::Healthcheck(Box::new(HealthcheckInstr {
                 args: node.args.clone(),
                 json: node.json,
-                flags,
-            }
+                interval: dur("interval")?,
+                timeout: dur("timeout")?,
+                start_period: dur("start-period")?,
+                start_interval: dur("start-interval")?,
+                retries,
+            }))
         }
         "onbuild" => {
             no_flags(node)?;
@@ -442,5 +496,5 @@ pub fn type_node(node: &Node) -> Result<Instruction, TypeError> {
             return Err(("unknown_instruction", msg, node.keyword_span()));
         }
     };
-    Ok(inst)
+    Ok(Typed::Other(inst))
 }

@@ -6,16 +6,16 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use kiln_frontend::config::{Healthcheck, History};
-use kiln_frontend::reference::Reference;
 use kiln_frontend::{Host, ImageConfig, Platform};
+use kiln_image::Reference;
+use kiln_image::{Healthcheck, History};
 use kiln_llb::builder::{Exec, FileInput, FileOp, LateAttrs, Mount, MountKind, SourceSpan, VertexMeta};
 use kiln_llb::pb;
 use kiln_llb::pb::file_action::Action;
 use kiln_llb::State;
 
-use crate::instructions::{CopyInstr, Instruction};
-use crate::parser::{chomp_heredoc_content, Node, Span};
+use crate::ir::{CopyInstr, Heredoc, Instruction, Located, MountKey, MountSpec, Program, RunInstr, Stage};
+use crate::parser::{chomp_heredoc_content, Span};
 use crate::shell::{Env, Lexer};
 
 /// Stack left before recursion grows the stack ([`stacker`]).
@@ -26,38 +26,17 @@ pub(crate) const STACK_SEGMENT: usize = 2 * 1024 * 1024;
 /// Default PATH for Linux images without one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// An ARG declaration: name and optional default (unexpanded).
-pub type ArgDecl = (String, Option<String>);
-
 /// A lowering error: (code, message, span).
 pub type LowerError = (&'static str, String, Span);
 
-/// One stage's instructions.
-pub struct StageDef<'a> {
-    /// `FROM` image (unexpanded).
-    pub image: String,
-    /// `AS` name.
-    pub name: Option<String>,
-    /// `--platform` (unexpanded).
-    pub platform: Option<String>,
-    /// The FROM node.
-    pub from: &'a Node,
-    /// The rest, in order.
-    pub instructions: Vec<(&'a Node, Instruction)>,
-}
-
-/// Inputs of lowering besides the stages.
+/// What lowering works from: the program and the request it is built for.
 pub struct LowerInput<'a> {
-    /// Global ARGs (before the first FROM).
-    pub meta_args: Vec<(&'a Node, Vec<ArgDecl>)>,
-    /// Stages.
-    pub stages: Vec<StageDef<'a>>,
+    /// The typed program.
+    pub program: &'a Program,
     /// Request.
     pub request: &'a kiln_frontend::Request,
     /// Host.
     pub host: &'a dyn Host,
-    /// The escape character.
-    pub escape: char,
 }
 
 /// The lowering result.
@@ -148,7 +127,7 @@ fn platform_args(prefix: &str, p: &Platform) -> Vec<(String, String)> {
     ]
 }
 
-fn span_of(node: &Node) -> SourceSpan {
+fn span_of(node: &Located) -> SourceSpan {
     SourceSpan {
         source_index: 0,
         start_line: node.start_line as i32,
@@ -197,14 +176,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             meta_env,
             images: HashMap::new(),
             errors: Vec::new(),
-            base_uses: base_uses(&input.stages),
+            base_uses: base_uses(&input.program.stages),
         }
     }
 
     fn target_stage(&mut self) -> Result<usize, Vec<LowerError>> {
         let mut errors = Vec::new();
         // Global ARGs: build args override defaults.
-        for (node, args) in &self.input.meta_args {
+        for (node, args) in &self.input.program.meta_args {
             for (k, v) in args {
                 let value = match self.input.request.build_args.get(k) {
                     Some(v) => Some(v.clone()),
@@ -227,7 +206,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let stages = &self.input.stages;
+        let stages = &self.input.program.stages;
         match &self.input.request.target {
             Some(t) => stages
                 .iter()
@@ -245,18 +224,18 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     fn lexer(&self) -> Lexer {
-        Lexer::new(self.input.escape)
+        Lexer::new(self.input.program.escape)
     }
 
     /// Expands both sides of ENV/LABEL pairs, all with the same variables.
-    fn expand_pairs(&self, pairs: &[(String, String)], env: &dyn Env, node: &Node) -> Result<Vec<(String, String)>, LowerError> {
+    fn expand_pairs(&self, pairs: &[(String, String)], env: &dyn Env, node: &Located) -> Result<Vec<(String, String)>, LowerError> {
         pairs
             .iter()
             .map(|(k, v)| Ok((self.expand(k, env, node)?, self.expand(v, env, node)?)))
             .collect()
     }
 
-    fn expand(&self, word: &str, env: &dyn Env, node: &Node) -> Result<String, LowerError> {
+    fn expand(&self, word: &str, env: &dyn Env, node: &Located) -> Result<String, LowerError> {
         self.lexer()
             .process_word(word, env)
             .map(|p| p.result)
@@ -265,7 +244,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
 
     fn find_stage(&self, name: &str, before: usize) -> Option<usize> {
         let lower = name.to_ascii_lowercase();
-        if let Some(i) = self.input.stages[..before]
+        if let Some(i) = self.input.program.stages[..before]
             .iter()
             .position(|s| s.name.as_deref() == Some(lower.as_str()))
         {
@@ -274,7 +253,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         name.parse::<usize>().ok().filter(|i| *i < before)
     }
 
-    fn resolve_image(&mut self, reference: &str, platform: &Platform, node: &Node) -> Result<(String, ImageConfig), LowerError> {
+    fn resolve_image(&mut self, reference: &str, platform: &Platform, node: &Located) -> Result<(String, ImageConfig), LowerError> {
         let key = format!("{reference} {}", platform.to_string_form());
         if let Some(hit) = self.images.get(&key) {
             return Ok(hit.clone());
@@ -300,7 +279,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         &mut self,
         reference: &str,
         platform: &Platform,
-        node: &Node,
+        node: &Located,
         meta: VertexMeta,
     ) -> Result<(State, ImageConfig), LowerError> {
         let (pinned, config) = self.resolve_image(reference, platform, node)?;
@@ -369,7 +348,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         if self.built.contains_key(&index) {
             return Ok(());
         }
-        let def = &self.input.stages[index];
+        let def = &self.input.program.stages[index];
         if !self.in_progress.insert(index) {
             return Err((
                 "stage_cycle",
@@ -386,14 +365,14 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     fn lower_stage(&mut self, index: usize) -> Result<Built, LowerError> {
-        let def = &self.input.stages[index];
+        let def = &self.input.program.stages[index];
         // BuildKit leaves the name out of progress names when there is only one stage.
         let stage_name = match &def.name {
-            _ if self.input.stages.len() == 1 => String::new(),
+            _ if self.input.program.stages.len() == 1 => String::new(),
             Some(n) => n.clone(),
             None => format!("stage-{index}"),
         };
-        let image = self.expand(&def.image, &self.meta_env, def.from)?;
+        let image = self.expand(&def.image, &self.meta_env, &def.from)?;
         if image.is_empty() {
             return Err((
                 "empty_base",
@@ -403,7 +382,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         let platform = match &def.platform {
             Some(p) => {
-                let expanded = self.expand(p, &self.meta_env, def.from)?;
+                let expanded = self.expand(p, &self.meta_env, &def.from)?;
                 Platform::parse(&expanded).ok_or(("invalid_platform", format!("invalid platform {expanded:?}"), def.from.span_of(p)))?
             }
             None => self
@@ -415,7 +394,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         };
         let from_text = def.from.original.trim().to_string();
         let image_lower = image.to_ascii_lowercase();
-        let base_stage = self.input.stages[..index]
+        let base_stage = self.input.program.stages[..index]
             .iter()
             .position(|s| s.name.as_deref() == Some(image_lower.as_str()));
         let named = if base_stage.is_none() { self.named_context(&image) } else { None };
@@ -479,19 +458,23 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 ));
             }
             for node in ast.nodes {
-                let inst = crate::instructions::type_node(&node)
+                let typed = crate::instructions::type_node(&node)
                     .map_err(|(c, m, _)| (c, format!("ONBUILD trigger {t:?}: {m}"), def.from.span.clone()))?;
-                trigger_nodes.push((node, inst));
+                let crate::instructions::Typed::Other(inst) = typed else {
+                    return Err((
+                        "onbuild_trigger",
+                        format!("FROM isn't allowed as an ONBUILD trigger ({t:?} in base image)"),
+                        def.from.span.clone(),
+                    ));
+                };
+                // Reported at the FROM that inherits them.
+                trigger_nodes.push((Located::from_node(&node).relocated(&def.from), inst));
             }
         }
         cx.total += vertex_commands(trigger_nodes.iter().map(|(_, i)| i));
         cx.onbuild = true;
-        for (node, inst) in &trigger_nodes {
-            let mut located = node.clone();
-            located.span = def.from.span.clone();
-            located.start_line = def.from.start_line;
-            located.end_line = def.from.end_line;
-            self.dispatch(index, &mut b, &mut cx, &located, inst)?;
+        for (located, inst) in &trigger_nodes {
+            self.dispatch(index, &mut b, &mut cx, located, inst)?;
         }
         cx.onbuild = false;
         for (node, inst) in &def.instructions {
@@ -507,16 +490,16 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         &mut self,
         image: &str,
         platform: &Platform,
-        def: &StageDef<'_>,
+        def: &Stage,
         cx: &mut StageCx,
         from_text: &str,
     ) -> Result<Built, LowerError> {
-        let (pinned, _) = self.resolve_image(image, platform, def.from)?;
+        let (pinned, _) = self.resolve_image(image, platform, &def.from)?;
         let meta = VertexMeta::default()
             .describe("com.docker.dockerfile.v1.command", from_text)
             .describe("llb.customname", cx.prefix(&format!("FROM {pinned}")))
-            .at(span_of(def.from));
-        let (state, config) = self.image_state(image, platform, def.from, meta)?;
+            .at(span_of(&def.from));
+        let (state, config) = self.image_state(image, platform, &def.from, meta)?;
         Ok(Built {
             state,
             config,
@@ -527,7 +510,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
 
     /// Metadata of an instruction's vertex: its progress name and source location,
     /// and the instruction text when BuildKit records it (FROM, RUN).
-    fn meta(node: &Node, customname: String, with_command: bool) -> VertexMeta {
+    fn meta(node: &Located, customname: String, with_command: bool) -> VertexMeta {
         let mut m = VertexMeta::default().describe("llb.customname", customname).at(span_of(node));
         if with_command {
             m = m.describe("com.docker.dockerfile.v1.command", node.original.trim());
@@ -538,7 +521,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     /// The instruction as BuildKit shows it: variables from ENV expanded
     /// (`raw`: quotes kept and unset variables left as written, as for RUN),
     /// keyword upper-cased.
-    fn display_text(&self, node: &Node, b: &Built, raw: bool) -> String {
+    fn display_text(&self, node: &Located, b: &Built, raw: bool) -> String {
         let mut lex = self.lexer();
         lex.raw_quotes = raw;
         lex.skip_unset_env = raw;
@@ -549,7 +532,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         uppercase_cmd(&text)
     }
 
-    fn dispatch(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Node, inst: &Instruction) -> Result<(), LowerError> {
+    fn dispatch(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Located, inst: &Instruction) -> Result<(), LowerError> {
         let history = |b: &mut Built, created_by: String, empty: bool| {
             b.config.history.push(History {
                 created_by,
@@ -558,7 +541,6 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             });
         };
         match inst {
-            Instruction::From { .. } => {}
             Instruction::Arg(args) => {
                 // Every value is expanded with the variables as they were before this instruction.
                 let env: &dyn Env = &b.env;
@@ -578,7 +560,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         b.env.set(k, &v);
                     }
                 }
-                history(b, format!("ARG {}", arguments_text(node)), true);
+                history(b, format!("ARG {}", node.arguments_text()), true);
             }
             Instruction::Env(pairs) => {
                 // As in BuildKit, `ENV a=1 b=$a` gives b the value a had before this instruction.
@@ -587,12 +569,12 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     b.config.set_env(&key, &value);
                     b.env.set(&key, &value);
                 }
-                history(b, format!("ENV {}", arguments_text(node)), true);
+                history(b, format!("ENV {}", node.arguments_text()), true);
             }
             Instruction::Label(pairs) => {
                 let expanded = self.expand_pairs(pairs, &b.env, node)?;
                 b.config.config.labels.extend(expanded);
-                history(b, format!("LABEL {}", arguments_text(node)), true);
+                history(b, format!("LABEL {}", node.arguments_text()), true);
             }
             Instruction::Maintainer(m) => {
                 history(b, format!("MAINTAINER {m}"), true);
@@ -679,71 +661,37 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 b.config.config.stop_signal = self.expand(s, &b.env, node)?;
                 history(b, format!("STOPSIGNAL {}", b.config.config.stop_signal), true);
             }
-            Instruction::Healthcheck { args, json, flags } => {
-                let typ = args[0].to_ascii_uppercase();
+            Instruction::Healthcheck(h) => {
+                let typ = h.args.first().map(|a| a.to_ascii_uppercase()).unwrap_or_default();
                 let hc = if typ == "NONE" {
                     Healthcheck {
                         test: vec!["NONE".into()],
                         ..Default::default()
                     }
                 } else {
-                    let rest = &args[1..];
-                    let test = if *json {
+                    let rest = h.args.get(1..).unwrap_or(&[]);
+                    let test = if h.json {
                         std::iter::once("CMD".to_string()).chain(rest.iter().cloned()).collect()
                     } else {
                         vec!["CMD-SHELL".to_string(), rest.join(" ")]
                     };
-                    let dur = |n: &str| -> Result<i64, LowerError> {
-                        match flags.get(n) {
-                            None => Ok(0),
-                            Some(v) => {
-                                parse_duration(v).ok_or(("malformed_flag", format!("invalid duration for --{n}: {v:?}"), node.span_of(v)))
-                            }
-                        }
-                    };
-                    let retries = match flags.get("retries") {
-                        None => 0,
-                        Some(r) => r
-                            .parse::<i64>()
-                            .map_err(|_| ("malformed_flag", format!("invalid --retries value {r:?}"), node.span_of(r)))?,
-                    };
                     Healthcheck {
                         test,
-                        interval: dur("interval")?,
-                        timeout: dur("timeout")?,
-                        start_period: dur("start-period")?,
-                        start_interval: dur("start-interval")?,
-                        retries,
+                        interval: h.interval,
+                        timeout: h.timeout,
+                        start_period: h.start_period,
+                        start_interval: h.start_interval,
+                        retries: h.retries,
                     }
                 };
                 b.config.config.healthcheck = Some(hc);
-                history(b, format!("HEALTHCHECK {}", args.join(" ")), true);
+                history(b, format!("HEALTHCHECK {}", h.args.join(" ")), true);
             }
             Instruction::Onbuild(trigger) => {
                 b.config.config.on_build.push(trigger.clone());
                 history(b, format!("ONBUILD {trigger}"), true);
             }
-            Instruction::Run {
-                args,
-                json,
-                mounts,
-                network,
-                security,
-                heredocs,
-            } => {
-                self.run(
-                    index,
-                    b,
-                    cx,
-                    node,
-                    args,
-                    *json,
-                    mounts,
-                    network.as_deref(),
-                    security.as_deref(),
-                    heredocs,
-                )?;
-            }
+            Instruction::Run(run) => self.run(index, b, cx, node, run)?,
             Instruction::Copy(copy) => self.copy(index, b, cx, node, copy)?,
         }
         Ok(())
@@ -797,14 +745,16 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         State::source(format!("local://{name}"), attrs, None, meta)
     }
 
-    fn source_of(&mut self, index: usize, from: &str, node: &Node, platform: &Platform) -> Result<State, LowerError> {
+    fn source_of(&mut self, index: usize, from: &str, node: &Located, platform: &Platform) -> Result<State, LowerError> {
         if let Some(s) = self.find_stage(from, index) {
             self.stage_ref(s)?;
             return Ok(self.built[&s].state.clone());
         }
-        let self_name = self.input.stages[index].name.as_deref();
+        let self_name = self.input.program.stages[index].name.as_deref();
         if self_name == Some(from.to_ascii_lowercase().as_str())
-            || from.parse::<usize>().is_ok_and(|i| i >= index && i < self.input.stages.len())
+            || from
+                .parse::<usize>()
+                .is_ok_and(|i| i >= index && i < self.input.program.stages.len())
         {
             return Err((
                 "stage_cycle",
@@ -814,6 +764,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         }
         if self
             .input
+            .program
             .stages
             .iter()
             .any(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
@@ -836,6 +787,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let plain = !from.contains(['/', ':', '.', '@']);
         if let Some(near) = self
             .input
+            .program
             .stages
             .iter()
             .filter_map(|s| s.name.as_deref())
@@ -859,19 +811,9 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
-        &mut self,
-        index: usize,
-        b: &mut Built,
-        cx: &mut StageCx,
-        node: &Node,
-        args: &[String],
-        json: bool,
-        mount_specs: &[String],
-        network: Option<&str>,
-        security: Option<&str>,
-        heredocs: &[crate::parser::Heredoc],
-    ) -> Result<(), LowerError> {
+    fn run(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Located, run: &RunInstr) -> Result<(), LowerError> {
+        let (args, json, heredocs) = (&run.args, run.json, &run.heredocs);
+        let (network, security) = (run.network.as_deref(), run.security.as_deref());
         // A RUN whose whole command is one heredoc runs the heredoc's body (BuildKit's "fake" heredoc).
         let cmd = args.join(" ");
         let whole_heredoc = !json && heredocs.len() == 1 && crate::parser::parse_heredoc(&cmd).ok().flatten().is_some();
@@ -963,7 +905,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             meta = meta.cap("exec.meta.network");
         }
         let mut ssh_count = 0;
-        for spec in mount_specs {
+        for spec in &run.mounts {
             let m = self.mount(index, b, node, env, spec, &cwd, &mut ssh_count, &mut exec.secret_env)?;
             if let Some(m) = m {
                 meta = meta.cap(match m.kind {
@@ -997,72 +939,43 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         &mut self,
         index: usize,
         b: &Built,
-        node: &Node,
+        node: &Located,
         env: &dyn Env,
-        spec: &str,
+        spec: &MountSpec,
         cwd: &str,
         ssh_count: &mut usize,
         secret_env: &mut Vec<pb::SecretEnv>,
     ) -> Result<Option<Mount>, LowerError> {
-        let bad = |msg: String| ("malformed_mount", msg, node.span_of(spec));
-        let spec = self.expand(spec, env, node)?;
-        let mut kv: Vec<(String, Option<String>)> = Vec::new();
-        for field in split_csv(&spec) {
-            let (k, v) = match field.split_once('=') {
-                Some((k, v)) => (k.trim().to_ascii_lowercase(), Some(v.to_string())),
-                None => (field.trim().to_ascii_lowercase(), None),
+        let bad = |msg: String| ("malformed_mount", msg, node.span_of(&spec.raw));
+        // Each value expanded with the step's variables, then read (as BuildKit does).
+        let mut kv: Vec<(MountKey, Option<String>)> = Vec::with_capacity(spec.options.len());
+        for (k, v) in &spec.options {
+            let v = match v {
+                Some(v) => Some(self.expand(v, env, node)?),
+                None => None,
             };
-            kv.push((k, v));
+            kv.push((*k, v));
         }
-        let get = |names: &[&str]| {
-            kv.iter()
-                .rev()
-                .find(|(k, _)| names.contains(&k.as_str()))
-                .map(|(_, v)| v.clone().unwrap_or_default())
-        };
-        let flag = |names: &[&str]| -> Result<Option<bool>, LowerError> {
-            match kv.iter().rev().find(|(k, _)| names.contains(&k.as_str())) {
+        let get = |key: MountKey| kv.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v.clone().unwrap_or_default());
+        let flag = |key: MountKey| -> Result<Option<bool>, LowerError> {
+            match kv.iter().rev().find(|(k, _)| *k == key) {
                 None => Ok(None),
                 Some((_, None)) => Ok(Some(true)),
                 Some((k, Some(v))) => match v.to_ascii_lowercase().as_str() {
                     "true" | "1" => Ok(Some(true)),
                     "false" | "0" => Ok(Some(false)),
-                    _ => Err(bad(format!("invalid value for {k}: {v:?}"))),
+                    _ => Err(bad(format!("invalid value for {}: {v:?}", k.name()))),
                 },
             }
         };
-        const KNOWN: &[&str] = &[
-            "type",
-            "target",
-            "dst",
-            "destination",
-            "source",
-            "src",
-            "from",
-            "ro",
-            "readonly",
-            "rw",
-            "readwrite",
-            "id",
-            "sharing",
-            "mode",
-            "uid",
-            "gid",
-            "size",
-            "required",
-            "env",
-        ];
-        if let Some((k, _)) = kv.iter().find(|(k, _)| !KNOWN.contains(&k.as_str())) {
-            return Err(bad(format!("unknown mount option {k:?}")));
-        }
-        let typ = get(&["type"]).unwrap_or_else(|| "bind".into()).to_ascii_lowercase();
-        let target = get(&["target", "dst", "destination"]);
-        let parse_u32 = |name: &str, radix: u32| -> Result<Option<u32>, LowerError> {
-            match get(&[name]) {
+        let typ = get(MountKey::Type).unwrap_or_else(|| "bind".into()).to_ascii_lowercase();
+        let target = get(MountKey::Target);
+        let parse_u32 = |key: MountKey, radix: u32| -> Result<Option<u32>, LowerError> {
+            match get(key) {
                 None => Ok(None),
                 Some(v) => u32::from_str_radix(&v, radix)
                     .map(Some)
-                    .map_err(|_| bad(format!("invalid {name} {v:?}"))),
+                    .map_err(|_| bad(format!("invalid {} {v:?}", key.name()))),
             }
         };
         // Absolute targets are kept as written, relative ones joined to the working directory.
@@ -1073,10 +986,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 clean_path(&format!("/{cwd}/{t}"))
             }
         };
-        let readonly_flag = flag(&["ro", "readonly"])?;
-        let rw_flag = flag(&["rw", "readwrite"])?;
-        let from = get(&["from"]);
-        let source = get(&["source", "src"]);
+        let readonly_flag = flag(MountKey::ReadOnly)?;
+        let rw_flag = flag(MountKey::ReadWrite)?;
+        let from = get(MountKey::From);
+        let source = get(MountKey::Source);
         let source_state = |this: &mut Self| -> Result<State, LowerError> {
             match &from {
                 Some(f) => this.source_of(index, f, node, &b.platform),
@@ -1104,8 +1017,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             "cache" => {
                 let raw_target = target.ok_or_else(|| bad("cache mount needs target=".into()))?;
                 let target = resolve_target(&raw_target);
-                let id = get(&["id"]).unwrap_or_else(|| clean_path(&raw_target));
-                let sharing = match get(&["sharing"]).as_deref() {
+                let id = get(MountKey::Id).unwrap_or_else(|| clean_path(&raw_target));
+                let sharing = match get(MountKey::Sharing).as_deref() {
                     None | Some("shared") => pb::CacheSharingOpt::Shared,
                     Some("private") => pb::CacheSharingOpt::Private,
                     Some("locked") => pb::CacheSharingOpt::Locked,
@@ -1127,7 +1040,11 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         .unwrap_or_default();
                 }
                 m.readonly = readonly_flag == Some(true);
-                let (mode, uid, gid) = (parse_u32("mode", 8)?, parse_u32("uid", 10)?, parse_u32("gid", 10)?);
+                let (mode, uid, gid) = (
+                    parse_u32(MountKey::Mode, 8)?,
+                    parse_u32(MountKey::Uid, 10)?,
+                    parse_u32(MountKey::Gid, 10)?,
+                );
                 if m.selector.is_empty() && (mode.is_some() || uid.is_some() || gid.is_some()) {
                     // An empty cache is created owned and with the mode asked for, as BuildKit does.
                     let user = |id: Option<u32>| {
@@ -1155,18 +1072,18 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             "tmpfs" => {
                 let target = target.ok_or_else(|| bad("tmpfs mount needs target=".into()))?;
-                let size = match get(&["size"]) {
+                let size = match get(MountKey::Size) {
                     None => 0,
                     Some(s) => parse_size(&s).ok_or_else(|| bad(format!("invalid size {s:?}")))?,
                 };
                 Mount::of_kind(resolve_target(&target), MountKind::Tmpfs { size })
             }
             "secret" => {
-                let id = get(&["id"])
+                let id = get(MountKey::Id)
                     .or_else(|| target.as_deref().and_then(|t| t.rsplit('/').next()).map(str::to_string))
                     .ok_or_else(|| bad("secret mount needs id= or target=".into()))?;
-                let optional = flag(&["required"])? != Some(true);
-                if let Some(var) = get(&["env"]) {
+                let optional = flag(MountKey::Required)? != Some(true);
+                if let Some(var) = get(MountKey::Env) {
                     secret_env.push(pb::SecretEnv {
                         id: id.clone(),
                         name: var,
@@ -1179,25 +1096,25 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 let dest = target.map(|t| resolve_target(&t)).unwrap_or_else(|| format!("/run/secrets/{id}"));
                 let opt = pb::SecretOpt {
                     id,
-                    uid: parse_u32("uid", 10)?.unwrap_or(0),
-                    gid: parse_u32("gid", 10)?.unwrap_or(0),
-                    mode: parse_u32("mode", 8)?.unwrap_or(0o400),
+                    uid: parse_u32(MountKey::Uid, 10)?.unwrap_or(0),
+                    gid: parse_u32(MountKey::Gid, 10)?.unwrap_or(0),
+                    mode: parse_u32(MountKey::Mode, 8)?.unwrap_or(0o400),
                     optional,
                 };
                 Mount::of_kind(dest, MountKind::Secret(opt))
             }
             "ssh" => {
-                let id = get(&["id"]).unwrap_or_else(|| "default".into());
-                let optional = flag(&["required"])? != Some(true);
+                let id = get(MountKey::Id).unwrap_or_else(|| "default".into());
+                let optional = flag(MountKey::Required)? != Some(true);
                 let dest = target
                     .map(|t| resolve_target(&t))
                     .unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{ssh_count}"));
                 *ssh_count += 1;
                 let opt = pb::SshOpt {
                     id,
-                    uid: parse_u32("uid", 10)?.unwrap_or(0),
-                    gid: parse_u32("gid", 10)?.unwrap_or(0),
-                    mode: parse_u32("mode", 8)?.unwrap_or(0o600),
+                    uid: parse_u32(MountKey::Uid, 10)?.unwrap_or(0),
+                    gid: parse_u32(MountKey::Gid, 10)?.unwrap_or(0),
+                    mode: parse_u32(MountKey::Mode, 8)?.unwrap_or(0o600),
                     optional,
                 };
                 Mount::of_kind(dest, MountKind::Ssh(opt))
@@ -1207,7 +1124,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok(Some(m))
     }
 
-    fn heredoc_content(&self, doc: &crate::parser::Heredoc, env: &dyn Env, node: &Node) -> Result<String, LowerError> {
+    fn heredoc_content(&self, doc: &Heredoc, env: &dyn Env, node: &Located) -> Result<String, LowerError> {
         let content = if doc.chomp {
             chomp_heredoc_content(&doc.content)
         } else {
@@ -1227,7 +1144,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     /// COPY and ADD, as BuildKit lowers them: one FileOp with a copy action per
     /// source (context, another stage or image, git, HTTP, heredoc), onto the
     /// stage's filesystem, or with `--link` onto scratch and merged.
-    fn copy(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Node, c: &CopyInstr) -> Result<(), LowerError> {
+    fn copy(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Located, c: &CopyInstr) -> Result<(), LowerError> {
         let cmd = if c.is_add { "ADD" } else { "COPY" };
         let name = self.display_text(node, b, false);
         let link = c.link && c.chmod.is_none();
@@ -1455,7 +1372,7 @@ impl Env for EnvList {
 }
 
 /// How many stages name each stage in FROM (only earlier stages count, as in lowering).
-fn base_uses(stages: &[StageDef<'_>]) -> Vec<usize> {
+fn base_uses(stages: &[Stage]) -> Vec<usize> {
     let mut uses = vec![0; stages.len()];
     for (i, stage) in stages.iter().enumerate() {
         let image = stage.image.to_ascii_lowercase();
@@ -1510,14 +1427,11 @@ impl StageCx {
 fn vertex_commands<'n>(instructions: impl IntoIterator<Item = &'n Instruction>) -> usize {
     instructions
         .into_iter()
-        .filter(|i| matches!(i, Instruction::Run { .. } | Instruction::Copy(_) | Instruction::Workdir(_)))
+        .filter(|i| matches!(i, Instruction::Run(_) | Instruction::Copy(_) | Instruction::Workdir(_)))
         .count()
 }
 
 /// The instruction's text after its keyword.
-fn arguments_text(node: &Node) -> &str {
-    node.original.trim().get(node.keyword.len()..).unwrap_or("").trim()
-}
 
 /// Upper-cases the first word, as BuildKit shows instructions.
 fn uppercase_cmd(text: &str) -> String {
@@ -1555,24 +1469,6 @@ fn proxy_env(build_args: &BTreeMap<String, String>) -> Option<pb::ProxyEnv> {
         *slot = v.clone();
     }
     (proxy != pb::ProxyEnv::default()).then_some(proxy)
-}
-
-/// Splits a `--mount` value on commas, honouring double quotes.
-fn split_csv(s: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for ch in s.chars() {
-        match ch {
-            '"' => quoted = !quoted,
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
-            c => cur.push(c),
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out.into_iter().filter(|f| !f.trim().is_empty()).collect()
 }
 
 /// A scratch filesystem holding one inline document (a heredoc body) at `/name`.
@@ -1737,33 +1633,6 @@ fn keep_trailing(original: &str, p: &mut String) {
     }
 }
 
-/// Go-style durations: `30s`, `1m30s`, `500ms`, `1h`.
-fn parse_duration(s: &str) -> Option<i64> {
-    if s == "0" {
-        return Some(0);
-    }
-    let mut total: f64 = 0.0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-        let n: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total += n * scale;
-        rest = &rest[unit_end..];
-    }
-    Some(total as i64)
-}
-
 /// Sizes such as `64m`, `1g`, `1024`.
 fn parse_size(s: &str) -> Option<i64> {
     let lower = s.to_ascii_lowercase();
@@ -1807,8 +1676,8 @@ mod tests {
 
     #[test]
     fn durations_and_sizes() {
-        assert_eq!(parse_duration("1m30s"), Some(90_000_000_000));
-        assert_eq!(parse_duration("5x"), None);
+        assert_eq!(crate::instructions::parse_duration("1m30s"), Some(90_000_000_000));
+        assert_eq!(crate::instructions::parse_duration("5x"), None);
         assert_eq!(parse_size("64m"), Some(64 << 20));
     }
 }

@@ -160,6 +160,12 @@ impl Node {
         }
     }
 
+    /// How offsets in `original` map to the source: (offset in original,
+    /// offset in source, length).
+    pub fn segments(&self) -> &[(usize, usize, usize)] {
+        &self.segments
+    }
+
     /// The source span of the keyword.
     pub fn keyword_span(&self) -> Span {
         self.span.start..self.span.start + self.keyword.len()

@@ -52,13 +52,35 @@ impl Diagnostic {
         self
     }
 
-    /// 1-based line and column of the span start in `source`.
+    /// 1-based line and column of the span start in `source`. An offset
+    /// past the end or inside a character (a plugin may send either) counts
+    /// as the nearest character start before it.
     pub fn line_column(&self, source: &str) -> (usize, usize) {
-        let upto = &source[..self.offset.min(source.len())];
+        let upto = &source[..floor_char_boundary(source, self.offset)];
         let line = upto.matches('\n').count() + 1;
         let column = upto.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
         (line, column)
     }
+}
+
+/// The largest character boundary of `s` at or before `offset`.
+pub fn floor_char_boundary(s: &str, offset: usize) -> usize {
+    let mut at = offset.min(s.len());
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// The span `offset..offset+length` clamped to `s` and moved onto character
+/// boundaries, so that slicing or rendering it cannot fail.
+pub fn clamp_span(s: &str, offset: usize, length: usize) -> std::ops::Range<usize> {
+    let start = floor_char_boundary(s, offset);
+    let mut end = offset.saturating_add(length).min(s.len()).max(start);
+    while !s.is_char_boundary(end) {
+        end += 1;
+    }
+    start..end
 }
 
 /// Levenshtein distance, for did-you-mean hints.
@@ -83,4 +105,21 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_inside_a_character_or_past_the_end_are_clamped() {
+        let text = "FROM é\nRUN x";
+        let mut d = Diagnostic::error("c", "m", "f", 6..7); // inside `é`
+        assert_eq!(d.line_column(text), (1, 6));
+        d.offset = 1000;
+        assert_eq!(d.line_column(text), (2, 6));
+        assert_eq!(clamp_span(text, 6, 1), 5..7);
+        assert_eq!(clamp_span(text, 1000, 5), text.len()..text.len());
+        assert_eq!(clamp_span(text, 0, usize::MAX), 0..text.len());
+    }
 }

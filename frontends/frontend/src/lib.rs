@@ -5,14 +5,13 @@
 //! **Architecture invariant:** no IO here and in the frontends; the host trait
 //! is the only way out.
 
-pub mod config;
 pub mod diagnostic;
-pub mod reference;
 
 use std::collections::BTreeMap;
 
-pub use config::{ImageConfig, Platform};
 pub use diagnostic::{Diagnostic, Severity};
+/// The image model the interface speaks in (from `kiln-image`).
+pub use kiln_image::{ImageConfig, Platform};
 pub use kiln_llb::pb;
 
 /// Everything a frontend compiles from.

@@ -84,7 +84,7 @@ impl<'a> Build<'a> {
     /// with its environment, user and working directory). The error's span
     /// is empty: the caller knows where the reference is and sets it.
     pub fn image(&self, reference: &str) -> Result<Stage, Box<Diagnostic>> {
-        let parsed = kiln_frontend::reference::Reference::parse(reference)
+        let parsed = kiln_image::Reference::parse(reference)
             .map_err(|e| Box::new(self.error("kiln::guest::invalid_reference", format!("{reference}: {e}"), 0..0)))?;
         let normalized = parsed.normalized();
         let resolved = self.host.resolve_image(&normalized, &self.platform).map_err(|e| {

@@ -2,7 +2,7 @@
 //! OCI and Docker v2 manifests, indexes and manifest lists), and picking a
 //! platform's manifest from an index.
 
-use kiln_frontend::Platform;
+use kiln_image::Platform;
 use serde::Deserialize;
 
 /// A manifest or an index: an index has `manifests`, a manifest `config` and `layers`.

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_frontend::{ImageConfig, Platform};
+use kiln_image::{ImageConfig, Platform};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 

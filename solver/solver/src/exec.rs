@@ -267,7 +267,7 @@ fn find_stubs(rootfs: &Path, dests: &[&str]) -> Vec<Stub> {
     out
 }
 
-fn remove_stubs(stubs: &[Stub]) {
+fn remove_stubs(stubs: &[Stub]) -> std::io::Result<()> {
     for s in stubs.iter().rev() {
         let Ok(m) = fs::symlink_metadata(&s.path) else { continue };
         // Only what is still empty: the step may have written there itself.
@@ -280,10 +280,11 @@ fn remove_stubs(stubs: &[Stub]) {
         };
         if removed {
             if let (Some(parent), Some((sec, ns))) = (s.path.parent(), s.parent_mtime) {
-                set_mtime_nofollow(parent, sec, ns);
+                set_mtime_nofollow(parent, sec, ns)?;
             }
         }
     }
+    Ok(())
 }
 
 fn remove_empty_tree(dir: &Path) -> bool {
@@ -501,7 +502,7 @@ pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnM
     guard.armed = false;
     drop(guard);
 
-    remove_stubs(&stubs);
+    remove_stubs(&stubs).map_err(|e| StepError::setup(format!("removing mount points from the layer: {e}")))?;
     let code = status.code().unwrap_or(-1);
     let valid = if meta.valid_exit_codes.is_empty() {
         code == 0

@@ -92,7 +92,7 @@ fn ensure(root: &StateRoot, entry: &Path, seed: Option<&(crate::snapshot::Layers
                 },
             )?;
             fs::set_permissions(&data, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-            set_mtime_nofollow(&data, meta.mtime(), meta.mtime_nsec());
+            set_mtime_nofollow(&data, meta.mtime(), meta.mtime_nsec())?;
         }
         view.unmount()?;
     }

@@ -116,7 +116,7 @@ pub fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Res
             lchown(d, o)?;
         }
         if let Some(t) = time {
-            crate::layer::set_mtime_nofollow(d, t / 1_000_000_000, t % 1_000_000_000);
+            crate::layer::set_mtime_nofollow(d, t / 1_000_000_000, t % 1_000_000_000)?;
         }
     }
     Ok(())

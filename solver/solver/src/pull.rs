@@ -149,7 +149,7 @@ pub fn layer_id_for_blob(digest: &str) -> String {
 }
 
 /// Resolves an unpinned source to a digest (registry tag or layout index).
-pub async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platform: &kiln_frontend::Platform) -> Result<String, String> {
+pub async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platform: &kiln_image::Platform) -> Result<String, String> {
     if let Some(d) = &src.digest {
         return Ok(d.clone());
     }
@@ -172,7 +172,7 @@ pub async fn pull(
     registry: &kiln_oci::RegistryClient,
     src: &ImageSource,
     digest: &str,
-    platform: &kiln_frontend::Platform,
+    platform: &kiln_image::Platform,
     progress: &dyn PullProgress,
 ) -> Result<PulledImage, String> {
     let top = document(root, registry, src, digest, true).await?;

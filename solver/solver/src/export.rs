@@ -193,7 +193,7 @@ fn stamp_history(obj: &mut serde_json::Map<String, Json>, created: &[i64]) {
 
 /// Normalizes a tag as Docker does (`app` → `docker.io/library/app:latest`).
 pub fn normalize_name(name: &str) -> String {
-    kiln_frontend::reference::Reference::parse(name)
+    kiln_image::Reference::parse(name)
         .map(|r| r.normalized())
         .unwrap_or_else(|_| name.to_string())
 }

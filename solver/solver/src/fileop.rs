@@ -124,7 +124,7 @@ pub fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), ActionErro
         lchown(&p, o).map_err(|e| err(&a.path, e))?;
     }
     if let Some(t) = time {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000);
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(|e| err(&a.path, e))?;
     }
     Ok(())
 }
@@ -142,7 +142,7 @@ pub fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), ActionEr
         lchown(&p, o).map_err(|e| err(&a.path, e))?;
     }
     if let Some(t) = time_of(a.timestamp) {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000);
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(|e| err(&a.path, e))?;
     }
     Ok(())
 }
@@ -156,7 +156,7 @@ pub fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), Action
         lchown(&p, o).map_err(|e| err(&a.newpath, e))?;
     }
     if let Some(t) = time_of(a.timestamp) {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000);
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(|e| err(&a.newpath, e))?;
     }
     Ok(())
 }
@@ -457,7 +457,7 @@ impl Copier<'_> {
             }
             lchown(dst, owner)?;
             fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
-            set_mtime_nofollow(dst, secs, nanos);
+            set_mtime_nofollow(dst, secs, nanos)?;
             return Ok(());
         }
         if let Some(m) = &existing {
@@ -474,7 +474,7 @@ impl Copier<'_> {
         if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
             lchown(dst, owner)?;
-            set_mtime_nofollow(dst, secs, nanos);
+            set_mtime_nofollow(dst, secs, nanos)?;
             return Ok(());
         }
         if ft.is_file() {
@@ -492,7 +492,7 @@ impl Copier<'_> {
         }
         lchown(dst, owner)?;
         fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
-        set_mtime_nofollow(dst, secs, nanos);
+        set_mtime_nofollow(dst, secs, nanos)?;
         Ok(())
     }
 }

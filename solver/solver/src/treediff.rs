@@ -114,7 +114,7 @@ fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()>
     if !ft.is_symlink() {
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     }
-    crate::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec());
+    crate::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec())?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::{try_join_all, BoxFuture};
-use kiln_frontend::Platform;
+use kiln_image::Platform;
 use kiln_llb::{marshal_op, pb, LoadedDefinition};
 use kiln_solver_protocol::{ErrorKind, Event};
 use sha2::{Digest as _, Sha256};
@@ -174,6 +174,13 @@ fn base_input(op: &pb::Op, out: i64) -> Option<i64> {
     }
 }
 
+/// Locks a mutex; a holder that panicked leaves data that is still whole
+/// here (counters, maps and task lists updated in one step), so it is used
+/// rather than read as "nothing there".
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How many [`in_background`] threads are running.
 static BACKGROUND: (Mutex<usize>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
 
@@ -182,9 +189,8 @@ static BACKGROUND: (Mutex<usize>, std::sync::Condvar) = (Mutex::new(0), std::syn
 async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let count = |delta: isize| {
-        if let Ok(mut n) = BACKGROUND.0.lock() {
-            *n = n.saturating_add_signed(delta);
-        }
+        let mut n = lock(&BACKGROUND.0);
+        *n = n.saturating_add_signed(delta);
         BACKGROUND.1.notify_all();
     };
     count(1);
@@ -205,7 +211,7 @@ async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
 /// awaits any more, after a failure: it may hold mounts and temporary layers,
 /// which it removes when it ends.
 pub fn wait_for_background_work(limit: std::time::Duration) {
-    let Ok(n) = BACKGROUND.0.lock() else { return };
+    let n = lock(&BACKGROUND.0);
     let _ = BACKGROUND.1.wait_timeout_while(n, limit, |n| *n > 0);
 }
 
@@ -258,10 +264,8 @@ impl Solver {
 
     /// Writes remembered checksums back to the state root.
     pub fn save_checksums(&self) {
-        if let Ok(map) = self.checksums.lock() {
-            for c in map.values() {
-                let _ = c.save();
-            }
+        for c in lock(&self.checksums).values() {
+            let _ = c.save();
         }
     }
 
@@ -336,11 +340,8 @@ impl Solver {
     }
 
     fn checksum_cache(&self, dir: &std::path::Path) -> Arc<ChecksumCache> {
-        let mut map = match self.checksums.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        map.entry(dir.to_path_buf())
+        lock(&self.checksums)
+            .entry(dir.to_path_buf())
             .or_insert_with(|| Arc::new(ChecksumCache::load(&self.root, dir)))
             .clone()
     }
@@ -418,9 +419,7 @@ impl Solver {
                 let attrs: BTreeMap<String, String> = s.attrs.clone().into_iter().collect();
                 let source = LocalSource::new(local_name, dir.clone(), &attrs).map_err(fail)?;
                 let source = Arc::new(source);
-                if let Ok(mut l) = self.locals.lock() {
-                    l.insert(digest.to_string(), source.clone());
-                }
+                lock(&self.locals).insert(digest.to_string(), source.clone());
                 let at = self.now_ms();
                 self.events.emit(Event::VertexStarted {
                     digest: digest.to_string(),
@@ -572,17 +571,12 @@ impl Solver {
             // A failure here is met again, and reported, by the export.
             let _ = crate::export::layer_blob(&root, &id, epoch);
         }));
-        if let Ok(mut tasks) = self.compressing.lock() {
-            tasks.push(task);
-        }
+        lock(&self.compressing).push(task);
     }
 
     /// Waits for the compressions started ahead of the export.
     pub async fn compressed(&self) {
-        let tasks: Vec<_> = match self.compressing.lock() {
-            Ok(mut t) => t.drain(..).collect(),
-            Err(_) => return,
-        };
+        let tasks: Vec<_> = lock(&self.compressing).drain(..).collect();
         for t in tasks {
             let _ = t.await;
         }

@@ -121,8 +121,8 @@ pub fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io::Result
                 h.set_size(0);
                 if ft.is_char_device() || ft.is_block_device() {
                     let rdev = meta.rdev();
-                    h.set_device_major(rustix::fs::major(rdev)).ok();
-                    h.set_device_minor(rustix::fs::minor(rdev)).ok();
+                    h.set_device_major(rustix::fs::major(rdev))?;
+                    h.set_device_minor(rustix::fs::minor(rdev))?;
                 }
                 builder.append_data(&mut h, &rel_path, io::empty())?;
             }
@@ -229,7 +229,7 @@ pub fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<String> {
     // Drain what the tar reader left (padding) so the digest covers it all.
     io::copy(&mut hashing, &mut io::sink())?;
     for (d, t) in dir_times.into_iter().rev() {
-        set_mtime_nofollow(&d, t, 0);
+        set_mtime_nofollow(&d, t, 0)?;
     }
     Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
 }
@@ -260,8 +260,9 @@ fn safe_join(base: &Path, rel: &Path) -> io::Result<PathBuf> {
     Ok(out)
 }
 
-/// Sets a path's mtime (and atime) without following a final symlink.
-pub fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) {
+/// Sets a path's mtime (and atime) without following a final symlink. A
+/// failure is an error: an mtime left as "now" makes layers irreproducible.
+pub fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) -> io::Result<()> {
     let ts = rustix::fs::Timespec {
         tv_sec: secs,
         tv_nsec: nanos as _,
@@ -270,7 +271,8 @@ pub fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) {
         last_access: ts,
         last_modification: ts,
     };
-    let _ = rustix::fs::utimensat(rustix::fs::CWD, path, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+    rustix::fs::utimensat(rustix::fs::CWD, path, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|e| io::Error::new(e.kind(), format!("setting the mtime of {}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -1,0 +1,349 @@
+//! The typed, spanned frontend IR: what lowering takes, whatever the
+//! definition was written in. [`crate::instructions`] builds it from a
+//! Dockerfile's syntax tree; the recipe frontend builds it from YAML. No
+//! parser type appears here and nothing is text to be parsed again: a value
+//! is either typed (mount options, health-check durations) or one word that
+//! lowering expands with the stage's variables (paths, users, platforms),
+//! because variables are only known then.
+
+use crate::parser::{Node, Span};
+
+pub use crate::parser::Heredoc;
+
+/// A whole definition: global ARGs, stages, the escape character.
+#[derive(Debug, Clone, Default)]
+pub struct Program {
+    /// `ARG`s before the first stage, each with where it was written.
+    pub meta_args: Vec<(Located, Vec<ArgDecl>)>,
+    /// Stages in order.
+    pub stages: Vec<Stage>,
+    /// The escape character word expansion uses (`\` unless a directive says otherwise).
+    pub escape: char,
+}
+
+/// An ARG declaration: name and optional default (a word).
+pub type ArgDecl = (String, Option<String>);
+
+/// One stage: its FROM and the instructions after it.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// `FROM` image (a word).
+    pub image: String,
+    /// `AS` name, lower-cased.
+    pub name: Option<String>,
+    /// `--platform` (a word).
+    pub platform: Option<String>,
+    /// Where the FROM is.
+    pub from: Located,
+    /// The rest, in order.
+    pub instructions: Vec<(Located, Instruction)>,
+}
+
+/// Where an instruction is in its definition file and how it reads.
+#[derive(Debug, Clone, Default)]
+pub struct Located {
+    /// The keyword as written (`RUN`, `run`).
+    pub keyword: String,
+    /// The instruction as written, continuation lines joined (progress names
+    /// and history are made from it), or as a Dockerfile would say it.
+    pub original: String,
+    /// Byte span in the definition file.
+    pub span: Span,
+    /// First line (1-based), for the source map.
+    pub start_line: usize,
+    /// Last line.
+    pub end_line: usize,
+    /// Offsets in `original` mapped to the file: (offset in original, offset
+    /// in file, length). Empty when `original` is not the file's text.
+    segments: Vec<(usize, usize, usize)>,
+    /// Places of values written apart from `original` (a recipe's YAML values).
+    words: Vec<(String, Span)>,
+}
+
+impl Located {
+    /// The place of a Dockerfile instruction.
+    pub fn from_node(node: &Node) -> Located {
+        Located {
+            keyword: node.keyword.clone(),
+            original: node.original.clone(),
+            span: node.span.clone(),
+            start_line: node.start_line,
+            end_line: node.end_line,
+            segments: node.segments().to_vec(),
+            words: Vec::new(),
+        }
+    }
+
+    /// An instruction whose text is not the file's (a recipe step): `original`
+    /// is how a Dockerfile would say it, `span` and `line` where it is.
+    pub fn synthetic(keyword: &str, original: String, span: Span, line: usize) -> Located {
+        Located {
+            keyword: keyword.to_string(),
+            original,
+            span,
+            start_line: line,
+            end_line: line,
+            segments: Vec::new(),
+            words: Vec::new(),
+        }
+    }
+
+    /// Records where a value of this instruction is, for errors about it.
+    pub fn with_word(mut self, word: &str, span: Span) -> Located {
+        if !word.is_empty() {
+            self.words.push((word.to_string(), span));
+        }
+        self
+    }
+
+    /// The same instruction reported at another place (ONBUILD triggers run
+    /// at the FROM that inherits them).
+    pub fn relocated(&self, at: &Located) -> Located {
+        Located {
+            span: at.span.clone(),
+            start_line: at.start_line,
+            end_line: at.end_line,
+            segments: Vec::new(),
+            words: Vec::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The span of `needle` inside this instruction, or the whole instruction.
+    pub fn span_of(&self, needle: &str) -> Span {
+        if needle.is_empty() {
+            return self.span.clone();
+        }
+        if let Some((_, span)) = self.words.iter().find(|(w, _)| w == needle) {
+            return span.clone();
+        }
+        match self.original.find(needle) {
+            Some(at) if !self.segments.is_empty() => self.map(at)..self.map(at + needle.len() - 1) + 1,
+            _ => self.span.clone(),
+        }
+    }
+
+    /// The span of the keyword (the whole instruction when not file text).
+    pub fn keyword_span(&self) -> Span {
+        if self.segments.is_empty() {
+            return self.span.clone();
+        }
+        self.span.start..self.span.start + self.keyword.len()
+    }
+
+    /// The text after the keyword.
+    pub fn arguments_text(&self) -> &str {
+        self.original.trim().get(self.keyword.len()..).unwrap_or("").trim()
+    }
+
+    fn map(&self, offset: usize) -> usize {
+        for &(o, s, len) in &self.segments {
+            if offset >= o && offset < o + len.max(1) {
+                return s + (offset - o);
+            }
+        }
+        self.span.start
+    }
+}
+
+/// A typed instruction. Words are kept unexpanded; lowering expands them.
+#[derive(Debug, Clone)]
+pub enum Instruction {
+    /// `RUN`.
+    Run(Box<RunInstr>),
+    /// `COPY` or `ADD`.
+    Copy(Box<CopyInstr>),
+    /// `ENV k=v…`.
+    Env(Vec<(String, String)>),
+    /// `ARG k[=v]…`.
+    Arg(Vec<ArgDecl>),
+    /// `LABEL k=v…`.
+    Label(Vec<(String, String)>),
+    /// `WORKDIR`.
+    Workdir(String),
+    /// `USER`.
+    User(String),
+    /// `SHELL [..]`.
+    Shell(Vec<String>),
+    /// `CMD` (arguments, exec form).
+    Cmd(Vec<String>, bool),
+    /// `ENTRYPOINT` (arguments, exec form).
+    Entrypoint(Vec<String>, bool),
+    /// `EXPOSE`.
+    Expose(Vec<String>),
+    /// `VOLUME`.
+    Volume(Vec<String>),
+    /// `STOPSIGNAL`.
+    StopSignal(String),
+    /// `HEALTHCHECK`.
+    Healthcheck(Box<HealthcheckInstr>),
+    /// `ONBUILD <instruction>`: the trigger text (kept as text: it goes into
+    /// the image config and is parsed by whoever builds FROM the image).
+    Onbuild(String),
+    /// `MAINTAINER`.
+    Maintainer(String),
+}
+
+/// `RUN` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct RunInstr {
+    /// Command (shell form: one element).
+    pub args: Vec<String>,
+    /// Exec form.
+    pub json: bool,
+    /// `--mount`s.
+    pub mounts: Vec<MountSpec>,
+    /// `--network`.
+    pub network: Option<String>,
+    /// `--security`.
+    pub security: Option<String>,
+    /// Heredocs.
+    pub heredocs: Vec<Heredoc>,
+}
+
+/// One `--mount`: its options with keys checked and lower-cased, values
+/// unexpanded (BuildKit expands each value, then reads it).
+#[derive(Debug, Clone, Default)]
+pub struct MountSpec {
+    /// The flag's value as written, to point errors at.
+    pub raw: String,
+    /// `(key, value)`; a key alone (`ro`, `rw`, `required`) has no value.
+    pub options: Vec<(MountKey, Option<String>)>,
+}
+
+/// The keys a `--mount` knows (synonyms folded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountKey {
+    /// `type`.
+    Type,
+    /// `target`, `dst`, `destination`.
+    Target,
+    /// `source`, `src`.
+    Source,
+    /// `from`.
+    From,
+    /// `ro`, `readonly`.
+    ReadOnly,
+    /// `rw`, `readwrite`.
+    ReadWrite,
+    /// `id`.
+    Id,
+    /// `sharing`.
+    Sharing,
+    /// `mode`.
+    Mode,
+    /// `uid`.
+    Uid,
+    /// `gid`.
+    Gid,
+    /// `size`.
+    Size,
+    /// `required`.
+    Required,
+    /// `env`.
+    Env,
+}
+
+impl MountKey {
+    /// The key a `--mount` field names, if known.
+    pub fn parse(key: &str) -> Option<MountKey> {
+        Some(match key.to_ascii_lowercase().as_str() {
+            "type" => MountKey::Type,
+            "target" | "dst" | "destination" => MountKey::Target,
+            "source" | "src" => MountKey::Source,
+            "from" => MountKey::From,
+            "ro" | "readonly" => MountKey::ReadOnly,
+            "rw" | "readwrite" => MountKey::ReadWrite,
+            "id" => MountKey::Id,
+            "sharing" => MountKey::Sharing,
+            "mode" => MountKey::Mode,
+            "uid" => MountKey::Uid,
+            "gid" => MountKey::Gid,
+            "size" => MountKey::Size,
+            "required" => MountKey::Required,
+            "env" => MountKey::Env,
+            _ => return None,
+        })
+    }
+
+    /// The key's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            MountKey::Type => "type",
+            MountKey::Target => "target",
+            MountKey::Source => "source",
+            MountKey::From => "from",
+            MountKey::ReadOnly => "readonly",
+            MountKey::ReadWrite => "readwrite",
+            MountKey::Id => "id",
+            MountKey::Sharing => "sharing",
+            MountKey::Mode => "mode",
+            MountKey::Uid => "uid",
+            MountKey::Gid => "gid",
+            MountKey::Size => "size",
+            MountKey::Required => "required",
+            MountKey::Env => "env",
+        }
+    }
+}
+
+impl MountSpec {
+    /// The last value given for `key` (`Some("")` for a key alone).
+    pub fn get(&self, key: MountKey) -> Option<&str> {
+        self.options
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_deref().unwrap_or(""))
+    }
+}
+
+/// `COPY`/`ADD` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct CopyInstr {
+    /// ADD (URLs, git, tar unpacking).
+    pub is_add: bool,
+    /// Sources (words).
+    pub sources: Vec<String>,
+    /// Destination (a word).
+    pub dest: String,
+    /// `--from`.
+    pub from: Option<String>,
+    /// `--chown` (a word: `user[:group]`).
+    pub chown: Option<String>,
+    /// `--chmod` (a word: octal or symbolic).
+    pub chmod: Option<String>,
+    /// `--link`.
+    pub link: bool,
+    /// `--parents`.
+    pub parents: bool,
+    /// `--exclude`.
+    pub excludes: Vec<String>,
+    /// ADD `--keep-git-dir`.
+    pub keep_git_dir: bool,
+    /// ADD `--checksum`.
+    pub checksum: Option<String>,
+    /// ADD `--unpack`.
+    pub unpack: Option<bool>,
+    /// Heredoc sources.
+    pub heredocs: Vec<Heredoc>,
+}
+
+/// `HEALTHCHECK`: the test and its timings, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct HealthcheckInstr {
+    /// `NONE` or `CMD …` as written.
+    pub args: Vec<String>,
+    /// Exec form.
+    pub json: bool,
+    /// `--interval` in nanoseconds (0: unset).
+    pub interval: i64,
+    /// `--timeout` in nanoseconds.
+    pub timeout: i64,
+    /// `--start-period` in nanoseconds.
+    pub start_period: i64,
+    /// `--start-interval` in nanoseconds.
+    pub start_interval: i64,
+    /// `--retries`.
+    pub retries: i64,
+}
