@@ -88,6 +88,12 @@ impl Located {
         }
     }
 
+    /// The same place, shown as `original`.
+    pub fn with_text(mut self, original: String) -> Located {
+        self.original = original;
+        self
+    }
+
     /// Records where a value of this instruction is, for errors about it.
     pub fn with_word(mut self, word: &str, span: Span) -> Located {
         if !word.is_empty() {

@@ -1,22 +1,25 @@
 //! The YAML recipe frontend (`# syntax=recipe`; format in
 //! frontends/recipe/README.md, schema in `recipe.schema.json`).
 //!
-//! A recipe is read into typed data ([`model`]), checked (one kind per step,
-//! known stages, no cycles, known target) with errors at YAML lines and
-//! columns, then written as the Dockerfile instructions that say the same
-//! thing and lowered by the Dockerfile frontend's own lowering. So a recipe
-//! and the equivalent Dockerfile give the same ops, byte for byte; the
-//! source map and any later diagnostic are mapped back to the YAML lines.
+//! A recipe is read into typed data whose values know their YAML positions
+//! ([`model`], through [`yaml`]), checked (one kind per step, known stages,
+//! no cycles, known target) with errors at YAML lines and columns, then
+//! turned into the Dockerfile frontend's typed IR ([`kiln_dockerfile::ir`])
+//! and lowered by the same lowering as a Dockerfile. No Dockerfile text is
+//! written: a value is a value wherever it came from (a newline in a path is
+//! part of the path), and the source map and every diagnostic point at the
+//! YAML where the step was written.
 
 pub mod model;
-pub mod positions;
+pub mod yaml;
 
+use kiln_dockerfile::ir::{self, Heredoc, Instruction, Located, MountKey, MountSpec as IrMount, Program, RunInstr};
 use kiln_frontend::diagnostic::closest;
 use kiln_frontend::{Diagnostic, Host, Request, Response};
 use kiln_llb::pb;
 
 use model::{Command, MountSpec, Ordered, Recipe, Scalar, Step};
-use positions::{Place, Places};
+use yaml::Spanned;
 
 /// Diagnostic code prefix.
 const CODE: &str = "kiln::recipe::";
@@ -25,89 +28,39 @@ const CODE: &str = "kiln::recipe::";
 pub fn compile(request: &Request, host: &dyn Host) -> Response {
     let source = String::from_utf8_lossy(&request.definition).into_owned();
     let file = request.filename.clone();
-    let places = positions::find(&source);
     let mut response = Response::default();
-    let recipe: Recipe = match serde_yaml::from_str(&source) {
+    let (recipe, doc): (Recipe, _) = match yaml::parse_document(&source) {
         Ok(r) => r,
         Err(e) => {
-            response.diagnostics.push(yaml_error(&e, &source, &file));
+            response.diagnostics.push(yaml_error(e, &file));
             return response;
         }
     };
-    let mut out = Translation::new(&file, &places, &source);
-    out.recipe(&recipe, request.target.as_deref());
+    let mut out = Translation::new(&file, &source, &doc);
+    let program = out.recipe(&recipe, request.target.as_deref());
     if !out.errors.is_empty() {
         response.diagnostics = out.errors;
         response.diagnostics.sort_by_key(|d| d.offset);
         return response;
     }
     let lowered_request = Request {
-        definition: out.text.clone().into_bytes(),
-        target: request.target.clone().or(recipe.target.clone()),
+        target: request.target.clone().or(recipe.target.as_ref().map(|t| t.to_string())),
         ..request.clone()
     };
-    let mut lowered = kiln_dockerfile::compile(&lowered_request, host);
-    // Back from the generated instructions to the YAML.
-    for d in &mut lowered.diagnostics {
-        let place = out.yaml_place_of_offset(d.offset);
-        d.offset = place.offset;
-        d.length = place.len;
-        d.file = file.clone();
-    }
-    if let Some(def) = &mut lowered.definition {
-        if let Some(src) = &mut def.source {
-            for locs in src.locations.values_mut() {
-                for loc in &mut locs.locations {
-                    for r in &mut loc.ranges {
-                        for pos in [&mut r.start, &mut r.end].into_iter().flatten() {
-                            pos.line = out.yaml_line(pos.line as usize) as i32;
-                            pos.character = 0;
-                        }
-                    }
-                }
-            }
-            src.infos = vec![pb::SourceInfo {
-                filename: file.clone(),
-                data: request.definition.clone(),
-                language: "YAML".into(),
-                definition: None,
-            }];
-        }
-    }
-    lowered
+    let info = pb::SourceInfo {
+        filename: file,
+        data: request.definition.clone(),
+        language: "YAML".into(),
+        definition: None,
+    };
+    kiln_dockerfile::lower_program(&program, &lowered_request, host, info)
 }
 
-/// A serde_yaml error as a diagnostic at its line and column, with a
-/// did-you-mean for unknown keys.
-fn yaml_error(e: &serde_yaml::Error, source: &str, file: &str) -> Diagnostic {
-    let message = e.to_string();
-    let (offset, len) = match e.location() {
-        Some(loc) => {
-            let rest = &source[loc.index().min(source.len())..];
-            let word = rest.find([':', '\n']).unwrap_or(rest.len()).max(1);
-            (loc.index(), word)
-        }
-        None => (0, 0),
-    };
-    // serde_yaml: "stages.build.steps[0]: unknown field `rnu`, expected one of `run`, … at line 5 column 7"
-    let text = message.split(" at line ").next().unwrap_or(&message).to_string();
-    let unknown = text
-        .split("unknown field `")
-        .nth(1)
-        .and_then(|r| r.split('`').next())
-        .map(str::to_string);
-    let expected: Vec<String> = text
-        .split("expected one of ")
-        .nth(1)
-        .or_else(|| text.split("expected ").nth(1))
-        .map(|r| r.split('`').skip(1).step_by(2).map(str::to_string).collect())
-        .unwrap_or_default();
-    let (code, text) = match &unknown {
-        Some(key) => ("unknown_key", format!("unknown key `{key}`{}", context_of(&text))),
-        None => ("invalid", text.clone()),
-    };
-    let mut d = Diagnostic::error(&format!("{CODE}{code}"), text, file, offset..offset + len);
-    if let Some(key) = unknown {
+/// A YAML error as a diagnostic at its place, with a did-you-mean for unknown keys.
+fn yaml_error(e: yaml::YamlError, file: &str) -> Diagnostic {
+    let code = if e.unknown.is_some() { "unknown_key" } else { "invalid" };
+    let mut d = Diagnostic::error(&format!("{CODE}{code}"), e.message, file, e.span);
+    if let Some((key, expected)) = e.unknown {
         d.help = Some(match closest(&key, expected.iter().map(String::as_str)) {
             Some(m) => format!("did you mean `{m}`?"),
             None => format!("keys here: {}", expected.join(", ")),
@@ -116,95 +69,108 @@ fn yaml_error(e: &serde_yaml::Error, source: &str, file: &str) -> Diagnostic {
     d
 }
 
-/// ` in stages.build.steps[0]` from serde_yaml's path prefix, if any.
-fn context_of(text: &str) -> String {
-    match text.split_once(": unknown field") {
-        Some((path, _)) if !path.is_empty() => format!(" in {path}"),
-        _ => String::new(),
+/// How a Dockerfile would write a value: bare when it reads back as itself,
+/// else double-quoted (used only for the text progress and history show).
+fn shown(s: &str) -> String {
+    if !s.is_empty() && !s.contains(|c: char| c.is_whitespace() || "\"'\\$".contains(c)) {
+        s.to_string()
+    } else {
+        serde_json::to_string(s).unwrap_or_default()
     }
 }
 
-/// Double-quoted for a Dockerfile value (expansion of `$VAR` stays on, as in a Dockerfile).
+/// A value as a word the lowering expands: double-quoted, so `$VAR` is
+/// expanded (as the recipe format says) but quotes, backslashes and spaces
+/// are the value's own.
 fn dq(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// An argument's default as a word, or None when the YAML gives none
+/// (`NAME:` alone, `~`, `null`, or an empty string: the parser does not tell
+/// an empty value from a missing one).
+fn arg_default(v: &Option<Scalar>) -> Option<String> {
+    v.as_ref()
+        .filter(|Scalar(s)| !matches!(s.as_str(), "" | "~" | "null" | "Null" | "NULL"))
+        .map(|Scalar(s)| dq(s))
 }
 
 fn json(list: &[String]) -> String {
     serde_json::to_string(list).unwrap_or_default()
 }
 
-/// The generated Dockerfile and, for each of its lines, the YAML place it came from.
+/// Builds the IR of a recipe, collecting every error.
 struct Translation<'a> {
     file: &'a str,
     source: &'a str,
-    places: &'a Places,
-    text: String,
-    origins: Vec<Place>,
+    doc: &'a yaml::Document,
     errors: Vec<Diagnostic>,
 }
 
 impl<'a> Translation<'a> {
-    fn new(file: &'a str, places: &'a Places, source: &'a str) -> Translation<'a> {
+    fn new(file: &'a str, source: &'a str, doc: &'a yaml::Document) -> Translation<'a> {
         Translation {
             file,
             source,
-            places,
-            text: String::new(),
-            origins: Vec::new(),
+            doc,
             errors: Vec::new(),
         }
     }
 
-    fn emit(&mut self, line: &str, origin: Place) {
-        for l in line.split('\n') {
-            self.text.push_str(l);
-            self.text.push('\n');
-            self.origins.push(origin);
-        }
+    /// An instruction written at the key `path` (a stage name, an argument).
+    fn at_key(&self, keyword: &str, text: String, path: &[&str]) -> Located {
+        Located::synthetic(
+            keyword,
+            text,
+            self.doc.key_span(path).unwrap_or(0..0),
+            self.doc.key_line(path).unwrap_or(1),
+        )
     }
 
-    fn error(&mut self, code: &str, message: String, at: Place, help: Option<String>) {
-        let mut d = Diagnostic::error(&format!("{CODE}{code}"), message, self.file, at.offset..at.offset + at.len);
+    fn span<T>(&self, v: &Spanned<T>) -> std::ops::Range<usize> {
+        yaml::span_of(v, self.source)
+    }
+
+    fn error(&mut self, code: &str, message: String, at: std::ops::Range<usize>, help: Option<String>) {
+        let mut d = Diagnostic::error(&format!("{CODE}{code}"), message, self.file, at);
         d.help = help;
         self.errors.push(d);
     }
 
-    /// The YAML line of a generated line (1-based).
-    fn yaml_line(&self, generated: usize) -> usize {
-        self.origins.get(generated.saturating_sub(1)).map(|p| p.line).unwrap_or(1)
+    /// An instruction written at `at`, shown as `text` (what a Dockerfile would say).
+    fn at<T>(&self, keyword: &str, text: String, at: &Spanned<T>) -> Located {
+        Located::synthetic(keyword, text, self.span(at), yaml::line_of(at))
     }
 
-    /// The YAML place of a byte offset in the generated text.
-    fn yaml_place_of_offset(&self, offset: usize) -> Place {
-        let line = self.text[..offset.min(self.text.len())].matches('\n').count();
-        self.origins.get(line).copied().unwrap_or_default()
-    }
-
-    fn recipe(&mut self, recipe: &Recipe, target: Option<&str>) {
-        let names: Vec<&str> = recipe.stages.0.iter().map(|(n, _)| n.as_str()).collect();
-        let top = Place {
-            line: 1,
-            offset: 0,
-            len: 0,
+    fn recipe(&mut self, recipe: &Recipe, target: Option<&str>) -> Program {
+        let mut program = Program {
+            escape: '\\',
+            ..Program::default()
         };
+        let names: Vec<&str> = recipe.stages.0.iter().map(|(n, _)| n.as_str()).collect();
         if names.is_empty() {
-            self.error("no_stages", "the recipe has no stages".into(), top, None);
-            return;
+            self.error("no_stages", "the recipe has no stages".into(), 0..0, None);
+            return program;
         }
         for (k, v) in &recipe.args.0 {
-            let line = match v {
-                Some(Scalar(v)) => format!("ARG {k}={}", dq(v)),
+            let value = arg_default(v);
+            let text = match &value {
+                Some(v) => format!("ARG {k}={v}"),
                 None => format!("ARG {k}"),
             };
-            self.emit(&line, top);
+            program
+                .meta_args
+                .push((self.at_key("ARG", text, &["args", k]), vec![(k.to_string(), value)]));
         }
-        for (index, (name, stage)) in recipe.stages.0.iter().enumerate() {
-            let places = self.places.stages.get(index).cloned().unwrap_or_default();
-            self.stage(name, stage, &places, &names);
+        for (name, stage) in &recipe.stages.0 {
+            program.stages.push(self.stage(name, stage, &names));
         }
-        if let Some(t) = target.or(recipe.target.as_deref()) {
+        if let Some(t) = target.or(recipe.target.as_ref().map(|t| t.as_str())) {
             if !names.contains(&t) {
-                let at = self.places.target.filter(|_| target.is_none()).unwrap_or(top);
+                let at = match (&recipe.target, target) {
+                    (Some(spanned), None) => self.span(spanned),
+                    _ => 0..0,
+                };
                 let help = closest(t, names.iter().copied()).map(|m| format!("did you mean `{m}`?"));
                 self.error(
                     "unknown_target",
@@ -215,9 +181,10 @@ impl<'a> Translation<'a> {
             }
         }
         self.cycles(recipe);
+        program
     }
 
-    fn stage(&mut self, name: &str, stage: &model::Stage, places: &positions::StagePlaces, names: &[&str]) {
+    fn stage(&mut self, name: &str, stage: &model::Stage, names: &[&str]) -> ir::Stage {
         let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
             && name
                 .chars()
@@ -226,73 +193,127 @@ impl<'a> Translation<'a> {
             self.error(
                 "invalid_stage_name",
                 format!("stage name `{name}`: use lowercase letters, digits, `_`, `.` and `-`"),
-                places.name,
+                self.doc.key_span(&["stages", name]).unwrap_or(0..0),
                 None,
             );
         }
-        let from_at = places.from.unwrap_or(places.name);
-        if stage.from == name {
-            self.error("cycle", format!("stage `{name}` is built from itself"), from_at, None);
+        if stage.from.as_str() == name {
+            self.error(
+                "cycle",
+                format!("stage `{name}` is built from itself"),
+                self.span(&stage.from),
+                None,
+            );
         }
         let platform = stage.platform.as_ref().map(|p| format!("--platform={p} ")).unwrap_or_default();
-        self.emit(&format!("FROM {platform}{} AS {name}", stage.from), from_at);
+        let from = self.at("FROM", format!("FROM {platform}{} AS {name}", stage.from.as_str()), &stage.from);
+        let mut instructions = Vec::new();
         for (i, step) in stage.steps.iter().enumerate() {
-            let at = places.steps.get(i).copied().unwrap_or(places.name);
-            self.step(step, at, names);
+            let place = self.doc.item_span(&["stages", name, "steps"], i);
+            self.step(step, place, names, &mut instructions);
         }
         if let Some(image) = &stage.image {
-            let at = places.image.unwrap_or(places.name);
-            if let Some(env) = &image.env {
-                self.env(env, at);
-            }
-            if let Some(u) = &image.user {
-                self.emit(&format!("USER {u}"), at);
-            }
-            if let Some(w) = &image.workdir {
-                self.emit(&format!("WORKDIR {w}"), at);
-            }
-            if let Some(labels) = &image.labels {
-                let pairs: Vec<String> = labels.0.iter().map(|(k, Scalar(v))| format!("{}={}", dq(k), dq(v))).collect();
-                if !pairs.is_empty() {
-                    self.emit(&format!("LABEL {}", pairs.join(" ")), at);
-                }
-            }
-            if let Some(ports) = &image.ports {
-                let ports: Vec<&str> = ports.iter().map(|Scalar(p)| p.as_str()).collect();
-                if !ports.is_empty() {
-                    self.emit(&format!("EXPOSE {}", ports.join(" ")), at);
-                }
-            }
-            if let Some(volumes) = &image.volumes {
-                self.emit(&format!("VOLUME {}", json(volumes)), at);
-            }
-            if let Some(ep) = &image.entrypoint {
-                self.emit(&format!("ENTRYPOINT {}", command(ep)), at);
-            }
-            if let Some(cmd) = &image.cmd {
-                self.emit(&format!("CMD {}", command(cmd)), at);
-            }
+            self.image(image, &mut instructions);
+        }
+        ir::Stage {
+            image: stage.from.to_string(),
+            name: Some(name.to_string()),
+            platform: stage.platform.clone(),
+            from,
+            instructions,
         }
     }
 
-    fn env(&mut self, env: &Ordered<Scalar>, at: Place) {
-        let pairs: Vec<String> = env.0.iter().map(|(k, Scalar(v))| format!("{k}={}", dq(v))).collect();
+    /// The image config section: the instructions a Dockerfile ends a stage with.
+    fn image(&mut self, image: &Spanned<model::ImageSpec>, out: &mut Vec<(Located, Instruction)>) {
+        if let Some(env) = &image.env {
+            let at = self.at("ENV", String::new(), image);
+            self.env(env, at, out);
+        }
+        if let Some(u) = &image.user {
+            out.push((self.at("USER", format!("USER {}", shown(u)), image), Instruction::User(u.clone())));
+        }
+        if let Some(w) = &image.workdir {
+            out.push((
+                self.at("WORKDIR", format!("WORKDIR {}", shown(w)), image),
+                Instruction::Workdir(w.clone()),
+            ));
+        }
+        if let Some(labels) = &image.labels {
+            let pairs: Vec<(String, String)> = labels.0.iter().map(|(k, Scalar(v))| (dq(k), dq(v))).collect();
+            if !pairs.is_empty() {
+                let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                out.push((
+                    self.at("LABEL", format!("LABEL {}", text.join(" ")), image),
+                    Instruction::Label(pairs),
+                ));
+            }
+        }
+        if let Some(ports) = &image.ports {
+            let ports: Vec<String> = ports.iter().map(|Scalar(p)| p.clone()).collect();
+            if !ports.is_empty() {
+                out.push((
+                    self.at("EXPOSE", format!("EXPOSE {}", ports.join(" ")), image),
+                    Instruction::Expose(ports),
+                ));
+            }
+        }
+        if let Some(volumes) = &image.volumes {
+            out.push((
+                self.at("VOLUME", format!("VOLUME {}", json(volumes)), image),
+                Instruction::Volume(volumes.clone()),
+            ));
+        }
+        if let Some(ep) = &image.entrypoint {
+            let (args, is_json) = command(ep);
+            out.push((
+                self.at("ENTRYPOINT", format!("ENTRYPOINT {}", command_text(ep)), image),
+                Instruction::Entrypoint(args, is_json),
+            ));
+        }
+        if let Some(cmd) = &image.cmd {
+            let (args, is_json) = command(cmd);
+            out.push((
+                self.at("CMD", format!("CMD {}", command_text(cmd)), image),
+                Instruction::Cmd(args, is_json),
+            ));
+        }
+    }
+
+    fn env(&mut self, env: &Ordered<Scalar>, at: Located, out: &mut Vec<(Located, Instruction)>) {
+        let pairs: Vec<(String, String)> = env.0.iter().map(|(k, Scalar(v))| (k.to_string(), dq(v))).collect();
         if !pairs.is_empty() {
-            self.emit(&format!("ENV {}", pairs.join(" ")), at);
+            let text: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push((at.with_text(format!("ENV {}", text.join(" "))), Instruction::Env(pairs)));
         }
     }
 
-    fn check_stage_ref(&mut self, what: &str, name: &str, at: Place, names: &[&str]) {
-        if !names.contains(&name) {
-            let at = positions::key_in_item(self.source, at, "from", name).unwrap_or(at);
+    fn check_stage_ref(&mut self, what: &str, name: &Spanned<String>, names: &[&str]) {
+        if !names.contains(&name.as_str()) {
             let help = closest(name, names.iter().copied())
                 .map(|m| format!("did you mean `{m}`?"))
                 .or_else(|| Some(format!("stages: {}", names.join(", "))));
-            self.error("unknown_stage", format!("{what} names no stage `{name}`"), at, help);
+            self.error(
+                "unknown_stage",
+                format!("{what} names no stage `{}`", name.as_str()),
+                self.span(name),
+                help,
+            );
         }
     }
 
-    fn step(&mut self, step: &Step, at: Place, names: &[&str]) {
+    fn step(
+        &mut self,
+        spanned: &Spanned<Step>,
+        place: Option<(std::ops::Range<usize>, usize)>,
+        names: &[&str],
+        out: &mut Vec<(Located, Instruction)>,
+    ) {
+        let step: &Step = spanned;
+        // Where the step is written: its first key (the parser's own span of a
+        // mapping starts at the first colon).
+        let (here, line) = place.unwrap_or_else(|| (self.span(spanned), yaml::line_of(spanned)));
+        let at = |keyword: &str, text: String| Located::synthetic(keyword, text, here.clone(), line);
         let kinds: Vec<&str> = [
             ("run", step.run.is_some()),
             ("copy", step.copy.is_some()),
@@ -311,7 +332,7 @@ impl<'a> Translation<'a> {
                     "a step has exactly one of run, copy, env, workdir, user, args; this one has {}",
                     if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") }
                 ),
-                at,
+                here,
                 None,
             );
             return;
@@ -331,22 +352,27 @@ impl<'a> Translation<'a> {
             self.error(
                 "misplaced_option",
                 format!("a `{kind}` step takes no {}", misplaced.join(", ")),
-                at,
+                here,
                 None,
             );
             return;
         }
         match *kind {
-            "run" => self.run(step, at, names),
+            "run" => {
+                if let Some(run) = self.run(spanned, at("RUN", String::new()), names) {
+                    out.push(run);
+                }
+            }
             "copy" => {
                 let Some(to) = &step.to else {
-                    self.error("missing_key", "a `copy` step needs `to:` (the destination)".into(), at, None);
+                    self.error("missing_key", "a `copy` step needs `to:` (the destination)".into(), here, None);
                     return;
                 };
+                let sources = step.copy.as_ref().map(model::OneOrMany::to_vec).unwrap_or_default();
                 let mut flags = String::new();
                 if let Some(from) = &step.from {
-                    self.check_stage_ref("`from`", from, at, names);
-                    flags.push_str(&format!("--from={from} "));
+                    self.check_stage_ref("`from`", from, names);
+                    flags.push_str(&format!("--from={} ", from.as_str()));
                 }
                 if let Some(c) = &step.chown {
                     flags.push_str(&format!("--chown={c} "));
@@ -354,63 +380,101 @@ impl<'a> Translation<'a> {
                 if let Some(Scalar(m)) = &step.chmod {
                     flags.push_str(&format!("--chmod={m} "));
                 }
-                let mut args = step.copy.as_ref().map(model::OneOrMany::to_vec).unwrap_or_default();
-                args.push(to.clone());
-                self.emit(&format!("COPY {flags}{}", json(&args)), at);
+                let mut shown_args = sources.clone();
+                shown_args.push(to.clone());
+                let mut at = at("COPY", format!("COPY {flags}{}", json(&shown_args)));
+                if let Some(from) = &step.from {
+                    at = at.with_word(from, self.span(from));
+                }
+                let copy = ir::CopyInstr {
+                    sources,
+                    dest: to.clone(),
+                    from: step.from.as_ref().map(|f| f.to_string()),
+                    chown: step.chown.clone(),
+                    chmod: step.chmod.as_ref().map(|Scalar(m)| m.clone()),
+                    ..ir::CopyInstr::default()
+                };
+                out.push((at, Instruction::Copy(Box::new(copy))));
             }
             "env" => {
                 if let Some(env) = &step.env {
-                    self.env(env, at);
+                    self.env(env, at("ENV", String::new()), out);
                 }
             }
             "workdir" => {
                 let dir = step.workdir.clone().unwrap_or_default();
-                self.emit(&format!("WORKDIR {dir}"), at);
+                out.push((at("WORKDIR", format!("WORKDIR {}", shown(&dir))), Instruction::Workdir(dir)));
             }
             "user" => {
                 let user = step.user.clone().unwrap_or_default();
-                self.emit(&format!("USER {user}"), at);
+                out.push((at("USER", format!("USER {}", shown(&user))), Instruction::User(user)));
             }
             _ => {
                 for (k, v) in step.args.iter().flat_map(|a| a.0.iter()) {
-                    let line = match v {
-                        Some(Scalar(v)) => format!("ARG {k}={}", dq(v)),
+                    let value = arg_default(v);
+                    let text = match &value {
+                        Some(v) => format!("ARG {k}={v}"),
                         None => format!("ARG {k}"),
                     };
-                    self.emit(&line, at);
+                    out.push((at("ARG", text), Instruction::Arg(vec![(k.to_string(), value)])));
                 }
             }
         }
     }
 
-    fn run(&mut self, step: &Step, at: Place, names: &[&str]) {
+    /// A `run` step, reported at `at`.
+    fn run(&mut self, spanned: &Spanned<Step>, at: Located, names: &[&str]) -> Option<(Located, Instruction)> {
+        let step: &Step = spanned;
+        let mut mounts = Vec::new();
         let mut flags = String::new();
         for m in step.mounts.iter().flatten() {
-            match self.mount(m, at, names) {
-                Some(spec) => flags.push_str(&format!("--mount={spec} ")),
-                None => return,
-            }
+            let mount = self.mount(m, &at.span, names)?;
+            flags.push_str(&format!("--mount={} ", mount.raw));
+            mounts.push(mount);
         }
         if let Some(n) = &step.network {
-            flags.push_str(&format!("--network={n} "));
+            flags.push_str(&format!("--network={} ", n.as_str()));
         }
-        match &step.run {
+        let mut run = RunInstr {
+            mounts,
+            network: step.network.as_ref().map(|n| n.to_string()),
+            ..RunInstr::default()
+        };
+        let text = match &step.run {
             Some(Command::Shell(script)) if script.trim_end().contains('\n') => {
+                // A script of several lines runs as a Dockerfile heredoc does:
+                // its body is handed to the shell as one argument.
                 let body = script.trim_end();
-                if body.lines().any(|l| l == "KILN_RECIPE_EOF") {
-                    self.error("invalid", "a script line may not be KILN_RECIPE_EOF".into(), at, None);
-                    return;
-                }
-                self.emit(&format!("RUN {flags}<<KILN_RECIPE_EOF\n{body}\nKILN_RECIPE_EOF"), at);
+                run.args = vec!["<<EOF".into()];
+                run.heredocs = vec![Heredoc {
+                    name: "EOF".into(),
+                    fd: 0,
+                    expand: true,
+                    chomp: false,
+                    content: format!("{body}\n"),
+                }];
+                format!("RUN {flags}<<EOF")
             }
-            Some(Command::Shell(script)) => self.emit(&format!("RUN {flags}{script}"), at),
-            Some(Command::Exec(argv)) => self.emit(&format!("RUN {flags}{}", json(argv)), at),
-            None => {}
+            Some(Command::Shell(script)) => {
+                run.args = vec![script.clone()];
+                format!("RUN {flags}{script}")
+            }
+            Some(Command::Exec(argv)) => {
+                run.args = argv.clone();
+                run.json = true;
+                format!("RUN {flags}{}", json(argv))
+            }
+            None => return None,
+        };
+        let mut at = at.with_text(text);
+        if let Some(n) = &step.network {
+            at = at.with_word(n, self.span(n));
         }
+        Some((at, Instruction::Run(Box::new(run))))
     }
 
-    /// The `--mount=` value of a mount, or None after reporting an error.
-    fn mount(&mut self, m: &MountSpec, at: Place, names: &[&str]) -> Option<String> {
+    /// A mount of a `run` step as the IR's typed options, or None after reporting an error.
+    fn mount(&mut self, m: &MountSpec, step: &std::ops::Range<usize>, names: &[&str]) -> Option<IrMount> {
         let kinds: Vec<(&str, &String)> = [
             ("cache", &m.cache),
             ("secret", &m.secret),
@@ -425,45 +489,43 @@ impl<'a> Translation<'a> {
             self.error(
                 "mount_kind",
                 "a mount has exactly one of cache, secret, ssh, bind, tmpfs".into(),
-                at,
+                step.clone(),
                 None,
             );
             return None;
         };
-        let mut parts = vec![format!("type={kind}")];
+        let mut options = vec![(MountKey::Type, Some(kind.to_string()))];
         match *kind {
-            "secret" | "ssh" => parts.push(format!("id={value}")),
-            _ => parts.push(format!("target={value}")),
+            "secret" | "ssh" => options.push((MountKey::Id, Some(value.to_string()))),
+            _ => options.push((MountKey::Target, Some(value.to_string()))),
         }
         if let Some(from) = &m.from {
-            self.check_stage_ref("the mount's `from`", from, at, names);
+            self.check_stage_ref("the mount's `from`", from, names);
         }
-        let opts: [(&str, Option<String>); 11] = [
-            ("id", m.id.clone()),
-            ("sharing", m.sharing.clone()),
-            ("from", m.from.clone()),
-            ("source", m.source.clone()),
-            ("target", m.target.clone()),
-            ("env", m.env.clone()),
-            ("required", m.required.map(|b| b.to_string())),
-            ("mode", m.mode.as_ref().map(|s| s.0.clone())),
-            ("uid", m.uid.map(|u| u.to_string())),
-            ("gid", m.gid.map(|g| g.to_string())),
-            ("size", m.size.as_ref().map(|s| s.0.clone())),
+        let opts: [(MountKey, Option<String>); 11] = [
+            (MountKey::Id, m.id.clone()),
+            (MountKey::Sharing, m.sharing.clone()),
+            (MountKey::From, m.from.as_ref().map(|f| f.to_string())),
+            (MountKey::Source, m.source.clone()),
+            (MountKey::Target, m.target.clone()),
+            (MountKey::Env, m.env.clone()),
+            (MountKey::Required, m.required.map(|b| b.to_string())),
+            (MountKey::Mode, m.mode.as_ref().map(|s| s.0.clone())),
+            (MountKey::Uid, m.uid.map(|u| u.to_string())),
+            (MountKey::Gid, m.gid.map(|g| g.to_string())),
+            (MountKey::Size, m.size.as_ref().map(|s| s.0.clone())),
         ];
-        for (k, v) in opts {
-            if let Some(v) = v {
-                parts.push(format!("{k}={v}"));
-            }
-        }
+        options.extend(opts.into_iter().filter(|(_, v)| v.is_some()));
         if m.readwrite == Some(true) {
-            parts.push("rw=true".into());
+            options.push((MountKey::ReadWrite, Some("true".into())));
         }
-        if parts.iter().any(|p| p.contains([',', '"', '\n'])) {
-            self.error("invalid", "mount values may not contain `,`, `\"` or newlines".into(), at, None);
-            return None;
-        }
-        Some(parts.join(","))
+        // How the flag would read in a Dockerfile: for progress names, and what errors point at.
+        let raw = options
+            .iter()
+            .map(|(k, v)| format!("{}={}", k.name(), v.as_deref().unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(",");
+        Some(IrMount { raw, options })
     }
 
     /// Reports the first cycle among stages (through `from`, copies and mounts).
@@ -476,8 +538,8 @@ impl<'a> Translation<'a> {
             .map(|(_, s)| {
                 let mut refs = vec![s.from.as_str()];
                 for step in &s.steps {
-                    refs.extend(step.from.as_deref());
-                    refs.extend(step.mounts.iter().flatten().filter_map(|m| m.from.as_deref()));
+                    refs.extend(step.from.as_ref().map(|f| f.as_str()));
+                    refs.extend(step.mounts.iter().flatten().filter_map(|m| m.from.as_ref().map(|f| f.as_str())));
                 }
                 refs.iter().filter_map(|r| names.iter().position(|n| n == r)).collect()
             })
@@ -510,13 +572,12 @@ impl<'a> Translation<'a> {
         for i in 0..names.len() {
             if state[i] == 0 {
                 if let Some(cycle) = visit(i, &deps, &mut state, &mut Vec::new()) {
-                    let first = cycle[0];
-                    let places = self.places.stages.get(first).cloned().unwrap_or_default();
+                    let first = &recipe.stages.0[cycle[0]].1;
                     let text: Vec<&str> = cycle.iter().map(|&c| names[c]).collect();
                     self.error(
                         "cycle",
                         format!("stages depend on each other in a cycle: {}", text.join(" → ")),
-                        places.from.unwrap_or(places.name),
+                        self.span(&first.from),
                         None,
                     );
                     return;
@@ -526,8 +587,16 @@ impl<'a> Translation<'a> {
     }
 }
 
-/// A command in Dockerfile syntax: shell form as written, exec form as JSON.
-fn command(c: &Command) -> String {
+/// A command's arguments and whether they are the exec form.
+fn command(c: &Command) -> (Vec<String>, bool) {
+    match c {
+        Command::Shell(s) => (vec![s.clone()], false),
+        Command::Exec(v) => (v.clone(), true),
+    }
+}
+
+/// A command as a Dockerfile writes it: shell form as written, exec form as JSON.
+fn command_text(c: &Command) -> String {
     match c {
         Command::Shell(s) => s.clone(),
         Command::Exec(v) => json(v),

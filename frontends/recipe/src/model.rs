@@ -1,11 +1,14 @@
-//! The recipe document as typed data (serde_yaml reports type errors and
-//! unknown keys with their line and column); maps keep their YAML order.
+//! The recipe document as typed data: the YAML parser reports type errors
+//! and unknown keys where they are, values that later checks or lowering
+//! may point at are [`Spanned`], and maps keep their YAML order.
 
 use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+
+use crate::yaml::Spanned;
 
 /// A whole recipe.
 #[derive(Debug, Deserialize)]
@@ -18,7 +21,7 @@ pub struct Recipe {
     pub stages: Ordered<Stage>,
     /// The stage to build (overridden by `--target`).
     #[serde(default)]
-    pub target: Option<String>,
+    pub target: Option<Spanned<String>>,
 }
 
 /// One stage.
@@ -26,16 +29,16 @@ pub struct Recipe {
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     /// An image reference, `scratch`, or the name of an earlier stage.
-    pub from: String,
+    pub from: Spanned<String>,
     /// The stage's platform (`os/arch[/variant]`, build args expanded).
     #[serde(default)]
     pub platform: Option<String>,
     /// The steps, in order.
     #[serde(default)]
-    pub steps: Vec<Step>,
+    pub steps: Vec<Spanned<Step>>,
     /// The image config this stage's image gets.
     #[serde(default)]
-    pub image: Option<ImageSpec>,
+    pub image: Option<Spanned<ImageSpec>>,
 }
 
 /// One step: exactly one of `run`, `copy`, `env`, `workdir`, `user`, `args`,
@@ -48,13 +51,13 @@ pub struct Step {
     /// Mounts of a `run` step.
     pub mounts: Option<Vec<MountSpec>>,
     /// Network of a `run` step: `default`, `none` or `host`.
-    pub network: Option<String>,
+    pub network: Option<Spanned<String>>,
     /// Paths to copy (one or a list).
     pub copy: Option<OneOrMany>,
     /// Destination of a `copy`.
     pub to: Option<String>,
     /// Where a `copy` reads from: a stage name (default: the build context).
-    pub from: Option<String>,
+    pub from: Option<Spanned<String>>,
     /// Owner of copied files (`user[:group]`).
     pub chown: Option<String>,
     /// Mode of copied files (octal, e.g. `"0755"`).
@@ -88,7 +91,7 @@ pub struct MountSpec {
     /// Cache sharing: `shared`, `private`, `locked`.
     pub sharing: Option<String>,
     /// The stage a bind or cache is seeded from.
-    pub from: Option<String>,
+    pub from: Option<Spanned<String>>,
     /// Path inside `from`.
     pub source: Option<String>,
     /// Where a secret or ssh socket is mounted.
@@ -193,7 +196,8 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
-/// A YAML mapping with its keys in document order.
+/// A YAML mapping with its keys in document order (where a key is written:
+/// [`crate::yaml::Document::key_span`]).
 #[derive(Debug)]
 pub struct Ordered<T>(pub Vec<(String, T)>);
 

@@ -152,3 +152,54 @@ fn errors_point_at_yaml_lines_and_columns() {
     let all: Vec<String> = cases.iter().map(|(name, text)| format!("--- {name}\n{}", errors(text))).collect();
     settings().bind(|| insta::assert_snapshot!("errors", all.join("\n")));
 }
+
+/// The ops of a compiled recipe: (exec argv, mkdir paths) in order.
+fn execs_and_mkdirs(text: &str) -> (Vec<Vec<String>>, Vec<String>) {
+    let r = kiln_recipe::compile(&request("recipe.yaml", text), &OfflineHost);
+    assert!(!r.has_errors(), "{:?}", r.diagnostics);
+    let def = kiln_llb::LoadedDefinition::from_definition(r.definition.expect("definition")).expect("loads");
+    let (mut execs, mut mkdirs) = (Vec::new(), Vec::new());
+    for op in &def.ops {
+        match &op.op.op {
+            Some(kiln_llb::pb::op::Op::Exec(e)) => execs.push(e.meta.as_ref().map(|m| m.args.clone()).unwrap_or_default()),
+            Some(kiln_llb::pb::op::Op::File(f)) => {
+                for a in &f.actions {
+                    if let Some(kiln_llb::pb::file_action::Action::Mkdir(m)) = &a.action {
+                        mkdirs.push(m.path.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (execs, mkdirs)
+}
+
+/// Values are values: nothing in one becomes an instruction, and no value
+/// swallows the next step (the recipe was once lowered through Dockerfile text).
+#[test]
+fn a_value_never_becomes_or_swallows_a_step() {
+    let newline = "stages:\n  main:\n    from: busybox\n    steps:\n      - workdir: \"/a\\nRUN touch /injected\"\n      - run: echo hi\n";
+    let (execs, mkdirs) = execs_and_mkdirs(newline);
+    assert_eq!(mkdirs, ["/a\nRUN touch /injected"], "one literal WORKDIR");
+    assert_eq!(
+        execs,
+        [vec!["/bin/sh".to_string(), "-c".into(), "echo hi".into()]],
+        "only the RUN runs"
+    );
+
+    let backslash = "stages:\n  main:\n    from: busybox\n    steps:\n      - workdir: 'C:\\'\n      - run: echo hi\n";
+    let (execs, mkdirs) = execs_and_mkdirs(backslash);
+    assert_eq!(mkdirs.len(), 1, "one WORKDIR: {mkdirs:?}");
+    assert!(mkdirs[0].starts_with("/C:"), "{mkdirs:?}");
+    assert_eq!(
+        execs,
+        [vec!["/bin/sh".to_string(), "-c".into(), "echo hi".into()]],
+        "the RUN is its own step"
+    );
+
+    // Quotes, commas and `#` in env and mount values stay in the value.
+    let odd = "stages:\n  main:\n    from: busybox\n    steps:\n      - env:\n          A: 'x\" RUN y'\n      - run: echo $A\n        mounts:\n          - cache: /c,d\n            id: 'a,b'\n";
+    let (execs, _) = execs_and_mkdirs(odd);
+    assert_eq!(execs.len(), 1, "{execs:?}");
+}

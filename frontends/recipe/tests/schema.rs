@@ -10,7 +10,7 @@ fn validator() -> jsonschema::Validator {
 }
 
 fn as_json(yaml: &str) -> serde_json::Value {
-    serde_yaml::from_str(yaml).expect("YAML")
+    kiln_recipe::yaml::to_json(yaml).expect("YAML")
 }
 
 #[test]

@@ -51,17 +51,23 @@ pub fn shared(test: &str, rel: &str) -> Option<PathBuf> {
 
 /// Whether `tool` is on PATH; else skips or fails.
 pub fn tool(test: &str, tool: &str) -> bool {
-    let found = Command::new("sh")
+    tools(test, &[tool])
+}
+
+/// Whether every tool in `tools` is on PATH; else skips or fails, naming
+/// every missing one.
+pub fn tools(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    require(test, missing.is_empty(), &format!("not installed: {}", missing.join(", ")))
+}
+
+/// Whether a program is on PATH.
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
         .args(["-c", &format!("command -v '{tool}'")])
         .output()
         .map(|o| o.status.success())
-        .unwrap_or(false);
-    require(test, found, &format!("{tool} is not installed"))
-}
-
-/// Whether every tool in `tools` is on PATH (each missing one reported).
-pub fn tools(test: &str, tools: &[&str]) -> bool {
-    tools.iter().fold(true, |ok, t| tool(test, t) && ok)
+        .unwrap_or(false)
 }
 
 /// Whether the tests run as root; else skips or fails.
