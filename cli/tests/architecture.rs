@@ -4,6 +4,11 @@
 //! other (transitively), pure crates reach no IO crate, a plugin linking
 //! `kiln-guest` gets neither a frontend nor a host runtime, and every Rust
 //! file opens with a `//!` line saying what it is for.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -1,5 +1,10 @@
 //! End-to-end builds: `kiln build` with the real solver, runc and
 //! overlayfs, on kiln's busybox fixture image; results checked with umoci.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 mod common;
 

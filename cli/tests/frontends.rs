@@ -1,5 +1,10 @@
 //! `# syntax=` selects the frontend: the built-in one, or a native
 //! `kiln-frontend-NAME` program on PATH speaking the frontend protocol.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 mod common;
 

@@ -2,6 +2,11 @@
 //! wasm32-wasip1 (`frontends/build-wasm.sh`), selected only by `# syntax=`
 //! (a file, the plugin directory, an OCI layout, a registry), and compared
 //! with the built-in Dockerfile and recipe frontends and the native `steps` binary.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 mod common;
 

@@ -1,6 +1,11 @@
 //! Base image configs resolved from a real registry: Debian's
 //! `docker-registry` on loopback, images pushed with skopeo, `kiln dump-llb`
 //! pinning the tag to its digest and using the platform's config.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 mod common;
 

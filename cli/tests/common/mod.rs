@@ -1,6 +1,12 @@
 //! Helpers shared by the CLI's end-to-end tests: running `kiln`, scratch
 //! directories, OCI layout fixtures and a throwaway local registry.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses some of the helpers")]
+#![allow(unreachable_pub, reason = "helpers shared by test binaries")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

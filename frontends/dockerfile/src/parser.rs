@@ -11,9 +11,14 @@ use pest::Parser as _;
 
 use crate::shell::{go_quote, Lexer, NoEnv};
 
-#[derive(pest_derive::Parser)]
-#[grammar = "../../../grammars/dockerfile.pest"]
-struct Grammar;
+/// The pest grammar of Dockerfile lines (`grammars/dockerfile.pest`).
+#[allow(missing_docs, reason = "pest generates the rule enum and its parse function")]
+mod grammar {
+    #[derive(pest_derive::Parser)]
+    #[grammar = "../../../grammars/dockerfile.pest"]
+    pub(super) struct Grammar;
+}
+use grammar::{Grammar, Rule};
 
 /// A byte range in the Dockerfile.
 pub type Span = std::ops::Range<usize>;

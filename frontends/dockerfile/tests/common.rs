@@ -1,5 +1,11 @@
 //! Shared helpers for the Dockerfile frontend's tests.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses some of the helpers")]
+#![allow(unreachable_pub, reason = "helpers shared by test binaries")]
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::path::PathBuf;
 

@@ -1,5 +1,10 @@
 //! BuildKit's parser corpus: AST dumps, negative cases and the shell-expansion
 //! tables, with the counts the issue asks for printed.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 mod common;
 

@@ -2,6 +2,11 @@
 //! Dockerfile (which must compile without diagnostics), and the diagnostics of
 //! every `cases/err` Dockerfile (which must produce at least one error).
 //! Snapshots live in the repository's `snapshots/` folder.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::path::{Path, PathBuf};
 

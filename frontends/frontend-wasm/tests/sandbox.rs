@@ -1,5 +1,10 @@
 //! The sandbox holds: plugins written to misbehave (in WebAssembly text, so
 //! no guest toolchain is needed) are stopped with the documented error.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::time::{Duration, Instant};
 

@@ -1,5 +1,10 @@
 //! The recipe frontend: recipes and the Dockerfiles that say the same thing
 //! give the same ops byte for byte; errors point at YAML lines and columns.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::path::Path;
 

@@ -1,5 +1,10 @@
 //! `recipe.schema.json` agrees with the frontend: the example recipes are
 //! valid, and recipes the frontend refuses for their shape are invalid.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::path::Path;
 

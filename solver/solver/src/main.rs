@@ -90,7 +90,7 @@ fn maintenance(cmd: &str, args: &[String]) -> i32 {
 /// Serialising the maintenance results without naming their types twice.
 mod erased {
     /// Anything printable as one JSON line.
-    pub trait Json {
+    pub(crate) trait Json {
         /// The JSON text.
         fn to_json(&self) -> String;
     }

@@ -1,5 +1,10 @@
 //! MergeOp and DiffOp through the real solver: merge(A, diff(A, B)) has B's
 //! files, and deletions travel as whiteouts.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::io::Write;
 use std::path::Path;

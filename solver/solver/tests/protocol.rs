@@ -1,5 +1,10 @@
 //! The solver's stdin/stdout contract on bad input: an error event and a
 //! non-zero exit, never a panic.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
 
 use std::io::Write;
 use std::process::{Command, Stdio};

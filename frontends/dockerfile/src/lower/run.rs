@@ -5,7 +5,6 @@
 use super::*;
 
 impl<'a, 'b> Lowerer<'a, 'b> {
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn run(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Located, run: &RunInstr) -> Result<(), LowerError> {
         let (args, json, heredocs) = (&run.args, run.json, &run.heredocs);
         let (network, security) = (run.network.as_deref(), run.security.as_deref());
@@ -129,7 +128,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "a mount needs the step's state, place, variables and its shared counters"
+    )]
     fn mount(
         &mut self,
         index: usize,
