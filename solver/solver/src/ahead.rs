@@ -25,7 +25,7 @@ use crate::snapshot::{layer_fs, Layers};
 /// The destination paths of a FileOp that can be copied ahead: a chain of
 /// copy actions on its first input, from its other inputs, with one output
 /// and owners given by number. Paths are relative to the root.
-pub fn plan(op: &pb::Op) -> Option<Vec<PathBuf>> {
+pub(crate) fn plan(op: &pb::Op) -> Option<Vec<PathBuf>> {
     use pb::file_action::Action;
     let Some(pb::op::Op::File(f)) = &op.op else { return None };
     let n = op.inputs.len() as i64;
@@ -76,7 +76,7 @@ fn with_parents(path: &Path) -> impl Iterator<Item = PathBuf> + '_ {
 }
 
 /// A copy made on a prefix of its destination, waiting to be kept or dropped.
-pub struct CopyAhead {
+pub(crate) struct CopyAhead {
     root: Arc<StateRoot>,
     prefix: Vec<String>,
     layer: Option<String>,
@@ -87,7 +87,7 @@ pub struct CopyAhead {
 /// `prefix`, with `sources` the values of the op's inputs after the first.
 /// `None` when a destination path runs through a symlink in the prefix, or
 /// the copy fails there (it is then made, and fails, the ordinary way).
-pub fn copy(root: &Arc<StateRoot>, op: &pb::Op, dests: &[PathBuf], prefix: Layers, sources: &[Value]) -> Option<CopyAhead> {
+pub(crate) fn copy(root: &Arc<StateRoot>, op: &pb::Op, dests: &[PathBuf], prefix: Layers, sources: &[Value]) -> Option<CopyAhead> {
     let Some(pb::op::Op::File(f)) = &op.op else { return None };
     let through_symlink = dests
         .iter()
@@ -135,7 +135,7 @@ fn is_symlink(path: &Path) -> bool {
 impl CopyAhead {
     /// The op's outputs on the real destination `base`, if the copy made
     /// ahead holds there; else `None` and its layer is removed.
-    pub fn settle(mut self, base: &Value) -> Option<Vec<Option<Layers>>> {
+    pub(crate) fn settle(mut self, base: &Value) -> Option<Vec<Option<Layers>>> {
         let Value::Layers(real) = base else { return None };
         let between = real.strip_prefix(self.prefix.as_slice())?;
         let untouched = between.iter().all(|id| {

@@ -19,7 +19,7 @@ use crate::root::{remove_all, StateRoot};
 use crate::snapshot::mount_stack;
 
 /// A cache directory in use; its lock is released when dropped.
-pub struct Acquired {
+pub(crate) struct Acquired {
     /// The directory to mount.
     pub dir: PathBuf,
     _lock: fs::File,
@@ -32,7 +32,12 @@ const LOCKED: i32 = 2;
 
 /// Takes the cache directory for `id` with the given sharing, creating and
 /// seeding it (from `seed` = input layers and a path in them) if new.
-pub fn acquire(root: &StateRoot, id: &str, sharing: i32, seed: Option<&(crate::snapshot::Layers, String)>) -> std::io::Result<Acquired> {
+pub(crate) fn acquire(
+    root: &StateRoot,
+    id: &str,
+    sharing: i32,
+    seed: Option<&(crate::snapshot::Layers, String)>,
+) -> std::io::Result<Acquired> {
     let base = root.path().join("cache-mounts");
     fs::create_dir_all(&base)?;
     let name = hex::encode(&Sha256::digest(id.as_bytes())[..16]);

@@ -17,11 +17,11 @@ use crate::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
 use crate::root::{write_atomic, StateRoot};
 
 /// A 32-byte content checksum.
-pub type Sum = [u8; 32];
+pub(crate) type Sum = [u8; 32];
 
 /// One local source of the request.
 #[derive(Debug)]
-pub struct LocalSource {
+pub(crate) struct LocalSource {
     /// Its name (`context`, or a named context).
     pub name: String,
     /// The directory.
@@ -39,7 +39,7 @@ struct Stamp {
 }
 
 /// Remembered file checksums of one directory, loaded from and saved to the state root.
-pub struct ChecksumCache {
+pub(crate) struct ChecksumCache {
     file: PathBuf,
     entries: Mutex<HashMap<String, (Stamp, Sum)>>,
     dirty: AtomicBool,
@@ -56,7 +56,7 @@ fn stamp(m: &fs::Metadata) -> Stamp {
 
 impl ChecksumCache {
     /// The cache for `dir`, read from `ROOT/context/`.
-    pub fn load(root: &StateRoot, dir: &Path) -> ChecksumCache {
+    pub(crate) fn load(root: &StateRoot, dir: &Path) -> ChecksumCache {
         let id = hex::encode(&Sha256::digest(dir.as_os_str().as_encoded_bytes())[..12]);
         let file = root.path().join("context").join(format!("{id}.sums"));
         let entries = fs::read(&file).map(|b| decode_sums(&b)).unwrap_or_default();
@@ -68,7 +68,7 @@ impl ChecksumCache {
     }
 
     /// Writes the cache back if anything changed.
-    pub fn save(&self) -> io::Result<()> {
+    pub(crate) fn save(&self) -> io::Result<()> {
         if !self.dirty.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -160,7 +160,7 @@ fn json_list(attrs: &std::collections::BTreeMap<String, String>, key: &str) -> R
 
 impl LocalSource {
     /// A local source from its op's attributes and the directory backing it.
-    pub fn new(name: &str, dir: PathBuf, attrs: &std::collections::BTreeMap<String, String>) -> Result<LocalSource, String> {
+    pub(crate) fn new(name: &str, dir: PathBuf, attrs: &std::collections::BTreeMap<String, String>) -> Result<LocalSource, String> {
         let include = json_list(attrs, "local.includepattern")?;
         let mut follow = json_list(attrs, "local.followpaths")?;
         let exclude = json_list(attrs, "local.excludepatterns")?;
@@ -178,7 +178,7 @@ impl LocalSource {
     }
 
     /// Whether the relative path is part of the source.
-    pub fn includes(&self, rel: &str) -> bool {
+    pub(crate) fn includes(&self, rel: &str) -> bool {
         if rel.is_empty() {
             return true;
         }
@@ -191,7 +191,7 @@ impl LocalSource {
     }
 
     /// Whether a walk must enter the directory `rel` (it or something inside may be included).
-    pub fn may_enter(&self, rel: &str) -> bool {
+    pub(crate) fn may_enter(&self, rel: &str) -> bool {
         if rel.is_empty() {
             return true;
         }
@@ -209,7 +209,7 @@ impl LocalSource {
 
     /// Paths (relative, clean) that `src` selects: itself, or with
     /// `wildcards` every path matching it component by component.
-    pub fn select(&self, src: &str, wildcards: bool) -> io::Result<Vec<String>> {
+    pub(crate) fn select(&self, src: &str, wildcards: bool) -> io::Result<Vec<String>> {
         let clean = clean_rel(src);
         if !wildcards || !has_wildcards(&clean) {
             return Ok(if self.exists(&clean) { vec![clean] } else { Vec::new() });
@@ -248,7 +248,7 @@ impl LocalSource {
     /// The content checksum of the paths `src` selects (names, types,
     /// modes, link targets and file contents; owners are always 0 here and
     /// times are not content).
-    pub fn checksum(&self, cache: &ChecksumCache, src: &str, wildcards: bool) -> io::Result<Sum> {
+    pub(crate) fn checksum(&self, cache: &ChecksumCache, src: &str, wildcards: bool) -> io::Result<Sum> {
         let mut h = Sha256::new();
         for rel in self.select(src, wildcards)? {
             h.update(rel.as_bytes());
@@ -360,7 +360,7 @@ impl LocalSource {
 }
 
 /// `base/name`, or `name` when base is empty.
-pub fn join_rel(base: &str, name: &str) -> String {
+pub(crate) fn join_rel(base: &str, name: &str) -> String {
     if base.is_empty() {
         name.to_string()
     } else {

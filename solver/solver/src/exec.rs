@@ -21,7 +21,7 @@ use crate::layer::set_mtime_nofollow;
 
 /// The OCI runtime binary and where it keeps state.
 #[derive(Debug)]
-pub struct Runtime {
+pub(crate) struct Runtime {
     /// `runc`, `crun` or a path.
     pub binary: String,
     /// Its `--root`.
@@ -85,7 +85,7 @@ fn find_program(name: &str) -> Option<PathBuf> {
 
 impl Runtime {
     /// The runtime `binary` keeping its state in `state`.
-    pub fn new(binary: String, state: PathBuf) -> Runtime {
+    pub(crate) fn new(binary: String, state: PathBuf) -> Runtime {
         Runtime {
             binary,
             state,
@@ -96,7 +96,7 @@ impl Runtime {
     /// Makes the sealed copy of the binary now (a few milliseconds), so the
     /// first step need not wait for it. Without memfd support, for a script,
     /// or with `KILN_SEALED_RUNTIME=off`, the binary is run from its path.
-    pub fn prepare(&self) {
+    pub(crate) fn prepare(&self) {
         self.sealed.get_or_init(|| {
             if std::env::var_os("KILN_SEALED_RUNTIME").is_some_and(|v| v == "off") {
                 return None;
@@ -130,7 +130,7 @@ impl Runtime {
 
 /// One mount of the step besides the root.
 #[derive(Debug, Clone)]
-pub enum StepMount {
+pub(crate) enum StepMount {
     /// A host directory or file bound at `dest`.
     Bind {
         /// Path in the container.
@@ -158,7 +158,7 @@ impl StepMount {
 }
 
 /// Everything needed to run one step.
-pub struct Step<'a> {
+pub(crate) struct Step<'a> {
     /// The op's process settings.
     pub meta: &'a pb::Meta,
     /// `pb::NetMode` as its number.
@@ -180,7 +180,7 @@ pub struct Step<'a> {
 
 /// Why a step failed.
 #[derive(Debug)]
-pub struct StepError {
+pub(crate) struct StepError {
     /// What went wrong.
     pub message: String,
     /// The process's exit code when it ran and exited non-zero.
@@ -347,7 +347,7 @@ fn bind(dest: &str, source: &Path, readonly: bool) -> Mount {
 }
 
 /// Runs the step; `on_output(stream, bytes)` receives its output as it comes.
-pub async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnMut(u8, &[u8])) -> Result<(), StepError> {
+pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnMut(u8, &[u8])) -> Result<(), StepError> {
     let meta = step.meta;
     if meta.args.is_empty() {
         return Err(StepError::setup("the step has no command"));

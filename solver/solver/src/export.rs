@@ -15,12 +15,12 @@ use crate::root::{write_atomic, StateRoot};
 use crate::snapshot::{layer_fs, mount_stack, read_layer_blob, write_layer_blob, LayerBlob};
 
 /// OCI media types.
-pub const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// An image made of the result's layers.
-pub struct Image {
+pub(crate) struct Image {
     /// Manifest digest.
     pub digest: String,
     /// Manifest size.
@@ -48,7 +48,7 @@ fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
 
 /// The compressed blobs of the layers, making those not made before
 /// (several at once).
-pub fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> Result<Vec<LayerBlob>, String> {
+pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> Result<Vec<LayerBlob>, String> {
     let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id, epoch)).collect();
     let missing: Vec<usize> = (0..layers.len()).filter(|i| out[*i].is_none()).collect();
     let workers = std::thread::available_parallelism()
@@ -76,7 +76,7 @@ pub fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> R
 }
 
 /// The compressed blob of one layer, made and remembered if it was not.
-pub fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<LayerBlob, String> {
+pub(crate) fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<LayerBlob, String> {
     if let Some(b) = read_layer_blob(root, id, epoch) {
         return Ok(b);
     }
@@ -87,7 +87,7 @@ pub fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<Laye
 }
 
 /// Builds and stores the image config and manifest for the layers.
-pub fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>, epoch: Option<i64>) -> Result<Image, String> {
+pub(crate) fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>, epoch: Option<i64>) -> Result<Image, String> {
     let blobs = layer_blobs(root, layers, epoch)?;
     let mut config = config.cloned().unwrap_or_else(|| json!({}));
     let obj = config.as_object_mut().ok_or("the image config is not a JSON object")?;
@@ -192,21 +192,21 @@ fn stamp_history(obj: &mut serde_json::Map<String, Json>, created: &[i64]) {
 }
 
 /// Normalizes a tag as Docker does (`app` → `docker.io/library/app:latest`).
-pub fn normalize_name(name: &str) -> String {
+pub(crate) fn normalize_name(name: &str) -> String {
     kiln_image::Reference::parse(name)
         .map(|r| r.normalized())
         .unwrap_or_else(|_| name.to_string())
 }
 
 /// Adds names to kiln's image store (its `index.json`).
-pub fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), String> {
+pub(crate) fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), String> {
     let names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
     store_names(root, &names, &image.digest, MANIFEST, image.size, Some(&image.platform))
 }
 
 /// Points names in the store's `index.json` at a manifest or index. An
 /// entry already pointing there is left as it is (no rewrite).
-pub fn store_names(
+pub(crate) fn store_names(
     root: &StateRoot,
     names: &[String],
     digest: &str,
@@ -257,7 +257,7 @@ pub fn store_names(
 }
 
 /// Seconds since the epoch as RFC 3339 (UTC).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -266,7 +266,7 @@ pub fn now_rfc3339() -> String {
 }
 
 /// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-pub fn rfc3339(secs: i64) -> String {
+pub(crate) fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86400);
     let rem = secs.rem_euclid(86400);
     // Civil from days (Howard Hinnant's algorithm).
@@ -375,7 +375,7 @@ fn docker_tag(name: &str) -> String {
 }
 
 /// Whether an exporter writes an image (kiln's store, OCI or docker tarball).
-pub fn wants_image(exporters: &[Exporter]) -> bool {
+pub(crate) fn wants_image(exporters: &[Exporter]) -> bool {
     exporters
         .iter()
         .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }))
@@ -383,7 +383,7 @@ pub fn wants_image(exporters: &[Exporter]) -> bool {
 
 /// Runs the exporters on the final layers. Returns the image (if one was
 /// made) and what was written.
-pub fn export(
+pub(crate) fn export(
     root: &StateRoot,
     layers: &[String],
     config: Option<&Json>,

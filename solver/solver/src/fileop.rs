@@ -15,7 +15,7 @@ use crate::layer::set_mtime_nofollow;
 use crate::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
 
 /// Where a copy reads from.
-pub enum SourceView<'a> {
+pub(crate) enum SourceView<'a> {
     /// A mounted filesystem.
     Dir(&'a Path),
     /// A local source: its directory seen through its patterns, owned by root.
@@ -53,7 +53,7 @@ impl SourceView<'_> {
 }
 
 /// Why an action failed.
-pub type ActionError = String;
+pub(crate) type ActionError = String;
 
 fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> ActionError {
     format!("{context}: {e}")
@@ -105,7 +105,7 @@ fn time_of(ts: i64) -> Option<i64> {
 }
 
 /// Makes a directory.
-pub fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), ActionError> {
+pub(crate) fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), ActionError> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let time = time_of(a.timestamp);
     let p = resolve_in_root(dest_root, &a.path, true).map_err(|e| err(&a.path, e))?;
@@ -130,7 +130,7 @@ pub fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), ActionErro
 }
 
 /// Writes a file.
-pub fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), ActionError> {
+pub(crate) fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), ActionError> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let p = resolve_in_root(dest_root, &a.path, true).map_err(|e| err(&a.path, e))?;
     if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
@@ -148,7 +148,7 @@ pub fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), ActionEr
 }
 
 /// Makes a symlink.
-pub fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), ActionError> {
+pub(crate) fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), ActionError> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let p = resolve_in_root(dest_root, &a.newpath, false).map_err(|e| err(&a.newpath, e))?;
     std::os::unix::fs::symlink(&a.oldpath, &p).map_err(|e| err(format!("symlink {} -> {}", a.newpath, a.oldpath), e))?;
@@ -162,7 +162,7 @@ pub fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), Action
 }
 
 /// Removes a path (or what a wildcard matches).
-pub fn rm(dest_root: &Path, a: &pb::FileActionRm) -> Result<(), ActionError> {
+pub(crate) fn rm(dest_root: &Path, a: &pb::FileActionRm) -> Result<(), ActionError> {
     let targets: Vec<PathBuf> = if a.allow_wildcard && has_wildcards(&a.path) {
         matches_in_dir(dest_root, &a.path)
     } else {
@@ -287,7 +287,7 @@ fn apply_symbolic(spec: &str, mut mode: u32, is_dir: bool) -> u32 {
 
 /// Copies everything `src` shows into `dest_root` (owners, modes and times
 /// kept): materialising a local source, seeding a cache mount, the local exporter.
-pub fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), ActionError> {
+pub(crate) fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), ActionError> {
     let action = pb::FileActionCopy {
         src: "/".into(),
         dest: "/".into(),
@@ -301,7 +301,7 @@ pub fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), ActionError> 
 }
 
 /// Copies as `COPY`/`ADD` do. `dest_root` is the writable root.
-pub fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), ActionError> {
+pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), ActionError> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let time = time_of(a.timestamp);
     let mode = if !a.mode_str.is_empty() {

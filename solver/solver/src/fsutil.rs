@@ -11,7 +11,7 @@ use std::path::{Component, Path, PathBuf};
 /// if `root` were `/` (absolute targets and `..` stay inside), the last
 /// component only when `follow_last`. Missing components are kept as they
 /// are, so the result can name something to create.
-pub fn resolve_in_root(root: &Path, p: &str, follow_last: bool) -> io::Result<PathBuf> {
+pub(crate) fn resolve_in_root(root: &Path, p: &str, follow_last: bool) -> io::Result<PathBuf> {
     let mut parts: Vec<String> = Vec::new(); // resolved so far, relative to root
     let mut pending: Vec<String> = split(p).into_iter().rev().collect();
     let mut hops = 0;
@@ -68,7 +68,7 @@ fn split(p: &str) -> Vec<String> {
 
 /// Owner of created files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Owner {
+pub(crate) struct Owner {
     /// User id.
     pub uid: u32,
     /// Group id.
@@ -76,7 +76,7 @@ pub struct Owner {
 }
 
 /// Sets the owner of a path without following a final symlink.
-pub fn lchown(path: &Path, owner: Owner) -> io::Result<()> {
+pub(crate) fn lchown(path: &Path, owner: Owner) -> io::Result<()> {
     rustix::fs::chownat(
         rustix::fs::CWD,
         path,
@@ -90,7 +90,7 @@ pub fn lchown(path: &Path, owner: Owner) -> io::Result<()> {
 /// Creates `dir` and its missing parents (mode 0755, owned by `owner`,
 /// timestamped `time` when given); existing ones are left alone. `dir` must
 /// already be resolved inside its root.
-pub fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Result<()> {
+pub(crate) fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Result<()> {
     let mut missing = Vec::new();
     let mut cur = dir.to_path_buf();
     loop {
@@ -124,7 +124,7 @@ pub fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Res
 
 /// Makes a device node or fifo like `meta` at `dst`; false for what is not
 /// one (a socket), which is not copied.
-pub fn make_special(dst: &Path, meta: &fs::Metadata, mode: u32) -> io::Result<bool> {
+pub(crate) fn make_special(dst: &Path, meta: &fs::Metadata, mode: u32) -> io::Result<bool> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let ft = meta.file_type();
     let kind = if ft.is_char_device() {
@@ -142,7 +142,7 @@ pub fn make_special(dst: &Path, meta: &fs::Metadata, mode: u32) -> io::Result<bo
 
 /// Looks a user up in `root`'s `/etc/passwd` (by name or number) and the
 /// group in `/etc/group`; `user[:group]`.
-pub fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {
+pub(crate) fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
@@ -201,7 +201,7 @@ pub fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {
 }
 
 /// Looks up one name in `/etc/passwd` (`group = false`) or `/etc/group`.
-pub fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32> {
+pub(crate) fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }

@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::cache::Record;
 use crate::root::remove_all;
-use crate::snapshot::Record;
 
 /// One cache record as `kiln du` shows it.
 #[derive(Debug, Clone, Serialize)]

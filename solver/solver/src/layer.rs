@@ -14,17 +14,17 @@ use crate::root::StateRoot;
 use crate::snapshot::LayerBlob;
 
 /// OCI media type of a gzip layer.
-pub const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub(crate) const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
 /// Whether a directory entry is an overlayfs whiteout.
-pub fn is_whiteout(meta: &fs::Metadata) -> bool {
+pub(crate) fn is_whiteout(meta: &fs::Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == 0
 }
 
 /// Whether a directory is marked opaque (hides everything below it).
-pub fn is_opaque(path: &Path) -> bool {
+pub(crate) fn is_opaque(path: &Path) -> bool {
     matches!(rustix::fs::lgetxattr(path, OPAQUE_XATTR, &mut [0u8; 4]), Ok(n) if n >= 1)
 }
 
@@ -50,7 +50,7 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Writes the layer directory `dir` as a tar stream (OCI whiteouts); a
 /// directory's entries in name order before its subdirectories' contents.
 /// With `clamp`, no timestamp is later than it (SOURCE_DATE_EPOCH).
-pub fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io::Result<W> {
+pub(crate) fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io::Result<W> {
     let stamp = |t: i64| -> u64 { clamp.map_or(t, |c| t.min(c)).max(0) as u64 };
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
@@ -135,7 +135,7 @@ pub fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io::Result
 }
 
 /// Makes (or finds) the gzip blob of a layer directory and stores it.
-pub fn export_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Result<LayerBlob> {
+pub(crate) fn export_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Result<LayerBlob> {
     let tmp = root.temp_dir()?;
     let tmp_blob = tmp.join("blob");
     let file = fs::File::create(&tmp_blob)?;
@@ -172,7 +172,7 @@ pub fn export_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Res
 
 /// Unpacks an OCI layer tarball (gzip or plain) into a layer directory,
 /// turning `.wh.` entries into overlayfs whiteouts. Returns its diff id.
-pub fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<String> {
+pub(crate) fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<String> {
     let mut reader = io::BufReader::with_capacity(1 << 16, compressed);
     let head = {
         use io::BufRead;
@@ -262,7 +262,7 @@ fn safe_join(base: &Path, rel: &Path) -> io::Result<PathBuf> {
 
 /// Sets a path's mtime (and atime) without following a final symlink. A
 /// failure is an error: an mtime left as "now" makes layers irreproducible.
-pub fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) -> io::Result<()> {
+pub(crate) fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) -> io::Result<()> {
     let ts = rustix::fs::Timespec {
         tv_sec: secs,
         tv_nsec: nanos as _,

@@ -13,22 +13,26 @@
 //! **Architecture invariant:** the solver knows nothing of Dockerfiles or
 //! any other frontend; everything it needs is in the request.
 
-pub mod ahead;
-pub mod cachemount;
-pub mod context;
-pub mod exec;
-pub mod export;
-pub mod fileop;
-pub mod fsutil;
+mod ahead;
+mod cache;
+mod cachemount;
+mod context;
+mod exec;
+mod export;
+mod fileop;
+mod fsutil;
 pub mod gc;
-pub mod layer;
-pub mod ops;
-pub mod pattern;
-pub mod pull;
-pub mod root;
-pub mod scheduler;
-pub mod snapshot;
-pub mod treediff;
+mod layer;
+mod ops;
+mod pattern;
+mod pull;
+mod root;
+mod scheduler;
+mod snapshot;
+mod treediff;
+
+pub use root::StateRoot;
+pub use scheduler::{wait_for_background_work, EventSink};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +40,7 @@ use std::sync::Arc;
 use kiln_llb::LoadedDefinition;
 use kiln_solver_protocol::{ErrorKind, Event, SolveRequest, SolveResult, VERSION};
 
-use crate::scheduler::{EventSink, Failure, SolveOptions, Solver};
+use crate::scheduler::{Failure, SolveOptions, Solver};
 
 /// Process exit codes of `kiln-solver`.
 pub mod exit {

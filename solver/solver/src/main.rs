@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use kiln_solver::scheduler::EventSink;
+use kiln_solver::EventSink;
 use kiln_solver_protocol::{ErrorKind, Event};
 
 /// Hashing a big context and walking layers allocate a lot; mimalloc is faster at it.
@@ -64,10 +64,10 @@ fn maintenance(cmd: &str, args: &[String]) -> i32 {
         }
         "prune" | "gc" => {
             let wait = cmd == "prune";
-            if wait && kiln_solver::root::StateRoot::lock_exclusive(&root, false).ok().flatten().is_none() {
+            if wait && kiln_solver::StateRoot::lock_exclusive(&root, false).ok().flatten().is_none() {
                 eprintln!("kiln-solver: waiting for running builds to finish");
             }
-            let lock = match kiln_solver::root::StateRoot::lock_exclusive(&root, true) {
+            let lock = match kiln_solver::StateRoot::lock_exclusive(&root, true) {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("kiln-solver: {}: {e}", root.display());
@@ -172,7 +172,7 @@ fn main() {
         // Dropping the runtime ends any step still running; their guards
         // remove containers and mounts.
         rt.shutdown_timeout(std::time::Duration::from_secs(10));
-        kiln_solver::scheduler::wait_for_background_work(std::time::Duration::from_secs(10));
+        kiln_solver::wait_for_background_work(std::time::Duration::from_secs(10));
     }
     if code == kiln_solver::exit::OK {
         kiln_solver::gc::maybe_start_collector(&root_for_gc);

@@ -15,7 +15,7 @@ use crate::snapshot::{mount_stack, Layers, Mounted, NewLayer};
 
 /// A vertex output.
 #[derive(Clone, Debug)]
-pub enum Value {
+pub(crate) enum Value {
     /// A filesystem made of layers.
     Layers(Layers),
     /// A local directory, used in place until something needs it as layers.
@@ -23,7 +23,7 @@ pub enum Value {
 }
 
 /// Copies a local source's included files into a new layer.
-pub fn materialize_local(root: &StateRoot, local: &LocalSource) -> Result<String, String> {
+pub(crate) fn materialize_local(root: &StateRoot, local: &LocalSource) -> Result<String, String> {
     let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
     fileop::copy_tree(&layer.fs(), &SourceView::Local(local))?;
     layer.commit(root).map_err(|e| e.to_string())
@@ -38,7 +38,7 @@ struct PreparedMount {
 }
 
 /// What a step may be given besides its inputs.
-pub struct StepSecrets<'a> {
+pub(crate) struct StepSecrets<'a> {
     /// Secret values by id.
     pub secrets: &'a kiln_solver_protocol::Secrets,
     /// SSH agent sockets by id.
@@ -47,7 +47,7 @@ pub struct StepSecrets<'a> {
 
 /// Runs an ExecOp. `inputs` are the op's input values (locals already turned
 /// into layers). Returns the layers of each output index.
-pub async fn exec(
+pub(crate) async fn exec(
     root: &StateRoot,
     runtime: &Runtime,
     op: &pb::ExecOp,
@@ -266,7 +266,7 @@ struct Working {
 }
 
 /// Runs a FileOp (blocking). Returns the layers of each output index.
-pub fn file(root: &StateRoot, op: &pb::FileOp, inputs: &[Value]) -> Result<Vec<Option<Layers>>, String> {
+pub(crate) fn file(root: &StateRoot, op: &pb::FileOp, inputs: &[Value]) -> Result<Vec<Option<Layers>>, String> {
     let n = inputs.len() as i64;
     let mut results: HashMap<usize, Layers> = HashMap::new();
     let mut outputs: Vec<Option<Layers>> = Vec::new();
@@ -376,12 +376,12 @@ fn finish(root: &StateRoot, w: Working, results: &mut HashMap<usize, Layers>) ->
 }
 
 /// MergeOp: the inputs' layers stacked in order.
-pub fn merge(inputs: &[Layers]) -> Layers {
+pub(crate) fn merge(inputs: &[Layers]) -> Layers {
     Arc::new(inputs.iter().flat_map(|l| l.iter().cloned()).collect())
 }
 
 /// DiffOp: the changes from `lower` to `upper`, as layers.
-pub fn diff(root: &StateRoot, lower: &[String], upper: &[String]) -> Result<Layers, String> {
+pub(crate) fn diff(root: &StateRoot, lower: &[String], upper: &[String]) -> Result<Layers, String> {
     if upper.len() >= lower.len() && upper[..lower.len()] == *lower {
         return Ok(Arc::new(upper[lower.len()..].to_vec()));
     }

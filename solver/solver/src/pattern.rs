@@ -16,7 +16,7 @@ struct Pattern {
 
 /// A list of patterns, applied in order.
 #[derive(Debug, Clone)]
-pub struct Matcher {
+pub(crate) struct Matcher {
     patterns: Vec<Pattern>,
 }
 
@@ -87,7 +87,7 @@ fn glob_regex(glob: &str, double_star: bool) -> Option<Regex> {
 }
 
 /// Cleans a pattern or path as Go's `filepath.Clean`, without a leading `/`.
-pub fn clean_rel(p: &str) -> String {
+pub(crate) fn clean_rel(p: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     for part in p.split('/') {
         match part {
@@ -103,7 +103,7 @@ pub fn clean_rel(p: &str) -> String {
 
 impl Matcher {
     /// Compiles patterns; invalid ones are reported.
-    pub fn new(patterns: &[String]) -> Result<Matcher, String> {
+    pub(crate) fn new(patterns: &[String]) -> Result<Matcher, String> {
         let mut out = Vec::new();
         for raw in patterns {
             let raw = raw.trim();
@@ -129,18 +129,18 @@ impl Matcher {
     }
 
     /// Whether there are no patterns.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }
 
     /// Whether any pattern is an `!exception`.
-    pub fn has_exceptions(&self) -> bool {
+    pub(crate) fn has_exceptions(&self) -> bool {
         self.patterns.iter().any(|p| p.exclusion)
     }
 
     /// Whether `rel` (clean, relative) or one of its parents matches, the
     /// last matching pattern deciding.
-    pub fn matches(&self, rel: &str) -> bool {
+    pub(crate) fn matches(&self, rel: &str) -> bool {
         let mut matched = false;
         for p in &self.patterns {
             if p.exclusion != matched {
@@ -167,7 +167,7 @@ impl Matcher {
 
     /// Whether the directory `rel` could contain a path some non-exclusion
     /// pattern matches (so a walk limited to these patterns must enter it).
-    pub fn may_contain_match(&self, rel: &str) -> bool {
+    pub(crate) fn may_contain_match(&self, rel: &str) -> bool {
         let dir: Vec<&str> = if rel.is_empty() { Vec::new() } else { rel.split('/').collect() };
         self.patterns.iter().filter(|p| !p.exclusion).any(|p| {
             for (i, d) in dir.iter().enumerate() {
@@ -187,12 +187,12 @@ impl Matcher {
 }
 
 /// Go's `filepath.Match`: `*` and `?` do not cross `/`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     glob_regex(pattern, false).is_some_and(|r| r.is_match(name))
 }
 
 /// Whether a string has glob metacharacters.
-pub fn has_wildcards(s: &str) -> bool {
+pub(crate) fn has_wildcards(s: &str) -> bool {
     s.contains(['*', '?', '[', '\\'])
 }
 

@@ -16,7 +16,7 @@ use crate::snapshot::{write_layer_blob, LayerBlob, NewLayer};
 
 /// Where an image comes from.
 #[derive(Debug, Clone)]
-pub enum ImageLocation {
+pub(crate) enum ImageLocation {
     /// A registry reference (normalized, maybe with `@digest`).
     Registry(String),
     /// An OCI layout directory.
@@ -25,7 +25,7 @@ pub enum ImageLocation {
 
 /// An image source to pull.
 #[derive(Debug, Clone)]
-pub struct ImageSource {
+pub(crate) struct ImageSource {
     /// Where it is.
     pub location: ImageLocation,
     /// The pinned digest (index or manifest), if any.
@@ -33,7 +33,7 @@ pub struct ImageSource {
 }
 
 /// Parses a SourceOp identifier of an image.
-pub fn parse_identifier(identifier: &str) -> Option<ImageSource> {
+pub(crate) fn parse_identifier(identifier: &str) -> Option<ImageSource> {
     if let Some(rest) = identifier.strip_prefix("docker-image://") {
         let digest = rest.split_once('@').map(|(_, d)| d.to_string());
         return Some(ImageSource {
@@ -67,7 +67,7 @@ struct RootFs {
 }
 
 /// Progress of a pull, for events.
-pub trait PullProgress: Send + Sync {
+pub(crate) trait PullProgress: Send + Sync {
     /// A layer starts (`done = false`) or is ready (`done = true`).
     fn layer(&self, digest: &str, size: u64, done: bool);
 }
@@ -120,7 +120,7 @@ async fn document(
 }
 
 /// The media type of a manifest or index document.
-pub fn media_type_of(bytes: &[u8]) -> String {
+pub(crate) fn media_type_of(bytes: &[u8]) -> String {
     #[derive(Deserialize)]
     struct Typed {
         #[serde(rename = "mediaType", default)]
@@ -136,20 +136,18 @@ pub fn media_type_of(bytes: &[u8]) -> String {
 }
 
 /// The resolved manifest of an image for a platform.
-pub struct PulledImage {
-    /// The digest that identifies the source (index or manifest).
-    pub digest: String,
+pub(crate) struct PulledImage {
     /// Layer snapshot ids, bottom first.
     pub layers: Vec<String>,
 }
 
 /// The snapshot id of a layer blob.
-pub fn layer_id_for_blob(digest: &str) -> String {
+pub(crate) fn layer_id_for_blob(digest: &str) -> String {
     format!("blob-{}", digest.strip_prefix("sha256:").unwrap_or(digest))
 }
 
 /// Resolves an unpinned source to a digest (registry tag or layout index).
-pub async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platform: &kiln_image::Platform) -> Result<String, String> {
+pub(crate) async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platform: &kiln_image::Platform) -> Result<String, String> {
     if let Some(d) = &src.digest {
         return Ok(d.clone());
     }
@@ -167,7 +165,7 @@ pub async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platfor
 }
 
 /// Pulls the image's `platform` manifest and makes sure every layer is unpacked.
-pub async fn pull(
+pub(crate) async fn pull(
     root: &StateRoot,
     registry: &kiln_oci::RegistryClient,
     src: &ImageSource,
@@ -275,15 +273,12 @@ pub async fn pull(
         progress.layer(&desc.digest, desc.size.max(0) as u64, true);
     }
     remember_tag(root, src, digest)?;
-    Ok(PulledImage {
-        digest: digest.to_string(),
-        layers,
-    })
+    Ok(PulledImage { layers })
 }
 
 /// Records a registry image's tag in kiln's store, so later builds find it
 /// there without a registry round trip (`kiln build --pull` asks again).
-pub fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) -> Result<(), String> {
+pub(crate) fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) -> Result<(), String> {
     let ImageLocation::Registry(reference) = &src.location else {
         return Ok(());
     };

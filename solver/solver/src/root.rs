@@ -223,7 +223,7 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// Removes a file or tree; missing is fine. Makes read-only dirs writable first.
-pub fn remove_all(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_all(path: &Path) -> std::io::Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
@@ -240,7 +240,7 @@ pub fn remove_all(path: &Path) -> std::io::Result<()> {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     static SEQ: AtomicU64 = AtomicU64::new(0);

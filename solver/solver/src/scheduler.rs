@@ -11,18 +11,18 @@ use std::time::Instant;
 
 use futures::future::{try_join_all, BoxFuture};
 use kiln_image::Platform;
-use kiln_llb::{marshal_op, pb, LoadedDefinition};
+use kiln_llb::{pb, LoadedDefinition};
 use kiln_solver_protocol::{ErrorKind, Event};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::ahead::{self, CopyAhead};
+use crate::cache::{self, read_record, write_record, LocalRead, Record};
 use crate::context::{ChecksumCache, LocalSource};
 use crate::exec::Runtime;
 use crate::ops::{self, Value};
 use crate::pull::{self, PullProgress};
 use crate::root::StateRoot;
-use crate::snapshot::{read_record, write_record, Layers, Record};
+use crate::snapshot::Layers;
 
 /// Where events go.
 pub trait EventSink: Send + Sync {
@@ -32,7 +32,7 @@ pub trait EventSink: Send + Sync {
 
 /// A solve failure.
 #[derive(Debug, Clone)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// The failing vertex.
     pub digest: Option<String>,
     /// What went wrong.
@@ -53,7 +53,7 @@ impl Failure {
 
 /// A finished vertex: its cache key and its outputs.
 #[derive(Debug)]
-pub struct Done {
+pub(crate) struct Done {
     /// The cache key.
     pub key: String,
     /// Outputs by index.
@@ -63,7 +63,7 @@ pub struct Done {
 }
 
 /// Options of one solve.
-pub struct SolveOptions {
+pub(crate) struct SolveOptions {
     /// Directories of `local://NAME` sources.
     pub locals: BTreeMap<String, PathBuf>,
     /// Ignore cached results.
@@ -82,7 +82,7 @@ pub struct SolveOptions {
 }
 
 /// One solve of one Definition.
-pub struct Solver {
+pub(crate) struct Solver {
     root: Arc<StateRoot>,
     def: LoadedDefinition,
     index: HashMap<String, usize>,
@@ -102,15 +102,6 @@ pub struct Solver {
     pub executed: AtomicU32,
     /// Vertices found in the cache.
     pub cached: AtomicU32,
-}
-
-fn sha(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    format!("sha256:{}", hex::encode(h.finalize()))
 }
 
 /// Each op's position in the definition, by digest.
@@ -215,12 +206,9 @@ pub fn wait_for_background_work(limit: std::time::Duration) {
     let _ = BACKGROUND.1.wait_timeout_while(n, limit, |n| *n > 0);
 }
 
-/// Version of the cache key scheme; changing how keys are made bumps it.
-const KEY_SCHEME: &[u8] = b"kiln-cache-v1";
-
 impl Solver {
     /// A solver for `def`.
-    pub fn new(root: Arc<StateRoot>, def: LoadedDefinition, opts: SolveOptions, events: Arc<dyn EventSink>) -> Solver {
+    pub(crate) fn new(root: Arc<StateRoot>, def: LoadedDefinition, opts: SolveOptions, events: Arc<dyn EventSink>) -> Solver {
         let index = op_index(&def);
         let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
         let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
@@ -253,7 +241,7 @@ impl Solver {
     }
 
     /// Solves the whole graph; returns the terminator's input value.
-    pub async fn solve(self: &Arc<Self>) -> Result<Option<Value>, Failure> {
+    pub(crate) async fn solve(self: &Arc<Self>) -> Result<Option<Value>, Failure> {
         let last = self.def.ops.last().ok_or_else(|| Failure::internal("empty definition"))?;
         let input = last.op.inputs.first().ok_or_else(|| Failure::internal("terminator has no input"))?;
         let done = self.vertex(&input.digest).await?;
@@ -263,7 +251,7 @@ impl Solver {
     }
 
     /// Writes remembered checksums back to the state root.
-    pub fn save_checksums(&self) {
+    pub(crate) fn save_checksums(&self) {
         for c in lock(&self.checksums).values() {
             let _ = c.save();
         }
@@ -294,7 +282,7 @@ impl Solver {
     }
 
     /// The op's display name.
-    pub fn name_of(&self, digest: &str) -> String {
+    pub(crate) fn name_of(&self, digest: &str) -> String {
         if let Some(m) = self.def.metadata.get(digest) {
             if let Some(n) = m.description.get("llb.customname") {
                 return n.clone();
@@ -351,34 +339,42 @@ impl Solver {
     /// paths for a FileOp that only copies from it, else all it includes.
     fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, String> {
         let Some(Value::Local(local)) = value else {
-            return Ok(format!("{}:{index}", done.key));
+            return Ok(cache::input_contribution(&done.key, index));
         };
-        let cache = self.checksum_cache(&local.dir);
-        let mut parts: Vec<Vec<u8>> = vec![done.key.as_bytes().to_vec()];
+        let checksums = self.checksum_cache(&local.dir);
         let selectors = copy_selectors(op, input_idx as i64);
-        tokio::task::block_in_place(|| -> Result<(), String> {
+        let reads = tokio::task::block_in_place(|| -> Result<Vec<LocalRead>, String> {
             match selectors {
-                Some(sel) => {
-                    for (src, wildcard, follow) in sel {
-                        let sum = local
-                            .checksum(&cache, &src, wildcard)
+                Some(sel) => sel
+                    .into_iter()
+                    .map(|(src, wildcard, follow)| {
+                        let checksum = local
+                            .checksum(&checksums, &src, wildcard)
                             .map_err(|e| format!("checksum of {src}: {e}"))?;
-                        parts.push(format!("{src}\0{wildcard}\0{follow}").into_bytes());
-                        parts.push(sum.to_vec());
-                    }
-                }
+                        Ok(LocalRead {
+                            whole: false,
+                            path: src,
+                            wildcard,
+                            follow,
+                            checksum,
+                        })
+                    })
+                    .collect(),
                 None => {
-                    let sum = local
-                        .checksum(&cache, "/", false)
+                    let checksum = local
+                        .checksum(&checksums, "/", false)
                         .map_err(|e| format!("checksum of {}: {e}", local.dir.display()))?;
-                    parts.push(b"/".to_vec());
-                    parts.push(sum.to_vec());
+                    Ok(vec![LocalRead {
+                        whole: true,
+                        path: "/".into(),
+                        wildcard: false,
+                        follow: false,
+                        checksum,
+                    }])
                 }
             }
-            Ok(())
         })?;
-        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-        Ok(sha(&refs))
+        Ok(cache::local_read_key(&done.key, &reads))
     }
 
     async fn compute(self: &Arc<Self>, digest: &str) -> Result<Arc<Done>, Failure> {
@@ -431,7 +427,7 @@ impl Solver {
                     at_ms: self.now_ms(),
                     duration_ms: 0,
                 });
-                let key = sha(&[KEY_SCHEME, b"local", &self.def.ops[idx].bytes]);
+                let key = cache::local_source_key(&self.def.ops[idx].bytes);
                 return Ok(Arc::new(Done {
                     key,
                     outputs: vec![Some(Value::Local(source))],
@@ -458,7 +454,7 @@ impl Solver {
                     extra.extend_from_slice(pinned.as_bytes());
                 }
             }
-            sha(&[KEY_SCHEME, &marshal_op(&keyed), &extra])
+            cache::vertex_key(&keyed, &extra)
         };
 
         if !ignore_cache {
@@ -575,7 +571,7 @@ impl Solver {
     }
 
     /// Waits for the compressions started ahead of the export.
-    pub async fn compressed(&self) {
+    pub(crate) async fn compressed(&self) {
         let tasks: Vec<_> = lock(&self.compressing).drain(..).collect();
         for t in tasks {
             let _ = t.await;
@@ -659,7 +655,7 @@ impl Solver {
     }
 
     /// A value as layers, copying a local source into a layer if needed.
-    pub async fn layers(&self, value: &Value) -> Result<Layers, String> {
+    pub(crate) async fn layers(&self, value: &Value) -> Result<Layers, String> {
         match value {
             Value::Layers(l) => Ok(l.clone()),
             Value::Local(local) => {
@@ -667,7 +663,7 @@ impl Solver {
                 let root = self.root.clone();
                 tokio::task::block_in_place(|| {
                     let sum = local.checksum(&cache, "/", false).map_err(|e| e.to_string())?;
-                    let key = sha(&[KEY_SCHEME, b"materialized-local", local.dir.as_os_str().as_encoded_bytes(), &sum]);
+                    let key = cache::materialized_local_key(&local.dir, &sum);
                     if let Some(r) = read_record(&root, &key) {
                         if let Some(l) = r.outputs.into_iter().next() {
                             return Ok(Arc::new(l));
@@ -782,7 +778,11 @@ impl Solver {
 
 /// Secrets and SSH agents that steps require but the request does not
 /// give, as messages naming the step: checked before anything runs.
-pub fn missing_secrets(def: &LoadedDefinition, secrets: &kiln_solver_protocol::Secrets, ssh: &BTreeMap<String, String>) -> Vec<String> {
+pub(crate) fn missing_secrets(
+    def: &LoadedDefinition,
+    secrets: &kiln_solver_protocol::Secrets,
+    ssh: &BTreeMap<String, String>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for op in &def.ops {
         let Some(pb::op::Op::Exec(e)) = &op.op.op else { continue };

@@ -1,5 +1,6 @@
-//! Snapshots: immutable layer directories, overlayfs views over stacks of
-//! them, and cache records naming which stack a vertex produced.
+//! Snapshots: immutable layer directories and overlayfs views over stacks
+//! of them (the records naming which stack a vertex produced are in
+//! [`crate::cache`]).
 //!
 //! A vertex result is a stack of layers (bottom first). A layer directory
 //! holds one layer's changes in overlayfs form (a deleted path is a 0:0
@@ -17,23 +18,11 @@ use serde::{Deserialize, Serialize};
 use crate::root::{remove_all, write_atomic, StateRoot};
 
 /// A stack of layer ids, bottom first. Empty is scratch.
-pub type Layers = Arc<Vec<String>>;
-
-/// What a cache record remembers of a vertex result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
-    /// Each output's layers, bottom first, by output index.
-    pub outputs: Vec<Vec<String>>,
-    /// Seconds since the epoch when it was made.
-    pub created: u64,
-    /// The op that made it (its name), for `kiln du`.
-    #[serde(default)]
-    pub description: String,
-}
+pub(crate) type Layers = Arc<Vec<String>>;
 
 /// The compressed blob of a layer, once made.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct LayerBlob {
+pub(crate) struct LayerBlob {
     /// `sha256:` of the compressed tar.
     pub digest: String,
     /// `sha256:` of the uncompressed tar.
@@ -45,42 +34,18 @@ pub struct LayerBlob {
 }
 
 /// Fresh random layer id.
-pub fn new_layer_id() -> String {
+pub(crate) fn new_layer_id() -> String {
     let bytes: [u8; 10] = rand::random();
     hex::encode(bytes)
 }
 
-/// Reads a cache record; a missing or damaged record is a miss, and a record
-/// whose layers are gone is removed.
-pub fn read_record(root: &StateRoot, key: &str) -> Option<Record> {
-    let path = root.record_path(key);
-    let bytes = fs::read(&path).ok()?;
-    let record: Record = serde_json::from_slice(&bytes).ok()?;
-    if record.outputs.iter().flatten().all(|id| root.snapshot_dir(id).join("fs").is_dir()) {
-        // Its last use, for least-recently-used pruning.
-        if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
-            let _ = f.set_modified(std::time::SystemTime::now());
-        }
-        Some(record)
-    } else {
-        let _ = fs::remove_file(&path);
-        None
-    }
-}
-
-/// Writes a cache record (after its layers are in place).
-pub fn write_record(root: &StateRoot, key: &str, record: &Record) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-    write_atomic(&root.record_path(key), &bytes, false)
-}
-
 /// The directory of a layer's files.
-pub fn layer_fs(root: &StateRoot, id: &str) -> PathBuf {
+pub(crate) fn layer_fs(root: &StateRoot, id: &str) -> PathBuf {
     root.snapshot_dir(id).join("fs")
 }
 
 /// When a layer was made (seconds since the epoch), 0 if unknown.
-pub fn layer_created(root: &StateRoot, id: &str) -> i64 {
+pub(crate) fn layer_created(root: &StateRoot, id: &str) -> i64 {
     fs::read_to_string(root.snapshot_dir(id).join("created"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -97,28 +62,28 @@ fn blob_file(root: &StateRoot, id: &str, epoch: Option<i64>) -> PathBuf {
 }
 
 /// The layer's blob, if exported before (for this SOURCE_DATE_EPOCH).
-pub fn read_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Option<LayerBlob> {
+pub(crate) fn read_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Option<LayerBlob> {
     let bytes = fs::read(blob_file(root, id, epoch)).ok()?;
     let blob: LayerBlob = serde_json::from_slice(&bytes).ok()?;
     root.blob_path(&blob.digest).is_file().then_some(blob)
 }
 
 /// Remembers a layer's blob.
-pub fn write_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>, blob: &LayerBlob) -> std::io::Result<()> {
+pub(crate) fn write_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>, blob: &LayerBlob) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(blob).map_err(std::io::Error::other)?;
     write_atomic(&blob_file(root, id, epoch), &bytes, false)
 }
 
 /// A layer being written: `tmp/…/fs` (and `work` for overlayfs), moved to
 /// `snapshots/ID` by [`NewLayer::commit`].
-pub struct NewLayer {
+pub(crate) struct NewLayer {
     dir: PathBuf,
     id: String,
 }
 
 impl NewLayer {
     /// An empty new layer.
-    pub fn create(root: &StateRoot) -> std::io::Result<NewLayer> {
+    pub(crate) fn create(root: &StateRoot) -> std::io::Result<NewLayer> {
         let dir = root.temp_dir()?;
         fs::create_dir(dir.join("fs"))?;
         fs::create_dir(dir.join("work"))?;
@@ -126,17 +91,17 @@ impl NewLayer {
     }
 
     /// Where its files go.
-    pub fn fs(&self) -> PathBuf {
+    pub(crate) fn fs(&self) -> PathBuf {
         self.dir.join("fs")
     }
 
     /// overlayfs's work directory for it.
-    pub fn work(&self) -> PathBuf {
+    pub(crate) fn work(&self) -> PathBuf {
         self.dir.join("work")
     }
 
     /// Moves it into `snapshots/` and returns its id.
-    pub fn commit(self, root: &StateRoot) -> std::io::Result<String> {
+    pub(crate) fn commit(self, root: &StateRoot) -> std::io::Result<String> {
         let _ = remove_all(&self.work());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -149,14 +114,9 @@ impl NewLayer {
     }
 
     /// Moves it into `snapshots/ID` under a chosen id (fails if that exists).
-    pub fn commit_as(mut self, root: &StateRoot, id: &str) -> std::io::Result<()> {
+    pub(crate) fn commit_as(mut self, root: &StateRoot, id: &str) -> std::io::Result<()> {
         self.id = id.to_string();
         self.commit(root).map(|_| ())
-    }
-
-    /// Whether nothing was written into it.
-    pub fn is_empty(&self) -> bool {
-        fs::read_dir(self.fs()).map(|mut d| d.next().is_none()).unwrap_or(true)
     }
 }
 
@@ -169,7 +129,7 @@ impl Drop for NewLayer {
 
 /// A mounted filesystem, unmounted when dropped. With the copying
 /// snapshotter it is a private directory holding a copy of the stack.
-pub struct Mounted {
+pub(crate) struct Mounted {
     target: PathBuf,
     owned_dir: bool,
     copy: Option<CopyView>,
@@ -184,13 +144,13 @@ struct CopyView {
 
 impl Mounted {
     /// The mounted tree.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.target
     }
 
     /// Unmounts now, reporting failure. A writable copied view writes its
     /// changes into its layer here.
-    pub fn unmount(mut self) -> std::io::Result<()> {
+    pub(crate) fn unmount(mut self) -> std::io::Result<()> {
         if let Some(copy) = self.copy.take() {
             let result = match &copy.upper {
                 // Rebuild the base and compare: what differs is the layer.
@@ -287,7 +247,7 @@ fn copy_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> 
 
 /// Mounts `layers` (bottom first) with overlayfs, read-only, or writable
 /// into `upper` when given; where overlayfs cannot be mounted, a copy.
-pub fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
+pub(crate) fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
     if use_copies() {
         return copy_stack(root, layers, upper);
     }
@@ -367,7 +327,7 @@ fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>
 }
 
 /// A private tmpfs (for secrets: their values never touch a disk).
-pub fn mount_tmpfs(root: &StateRoot) -> std::io::Result<Mounted> {
+pub(crate) fn mount_tmpfs(root: &StateRoot) -> std::io::Result<Mounted> {
     let target = root.mountpoint()?;
     rustix::mount::mount(
         "tmpfs",
@@ -381,17 +341,4 @@ pub fn mount_tmpfs(root: &StateRoot) -> std::io::Result<Mounted> {
         owned_dir: true,
         copy: None,
     })
-}
-
-/// Bind-mounts a host directory read-only (a local source seen by a step).
-pub fn bind_readonly(root: &StateRoot, source: &Path) -> std::io::Result<Mounted> {
-    let target = root.mountpoint()?;
-    rustix::mount::mount_bind(source, &target)?;
-    let m = Mounted {
-        target,
-        owned_dir: true,
-        copy: None,
-    };
-    rustix::mount::mount_remount(m.path(), rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY, "")?;
-    Ok(m)
 }

@@ -27,7 +27,7 @@ fn same_file(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb_: &Path) -> bool 
 
 /// Writes into `out` what turns `lower` into `upper` (below `rel`), in
 /// overlayfs layer form: changed and new nodes copied, deleted ones as whiteouts.
-pub fn diff_trees(lower: &Path, upper: &Path, out: &Path, rel: &Path) -> std::io::Result<()> {
+pub(crate) fn diff_trees(lower: &Path, upper: &Path, out: &Path, rel: &Path) -> std::io::Result<()> {
     let lo_dir = lower.join(rel);
     let up_dir = upper.join(rel);
     let mut names: std::collections::BTreeSet<std::ffi::OsString> = std::collections::BTreeSet::new();
@@ -120,7 +120,7 @@ fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()>
 
 /// Applies a layer directory (overlayfs form) onto `dest`: whiteouts delete,
 /// opaque directories replace, everything else is copied over.
-pub fn apply_layer(layer: &Path, dest: &Path) -> std::io::Result<()> {
+pub(crate) fn apply_layer(layer: &Path, dest: &Path) -> std::io::Result<()> {
     for e in fs::read_dir(layer)? {
         let e = e?;
         let src = e.path();
