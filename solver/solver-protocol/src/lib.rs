@@ -199,6 +199,9 @@ pub enum Event {
         /// The exit code of the step's process, when it ran and exited.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         exit_code: Option<i32>,
+        /// What the vertex was doing when it failed (absent from older solvers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage: Option<FailureStage>,
     },
     /// Output of a running step.
     Log {
@@ -235,6 +238,26 @@ pub enum Event {
         /// Why: `request` (bad input), `vertex` (a step failed), `export`, `internal`.
         kind: ErrorKind,
     },
+}
+
+/// What a vertex was doing when it failed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureStage {
+    /// Pinning or pulling an image source, or reading a local source.
+    Source,
+    /// Preparing a step: its layers, mounts, secrets, the runtime.
+    Setup,
+    /// The step's own process ran and failed.
+    Run,
+    /// A file operation (copy, mkdir, rm, symlink, unpack).
+    File,
+    /// Stacking or diffing layers.
+    Layers,
+    /// Computing the cache key (context checksums) or writing the record.
+    Cache,
+    /// An op this solver does not run.
+    Unsupported,
 }
 
 /// The class of a solve failure.

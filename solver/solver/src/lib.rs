@@ -17,6 +17,7 @@ mod ahead;
 mod cache;
 mod cachemount;
 mod context;
+mod error;
 mod exec;
 mod export;
 mod fileop;
@@ -38,60 +39,45 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiln_llb::LoadedDefinition;
-use kiln_solver_protocol::{ErrorKind, Event, SolveRequest, SolveResult, VERSION};
+use kiln_solver_protocol::{Event, SolveRequest, SolveResult, VERSION};
 
-use crate::scheduler::{Failure, SolveOptions, Solver};
+use crate::error::SolveError;
+use crate::scheduler::{SolveOptions, Solver};
 
-/// Process exit codes of `kiln-solver`.
-pub mod exit {
-    /// The build succeeded.
-    pub const OK: i32 = 0;
-    /// A build step failed.
-    pub const VERTEX: i32 = 1;
-    /// The request was malformed.
-    pub const REQUEST: i32 = 2;
-    /// Anything else: export, state root, runtime.
-    pub const INTERNAL: i32 = 3;
-}
+pub use error::exit;
 
 /// Reads a request, solves it, exports, reporting everything to `events`.
 /// Returns the process exit code.
 pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventSink>) -> i32 {
     events.emit(Event::Hello { version: VERSION });
-    let fail = |events: &Arc<dyn EventSink>, kind: ErrorKind, message: String, digest: Option<String>| {
-        events.emit(Event::Error { message, digest, kind });
-        match kind {
-            ErrorKind::Request => exit::REQUEST,
-            ErrorKind::Vertex => exit::VERTEX,
-            _ => exit::INTERNAL,
-        }
+    let fail = |events: &Arc<dyn EventSink>, error: SolveError| {
+        events.emit(error.event());
+        error.exit_code()
     };
     let request: SolveRequest = match serde_json::from_slice(request_bytes) {
         Ok(r) => r,
-        Err(e) => return fail(&events, ErrorKind::Request, format!("the solve request is not valid: {e}"), None),
+        Err(e) => return fail(&events, SolveError::Request(format!("the solve request is not valid: {e}"))),
     };
     if request.version != VERSION {
         return fail(
             &events,
-            ErrorKind::Request,
-            format!(
+            SolveError::Request(format!(
                 "solve request version {} is not supported (this solver speaks {VERSION})",
                 request.version
-            ),
-            None,
+            )),
         );
     }
     let def_bytes = match request.definition_bytes() {
         Ok(b) => b,
-        Err(e) => return fail(&events, ErrorKind::Request, e, None),
+        Err(e) => return fail(&events, SolveError::Request(e)),
     };
     let def = match LoadedDefinition::decode(&def_bytes) {
         Ok(d) => d,
-        Err(e) => return fail(&events, ErrorKind::Request, format!("the definition cannot be used: {e}"), None),
+        Err(e) => return fail(&events, SolveError::Request(format!("the definition cannot be used: {e}"))),
     };
     let missing = scheduler::missing_secrets(&def, &request.secrets, &request.ssh);
     if !missing.is_empty() {
-        return fail(&events, ErrorKind::Request, missing.join("\n"), None);
+        return fail(&events, SolveError::Request(missing.join("\n")));
     }
     let runtime_bin = request.oci_runtime.clone().unwrap_or_else(|| "runc".to_string());
     let root = match root::StateRoot::open(&root_dir, &runtime_bin) {
@@ -99,9 +85,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         Err(e) => {
             return fail(
                 &events,
-                ErrorKind::Internal,
-                format!("state root {}: {e}", root_dir.display()),
-                None,
+                SolveError::StateRoot {
+                    path: root_dir.display().to_string(),
+                    message: e.to_string(),
+                },
             )
         }
     };
@@ -123,15 +110,15 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     ));
     let value = match solver.solve().await {
         Ok(v) => v,
-        Err(Failure { digest, message, kind }) => {
+        Err(e) => {
             solver.save_checksums();
-            return fail(&events, kind, message, digest);
+            return fail(&events, e);
         }
     };
     let layers = match &value {
         Some(v) => match solver.layers(v).await {
             Ok(l) => l,
-            Err(e) => return fail(&events, ErrorKind::Internal, e, None),
+            Err(e) => return fail(&events, SolveError::Internal(e)),
         },
         None => Arc::new(Vec::new()),
     };
@@ -191,15 +178,15 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
                                 });
                                 result.exported.push(format!("pushed {full}"));
                             }
-                            Err(e) => return fail(&events, ErrorKind::Export, format!("pushing {full}: {e}"), None),
+                            Err(e) => return fail(&events, SolveError::Export(format!("pushing {full}: {e}"))),
                         }
                     }
                     result.image_digest = Some(img.digest);
                     result.config_digest = Some(img.config_digest);
                 }
             }
-            Ok(Err(e)) => return fail(&events, ErrorKind::Export, format!("export: {e}"), None),
-            Err(e) => return fail(&events, ErrorKind::Export, format!("export: {e}"), None),
+            Ok(Err(e)) => return fail(&events, SolveError::Export(format!("export: {e}"))),
+            Err(e) => return fail(&events, SolveError::Export(format!("export: {e}"))),
         }
         events.emit(Event::Progress {
             digest: None,

@@ -12,12 +12,13 @@ use std::time::Instant;
 use futures::future::{try_join_all, BoxFuture};
 use kiln_image::Platform;
 use kiln_llb::{pb, LoadedDefinition};
-use kiln_solver_protocol::{ErrorKind, Event};
+use kiln_solver_protocol::Event;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::ahead::{self, CopyAhead};
 use crate::cache::{self, read_record, write_record, LocalRead, Record};
 use crate::context::{ChecksumCache, LocalSource};
+use crate::error::{SolveError, Stage, VertexError};
 use crate::exec::Runtime;
 use crate::ops::{self, Value};
 use crate::pull::{self, PullProgress};
@@ -28,27 +29,6 @@ use crate::snapshot::Layers;
 pub trait EventSink: Send + Sync {
     /// Sends one event.
     fn emit(&self, event: Event);
-}
-
-/// A solve failure.
-#[derive(Debug, Clone)]
-pub(crate) struct Failure {
-    /// The failing vertex.
-    pub digest: Option<String>,
-    /// What went wrong.
-    pub message: String,
-    /// Its class.
-    pub kind: ErrorKind,
-}
-
-impl Failure {
-    fn internal(message: impl Into<String>) -> Failure {
-        Failure {
-            digest: None,
-            message: message.into(),
-            kind: ErrorKind::Internal,
-        }
-    }
 }
 
 /// A finished vertex: its cache key and its outputs.
@@ -86,7 +66,7 @@ pub(crate) struct Solver {
     root: Arc<StateRoot>,
     def: LoadedDefinition,
     index: HashMap<String, usize>,
-    cells: HashMap<String, OnceCell<Result<Arc<Done>, Failure>>>,
+    cells: HashMap<String, OnceCell<Result<Arc<Done>, SolveError>>>,
     opts: SolveOptions,
     exec_slots: Option<Semaphore>,
     registry: kiln_oci::RegistryClient,
@@ -241,9 +221,13 @@ impl Solver {
     }
 
     /// Solves the whole graph; returns the terminator's input value.
-    pub(crate) async fn solve(self: &Arc<Self>) -> Result<Option<Value>, Failure> {
-        let last = self.def.ops.last().ok_or_else(|| Failure::internal("empty definition"))?;
-        let input = last.op.inputs.first().ok_or_else(|| Failure::internal("terminator has no input"))?;
+    pub(crate) async fn solve(self: &Arc<Self>) -> Result<Option<Value>, SolveError> {
+        let last = self.def.ops.last().ok_or_else(|| SolveError::Internal("empty definition".into()))?;
+        let input = last
+            .op
+            .inputs
+            .first()
+            .ok_or_else(|| SolveError::Internal("terminator has no input".into()))?;
         let done = self.vertex(&input.digest).await?;
         let value = done.outputs.get(input.index as usize).cloned().flatten();
         self.save_checksums();
@@ -261,19 +245,19 @@ impl Solver {
     /// task, so independent vertices use every core; dropping the returned
     /// future (a sibling failed) aborts the task, whose guards then remove
     /// its containers, mounts and unfinished layers.
-    fn vertex<'a>(self: &'a Arc<Self>, digest: &'a str) -> BoxFuture<'a, Result<Arc<Done>, Failure>> {
+    fn vertex<'a>(self: &'a Arc<Self>, digest: &'a str) -> BoxFuture<'a, Result<Arc<Done>, SolveError>> {
         Box::pin(async move {
             let cell = self
                 .cells
                 .get(digest)
-                .ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
+                .ok_or_else(|| SolveError::Internal(format!("unknown vertex {digest}")))?;
             cell.get_or_init(|| async {
                 let me = self.clone();
                 let d = digest.to_string();
                 let mut task = AbortOnDrop(tokio::spawn(async move { me.compute(&d).await }));
                 match (&mut task.0).await {
                     Ok(r) => r,
-                    Err(e) => Err(Failure::internal(format!("vertex {digest}: {e}"))),
+                    Err(e) => Err(SolveError::Internal(format!("vertex {digest}: {e}"))),
                 }
             })
             .await
@@ -377,26 +361,30 @@ impl Solver {
         Ok(cache::local_read_key(&done.key, &reads))
     }
 
-    async fn compute(self: &Arc<Self>, digest: &str) -> Result<Arc<Done>, Failure> {
+    async fn compute(self: &Arc<Self>, digest: &str) -> Result<Arc<Done>, SolveError> {
         let idx = *self
             .index
             .get(digest)
-            .ok_or_else(|| Failure::internal(format!("unknown vertex {digest}")))?;
+            .ok_or_else(|| SolveError::Internal(format!("unknown vertex {digest}")))?;
         let op = &self.def.ops[idx].op;
         let (inputs, ahead) = match ahead::plan(op) {
             Some(dests) => self.inputs_copying_ahead(op, &dests).await?,
             None => (try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?, None),
         };
-        let fail = |message: String| Failure {
-            digest: Some(digest.to_string()),
-            message,
-            kind: ErrorKind::Vertex,
+        let fail_at = |stage: Stage| {
+            move |message: String| SolveError::Vertex {
+                digest: digest.to_string(),
+                error: VertexError::at(stage, message),
+            }
         };
         let mut values: Vec<Option<Value>> = Vec::new();
         for (i, input) in op.inputs.iter().enumerate() {
             let v = inputs[i].outputs.get(input.index as usize).cloned().flatten();
             if v.is_none() {
-                return Err(fail(format!("input {} has no output {}", input.digest, input.index)));
+                return Err(fail_at(Stage::Setup)(format!(
+                    "input {} has no output {}",
+                    input.digest, input.index
+                )));
             }
             values.push(v);
         }
@@ -411,9 +399,9 @@ impl Solver {
                     .opts
                     .locals
                     .get(local_name)
-                    .ok_or_else(|| fail(format!("local source {local_name:?} was not given a directory")))?;
+                    .ok_or_else(|| fail_at(Stage::Source)(format!("local source {local_name:?} was not given a directory")))?;
                 let attrs: BTreeMap<String, String> = s.attrs.clone().into_iter().collect();
-                let source = LocalSource::new(local_name, dir.clone(), &attrs).map_err(fail)?;
+                let source = LocalSource::new(local_name, dir.clone(), &attrs).map_err(fail_at(Stage::Source))?;
                 let source = Arc::new(source);
                 lock(&self.locals).insert(digest.to_string(), source.clone());
                 let at = self.now_ms();
@@ -442,7 +430,7 @@ impl Solver {
             for (i, input) in op.inputs.iter().enumerate() {
                 let dep = self
                     .dependency_key(op, i, &inputs[i], values[i].as_ref(), input.index)
-                    .map_err(fail)?;
+                    .map_err(fail_at(Stage::Cache))?;
                 keyed.inputs[i].digest = dep;
                 keyed.inputs[i].index = 0;
             }
@@ -450,7 +438,9 @@ impl Solver {
             if let Some(Op::Source(s)) = &op.op {
                 if let Some(src) = pull::parse_identifier(&s.identifier) {
                     // Unpinned images are pinned now: the key is the content.
-                    let pinned = pull::pin(&self.registry, &src, &Self::platform_of(op)).await.map_err(fail)?;
+                    let pinned = pull::pin(&self.registry, &src, &Self::platform_of(op))
+                        .await
+                        .map_err(fail_at(Stage::Source))?;
                     extra.extend_from_slice(pinned.as_bytes());
                 }
             }
@@ -486,7 +476,7 @@ impl Solver {
         }
         // A capped ExecOp waits for its turn before it counts as started.
         let _permit = match (&op.op, &self.exec_slots) {
-            (Some(Op::Exec(_)), Some(s)) => Some(s.acquire().await.map_err(|e| fail(e.to_string()))?),
+            (Some(Op::Exec(_)), Some(s)) => Some(s.acquire().await.map_err(|e| fail_at(Stage::Setup)(e.to_string()))?),
             _ => None,
         };
         let started = Instant::now();
@@ -515,7 +505,7 @@ impl Solver {
                     description: name,
                 };
                 tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
-                    .map_err(|e| fail(format!("writing cache record: {e}")))?;
+                    .map_err(|e| fail_at(Stage::Cache)(format!("writing cache record: {e}")))?;
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 self.compress_ahead(digest, &outputs, &inputs);
                 self.events.emit(Event::VertexCompleted {
@@ -529,15 +519,19 @@ impl Solver {
                     ran: true,
                 }))
             }
-            Err((message, exit_code)) => {
+            Err(error) => {
                 self.events.emit(Event::VertexFailed {
                     digest: digest.to_string(),
                     at_ms: self.now_ms(),
                     duration_ms,
-                    error: message.clone(),
-                    exit_code,
+                    error: error.message.clone(),
+                    exit_code: error.exit_code,
+                    stage: Some(error.stage),
                 });
-                Err(fail(message))
+                Err(SolveError::Vertex {
+                    digest: digest.to_string(),
+                    error,
+                })
             }
         }
     }
@@ -585,8 +579,11 @@ impl Solver {
         self: &Arc<Self>,
         op: &pb::Op,
         dests: &[std::path::PathBuf],
-    ) -> Result<(Vec<Arc<Done>>, Option<CopyAhead>), Failure> {
-        let (first, others) = op.inputs.split_first().ok_or_else(|| Failure::internal("a copy without inputs"))?;
+    ) -> Result<(Vec<Arc<Done>>, Option<CopyAhead>), SolveError> {
+        let (first, others) = op
+            .inputs
+            .split_first()
+            .ok_or_else(|| SolveError::Internal("a copy without inputs".into()))?;
         let base = self.vertex(&first.digest);
         let rest = async {
             let done = try_join_all(others.iter().map(|i| self.vertex(&i.digest))).await?;
@@ -682,31 +679,37 @@ impl Solver {
         }
     }
 
-    async fn execute(&self, digest: &str, op: &pb::Op, values: &[Option<Value>]) -> Result<Vec<Option<Layers>>, (String, Option<i32>)> {
+    async fn execute(&self, digest: &str, op: &pb::Op, values: &[Option<Value>]) -> Result<Vec<Option<Layers>>, VertexError> {
         use pb::op::Op;
         let values: Vec<Value> = values
             .iter()
-            .map(|v| v.clone().ok_or(("missing input".to_string(), None)))
+            .map(|v| v.clone().ok_or_else(|| VertexError::at(Stage::Setup, "missing input")))
             .collect::<Result<_, _>>()?;
         match &op.op {
             Some(Op::Source(s)) => {
-                let src = pull::parse_identifier(&s.identifier)
-                    .ok_or_else(|| (format!("source {:?} is not supported by this solver yet", s.identifier), None))?;
+                let src = pull::parse_identifier(&s.identifier).ok_or_else(|| {
+                    VertexError::at(
+                        Stage::Unsupported,
+                        format!("source {:?} is not supported by this solver yet", s.identifier),
+                    )
+                })?;
                 let platform = Self::platform_of(op);
-                let pinned = pull::pin(&self.registry, &src, &platform).await.map_err(|e| (e, None))?;
+                let pinned = pull::pin(&self.registry, &src, &platform)
+                    .await
+                    .map_err(|e| VertexError::at(Stage::Source, e))?;
                 let progress = EventProgress {
                     events: self.events.clone(),
                     digest: digest.to_string(),
                 };
                 let image = pull::pull(&self.root, &self.registry, &src, &pinned, &platform, &progress)
                     .await
-                    .map_err(|e| (format!("pulling {}: {e}", s.identifier), None))?;
+                    .map_err(|e| VertexError::at(Stage::Source, format!("pulling {}: {e}", s.identifier)))?;
                 Ok(vec![Some(Arc::new(image.layers))])
             }
             Some(Op::Exec(e)) => {
                 let mut layers = Vec::new();
                 for v in &values {
-                    layers.push(self.layers(v).await.map_err(|e| (e, None))?);
+                    layers.push(self.layers(v).await.map_err(|e| VertexError::at(Stage::Setup, e))?);
                 }
                 let events = self.events.clone();
                 let d = digest.to_string();
@@ -724,7 +727,11 @@ impl Solver {
                 };
                 ops::exec(&self.root, &self.opts.runtime, e, &layers, &given, id, on_output)
                     .await
-                    .map_err(|e| (e.message, e.exit_code))
+                    .map_err(|e| VertexError {
+                        stage: if e.exit_code.is_some() { Stage::Run } else { Stage::Setup },
+                        message: e.message,
+                        exit_code: e.exit_code,
+                    })
             }
             Some(Op::File(f)) => {
                 // Inputs used as a base must be layers; copy sources may stay local.
@@ -732,7 +739,7 @@ impl Solver {
                 for (i, v) in values.iter().enumerate() {
                     let base_use = f.actions.iter().any(|a| a.input == i as i64);
                     if base_use {
-                        vals.push(Value::Layers(self.layers(v).await.map_err(|e| (e, None))?));
+                        vals.push(Value::Layers(self.layers(v).await.map_err(|e| VertexError::at(Stage::Setup, e))?));
                     } else {
                         vals.push(v.clone());
                     }
@@ -741,37 +748,40 @@ impl Solver {
                 let f = f.clone();
                 tokio::task::spawn_blocking(move || ops::file(&root, &f, &vals))
                     .await
-                    .map_err(|e| (e.to_string(), None))?
-                    .map_err(|e| (e, None))
+                    .map_err(|e| VertexError::at(Stage::File, e.to_string()))?
+                    .map_err(|e| VertexError::at(Stage::File, e))
             }
             Some(Op::Merge(m)) => {
                 let mut all = Vec::new();
                 for mi in &m.inputs {
                     let v = values
                         .get(mi.input as usize)
-                        .ok_or(("merge input out of range".to_string(), None))?;
-                    all.push(self.layers(v).await.map_err(|e| (e, None))?);
+                        .ok_or_else(|| VertexError::at(Stage::Layers, "merge input out of range"))?;
+                    all.push(self.layers(v).await.map_err(|e| VertexError::at(Stage::Layers, e))?);
                 }
                 Ok(vec![Some(ops::merge(&all))])
             }
             Some(Op::Diff(d)) => {
                 let side = |i: Option<i64>| -> Option<&Value> { i.filter(|i| *i >= 0).and_then(|i| values.get(i as usize)) };
                 let lower = match side(d.lower.as_ref().map(|l| l.input)) {
-                    Some(v) => self.layers(v).await.map_err(|e| (e, None))?,
+                    Some(v) => self.layers(v).await.map_err(|e| VertexError::at(Stage::Layers, e))?,
                     None => Arc::new(Vec::new()),
                 };
                 let upper = match side(d.upper.as_ref().map(|u| u.input)) {
-                    Some(v) => self.layers(v).await.map_err(|e| (e, None))?,
+                    Some(v) => self.layers(v).await.map_err(|e| VertexError::at(Stage::Layers, e))?,
                     None => Arc::new(Vec::new()),
                 };
                 let root = self.root.clone();
                 let r = tokio::task::spawn_blocking(move || ops::diff(&root, &lower, &upper))
                     .await
-                    .map_err(|e| (e.to_string(), None))?
-                    .map_err(|e| (e, None))?;
+                    .map_err(|e| VertexError::at(Stage::Layers, e.to_string()))?
+                    .map_err(|e| VertexError::at(Stage::Layers, e))?;
                 Ok(vec![Some(r)])
             }
-            _ => Err(("this op type is not supported by kiln's solver".to_string(), None)),
+            _ => Err(VertexError::at(
+                Stage::Unsupported,
+                "this op type is not supported by kiln's solver",
+            )),
         }
     }
 }
