@@ -21,11 +21,28 @@ pub enum Mode {
     Rawjson,
 }
 
+/// Where the renderer reads the time: the wall clock, or a fixed sequence
+/// for golden tests.
+pub trait Clock {
+    /// Time since the build started.
+    fn now(&self) -> Duration;
+}
+
+/// The wall clock, from when the renderer was made.
+struct WallClock(Instant);
+
+impl Clock for WallClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
 #[derive(Default)]
 struct Vertex {
     number: usize,
     name: String,
-    started: Option<Instant>,
+    /// When it started, since the build started.
+    started: Option<Duration>,
     duration: Option<Duration>,
     cached: bool,
     failed: bool,
@@ -38,9 +55,11 @@ pub struct Renderer {
     mode: Mode,
     vertices: HashMap<String, Vertex>,
     order: Vec<String>,
-    start: Instant,
+    clock: Box<dyn Clock>,
+    /// Terminal width for `tty`; None asks the terminal.
+    width: Option<usize>,
     drawn_lines: usize,
-    last_draw: Option<Instant>,
+    last_draw: Option<Duration>,
 }
 
 const TAIL: usize = 6;
@@ -58,11 +77,18 @@ impl Renderer {
             }
             m => m,
         };
+        Renderer::with_clock(mode, Box::new(WallClock(Instant::now())), None)
+    }
+
+    /// A renderer reading time from `clock` and, for `tty`, drawing `width`
+    /// columns (None: the terminal's). `mode` must not be `Auto`.
+    pub fn with_clock(mode: Mode, clock: Box<dyn Clock>, width: Option<usize>) -> Renderer {
         Renderer {
             mode,
             vertices: HashMap::new(),
             order: Vec::new(),
-            start: Instant::now(),
+            clock,
+            width,
             drawn_lines: 0,
             last_draw: None,
         }
@@ -111,9 +137,10 @@ impl Renderer {
         let plain = self.mode == Mode::Plain;
         match ev {
             Event::VertexStarted { digest, name, .. } => {
+                let now = self.clock.now();
                 let v = self.vertex(digest);
                 v.name = name.clone();
-                v.started = Some(Instant::now());
+                v.started = Some(now);
                 let n = v.number;
                 if plain {
                     let _ = writeln!(out, "#{n} {name}");
@@ -156,10 +183,10 @@ impl Renderer {
                 }
             }
             Event::Log { digest, data, .. } => {
-                let elapsed = self.start.elapsed();
+                let elapsed = self.clock.now();
                 let v = self.vertex(digest);
                 let n = v.number;
-                let since = v.started.map(|s| s.elapsed()).unwrap_or(elapsed);
+                let since = v.started.map(|s| elapsed.saturating_sub(s)).unwrap_or(elapsed);
                 let mut text = std::mem::take(&mut v.partial);
                 text.push_str(data);
                 let mut lines: Vec<&str> = text.split('\n').collect();
@@ -193,7 +220,8 @@ impl Renderer {
             _ => {}
         }
         if self.mode == Mode::Tty {
-            let due = self.last_draw.is_none_or(|t| t.elapsed() >= Duration::from_millis(80));
+            let now = self.clock.now();
+            let due = self.last_draw.is_none_or(|t| now.saturating_sub(t) >= Duration::from_millis(80));
             let important = matches!(ev, Event::VertexFailed { .. } | Event::Result(_) | Event::Error { .. });
             if due || important {
                 self.draw(out);
@@ -220,10 +248,11 @@ impl Renderer {
         if self.drawn_lines > 0 {
             s.push_str(&format!("\x1b[{}A\x1b[J", self.drawn_lines));
         }
+        let now = self.clock.now();
         let done = self.vertices.values().filter(|v| v.duration.is_some()).count();
         let mut lines = vec![format!(
             "[+] Building {:.1}s ({}/{}){}",
-            self.start.elapsed().as_secs_f64(),
+            now.as_secs_f64(),
             done,
             self.vertices.len(),
             if done == self.vertices.len() && !self.vertices.is_empty() {
@@ -241,7 +270,7 @@ impl Renderer {
             } else if let Some(t) = v.duration {
                 format!("{:.1}s", t.as_secs_f64())
             } else {
-                format!("{:.1}s", v.started.map(|s| s.elapsed()).unwrap_or_default().as_secs_f64())
+                format!("{:.1}s", v.started.map(|s| now.saturating_sub(s)).unwrap_or_default().as_secs_f64())
             };
             let name: String = v.name.chars().take(100).collect();
             lines.push(format!(" => {name:<60} {status}"));
@@ -253,8 +282,9 @@ impl Renderer {
             }
         }
         // Lines wider than the terminal would wrap and break the redraw.
-        let width = terminal_size::terminal_size_of(std::io::stderr())
-            .map(|(w, _)| w.0 as usize)
+        let width = self
+            .width
+            .or_else(|| terminal_size::terminal_size_of(std::io::stderr()).map(|(w, _)| w.0 as usize))
             .unwrap_or(120)
             .max(20);
         for l in &lines {
@@ -263,7 +293,7 @@ impl Renderer {
             s.push('\n');
         }
         self.drawn_lines = lines.len();
-        self.last_draw = Some(Instant::now());
+        self.last_draw = Some(now);
         let _ = out.write_all(s.as_bytes());
         let _ = out.flush();
     }

@@ -1,0 +1,136 @@
+//! Golden renderings (insta snapshots under `snapshots/rendering/`): the
+//! plain and tty progress of a build with a cached step, a step with output,
+//! a pull and a failing step, on a fixed clock; and `dump-llb --format dot`.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
+
+mod common;
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use kiln_cli::progress::{Clock, Mode, Renderer};
+use kiln_solver_protocol::{Event, FailureStage, SolveResult};
+
+/// A clock that moves 70 ms each time it is read.
+struct Steps(Rc<Cell<u64>>);
+
+impl Clock for Steps {
+    fn now(&self) -> Duration {
+        let t = self.0.get() + 70;
+        self.0.set(t);
+        Duration::from_millis(t)
+    }
+}
+
+fn events() -> Vec<Event> {
+    let d = |n: u8| format!("sha256:{}", n.to_string().repeat(64));
+    vec![
+        Event::VertexCached {
+            digest: d(1),
+            name: "[internal] load build context".into(),
+            at_ms: 0,
+        },
+        Event::VertexStarted {
+            digest: d(2),
+            name: "[build 1/3] FROM docker.io/library/busybox:latest".into(),
+            at_ms: 1,
+        },
+        Event::Progress {
+            digest: Some(d(2)),
+            id: "sha256:aaaa".into(),
+            current: 100,
+            total: 100,
+            done: true,
+        },
+        Event::VertexCompleted {
+            digest: d(2),
+            at_ms: 90,
+            duration_ms: 89,
+        },
+        Event::VertexStarted {
+            digest: d(3),
+            name: "[build 2/3] RUN make".into(),
+            at_ms: 91,
+        },
+        Event::Log {
+            digest: d(3),
+            stream: 1,
+            data: "cc -O2 -c main.c\ncc -o app main".into(),
+        },
+        Event::Log {
+            digest: d(3),
+            stream: 1,
+            data: ".o\n".into(),
+        },
+        Event::VertexCompleted {
+            digest: d(3),
+            at_ms: 1391,
+            duration_ms: 1300,
+        },
+        Event::VertexStarted {
+            digest: d(4),
+            name: "[build 3/3] RUN make test".into(),
+            at_ms: 1392,
+        },
+        Event::Log {
+            digest: d(4),
+            stream: 2,
+            data: "FAIL: test_parse\n".into(),
+        },
+        Event::VertexFailed {
+            digest: d(4),
+            at_ms: 1500,
+            duration_ms: 108,
+            error: "process \"/bin/sh -c make test\" did not complete successfully: exit code: 2".into(),
+            exit_code: Some(2),
+            stage: Some(FailureStage::Run),
+        },
+        Event::Result(SolveResult::default()),
+    ]
+}
+
+fn render(mode: Mode) -> String {
+    let mut r = Renderer::with_clock(mode, Box::new(Steps(Rc::new(Cell::new(0)))), Some(80));
+    let mut out = Vec::new();
+    for ev in events() {
+        r.event(&ev, &ev.to_line(), &mut out);
+    }
+    r.finish(&mut out);
+    String::from_utf8(out).expect("utf8").replace('\x1b', "<ESC>")
+}
+
+fn settings() -> insta::Settings {
+    let mut s = insta::Settings::clone_current();
+    s.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots/rendering"));
+    s.set_prepend_module_to_snapshot(false);
+    s
+}
+
+#[test]
+fn plain_progress() {
+    settings().bind(|| insta::assert_snapshot!("progress-plain", render(Mode::Plain)));
+}
+
+#[test]
+fn tty_progress() {
+    settings().bind(|| insta::assert_snapshot!("progress-tty", render(Mode::Tty)));
+}
+
+#[test]
+fn dump_llb_as_dot() {
+    let dir = common::scratch_dir("dot");
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM alpine AS build\nRUN --mount=type=cache,target=/root/.cache make\nCOPY src/ /src/\nFROM scratch\nCOPY --from=build /out /\n",
+    )
+    .expect("write");
+    let out = common::kiln(&["dump-llb", "--no-resolve", "--format", "dot", "."], &dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    settings().bind(|| insta::assert_snapshot!("dump-llb-dot", String::from_utf8(out.stdout).expect("utf8")));
+}
