@@ -37,9 +37,13 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
             .diagnostics
             .push(diag("empty_continuation", w.message.clone(), w.span.clone()).warning());
     }
-    let (program, type_errors) = instructions::program(&ast);
+    let (program, mut type_errors) = instructions::program(&ast);
     // The syntax tree is not needed to lower: free it first.
     drop(ast);
+    if response.has_errors() {
+        // A file that does not parse is not also told it has no FROM.
+        type_errors.retain(|(code, _, span)| !(*code == "no_from" && *span == (0..0)));
+    }
     for (code, message, span) in type_errors {
         response.diagnostics.push(diag(code, message, span));
     }
