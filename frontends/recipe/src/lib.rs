@@ -119,12 +119,8 @@ impl<'a> Translation<'a> {
 
     /// An instruction written at the key `path` (a stage name, an argument).
     fn at_key(&self, keyword: &str, text: String, path: &[&str]) -> Located {
-        Located::synthetic(
-            keyword,
-            text,
-            self.doc.key_span(path).unwrap_or(0..0),
-            self.doc.key_line(path).unwrap_or(1),
-        )
+        let (span, line) = self.doc.key_place(path).unwrap_or((0..0, 1));
+        Located::synthetic(keyword, text, span, line)
     }
 
     fn span<T>(&self, v: &Spanned<T>) -> std::ops::Range<usize> {
@@ -193,7 +189,7 @@ impl<'a> Translation<'a> {
             self.error(
                 "invalid_stage_name",
                 format!("stage name `{name}`: use lowercase letters, digits, `_`, `.` and `-`"),
-                self.doc.key_span(&["stages", name]).unwrap_or(0..0),
+                self.doc.key_place(&["stages", name]).map_or(0..0, |(span, _)| span),
                 None,
             );
         }

@@ -197,7 +197,7 @@ impl<'de> Deserialize<'de> for Scalar {
 }
 
 /// A YAML mapping with its keys in document order (where a key is written:
-/// [`crate::yaml::Document::key_span`]).
+/// [`crate::yaml::Document::key_place`]).
 #[derive(Debug)]
 pub struct Ordered<T>(pub Vec<(String, T)>);
 

@@ -29,36 +29,27 @@ pub struct Document {
 }
 
 impl Document {
-    /// Where the key at the end of `path` (mapping keys from the top) is written.
-    pub fn key_span(&self, path: &[&str]) -> Option<Range<usize>> {
+    /// Where the key at the end of `path` is written: its span and 1-based line.
+    pub fn key_place(&self, path: &[&str]) -> Option<(Range<usize>, usize)> {
         let (last, parents) = path.split_last()?;
-        let mut node = &self.node;
-        for p in parents {
-            node = node.as_mapping()?.get(*p)?;
-        }
-        let (key, _) = node.as_mapping()?.iter().find(|(k, _)| k.as_str() == *last)?;
-        key.span().start().map(|m| marker_span(&self.text, m))
+        let (key, _) = self.node_at(parents)?.as_mapping()?.iter().find(|(k, _)| k.as_str() == *last)?;
+        let m = key.span().start()?;
+        Some((marker_span(&self.text, m), m.line()))
     }
 
     /// Where the `index`th item of the sequence at `path` is written (its first key).
     pub fn item_span(&self, path: &[&str], index: usize) -> Option<(Range<usize>, usize)> {
+        let m = first_marker(self.node_at(path)?.as_sequence()?.get(index)?)?;
+        Some((marker_span(&self.text, &m), m.line()))
+    }
+
+    /// The node reached by following `path` (mapping keys from the top).
+    fn node_at(&self, path: &[&str]) -> Option<&marked_yaml::Node> {
         let mut node = &self.node;
         for p in path {
             node = node.as_mapping()?.get(*p)?;
         }
-        let m = first_marker(node.as_sequence()?.get(index)?)?;
-        Some((marker_span(&self.text, &m), m.line()))
-    }
-
-    /// The 1-based line of the key at the end of `path`.
-    pub fn key_line(&self, path: &[&str]) -> Option<usize> {
-        let (last, parents) = path.split_last()?;
-        let mut node = &self.node;
-        for p in parents {
-            node = node.as_mapping()?.get(*p)?;
-        }
-        let (key, _) = node.as_mapping()?.iter().find(|(k, _)| k.as_str() == *last)?;
-        key.span().start().map(|m| m.line())
+        Some(node)
     }
 }
 
