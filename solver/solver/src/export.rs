@@ -10,8 +10,9 @@ use kiln_solver_protocol::Exporter;
 use serde_json::{json, Value as Json};
 use sha2::{Digest as _, Sha256};
 
-use crate::layer::export_layer;
+use crate::error::{Failure, SolveError};
 use crate::root::{write_atomic, StateRoot};
+use crate::snapshot::layer::export_layer;
 use crate::snapshot::{layer_fs, mount_stack, read_layer_blob, write_layer_blob, LayerBlob};
 
 /// OCI media types.
@@ -48,7 +49,7 @@ fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
 
 /// The compressed blobs of the layers, making those not made before
 /// (several at once).
-pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> Result<Vec<LayerBlob>, String> {
+pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> Result<Vec<LayerBlob>, Failure> {
     let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id, epoch)).collect();
     let missing: Vec<usize> = (0..layers.len()).filter(|i| out[*i].is_none()).collect();
     let workers = std::thread::available_parallelism()
@@ -56,7 +57,7 @@ pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64
         .unwrap_or(2)
         .min(missing.len().max(1));
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: std::sync::Mutex<Vec<(usize, Result<LayerBlob, String>)>> = std::sync::Mutex::new(Vec::new());
+    let results: std::sync::Mutex<Vec<(usize, Result<LayerBlob, Failure>)>> = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
@@ -69,28 +70,35 @@ pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64
             });
         }
     });
-    for (i, r) in results.into_inner().map_err(|_| "layer export panicked".to_string())? {
+    for (i, r) in results
+        .into_inner()
+        .map_err(|_| Failure::Internal("a layer compression thread panicked".into()))?
+    {
         out[i] = Some(r?);
     }
-    out.into_iter().map(|b| b.ok_or_else(|| "layer blob missing".to_string())).collect()
+    out.into_iter()
+        .map(|b| b.ok_or_else(|| Failure::Internal("a layer blob is missing after compression".into())))
+        .collect()
 }
 
 /// The compressed blob of one layer, made and remembered if it was not.
-pub(crate) fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<LayerBlob, String> {
+pub(crate) fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<LayerBlob, Failure> {
     if let Some(b) = read_layer_blob(root, id, epoch) {
         return Ok(b);
     }
     let clamp = if id.starts_with("blob-") { None } else { epoch };
     export_layer(root, &layer_fs(root, id), clamp)
         .and_then(|b| write_layer_blob(root, id, epoch, &b).map(|()| b))
-        .map_err(|e| format!("compressing layer {id}: {e}"))
+        .map_err(Failure::io(Some("compressing layer"), id))
 }
 
 /// Builds and stores the image config and manifest for the layers.
-pub(crate) fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>, epoch: Option<i64>) -> Result<Image, String> {
+pub(crate) fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>, epoch: Option<i64>) -> Result<Image, Failure> {
     let blobs = layer_blobs(root, layers, epoch)?;
     let mut config = config.cloned().unwrap_or_else(|| json!({}));
-    let obj = config.as_object_mut().ok_or("the image config is not a JSON object")?;
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| Failure::invalid("the image config is not a JSON object"))?;
     obj.entry("architecture").or_insert(json!("amd64"));
     obj.entry("os").or_insert(json!("linux"));
     let diff_ids: Vec<Json> = blobs.iter().map(|b| json!(b.diff_id)).collect();
@@ -106,16 +114,16 @@ pub(crate) fn make_image(root: &StateRoot, layers: &[String], config: Option<&Js
         obj.insert("created".into(), json!(rfc3339(e)));
     }
     let platform = json!({"architecture": obj["architecture"], "os": obj["os"]});
-    let config_bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
-    let config_digest = store_blob(root, &config_bytes).map_err(|e| e.to_string())?;
+    let config_bytes = serde_json::to_vec(&config).map_err(json_err)?;
+    let config_digest = store_blob(root, &config_bytes).map_err(blob_err(root))?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MANIFEST,
         "config": {"mediaType": CONFIG, "digest": config_digest, "size": config_bytes.len()},
         "layers": blobs.iter().map(|b| json!({"mediaType": b.media_type, "digest": b.digest, "size": b.size})).collect::<Vec<_>>(),
     });
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
-    let digest = store_blob(root, &manifest_bytes).map_err(|e| e.to_string())?;
+    let manifest_bytes = serde_json::to_vec(&manifest).map_err(json_err)?;
+    let digest = store_blob(root, &manifest_bytes).map_err(blob_err(root))?;
     Ok(Image {
         digest,
         size: manifest_bytes.len(),
@@ -199,7 +207,7 @@ pub(crate) fn normalize_name(name: &str) -> String {
 }
 
 /// Adds names to kiln's image store (its `index.json`).
-pub(crate) fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), String> {
+pub(crate) fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), Failure> {
     let names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
     store_names(root, &names, &image.digest, MANIFEST, image.size, Some(&image.platform))
 }
@@ -213,9 +221,9 @@ pub(crate) fn store_names(
     media_type: &str,
     size: usize,
     platform: Option<&Json>,
-) -> Result<(), String> {
-    let _lock = root.lock_store().map_err(|e| e.to_string())?;
+) -> Result<(), Failure> {
     let index_path = root.store().join("index.json");
+    let _lock = root.lock_store().map_err(Failure::io(Some("locking"), index_path.display()))?;
     let mut index: Json = fs::read(&index_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -223,7 +231,7 @@ pub(crate) fn store_names(
     let manifests = index
         .get_mut("manifests")
         .and_then(|m| m.as_array_mut())
-        .ok_or("the image store's index.json has no manifests list")?;
+        .ok_or_else(|| Failure::invalid(format!("{} has no manifests list", index_path.display())))?;
     let unchanged = names.iter().all(|n| {
         manifests.iter().any(|m| {
             m["annotations"]["org.opencontainers.image.ref.name"].as_str() == Some(n.as_str()) && m["digest"].as_str() == Some(digest)
@@ -252,8 +260,8 @@ pub(crate) fn store_names(
         }
         manifests.push(entry);
     }
-    let bytes = serde_json::to_vec_pretty(&index).map_err(|e| e.to_string())?;
-    write_atomic(&index_path, &bytes, true).map_err(|e| e.to_string())
+    let bytes = serde_json::to_vec_pretty(&index).map_err(json_err)?;
+    write_atomic(&index_path, &bytes, true).map_err(Failure::io(Some("writing"), index_path.display()))
 }
 
 /// Seconds since the epoch as RFC 3339 (UTC).
@@ -306,16 +314,16 @@ fn append_blob<W: Write>(tar: &mut tar::Builder<W>, root: &StateRoot, digest: &s
 }
 
 /// Writes an OCI layout tarball (`docker` adds `manifest.json` for `docker load`).
-fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String], docker: bool) -> Result<(), String> {
+fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String], docker: bool) -> Result<(), Failure> {
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    fs::create_dir_all(parent).map_err(Failure::io(Some("creating"), parent.display()))?;
     let tmp = parent.join(format!(
         ".{}.kiln-tmp",
         dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     ));
-    let file = fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let file = fs::File::create(&tmp).map_err(Failure::io(Some("creating"), tmp.display()))?;
     let mut tar = tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, file));
-    let io = |e: std::io::Error| format!("{}: {e}", dest.display());
+    let io = |e: std::io::Error| Failure::io(Some("writing"), dest.display())(e);
     append_file(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
     let full_names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
     let mut manifests = Vec::new();
@@ -331,7 +339,7 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
         manifests.push(json!({"mediaType": MANIFEST, "digest": image.digest, "size": image.size, "platform": image.platform, "annotations": annotations}));
     }
     let index = json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests});
-    append_file(&mut tar, "index.json", &serde_json::to_vec(&index).map_err(|e| e.to_string())?).map_err(io)?;
+    append_file(&mut tar, "index.json", &serde_json::to_vec(&index).map_err(json_err)?).map_err(io)?;
     if docker {
         let config_hex = image.config_digest.strip_prefix("sha256:").unwrap_or(&image.config_digest);
         let layers: Vec<String> = image
@@ -341,12 +349,7 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
             .collect();
         let repo_tags: Vec<String> = names.iter().map(|n| docker_tag(n)).collect();
         let manifest = json!([{"Config": format!("blobs/sha256/{config_hex}"), "RepoTags": repo_tags, "Layers": layers}]);
-        append_file(
-            &mut tar,
-            "manifest.json",
-            &serde_json::to_vec(&manifest).map_err(|e| e.to_string())?,
-        )
-        .map_err(io)?;
+        append_file(&mut tar, "manifest.json", &serde_json::to_vec(&manifest).map_err(json_err)?).map_err(io)?;
     }
     let mut seen = std::collections::HashSet::new();
     for d in std::iter::once(&image.digest)
@@ -389,47 +392,77 @@ pub(crate) fn export(
     config: Option<&Json>,
     exporters: &[Exporter],
     epoch: Option<i64>,
-) -> Result<(Option<Image>, Vec<String>), String> {
+) -> Result<(Option<Image>, Vec<String>), SolveError> {
     let mut image: Option<Image> = None;
     let mut written = Vec::new();
     if wants_image(exporters) {
-        image = Some(make_image(root, layers, config, epoch)?);
+        let made = make_image(root, layers, config, epoch).map_err(|failure| SolveError::Export {
+            what: "making the image".into(),
+            failure,
+        })?;
+        image = Some(made);
     }
     for e in exporters {
+        let failed = |failure: Failure| SolveError::Export {
+            what: describe(e),
+            failure,
+        };
         match e {
             Exporter::Image { names, .. } => {
                 if let Some(img) = &image {
-                    tag_in_store(root, img, names)?;
+                    tag_in_store(root, img, names).map_err(failed)?;
                     written.extend(names.iter().map(|n| normalize_name(n)));
                 }
             }
             Exporter::Oci { dest, names } | Exporter::Docker { dest, names } => {
                 if let Some(img) = &image {
-                    write_image_tar(root, img, Path::new(dest), names, matches!(e, Exporter::Docker { .. }))?;
+                    write_image_tar(root, img, Path::new(dest), names, matches!(e, Exporter::Docker { .. })).map_err(failed)?;
                     written.push(dest.clone());
                 }
             }
             Exporter::Local { dest } => {
-                let view = mount_stack(root, layers, None).map_err(|e| e.to_string())?;
+                let view = mount_stack(root, layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
                 let dest_path = Path::new(dest);
-                fs::create_dir_all(dest_path).map_err(|e| format!("{dest}: {e}"))?;
-                crate::fileop::copy_tree(dest_path, &crate::fileop::SourceView::Dir(view.path()))?;
+                fs::create_dir_all(dest_path).map_err(|e| failed(Failure::io(Some("creating"), dest)(e)))?;
+                crate::execute::fileop::copy_tree(dest_path, &crate::execute::fileop::SourceView::Dir(view.path())).map_err(failed)?;
                 written.push(dest.clone());
             }
             Exporter::Tar { dest } => {
-                let view = mount_stack(root, layers, None).map_err(|e| e.to_string())?;
+                let view = mount_stack(root, layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
                 let dest_path = Path::new(dest);
                 let tmp = dest_path.with_extension("kiln-tmp");
-                let f = fs::File::create(&tmp).map_err(|e| format!("{dest}: {e}"))?;
-                let w = crate::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f), epoch)
-                    .map_err(|e| format!("{dest}: {e}"))?;
-                w.into_inner().map_err(|e| format!("{dest}: {}", e.into_error()))?;
-                fs::rename(&tmp, dest_path).map_err(|e| format!("{dest}: {e}"))?;
+                let writing = |e| failed(Failure::io(Some("writing"), dest)(e));
+                let f = fs::File::create(&tmp).map_err(writing)?;
+                let w = crate::snapshot::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f), epoch)
+                    .map_err(writing)?;
+                w.into_inner().map_err(|e| writing(e.into_error()))?;
+                fs::rename(&tmp, dest_path).map_err(writing)?;
                 written.push(dest.clone());
             }
         }
     }
     Ok((image, written))
+}
+
+/// An exporter as `--output` spells it, for messages.
+fn describe(e: &Exporter) -> String {
+    match e {
+        Exporter::Image { names, .. } => format!("type=image,name={}", names.join(",")),
+        Exporter::Oci { dest, .. } => format!("type=oci,dest={dest}"),
+        Exporter::Docker { dest, .. } => format!("type=docker,dest={dest}"),
+        Exporter::Local { dest } => format!("type=local,dest={dest}"),
+        Exporter::Tar { dest } => format!("type=tar,dest={dest}"),
+    }
+}
+
+/// JSON this module made cannot fail to serialize; if it does, it is a bug.
+fn json_err(e: serde_json::Error) -> Failure {
+    Failure::Internal(format!("serializing JSON: {e}"))
+}
+
+/// Maps an error storing a blob in `root`.
+fn blob_err(root: &StateRoot) -> impl FnOnce(std::io::Error) -> Failure {
+    Failure::io(Some("storing a blob in"), root.store().display().to_string())
 }
 
 #[cfg(test)]

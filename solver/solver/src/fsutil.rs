@@ -116,7 +116,7 @@ pub(crate) fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> 
             lchown(d, o)?;
         }
         if let Some(t) = time {
-            crate::layer::set_mtime_nofollow(d, t / 1_000_000_000, t % 1_000_000_000)?;
+            crate::snapshot::layer::set_mtime_nofollow(d, t / 1_000_000_000, t % 1_000_000_000)?;
         }
     }
     Ok(())

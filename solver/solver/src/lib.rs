@@ -3,37 +3,35 @@
 //! The binary reads one [`kiln_solver_protocol::SolveRequest`] on stdin and
 //! writes [`kiln_solver_protocol::Event`]s on stdout; [`run`] is all of it.
 //!
-//! - [`scheduler`]: the DAG walk, cache keys, cache records, events.
-//! - [`ops`], [`exec`], [`fileop`]: what each op does; [`pull`] and
-//!   [`context`] for image and local sources.
-//! - [`snapshot`], [`layer`], [`root`]: layers on disk, overlayfs mounts,
-//!   tar conversion, the state root's layout and crash safety.
-//! - [`export`]: images, tarballs and directories out.
+//! The phases, one module (or folder) each:
+//! - [`schedule`]: the DAG walk: each vertex once, its cache key from its
+//!   inputs' keys, a cache lookup, then execution; events; work done ahead.
+//! - [`cache`]: the cache-key rules and the records of finished vertices.
+//! - [`source`]: image sources (pull) and local sources (checksums, patterns).
+//! - [`execute`]: what each op does: ExecOp in runc, FileOp actions,
+//!   MergeOp and DiffOp.
+//! - [`snapshot`]: layers on disk, overlayfs mounts, tar conversion,
+//!   tree differences.
+//! - [`export`]: images, tarballs and directories out; [`gc`]: pruning.
+//! - [`root`]: the state root's layout and crash safety;
+//!   [`error`]: the typed failures and their exit codes.
 //!
 //! **Architecture invariant:** the solver knows nothing of Dockerfiles or
 //! any other frontend; everything it needs is in the request.
 
-mod ahead;
 mod cache;
-mod cachemount;
-mod context;
 mod error;
-mod exec;
+mod execute;
 mod export;
-mod fileop;
 mod fsutil;
 pub mod gc;
-mod layer;
-mod ops;
-mod pattern;
-mod pull;
 mod root;
-mod scheduler;
+mod schedule;
 mod snapshot;
-mod treediff;
+mod source;
 
 pub use root::StateRoot;
-pub use scheduler::{wait_for_background_work, EventSink};
+pub use schedule::{wait_for_background_work, EventSink};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -41,8 +39,8 @@ use std::sync::Arc;
 use kiln_llb::LoadedDefinition;
 use kiln_solver_protocol::{Event, SolveRequest, SolveResult, VERSION};
 
-use crate::error::SolveError;
-use crate::scheduler::{SolveOptions, Solver};
+use crate::error::{Failure, SolveError};
+use crate::schedule::{SolveOptions, Solver};
 
 pub use error::exit;
 
@@ -75,7 +73,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         Ok(d) => d,
         Err(e) => return fail(&events, SolveError::Request(format!("the definition cannot be used: {e}"))),
     };
-    let missing = scheduler::missing_secrets(&def, &request.secrets, &request.ssh);
+    let missing = schedule::missing_secrets(&def, &request.secrets, &request.ssh);
     if !missing.is_empty() {
         return fail(&events, SolveError::Request(missing.join("\n")));
     }
@@ -92,7 +90,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             )
         }
     };
-    let runtime = exec::Runtime::new(runtime_bin, root.runtime_state());
+    let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state());
+    let exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let solver = Arc::new(Solver::new(
         root.clone(),
@@ -101,11 +100,9 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             locals,
             no_cache: request.no_cache,
             jobs: request.jobs,
-            runtime,
-            secrets: request.secrets.clone(),
-            ssh: request.ssh.clone(),
             image_layers: export::wants_image(&request.exporters).then_some(request.source_date_epoch),
         },
+        exec,
         events.clone(),
     ));
     let value = match solver.solve().await {
@@ -118,7 +115,15 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let layers = match &value {
         Some(v) => match solver.layers(v).await {
             Ok(l) => l,
-            Err(e) => return fail(&events, SolveError::Internal(e)),
+            Err(failure) => {
+                return fail(
+                    &events,
+                    SolveError::Export {
+                        what: "the result".into(),
+                        failure,
+                    },
+                )
+            }
         },
         None => Arc::new(Vec::new()),
     };
@@ -178,15 +183,27 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
                                 });
                                 result.exported.push(format!("pushed {full}"));
                             }
-                            Err(e) => return fail(&events, SolveError::Export(format!("pushing {full}: {e}"))),
+                            Err(e) => {
+                                let failure = Failure::Pull {
+                                    image: full.clone(),
+                                    message: e.to_string(),
+                                };
+                                return fail(
+                                    &events,
+                                    SolveError::Export {
+                                        what: format!("pushing {full}"),
+                                        failure,
+                                    },
+                                );
+                            }
                         }
                     }
                     result.image_digest = Some(img.digest);
                     result.config_digest = Some(img.config_digest);
                 }
             }
-            Ok(Err(e)) => return fail(&events, SolveError::Export(format!("export: {e}"))),
-            Err(e) => return fail(&events, SolveError::Export(format!("export: {e}"))),
+            Ok(Err(e)) => return fail(&events, e),
+            Err(e) => return fail(&events, SolveError::Internal(format!("the export task ended: {e}"))),
         }
         events.emit(Event::Progress {
             digest: None,

@@ -75,3 +75,73 @@ fn truncated_and_dangling_definitions_are_rejected() {
     let req = serde_json::to_vec(&SolveRequest::new(&prost::Message::encode_to_vec(&def))).expect("json");
     assert_request_error(&req, "definition");
 }
+
+/// Solves `state` with `runtime` as the OCI runtime; returns the exit code and
+/// the failed vertex's stage and message.
+fn failure_of(state: &State, runtime: &str) -> (i32, Option<kiln_solver_protocol::FailureStage>, String) {
+    let def = prost::Message::encode_to_vec(&state.marshal(Vec::new()));
+    let mut req = SolveRequest::new(&def);
+    req.oci_runtime = Some(runtime.into());
+    let (code, events, stderr) = solve(&serde_json::to_vec(&req).expect("json"));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let failed = events.iter().find_map(|e| match e {
+        Event::VertexFailed { stage, error, .. } => Some((*stage, error.clone())),
+        _ => None,
+    });
+    let (stage, message) = failed.unwrap_or_else(|| panic!("no vertex failed: {events:?}"));
+    assert!(
+        matches!(
+            events.last(),
+            Some(Event::Error {
+                kind: ErrorKind::Vertex,
+                ..
+            })
+        ),
+        "{events:?}"
+    );
+    (code, stage, message)
+}
+
+#[test]
+fn failures_say_which_cause_and_stage() {
+    use kiln_llb::builder::{Exec, FileInput, FileOp};
+    use kiln_llb::pb;
+    use kiln_solver_protocol::FailureStage;
+    if !kiln_test_support::root("failures_say_which_cause_and_stage", "overlayfs mounts") {
+        return;
+    }
+    // A runtime that is not installed: set-up, not the step's own failure.
+    let step = State::scratch().run(
+        Exec {
+            meta: pb::Meta {
+                args: vec!["/bin/true".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        Default::default(),
+    );
+    let (code, stage, message) = failure_of(&step.root, "/nonexistent/runc");
+    assert_eq!((code, stage), (1, Some(FailureStage::Setup)), "{message}");
+    assert!(message.contains("cannot start the OCI runtime \"/nonexistent/runc\""), "{message}");
+
+    // A copy of a path that is not there: the file stage, naming the path.
+    let copy = State::file(
+        FileOp::default().then(
+            &State::scratch(),
+            FileInput::State(State::scratch()),
+            pb::file_action::Action::Copy(pb::FileActionCopy {
+                src: "/missing".into(),
+                dest: "/to".into(),
+                mode: -1,
+                timestamp: -1,
+                ..Default::default()
+            }),
+        ),
+        Default::default(),
+    );
+    let (code, stage, message) = failure_of(&copy, "runc");
+    assert_eq!((code, stage), (1, Some(FailureStage::File)), "{message}");
+    assert!(message.contains("/missing"), "{message}");
+}

@@ -16,8 +16,9 @@ use kiln_llb::pb;
 use oci_spec::runtime::{Capability, LinuxNamespaceType, Mount, Spec};
 use tokio::io::AsyncReadExt;
 
+use crate::error::Failure;
 use crate::fsutil::{mkdir_all, resolve_in_root, resolve_user};
-use crate::layer::set_mtime_nofollow;
+use crate::snapshot::layer::set_mtime_nofollow;
 
 /// The OCI runtime binary and where it keeps state.
 #[derive(Debug)]
@@ -178,24 +179,6 @@ pub(crate) struct Step<'a> {
     pub id: String,
 }
 
-/// Why a step failed.
-#[derive(Debug)]
-pub(crate) struct StepError {
-    /// What went wrong.
-    pub message: String,
-    /// The process's exit code when it ran and exited non-zero.
-    pub exit_code: Option<i32>,
-}
-
-impl StepError {
-    fn setup(message: impl Into<String>) -> StepError {
-        StepError {
-            message: message.into(),
-            exit_code: None,
-        }
-    }
-}
-
 /// `docker`'s default capability set, which BuildKit also grants.
 const DEFAULT_CAPS: &[Capability] = &[
     Capability::Chown,
@@ -347,10 +330,10 @@ fn bind(dest: &str, source: &Path, readonly: bool) -> Mount {
 }
 
 /// Runs the step; `on_output(stream, bytes)` receives its output as it comes.
-pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnMut(u8, &[u8])) -> Result<(), StepError> {
+pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: impl FnMut(u8, &[u8])) -> Result<(), Failure> {
     let meta = step.meta;
     if meta.args.is_empty() {
-        return Err(StepError::setup("the step has no command"));
+        return Err(Failure::invalid("the step has no command"));
     }
     let host_network = step.network == pb::NetMode::Host as i32 || step.network == pb::NetMode::Unset as i32;
     let insecure = step.security == pb::SecurityMode::Insecure as i32;
@@ -365,15 +348,15 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     let (owner, extra_gids) = if meta.user.is_empty() {
         (crate::fsutil::Owner { uid: 0, gid: 0 }, Vec::new())
     } else {
-        resolve_user(step.rootfs, &meta.user).map_err(|e| StepError::setup(e.to_string()))?
+        resolve_user(step.rootfs, &meta.user).map_err(|e| Failure::invalid(e.to_string()))?
     };
     let cwd = if meta.cwd.is_empty() { "/".to_string() } else { meta.cwd.clone() };
 
-    fs::create_dir_all(step.bundle).map_err(|e| StepError::setup(format!("bundle: {e}")))?;
+    fs::create_dir_all(step.bundle).map_err(Failure::io(Some("creating the bundle"), step.bundle.display()))?;
     let hosts = step.bundle.join("hosts");
     let resolv = step.bundle.join("resolv.conf");
-    fs::write(&hosts, hosts_file(hostname, &meta.extra_hosts)).map_err(|e| StepError::setup(e.to_string()))?;
-    fs::write(&resolv, resolv_conf(host_network)).map_err(|e| StepError::setup(e.to_string()))?;
+    fs::write(&hosts, hosts_file(hostname, &meta.extra_hosts)).map_err(Failure::io(Some("writing"), hosts.display()))?;
+    fs::write(&resolv, resolv_conf(host_network)).map_err(Failure::io(Some("writing"), resolv.display()))?;
 
     let mut spec = Spec::default();
     spec.set_hostname(Some(hostname.to_string()));
@@ -409,8 +392,8 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     let stubs = find_stubs(step.rootfs, &dest_refs);
     spec.set_mounts(Some(mounts));
 
-    let cwd_host = resolve_in_root(step.rootfs, &cwd, true).map_err(|e| StepError::setup(e.to_string()))?;
-    mkdir_all(&cwd_host, None, None).map_err(|e| StepError::setup(format!("creating working directory {cwd}: {e}")))?;
+    let cwd_host = resolve_in_root(step.rootfs, &cwd, true).map_err(Failure::io(Some("working directory"), &cwd))?;
+    mkdir_all(&cwd_host, None, None).map_err(Failure::io(Some("creating working directory"), &cwd))?;
 
     if let Some(process) = spec.process_mut() {
         process.set_args(Some(meta.args.clone()));
@@ -457,8 +440,8 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         }
         linux.set_cgroups_path(Some(PathBuf::from(format!("/kiln/{}", step.id))));
     }
-    let config = serde_json::to_vec(&spec).map_err(|e| StepError::setup(e.to_string()))?;
-    fs::write(step.bundle.join("config.json"), config).map_err(|e| StepError::setup(e.to_string()))?;
+    let config = serde_json::to_vec(&spec).map_err(|e| Failure::Internal(format!("the runtime spec: {e}")))?;
+    fs::write(step.bundle.join("config.json"), config).map_err(Failure::io(Some("writing"), step.bundle.join("config.json").display()))?;
 
     let mut guard = ContainerGuard {
         runtime,
@@ -477,9 +460,12 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| StepError::setup(format!("cannot start the OCI runtime {:?}: {e}", runtime.binary)))?;
-    let mut out = child.stdout.take().ok_or_else(|| StepError::setup("no stdout pipe"))?;
-    let mut err = child.stderr.take().ok_or_else(|| StepError::setup("no stderr pipe"))?;
+        .map_err(|e| Failure::Runtime {
+            binary: runtime.binary.clone(),
+            source: std::sync::Arc::new(e),
+        })?;
+    let mut out = child.stdout.take().ok_or_else(|| Failure::Internal("no stdout pipe".into()))?;
+    let mut err = child.stderr.take().ok_or_else(|| Failure::Internal("no stderr pipe".into()))?;
     let mut out_buf = vec![0u8; 16 * 1024];
     let mut err_buf = vec![0u8; 16 * 1024];
     let (mut out_open, mut err_open) = (true, true);
@@ -495,14 +481,14 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
             },
         }
     }
-    let status = child
-        .wait()
-        .await
-        .map_err(|e| StepError::setup(format!("waiting for the runtime: {e}")))?;
+    let status = child.wait().await.map_err(|e| Failure::Runtime {
+        binary: runtime.binary.clone(),
+        source: std::sync::Arc::new(e),
+    })?;
     guard.armed = false;
     drop(guard);
 
-    remove_stubs(&stubs).map_err(|e| StepError::setup(format!("removing mount points from the layer: {e}")))?;
+    remove_stubs(&stubs).map_err(Failure::io(Some("removing mount points from"), step.rootfs.display()))?;
     let code = status.code().unwrap_or(-1);
     let valid = if meta.valid_exit_codes.is_empty() {
         code == 0
@@ -510,12 +496,9 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         meta.valid_exit_codes.contains(&code)
     };
     if !valid {
-        return Err(StepError {
-            message: format!(
-                "process \"{}\" did not complete successfully: exit code: {code}",
-                display_args(&meta.args)
-            ),
-            exit_code: Some(code),
+        return Err(Failure::Exit {
+            command: display_args(&meta.args),
+            code,
         });
     }
     Ok(())

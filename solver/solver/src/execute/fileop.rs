@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 
 use kiln_llb::pb;
 
-use crate::context::{join_rel, LocalSource};
+use crate::error::Failure;
 use crate::fsutil::{lchown, lookup_id, mkdir_all, resolve_in_root, Owner};
-use crate::layer::set_mtime_nofollow;
-use crate::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
+use crate::snapshot::layer::set_mtime_nofollow;
+use crate::source::context::{join_rel, LocalSource};
+use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
 
 /// Where a copy reads from.
 pub(crate) enum SourceView<'a> {
@@ -52,13 +53,6 @@ impl SourceView<'_> {
     }
 }
 
-/// Why an action failed.
-pub(crate) type ActionError = String;
-
-fn err(context: impl std::fmt::Display, e: impl std::fmt::Display) -> ActionError {
-    format!("{context}: {e}")
-}
-
 /// An IO error with its causes (tar wraps its own errors in io::Error).
 fn io_chain(e: &io::Error) -> String {
     match e.get_ref() {
@@ -79,13 +73,15 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Resolves a ChownOpt against the destination root's /etc files.
-fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Owner>, ActionError> {
+fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Owner>, Failure> {
     let Some(c) = chown else { return Ok(None) };
-    let id = |u: Option<&pb::UserOpt>, group: bool| -> Result<Option<u32>, ActionError> {
+    let id = |u: Option<&pb::UserOpt>, group: bool| -> Result<Option<u32>, Failure> {
         match u.and_then(|u| u.user.as_ref()) {
             None => Ok(None),
             Some(pb::user_opt::User::ById(n)) => Ok(Some(*n)),
-            Some(pb::user_opt::User::ByName(n)) => lookup_id(dest_root, &n.name, group).map(Some).map_err(|e| e.to_string()),
+            Some(pb::user_opt::User::ByName(n)) => lookup_id(dest_root, &n.name, group)
+                .map(Some)
+                .map_err(|e| Failure::invalid(e.to_string())),
         }
     };
     let uid = id(c.user.as_ref(), false)?;
@@ -105,82 +101,82 @@ fn time_of(ts: i64) -> Option<i64> {
 }
 
 /// Makes a directory.
-pub(crate) fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), ActionError> {
+pub(crate) fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let time = time_of(a.timestamp);
-    let p = resolve_in_root(dest_root, &a.path, true).map_err(|e| err(&a.path, e))?;
+    let p = resolve_in_root(dest_root, &a.path, true).map_err(Failure::io(None, &a.path))?;
     if a.make_parents {
         if let Some(parent) = p.parent() {
-            mkdir_all(parent, owner, time).map_err(|e| err(&a.path, e))?;
+            mkdir_all(parent, owner, time).map_err(Failure::io(None, &a.path))?;
         }
     }
     match fs::create_dir(&p) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(err(format!("mkdir {}", a.path), e)),
+        Err(e) => return Err(Failure::io(Some("mkdir"), &a.path)(e)),
     }
-    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(|e| err(&a.path, e))?;
+    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(Failure::io(None, &a.path))?;
     if let Some(o) = owner {
-        lchown(&p, o).map_err(|e| err(&a.path, e))?;
+        lchown(&p, o).map_err(Failure::io(None, &a.path))?;
     }
     if let Some(t) = time {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(|e| err(&a.path, e))?;
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(Failure::io(None, &a.path))?;
     }
     Ok(())
 }
 
 /// Writes a file.
-pub(crate) fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), ActionError> {
+pub(crate) fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
-    let p = resolve_in_root(dest_root, &a.path, true).map_err(|e| err(&a.path, e))?;
+    let p = resolve_in_root(dest_root, &a.path, true).map_err(Failure::io(None, &a.path))?;
     if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
-        fs::remove_file(&p).map_err(|e| err(&a.path, e))?;
+        fs::remove_file(&p).map_err(Failure::io(None, &a.path))?;
     }
-    fs::write(&p, &a.data).map_err(|e| err(format!("mkfile {}", a.path), e))?;
-    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(|e| err(&a.path, e))?;
+    fs::write(&p, &a.data).map_err(Failure::io(Some("mkfile"), &a.path))?;
+    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(Failure::io(None, &a.path))?;
     if let Some(o) = owner {
-        lchown(&p, o).map_err(|e| err(&a.path, e))?;
+        lchown(&p, o).map_err(Failure::io(None, &a.path))?;
     }
     if let Some(t) = time_of(a.timestamp) {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(|e| err(&a.path, e))?;
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(Failure::io(None, &a.path))?;
     }
     Ok(())
 }
 
 /// Makes a symlink.
-pub(crate) fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), ActionError> {
+pub(crate) fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
-    let p = resolve_in_root(dest_root, &a.newpath, false).map_err(|e| err(&a.newpath, e))?;
-    std::os::unix::fs::symlink(&a.oldpath, &p).map_err(|e| err(format!("symlink {} -> {}", a.newpath, a.oldpath), e))?;
+    let p = resolve_in_root(dest_root, &a.newpath, false).map_err(Failure::io(None, &a.newpath))?;
+    std::os::unix::fs::symlink(&a.oldpath, &p).map_err(Failure::io(Some("symlink"), format!("{} -> {}", a.newpath, a.oldpath)))?;
     if let Some(o) = owner {
-        lchown(&p, o).map_err(|e| err(&a.newpath, e))?;
+        lchown(&p, o).map_err(Failure::io(None, &a.newpath))?;
     }
     if let Some(t) = time_of(a.timestamp) {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(|e| err(&a.newpath, e))?;
+        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(Failure::io(None, &a.newpath))?;
     }
     Ok(())
 }
 
 /// Removes a path (or what a wildcard matches).
-pub(crate) fn rm(dest_root: &Path, a: &pb::FileActionRm) -> Result<(), ActionError> {
+pub(crate) fn rm(dest_root: &Path, a: &pb::FileActionRm) -> Result<(), Failure> {
     let targets: Vec<PathBuf> = if a.allow_wildcard && has_wildcards(&a.path) {
         matches_in_dir(dest_root, &a.path)
     } else {
-        vec![resolve_in_root(dest_root, &a.path, false).map_err(|e| err(&a.path, e))?]
+        vec![resolve_in_root(dest_root, &a.path, false).map_err(Failure::io(None, &a.path))?]
     };
     if targets.is_empty() && !a.allow_not_found {
-        return Err(format!("rm {}: no matches found", a.path));
+        return Err(Failure::invalid(format!("rm {}: no matches found", a.path)));
     }
     for t in targets {
         match fs::symlink_metadata(&t) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if !a.allow_not_found {
-                    return Err(err(format!("rm {}", a.path), e));
+                    return Err(Failure::io(Some("rm"), &a.path)(e));
                 }
             }
-            Err(e) => return Err(err(&a.path, e)),
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&t).map_err(|e| err(format!("rm {}", a.path), e))?,
-            Ok(_) => fs::remove_file(&t).map_err(|e| err(format!("rm {}", a.path), e))?,
+            Err(e) => return Err(Failure::io(None, &a.path)(e)),
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&t).map_err(Failure::io(Some("rm"), &a.path))?,
+            Ok(_) => fs::remove_file(&t).map_err(Failure::io(Some("rm"), &a.path))?,
         }
     }
     Ok(())
@@ -287,7 +283,7 @@ fn apply_symbolic(spec: &str, mut mode: u32, is_dir: bool) -> u32 {
 
 /// Copies everything `src` shows into `dest_root` (owners, modes and times
 /// kept): materialising a local source, seeding a cache mount, the local exporter.
-pub(crate) fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), ActionError> {
+pub(crate) fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), Failure> {
     let action = pb::FileActionCopy {
         src: "/".into(),
         dest: "/".into(),
@@ -301,7 +297,7 @@ pub(crate) fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), Action
 }
 
 /// Copies as `COPY`/`ADD` do. `dest_root` is the writable root.
-pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), ActionError> {
+pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let time = time_of(a.timestamp);
     let mode = if !a.mode_str.is_empty() {
@@ -313,11 +309,11 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
     };
     let dest_is_dir = a.dest.ends_with('/') || a.dest.ends_with("/.") || a.dest == "." || a.dest.is_empty();
     let dest_clean = format!("/{}", clean_rel(&a.dest));
-    let dest_abs = resolve_in_root(dest_root, &dest_clean, true).map_err(|e| err(&a.dest, e))?;
+    let dest_abs = resolve_in_root(dest_root, &dest_clean, true).map_err(Failure::io(None, &a.dest))?;
     if !a.create_dest_path {
         let parent = dest_abs.parent().unwrap_or(dest_root);
         if fs::symlink_metadata(parent).is_err() {
-            return Err(format!("failed to stat {}: no such file or directory", a.dest));
+            return Err(Failure::invalid(format!("failed to stat {}: no such file or directory", a.dest)));
         }
     }
     let ensure = if dest_is_dir {
@@ -325,11 +321,11 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
     } else {
         dest_abs.parent().map(Path::to_path_buf).unwrap_or(dest_abs.clone())
     };
-    mkdir_all(&ensure, owner, time).map_err(|e| err(format!("creating {}", a.dest), e))?;
+    mkdir_all(&ensure, owner, time).map_err(Failure::io(Some("creating"), &a.dest))?;
 
     let srcs: Vec<String> = if a.allow_wildcard && has_wildcards(&clean_rel(&a.src)) {
         let found = match src {
-            SourceView::Local(l) => l.select(&a.src, true).map_err(|e| err(&a.src, e))?,
+            SourceView::Local(l) => l.select(&a.src, true).map_err(Failure::io(None, &a.src))?,
             SourceView::Dir(d) => matches_in_dir(d, &a.src)
                 .into_iter()
                 .filter_map(|p| p.strip_prefix(d).ok().map(|r| r.to_string_lossy().into_owned()))
@@ -339,13 +335,13 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
             if a.allow_empty_wildcard {
                 return Ok(());
             }
-            return Err(format!("no matches found: {}", a.src));
+            return Err(Failure::invalid(format!("no matches found: {}", a.src)));
         }
         found
     } else {
         vec![clean_rel(&a.src)]
     };
-    let pats = |p: &[String]| -> Result<Option<Matcher>, ActionError> {
+    let pats = |p: &[String]| -> Result<Option<Matcher>, Failure> {
         if p.is_empty() {
             Ok(None)
         } else {
@@ -363,20 +359,21 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
         links: HashMap::new(),
     };
     for rel in srcs {
-        let src_abs = resolve_in_root(src.root(), &format!("/{rel}"), a.follow_symlink).map_err(|e| err(&a.src, e))?;
+        let src_abs = resolve_in_root(src.root(), &format!("/{rel}"), a.follow_symlink).map_err(Failure::io(None, &a.src))?;
         let rel_resolved = src_abs
             .strip_prefix(src.root())
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or(rel.clone());
         let meta = match fs::symlink_metadata(&src_abs) {
             Ok(m) if src.visible(&rel_resolved, m.is_dir()) => m,
-            _ => return Err(format!("\"/{rel}\": not found")),
+            _ => return Err(Failure::invalid(format!("\"/{rel}\": not found"))),
         };
         if a.attempt_unpack_docker_compatibility && meta.is_file() {
             if let Some(kind) = archive_kind(&src_abs) {
                 let target = dest_abs.clone();
-                mkdir_all(&target, owner, time).map_err(|e| err(&a.dest, e))?;
-                unpack_archive(&src_abs, kind, &target, owner).map_err(|e| err(format!("extracting {rel}"), io_chain(&e)))?;
+                mkdir_all(&target, owner, time).map_err(Failure::io(None, &a.dest))?;
+                unpack_archive(&src_abs, kind, &target, owner)
+                    .map_err(|e| Failure::invalid(format!("extracting {rel}: {}", io_chain(&e))))?;
                 continue;
             }
         }
@@ -393,9 +390,9 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
         } else {
             dst.parent().map(Path::to_path_buf).unwrap_or(dst.clone())
         };
-        mkdir_all(&target_dir, owner, time).map_err(|e| err(&a.dest, e))?;
+        mkdir_all(&target_dir, owner, time).map_err(Failure::io(None, &a.dest))?;
         c.copy_entry(&src_abs, &rel_resolved, "", &dst, &meta)
-            .map_err(|e| err(format!("copying {rel}"), e))?;
+            .map_err(Failure::io(Some("copying"), &rel))?;
     }
     Ok(())
 }
@@ -673,7 +670,11 @@ mod tests {
         assert_eq!(tree(&d.path().join("w")), ["a.txt"]);
         let mut none = copy_action("/dir/*.nope", "/w/");
         none.allow_wildcard = true;
-        assert!(copy(d.path(), &view, &none).expect_err("no match").contains("no matches"));
+        let none_found = copy(d.path(), &view, &none).expect_err("no match");
+        assert!(
+            matches!(&none_found, Failure::Invalid(m) if m.contains("no matches")),
+            "{none_found:?}"
+        );
         none.allow_empty_wildcard = true;
         copy(d.path(), &view, &none).expect("empty wildcard allowed");
 
@@ -699,6 +700,7 @@ mod tests {
         // Missing source.
         assert!(copy(d.path(), &view, &copy_action("/nope", "/n"))
             .expect_err("missing")
+            .to_string()
             .contains("not found"));
     }
 
@@ -743,7 +745,8 @@ mod tests {
             user: Some(by_name("nobody-here")),
             group: None,
         });
-        assert!(copy(d.path(), &view, &own).expect_err("unknown user").contains("nobody-here"));
+        let unknown = copy(d.path(), &view, &own).expect_err("unknown user");
+        assert!(matches!(&unknown, Failure::Invalid(m) if m.contains("nobody-here")), "{unknown:?}");
     }
 
     #[test]

@@ -15,6 +15,9 @@ use std::sync::Arc;
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod layer;
+pub(crate) mod treediff;
+
 use crate::root::{remove_all, write_atomic, StateRoot};
 
 /// A stack of layer ids, bottom first. Empty is scratch.
@@ -155,7 +158,7 @@ impl Mounted {
             let result = match &copy.upper {
                 // Rebuild the base and compare: what differs is the layer.
                 Some(upper) => materialize(&copy.base, &copy.root)
-                    .and_then(|()| crate::treediff::diff_trees(&copy.root, &self.target, upper, Path::new(""))),
+                    .and_then(|()| crate::snapshot::treediff::diff_trees(&copy.root, &self.target, upper, Path::new(""))),
                 None => Ok(()),
             };
             let _ = remove_all(&copy.root);
@@ -223,7 +226,7 @@ static OVERLAY_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 fn materialize(layers: &[PathBuf], dest: &Path) -> std::io::Result<()> {
     fs::create_dir_all(dest)?;
     for l in layers {
-        crate::treediff::apply_layer(l, dest)?;
+        crate::snapshot::treediff::apply_layer(l, dest)?;
     }
     Ok(())
 }

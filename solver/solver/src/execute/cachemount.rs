@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FlockOperation;
 use sha2::{Digest as _, Sha256};
 
-use crate::layer::set_mtime_nofollow;
 use crate::root::{remove_all, StateRoot};
+use crate::snapshot::layer::set_mtime_nofollow;
 use crate::snapshot::mount_stack;
 
 /// A cache directory in use; its lock is released when dropped.
@@ -85,7 +85,7 @@ fn ensure(root: &StateRoot, entry: &Path, seed: Option<&(crate::snapshot::Layers
         let view = mount_stack(root, layers, None)?;
         let src = crate::fsutil::resolve_in_root(view.path(), if selector.is_empty() { "/" } else { selector }, true)?;
         if src.is_dir() {
-            crate::fileop::copy_tree(&data, &crate::fileop::SourceView::Dir(&src)).map_err(std::io::Error::other)?;
+            crate::execute::fileop::copy_tree(&data, &crate::execute::fileop::SourceView::Dir(&src)).map_err(std::io::Error::other)?;
             // The directory itself takes the source's owner and mode.
             use std::os::unix::fs::{MetadataExt, PermissionsExt};
             let meta = fs::metadata(&src)?;

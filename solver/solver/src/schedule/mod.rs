@@ -3,6 +3,9 @@
 //! ready (independent vertices concurrently, each vertex once), and reports
 //! every step as an [`Event`].
 
+pub(crate) mod ahead;
+pub(crate) mod background;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,20 +13,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::{try_join_all, BoxFuture};
-use kiln_image::Platform;
 use kiln_llb::{pb, LoadedDefinition};
 use kiln_solver_protocol::Event;
 use tokio::sync::{OnceCell, Semaphore};
 
-use crate::ahead::{self, CopyAhead};
+use self::ahead::CopyAhead;
+pub use self::background::wait_for_background_work;
+use self::background::{in_background, lock};
 use crate::cache::{self, read_record, write_record, LocalRead, Record};
-use crate::context::{ChecksumCache, LocalSource};
-use crate::error::{SolveError, Stage, VertexError};
-use crate::exec::Runtime;
-use crate::ops::{self, Value};
-use crate::pull::{self, PullProgress};
+use crate::error::{Failure, SolveError, Stage, VertexError};
+use crate::execute::{self, Executor, Value};
 use crate::root::StateRoot;
 use crate::snapshot::Layers;
+use crate::source::context::LocalSource;
+use crate::source::pull;
 
 /// Where events go.
 pub trait EventSink: Send + Sync {
@@ -50,12 +53,6 @@ pub(crate) struct SolveOptions {
     pub no_cache: bool,
     /// Cap on concurrent ExecOps.
     pub jobs: Option<usize>,
-    /// The OCI runtime.
-    pub runtime: Runtime,
-    /// Secret values by id.
-    pub secrets: kiln_solver_protocol::Secrets,
-    /// SSH agent sockets by id.
-    pub ssh: BTreeMap<String, String>,
     /// The exporters want an image: compress the result's layers as soon
     /// as they are made, with timestamps clamped to this SOURCE_DATE_EPOCH.
     pub image_layers: Option<Option<i64>>,
@@ -69,10 +66,10 @@ pub(crate) struct Solver {
     cells: HashMap<String, OnceCell<Result<Arc<Done>, SolveError>>>,
     opts: SolveOptions,
     exec_slots: Option<Semaphore>,
-    registry: kiln_oci::RegistryClient,
+    /// Runs the ops that are not found in the cache.
+    exec: Executor,
     events: Arc<dyn EventSink>,
     start: Instant,
-    checksums: Mutex<HashMap<PathBuf, Arc<ChecksumCache>>>,
     locals: Mutex<HashMap<String, Arc<LocalSource>>>,
     /// Vertices whose new layer ends up in the result, by output index.
     result_layers: HashMap<String, i64>,
@@ -145,50 +142,15 @@ fn base_input(op: &pb::Op, out: i64) -> Option<i64> {
     }
 }
 
-/// Locks a mutex; a holder that panicked leaves data that is still whole
-/// here (counters, maps and task lists updated in one step), so it is used
-/// rather than read as "nothing there".
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// How many [`in_background`] threads are running.
-static BACKGROUND: (Mutex<usize>, std::sync::Condvar) = (Mutex::new(0), std::sync::Condvar::new());
-
-/// Runs `work` on a thread of its own at the lowest priority: work done
-/// ahead of need uses only processor time nothing else wants.
-async fn in_background<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let count = |delta: isize| {
-        let mut n = lock(&BACKGROUND.0);
-        *n = n.saturating_add_signed(delta);
-        BACKGROUND.1.notify_all();
-    };
-    count(1);
-    let spawned = std::thread::Builder::new().name("kiln-ahead".into()).spawn(move || {
-        // Linux: the nice value of this thread only.
-        let _ = rustix::process::setpriority_process(None, 19);
-        let _ = tx.send(work());
-        count(-1);
-    });
-    if spawned.is_err() {
-        count(-1);
-        return None;
-    }
-    rx.await.ok()
-}
-
-/// Waits (at most `limit`) for work started ahead of need that nobody
-/// awaits any more, after a failure: it may hold mounts and temporary layers,
-/// which it removes when it ends.
-pub fn wait_for_background_work(limit: std::time::Duration) {
-    let n = lock(&BACKGROUND.0);
-    let _ = BACKGROUND.1.wait_timeout_while(n, limit, |n| *n > 0);
-}
-
 impl Solver {
-    /// A solver for `def`.
-    pub(crate) fn new(root: Arc<StateRoot>, def: LoadedDefinition, opts: SolveOptions, events: Arc<dyn EventSink>) -> Solver {
+    /// A solver for `def`, running ops with `exec`.
+    pub(crate) fn new(
+        root: Arc<StateRoot>,
+        def: LoadedDefinition,
+        opts: SolveOptions,
+        exec: Executor,
+        events: Arc<dyn EventSink>,
+    ) -> Solver {
         let index = op_index(&def);
         let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
         let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
@@ -204,10 +166,9 @@ impl Solver {
             cells,
             opts,
             exec_slots,
-            registry: kiln_oci::RegistryClient::new(kiln_oci::Credentials::from_docker_config()),
+            exec,
             events,
             start: Instant::now(),
-            checksums: Mutex::new(HashMap::new()),
             locals: Mutex::new(HashMap::new()),
             result_layers,
             compressing: Mutex::new(Vec::new()),
@@ -236,9 +197,12 @@ impl Solver {
 
     /// Writes remembered checksums back to the state root.
     pub(crate) fn save_checksums(&self) {
-        for c in lock(&self.checksums).values() {
-            let _ = c.save();
-        }
+        self.exec.save_checksums();
+    }
+
+    /// The result's value as layers (a local source copied into one).
+    pub(crate) async fn layers(&self, value: &Value) -> Result<Layers, Failure> {
+        self.exec.layers(value).await
     }
 
     /// A vertex's result, computing it once. Each vertex runs as its own
@@ -300,41 +264,23 @@ impl Solver {
         }
     }
 
-    fn platform_of(op: &pb::Op) -> Platform {
-        match &op.platform {
-            Some(p) if !p.os.is_empty() => Platform {
-                os: p.os.clone(),
-                architecture: p.architecture.clone(),
-                variant: p.variant.clone(),
-            },
-            _ => Platform::linux_amd64(),
-        }
-    }
-
-    fn checksum_cache(&self, dir: &std::path::Path) -> Arc<ChecksumCache> {
-        lock(&self.checksums)
-            .entry(dir.to_path_buf())
-            .or_insert_with(|| Arc::new(ChecksumCache::load(&self.root, dir)))
-            .clone()
-    }
-
     /// The key an input contributes to a consumer's key. A local source
     /// contributes the checksum of what the consumer reads of it: the copied
     /// paths for a FileOp that only copies from it, else all it includes.
-    fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, String> {
+    fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, Failure> {
         let Some(Value::Local(local)) = value else {
             return Ok(cache::input_contribution(&done.key, index));
         };
-        let checksums = self.checksum_cache(&local.dir);
+        let checksums = self.exec.checksum_cache(&local.dir);
         let selectors = copy_selectors(op, input_idx as i64);
-        let reads = tokio::task::block_in_place(|| -> Result<Vec<LocalRead>, String> {
+        let reads = tokio::task::block_in_place(|| -> Result<Vec<LocalRead>, Failure> {
             match selectors {
                 Some(sel) => sel
                     .into_iter()
                     .map(|(src, wildcard, follow)| {
                         let checksum = local
                             .checksum(&checksums, &src, wildcard)
-                            .map_err(|e| format!("checksum of {src}: {e}"))?;
+                            .map_err(Failure::io(Some("checksum of"), &src))?;
                         Ok(LocalRead {
                             whole: false,
                             path: src,
@@ -347,7 +293,7 @@ impl Solver {
                 None => {
                     let checksum = local
                         .checksum(&checksums, "/", false)
-                        .map_err(|e| format!("checksum of {}: {e}", local.dir.display()))?;
+                        .map_err(Failure::io(Some("checksum of"), local.dir.display()))?;
                     Ok(vec![LocalRead {
                         whole: true,
                         path: "/".into(),
@@ -372,19 +318,19 @@ impl Solver {
             None => (try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?, None),
         };
         let fail_at = |stage: Stage| {
-            move |message: String| SolveError::Vertex {
+            move |failure: Failure| SolveError::Vertex {
                 digest: digest.to_string(),
-                error: VertexError::at(stage, message),
+                error: VertexError::at(stage, failure),
             }
         };
         let mut values: Vec<Option<Value>> = Vec::new();
         for (i, input) in op.inputs.iter().enumerate() {
             let v = inputs[i].outputs.get(input.index as usize).cloned().flatten();
             if v.is_none() {
-                return Err(fail_at(Stage::Setup)(format!(
+                return Err(fail_at(Stage::Setup)(Failure::invalid(format!(
                     "input {} has no output {}",
                     input.digest, input.index
-                )));
+                ))));
             }
             values.push(v);
         }
@@ -395,11 +341,9 @@ impl Solver {
         // Local sources are used in place: no key from content here, no record.
         if let Some(Op::Source(s)) = &op.op {
             if let Some(local_name) = s.identifier.strip_prefix("local://") {
-                let dir = self
-                    .opts
-                    .locals
-                    .get(local_name)
-                    .ok_or_else(|| fail_at(Stage::Source)(format!("local source {local_name:?} was not given a directory")))?;
+                let dir = self.opts.locals.get(local_name).ok_or_else(|| {
+                    fail_at(Stage::Source)(Failure::invalid(format!("local source {local_name:?} was not given a directory")))
+                })?;
                 let attrs: BTreeMap<String, String> = s.attrs.clone().into_iter().collect();
                 let source = LocalSource::new(local_name, dir.clone(), &attrs).map_err(fail_at(Stage::Source))?;
                 let source = Arc::new(source);
@@ -438,7 +382,7 @@ impl Solver {
             if let Some(Op::Source(s)) = &op.op {
                 if let Some(src) = pull::parse_identifier(&s.identifier) {
                     // Unpinned images are pinned now: the key is the content.
-                    let pinned = pull::pin(&self.registry, &src, &Self::platform_of(op))
+                    let pinned = pull::pin(&self.exec.registry, &src, &execute::platform_of(op))
                         .await
                         .map_err(fail_at(Stage::Source))?;
                     extra.extend_from_slice(pinned.as_bytes());
@@ -472,11 +416,15 @@ impl Solver {
             // The first step to run makes the runtime's sealed copy while the
             // others prepare their root filesystems.
             let me = self.clone();
-            tokio::task::spawn_blocking(move || me.opts.runtime.prepare());
+            tokio::task::spawn_blocking(move || me.exec.runtime.prepare());
         }
         // A capped ExecOp waits for its turn before it counts as started.
         let _permit = match (&op.op, &self.exec_slots) {
-            (Some(Op::Exec(_)), Some(s)) => Some(s.acquire().await.map_err(|e| fail_at(Stage::Setup)(e.to_string()))?),
+            (Some(Op::Exec(_)), Some(s)) => Some(
+                s.acquire()
+                    .await
+                    .map_err(|e| fail_at(Stage::Setup)(Failure::Internal(e.to_string())))?,
+            ),
             _ => None,
         };
         let started = Instant::now();
@@ -488,7 +436,7 @@ impl Solver {
         let made_ahead = ahead.and_then(|a| values.first().and_then(|base| base.as_ref()).and_then(|base| a.settle(base)));
         let result = match made_ahead {
             Some(outputs) => Ok(outputs),
-            None => self.execute(digest, op, &values).await,
+            None => self.exec.execute(digest, op, &values).await,
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         match result {
@@ -505,7 +453,7 @@ impl Solver {
                     description: name,
                 };
                 tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
-                    .map_err(|e| fail_at(Stage::Cache)(format!("writing cache record: {e}")))?;
+                    .map_err(|e| fail_at(Stage::Cache)(Failure::io(Some("writing the cache record"), &key)(e)))?;
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 self.compress_ahead(digest, &outputs, &inputs);
                 self.events.emit(Event::VertexCompleted {
@@ -524,8 +472,8 @@ impl Solver {
                     digest: digest.to_string(),
                     at_ms: self.now_ms(),
                     duration_ms,
-                    error: error.message.clone(),
-                    exit_code: error.exit_code,
+                    error: error.failure.to_string(),
+                    exit_code: error.failure.exit_code(),
                     stage: Some(error.stage),
                 });
                 Err(SolveError::Vertex {
@@ -650,140 +598,6 @@ impl Solver {
         }
         chain
     }
-
-    /// A value as layers, copying a local source into a layer if needed.
-    pub(crate) async fn layers(&self, value: &Value) -> Result<Layers, String> {
-        match value {
-            Value::Layers(l) => Ok(l.clone()),
-            Value::Local(local) => {
-                let cache = self.checksum_cache(&local.dir);
-                let root = self.root.clone();
-                tokio::task::block_in_place(|| {
-                    let sum = local.checksum(&cache, "/", false).map_err(|e| e.to_string())?;
-                    let key = cache::materialized_local_key(&local.dir, &sum);
-                    if let Some(r) = read_record(&root, &key) {
-                        if let Some(l) = r.outputs.into_iter().next() {
-                            return Ok(Arc::new(l));
-                        }
-                    }
-                    let id = ops::materialize_local(&root, local)?;
-                    let record = Record {
-                        outputs: vec![vec![id.clone()]],
-                        created: 0,
-                        description: format!("local://{}", local.name),
-                    };
-                    write_record(&root, &key, &record).map_err(|e| e.to_string())?;
-                    Ok(Arc::new(vec![id]))
-                })
-            }
-        }
-    }
-
-    async fn execute(&self, digest: &str, op: &pb::Op, values: &[Option<Value>]) -> Result<Vec<Option<Layers>>, VertexError> {
-        use pb::op::Op;
-        let values: Vec<Value> = values
-            .iter()
-            .map(|v| v.clone().ok_or_else(|| VertexError::at(Stage::Setup, "missing input")))
-            .collect::<Result<_, _>>()?;
-        match &op.op {
-            Some(Op::Source(s)) => {
-                let src = pull::parse_identifier(&s.identifier).ok_or_else(|| {
-                    VertexError::at(
-                        Stage::Unsupported,
-                        format!("source {:?} is not supported by this solver yet", s.identifier),
-                    )
-                })?;
-                let platform = Self::platform_of(op);
-                let pinned = pull::pin(&self.registry, &src, &platform)
-                    .await
-                    .map_err(|e| VertexError::at(Stage::Source, e))?;
-                let progress = EventProgress {
-                    events: self.events.clone(),
-                    digest: digest.to_string(),
-                };
-                let image = pull::pull(&self.root, &self.registry, &src, &pinned, &platform, &progress)
-                    .await
-                    .map_err(|e| VertexError::at(Stage::Source, format!("pulling {}: {e}", s.identifier)))?;
-                Ok(vec![Some(Arc::new(image.layers))])
-            }
-            Some(Op::Exec(e)) => {
-                let mut layers = Vec::new();
-                for v in &values {
-                    layers.push(self.layers(v).await.map_err(|e| VertexError::at(Stage::Setup, e))?);
-                }
-                let events = self.events.clone();
-                let d = digest.to_string();
-                let on_output = move |stream: u8, bytes: &[u8]| {
-                    events.emit(Event::Log {
-                        digest: d.clone(),
-                        stream,
-                        data: String::from_utf8_lossy(bytes).into_owned(),
-                    });
-                };
-                let id = format!("kiln-{}", self.root.unique());
-                let given = ops::StepSecrets {
-                    secrets: &self.opts.secrets,
-                    ssh: &self.opts.ssh,
-                };
-                ops::exec(&self.root, &self.opts.runtime, e, &layers, &given, id, on_output)
-                    .await
-                    .map_err(|e| VertexError {
-                        stage: if e.exit_code.is_some() { Stage::Run } else { Stage::Setup },
-                        message: e.message,
-                        exit_code: e.exit_code,
-                    })
-            }
-            Some(Op::File(f)) => {
-                // Inputs used as a base must be layers; copy sources may stay local.
-                let mut vals = Vec::new();
-                for (i, v) in values.iter().enumerate() {
-                    let base_use = f.actions.iter().any(|a| a.input == i as i64);
-                    if base_use {
-                        vals.push(Value::Layers(self.layers(v).await.map_err(|e| VertexError::at(Stage::Setup, e))?));
-                    } else {
-                        vals.push(v.clone());
-                    }
-                }
-                let root = self.root.clone();
-                let f = f.clone();
-                tokio::task::spawn_blocking(move || ops::file(&root, &f, &vals))
-                    .await
-                    .map_err(|e| VertexError::at(Stage::File, e.to_string()))?
-                    .map_err(|e| VertexError::at(Stage::File, e))
-            }
-            Some(Op::Merge(m)) => {
-                let mut all = Vec::new();
-                for mi in &m.inputs {
-                    let v = values
-                        .get(mi.input as usize)
-                        .ok_or_else(|| VertexError::at(Stage::Layers, "merge input out of range"))?;
-                    all.push(self.layers(v).await.map_err(|e| VertexError::at(Stage::Layers, e))?);
-                }
-                Ok(vec![Some(ops::merge(&all))])
-            }
-            Some(Op::Diff(d)) => {
-                let side = |i: Option<i64>| -> Option<&Value> { i.filter(|i| *i >= 0).and_then(|i| values.get(i as usize)) };
-                let lower = match side(d.lower.as_ref().map(|l| l.input)) {
-                    Some(v) => self.layers(v).await.map_err(|e| VertexError::at(Stage::Layers, e))?,
-                    None => Arc::new(Vec::new()),
-                };
-                let upper = match side(d.upper.as_ref().map(|u| u.input)) {
-                    Some(v) => self.layers(v).await.map_err(|e| VertexError::at(Stage::Layers, e))?,
-                    None => Arc::new(Vec::new()),
-                };
-                let root = self.root.clone();
-                let r = tokio::task::spawn_blocking(move || ops::diff(&root, &lower, &upper))
-                    .await
-                    .map_err(|e| VertexError::at(Stage::Layers, e.to_string()))?
-                    .map_err(|e| VertexError::at(Stage::Layers, e))?;
-                Ok(vec![Some(r)])
-            }
-            _ => Err(VertexError::at(
-                Stage::Unsupported,
-                "this op type is not supported by kiln's solver",
-            )),
-        }
-    }
 }
 
 /// Secrets and SSH agents that steps require but the request does not
@@ -857,23 +671,6 @@ fn copy_selectors(op: &pb::Op, i: i64) -> Option<Vec<(String, bool, bool)>> {
         }
     }
     Some(out)
-}
-
-struct EventProgress {
-    events: Arc<dyn EventSink>,
-    digest: String,
-}
-
-impl PullProgress for EventProgress {
-    fn layer(&self, digest: &str, size: u64, done: bool) {
-        self.events.emit(Event::Progress {
-            digest: Some(self.digest.clone()),
-            id: digest.to_string(),
-            current: if done { size } else { 0 },
-            total: size,
-            done,
-        });
-    }
 }
 
 #[cfg(test)]

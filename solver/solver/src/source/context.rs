@@ -13,8 +13,9 @@ use std::sync::Mutex;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
+use crate::error::Failure;
 use crate::root::{write_atomic, StateRoot};
+use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
 
 /// A 32-byte content checksum.
 pub(crate) type Sum = [u8; 32];
@@ -150,17 +151,17 @@ fn decode_sums(bytes: &[u8]) -> HashMap<String, (Stamp, Sum)> {
     map
 }
 
-fn json_list(attrs: &std::collections::BTreeMap<String, String>, key: &str) -> Result<Vec<String>, String> {
+fn json_list(attrs: &std::collections::BTreeMap<String, String>, key: &str) -> Result<Vec<String>, Failure> {
     match attrs.get(key) {
         None => Ok(Vec::new()),
         Some(v) if v.is_empty() => Ok(Vec::new()),
-        Some(v) => serde_json::from_str(v).map_err(|e| format!("{key}: not a JSON list of strings: {e}")),
+        Some(v) => serde_json::from_str(v).map_err(|e| Failure::invalid(format!("{key}: not a JSON list of strings: {e}"))),
     }
 }
 
 impl LocalSource {
     /// A local source from its op's attributes and the directory backing it.
-    pub(crate) fn new(name: &str, dir: PathBuf, attrs: &std::collections::BTreeMap<String, String>) -> Result<LocalSource, String> {
+    pub(crate) fn new(name: &str, dir: PathBuf, attrs: &std::collections::BTreeMap<String, String>) -> Result<LocalSource, Failure> {
         let include = json_list(attrs, "local.includepattern")?;
         let mut follow = json_list(attrs, "local.followpaths")?;
         let exclude = json_list(attrs, "local.excludepatterns")?;

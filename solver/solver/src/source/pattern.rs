@@ -5,6 +5,8 @@
 
 use regex::Regex;
 
+use crate::error::Failure;
+
 /// One compiled pattern.
 #[derive(Debug, Clone)]
 struct Pattern {
@@ -103,7 +105,7 @@ pub(crate) fn clean_rel(p: &str) -> String {
 
 impl Matcher {
     /// Compiles patterns; invalid ones are reported.
-    pub(crate) fn new(patterns: &[String]) -> Result<Matcher, String> {
+    pub(crate) fn new(patterns: &[String]) -> Result<Matcher, Failure> {
         let mut out = Vec::new();
         for raw in patterns {
             let raw = raw.trim();
@@ -118,7 +120,7 @@ impl Matcher {
             if cleaned.is_empty() {
                 continue;
             }
-            let regex = glob_regex(&cleaned, true).ok_or_else(|| format!("invalid pattern {raw:?}"))?;
+            let regex = glob_regex(&cleaned, true).ok_or_else(|| Failure::invalid(format!("invalid pattern {raw:?}")))?;
             out.push(Pattern {
                 regex,
                 exclusion,

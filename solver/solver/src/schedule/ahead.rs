@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use kiln_llb::pb;
 
-use crate::ops::{self, Value};
+use crate::execute::{file, Value};
 use crate::root::{remove_all, StateRoot};
 use crate::snapshot::{layer_fs, Layers};
 
@@ -98,7 +98,7 @@ pub(crate) fn copy(root: &Arc<StateRoot>, op: &pb::Op, dests: &[PathBuf], prefix
     }
     let mut values = vec![Value::Layers(prefix.clone())];
     values.extend_from_slice(sources);
-    let outputs = ops::file(root, f, &values).ok()?;
+    let outputs = file::file(root, f, &values).ok()?;
     let layers = outputs.into_iter().next().flatten()?;
     let layer = layers.last()?.clone();
     let mut ahead = CopyAhead {

@@ -7,7 +7,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::layer::{is_opaque, is_whiteout};
+use crate::snapshot::layer::{is_opaque, is_whiteout};
 
 fn same_file(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb_: &Path) -> bool {
     if a.file_type() != b.file_type() || a.mode() != b.mode() || a.uid() != b.uid() || a.gid() != b.gid() {
@@ -114,7 +114,7 @@ fn copy_node(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<()>
     if !ft.is_symlink() {
         fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     }
-    crate::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec())?;
+    crate::snapshot::layer::set_mtime_nofollow(dst, meta.mtime(), meta.mtime_nsec())?;
     Ok(())
 }
 

@@ -10,8 +10,9 @@ use kiln_oci::document::Document;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
-use crate::layer::unpack_layer;
+use crate::error::Failure;
 use crate::root::StateRoot;
+use crate::snapshot::layer::unpack_layer;
 use crate::snapshot::{write_layer_blob, LayerBlob, NewLayer};
 
 /// Where an image comes from.
@@ -30,6 +31,24 @@ pub(crate) struct ImageSource {
     pub location: ImageLocation,
     /// The pinned digest (index or manifest), if any.
     pub digest: Option<String>,
+}
+
+impl ImageSource {
+    /// The image as the user named it.
+    pub(crate) fn name(&self) -> String {
+        match &self.location {
+            ImageLocation::Registry(r) => r.clone(),
+            ImageLocation::Layout(dir) => format!("oci-layout://{}", dir.display()),
+        }
+    }
+
+    /// A failure to resolve or pull this image.
+    fn refused(&self, message: impl std::fmt::Display) -> Failure {
+        Failure::Pull {
+            image: self.name(),
+            message: message.to_string(),
+        }
+    }
 }
 
 /// Parses a SourceOp identifier of an image.
@@ -83,7 +102,7 @@ async fn document(
     src: &ImageSource,
     digest: &str,
     manifest: bool,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, Failure> {
     let stored = root.blob_path(digest);
     if let Ok(bytes) = fs::read(&stored) {
         if sha256_of(&bytes) == digest {
@@ -94,28 +113,29 @@ async fn document(
         ImageLocation::Layout(dir) => {
             let hex = digest
                 .strip_prefix("sha256:")
-                .ok_or_else(|| format!("unsupported digest {digest}"))?;
-            fs::read(dir.join("blobs/sha256").join(hex)).map_err(|e| format!("{}: blob {digest}: {e}", dir.display()))?
+                .ok_or_else(|| src.refused(format!("unsupported digest {digest}")))?;
+            let path = dir.join("blobs/sha256").join(hex);
+            fs::read(&path).map_err(Failure::io(Some("reading"), path.display()))?
         }
         ImageLocation::Registry(reference) => {
             if manifest {
-                registry.fetch_manifest(reference, digest).await.map_err(|e| e.to_string())?
+                registry.fetch_manifest(reference, digest).await.map_err(|e| src.refused(e))?
             } else {
-                let tmp = root.temp_dir().map_err(|e| e.to_string())?;
+                let tmp = root.temp_dir().map_err(temp(root))?;
                 let file = tmp.join("blob");
                 let r = registry.fetch_blob(reference, digest, -1, &file).await;
                 let bytes = r
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| fs::read(&file).map_err(|e| e.to_string()));
+                    .map_err(|e| src.refused(e))
+                    .and_then(|()| fs::read(&file).map_err(Failure::io(Some("reading"), file.display())));
                 let _ = fs::remove_dir_all(&tmp);
                 bytes?
             }
         }
     };
     if sha256_of(&bytes) != digest {
-        return Err(format!("content of {digest} does not match its digest"));
+        return Err(src.refused(format!("content of {digest} does not match its digest")));
     }
-    crate::root::write_atomic(&stored, &bytes, false).map_err(|e| e.to_string())?;
+    crate::root::write_atomic(&stored, &bytes, false).map_err(Failure::io(Some("writing"), stored.display()))?;
     Ok(bytes)
 }
 
@@ -147,7 +167,11 @@ pub(crate) fn layer_id_for_blob(digest: &str) -> String {
 }
 
 /// Resolves an unpinned source to a digest (registry tag or layout index).
-pub(crate) async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, platform: &kiln_image::Platform) -> Result<String, String> {
+pub(crate) async fn pin(
+    registry: &kiln_oci::RegistryClient,
+    src: &ImageSource,
+    platform: &kiln_image::Platform,
+) -> Result<String, Failure> {
     if let Some(d) = &src.digest {
         return Ok(d.clone());
     }
@@ -156,11 +180,11 @@ pub(crate) async fn pin(registry: &kiln_oci::RegistryClient, src: &ImageSource, 
             .resolve(r, platform)
             .await
             .map(|c| c.manifest_digest)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| src.refused(e)),
         ImageLocation::Layout(dir) => kiln_oci::Layout::open(dir)
             .and_then(|l| l.resolve(None, platform))
             .map(|c| c.manifest_digest)
-            .map_err(|e| e.to_string()),
+            .map_err(|e| src.refused(e)),
     }
 }
 
@@ -172,32 +196,36 @@ pub(crate) async fn pull(
     digest: &str,
     platform: &kiln_image::Platform,
     progress: &dyn PullProgress,
-) -> Result<PulledImage, String> {
+) -> Result<PulledImage, Failure> {
     let top = document(root, registry, src, digest, true).await?;
-    let mut doc: Document = serde_json::from_slice(&top).map_err(|e| format!("manifest {digest}: {e}"))?;
+    let mut doc: Document = serde_json::from_slice(&top).map_err(|e| src.refused(format!("manifest {digest}: {e}")))?;
     if !doc.is_manifest() {
         let entry = doc.entry_for(platform).ok_or_else(|| {
-            format!(
+            src.refused(format!(
                 "image {digest} has no manifest for {} (it has: {})",
                 platform.to_string_form(),
                 doc.platforms().join(", ")
-            )
+            ))
         })?;
         let child = entry.digest.clone();
         let bytes = document(root, registry, src, &child, true).await?;
-        doc = serde_json::from_slice(&bytes).map_err(|e| format!("manifest {child}: {e}"))?;
+        doc = serde_json::from_slice(&bytes).map_err(|e| src.refused(format!("manifest {child}: {e}")))?;
     }
-    let config = doc.config.clone().ok_or_else(|| format!("manifest {digest} has no config"))?;
+    let config = doc
+        .config
+        .clone()
+        .ok_or_else(|| src.refused(format!("manifest {digest} has no config")))?;
     let config_bytes = document(root, registry, src, &config.digest, false).await?;
-    let config_doc: ConfigDoc = serde_json::from_slice(&config_bytes).map_err(|e| format!("image config {}: {e}", config.digest))?;
+    let config_doc: ConfigDoc =
+        serde_json::from_slice(&config_bytes).map_err(|e| src.refused(format!("image config {}: {e}", config.digest)))?;
     let diff_ids = config_doc.rootfs.map(|r| r.diff_ids).unwrap_or_default();
     if diff_ids.len() != doc.layers.len() {
-        return Err(format!(
+        return Err(src.refused(format!(
             "image config {} lists {} layers, the manifest {}",
             config.digest,
             diff_ids.len(),
             doc.layers.len()
-        ));
+        )));
     }
     let mut layers = Vec::new();
     for (desc, diff_id) in doc.layers.iter().zip(diff_ids) {
@@ -209,24 +237,24 @@ pub(crate) async fn pull(
         progress.layer(&desc.digest, desc.size.max(0) as u64, false);
         let blob = root.blob_path(&desc.digest);
         if !blob.is_file() {
-            let tmp = root.temp_dir().map_err(|e| e.to_string())?;
+            let tmp = root.temp_dir().map_err(temp(root))?;
             let part = tmp.join("blob");
             match &src.location {
                 ImageLocation::Registry(r) => registry
                     .fetch_blob(r, &desc.digest, desc.size, &part)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| src.refused(e))?,
                 ImageLocation::Layout(dir) => {
                     let hex = desc.digest.strip_prefix("sha256:").unwrap_or(&desc.digest);
-                    fs::copy(dir.join("blobs/sha256").join(hex), &part)
-                        .map_err(|e| format!("{}: layer {}: {e}", dir.display(), desc.digest))?;
-                    let actual = file_digest(&part).map_err(|e| e.to_string())?;
+                    let path = dir.join("blobs/sha256").join(hex);
+                    fs::copy(&path, &part).map_err(Failure::io(Some("reading"), path.display()))?;
+                    let actual = file_digest(&part).map_err(Failure::io(Some("reading"), part.display()))?;
                     if actual != desc.digest {
-                        return Err(format!("layer {} in {} has digest {actual}", desc.digest, dir.display()));
+                        return Err(src.refused(format!("layer {} in {} has digest {actual}", desc.digest, dir.display())));
                     }
                 }
             }
-            fs::rename(&part, &blob).map_err(|e| e.to_string())?;
+            fs::rename(&part, &blob).map_err(Failure::io(Some("storing"), blob.display()))?;
             let _ = fs::remove_dir_all(&tmp);
             if let ImageLocation::Registry(r) = &src.location {
                 let repo = r.split('@').next().unwrap_or(r);
@@ -237,18 +265,18 @@ pub(crate) async fn pull(
                 let _ = kiln_oci::record_blob_source(root.path(), &desc.digest, repo);
             }
         }
-        let layer = NewLayer::create(root).map_err(|e| e.to_string())?;
+        let layer = NewLayer::create(root).map_err(Failure::new_layer(root))?;
         let blob_path = blob.clone();
         let dest = layer.fs();
         let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> { unpack_layer(fs::File::open(&blob_path)?, &dest) })
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("unpacking layer {}: {e}", desc.digest))?;
+            .map_err(|e| Failure::Internal(format!("the unpacking task ended: {e}")))?
+            .map_err(|e| src.refused(format!("unpacking layer {}: {e}", desc.digest)))?;
         if got != diff_id {
-            return Err(format!("layer {} unpacks to {got}, the image config says {diff_id}", desc.digest));
+            return Err(src.refused(format!("layer {} unpacks to {got}, the image config says {diff_id}", desc.digest)));
         }
         let media_type = if desc.media_type.is_empty() {
-            crate::layer::GZIP_LAYER.to_string()
+            crate::snapshot::layer::GZIP_LAYER.to_string()
         } else {
             desc.media_type.clone()
         };
@@ -256,7 +284,7 @@ pub(crate) async fn pull(
         match layer.commit_as(root, &id) {
             Ok(()) => {}
             Err(_) if final_dir.join("fs").is_dir() => {} // another solver unpacked it meanwhile
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(Failure::commit_layer(root)(e)),
         }
         write_layer_blob(
             root,
@@ -269,7 +297,7 @@ pub(crate) async fn pull(
                 media_type,
             },
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(Failure::io(Some("recording the blob of"), final_dir.display()))?;
         progress.layer(&desc.digest, desc.size.max(0) as u64, true);
     }
     remember_tag(root, src, digest)?;
@@ -278,7 +306,7 @@ pub(crate) async fn pull(
 
 /// Records a registry image's tag in kiln's store, so later builds find it
 /// there without a registry round trip (`kiln build --pull` asks again).
-pub(crate) fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) -> Result<(), String> {
+pub(crate) fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) -> Result<(), Failure> {
     let ImageLocation::Registry(reference) = &src.location else {
         return Ok(());
     };
@@ -289,6 +317,11 @@ pub(crate) fn remember_tag(root: &StateRoot, src: &ImageSource, digest: &str) ->
     }
     let Ok(top) = fs::read(root.blob_path(digest)) else { return Ok(()) };
     crate::export::store_names(root, &[name.to_string()], digest, &media_type_of(&top), top.len(), None)
+}
+
+/// Maps an error making a temporary directory in `root`.
+fn temp(root: &StateRoot) -> impl FnOnce(std::io::Error) -> Failure + '_ {
+    Failure::io(Some("making a directory in"), root.path().display())
 }
 
 fn file_digest(path: &Path) -> std::io::Result<String> {
