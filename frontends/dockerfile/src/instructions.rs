@@ -5,7 +5,9 @@
 //! Values that variables may change are kept unexpanded; lowering expands
 //! them when the stage's environment is known.
 
-use crate::ir::{CopyInstr, HealthcheckInstr, Instruction, Located, MountKey, MountSpec, Program, RunInstr, Stage};
+use crate::ir::{
+    CopyInstr, FlagType, FlagValue, HealthcheckInstr, Instruction, Located, MountKey, MountSpec, Platform, Program, RunInstr, Stage,
+};
 use crate::parser::{Ast, Node, Span};
 
 /// A typing error: (code, message, span).
@@ -72,6 +74,20 @@ impl Flags {
             .collect()
     }
 
+    /// A typed flag's value (see [`FlagValue`]), an error at the flag when
+    /// it is written plainly and is not a `T`.
+    pub fn typed<T: FlagType>(&self, node: &Node, name: &str, code: &'static str) -> Result<Option<FlagValue<T>>, TypeError> {
+        let Some(written) = self.get(name) else { return Ok(None) };
+        FlagValue::new(written).map(Some).map_err(|message| {
+            let at = if written.is_empty() {
+                format!("--{name}")
+            } else {
+                written.to_string()
+            };
+            (code, message, node.span_of(&at))
+        })
+    }
+
     /// A boolean flag: absent, `--flag`, `--flag=true|false`.
     pub fn bool(&self, name: &str) -> Result<bool, String> {
         match self.values.iter().find(|(n, _)| n == name) {
@@ -95,8 +111,8 @@ pub enum Typed {
         image: String,
         /// Stage name, lower-cased.
         name: Option<String>,
-        /// `--platform` (a word).
-        platform: Option<String>,
+        /// `--platform`.
+        platform: Option<FlagValue<Platform>>,
     },
     /// Any other instruction.
     Other(Instruction),
@@ -110,7 +126,11 @@ pub fn program(ast: &Ast) -> (Program, Vec<TypeError>) {
         escape: ast.escape,
         ..Program::default()
     };
+    // A FROM that failed to type still starts a stage: what follows it is
+    // not also told that it comes before the first FROM.
+    let mut from_seen = false;
     for node in &ast.nodes {
+        from_seen |= node.keyword.eq_ignore_ascii_case("from");
         let typed = match type_node(node) {
             Ok(t) => t,
             Err(e) => {
@@ -137,6 +157,7 @@ pub fn program(ast: &Ast) -> (Program, Vec<TypeError>) {
             Typed::Other(Instruction::Arg(args)) if program.stages.is_empty() => program.meta_args.push((at, args)),
             Typed::Other(other) => match program.stages.last_mut() {
                 Some(stage) => stage.instructions.push((at, other)),
+                None if from_seen => {}
                 None => errors.push((
                     "no_from",
                     format!("{} comes before the first FROM; only ARG may", node.keyword.to_uppercase()),
@@ -253,7 +274,7 @@ pub fn type_node(node: &Node) -> Result<Typed, TypeError> {
             return Ok(Typed::From {
                 image,
                 name,
-                platform: flags.get("platform").map(str::to_string),
+                platform: flags.typed(node, "platform", "invalid_platform")?,
             });
         }
         "run" => {
@@ -311,8 +332,8 @@ pub fn type_node(node: &Node) -> Result<Typed, TypeError> {
                 sources,
                 dest,
                 from: flags.get("from").map(str::to_string),
-                chown: flags.get("chown").map(str::to_string),
-                chmod: flags.get("chmod").map(str::to_string),
+                chown: flags.typed(node, "chown", "malformed_flag")?,
+                chmod: flags.typed(node, "chmod", "malformed_flag")?,
                 link: bool_flag("link")?,
                 parents: bool_flag("parents")?,
                 excludes: flags.all("exclude").into_iter().map(str::to_string).collect(),

@@ -2,11 +2,14 @@
 //! definition was written in. [`crate::instructions`] builds it from a
 //! Dockerfile's syntax tree; the recipe frontend builds it from YAML. No
 //! parser type appears here and nothing is text to be parsed again: a value
-//! is either typed (mount options, health-check durations) or one word that
-//! lowering expands with the stage's variables (paths, users, platforms),
-//! because variables are only known then.
+//! is either typed (mount options, health-check durations, owners, modes,
+//! platforms) or one word that lowering expands with the stage's variables
+//! (paths, sources), because variables are only known then. A typed flag
+//! written with a variable ([`FlagValue`]) is typed after expansion, by the
+//! same rules.
 
 use crate::parser::{Node, Span};
+pub use kiln_frontend::Platform;
 
 pub use crate::parser::Heredoc;
 
@@ -31,8 +34,8 @@ pub struct Stage {
     pub image: String,
     /// `AS` name, lower-cased.
     pub name: Option<String>,
-    /// `--platform` (a word).
-    pub platform: Option<String>,
+    /// `--platform`.
+    pub platform: Option<FlagValue<Platform>>,
     /// Where the FROM is.
     pub from: Located,
     /// The rest, in order.
@@ -315,10 +318,10 @@ pub struct CopyInstr {
     pub dest: String,
     /// `--from`.
     pub from: Option<String>,
-    /// `--chown` (a word: `user[:group]`).
-    pub chown: Option<String>,
-    /// `--chmod` (a word: octal or symbolic).
-    pub chmod: Option<String>,
+    /// `--chown`.
+    pub chown: Option<FlagValue<Chown>>,
+    /// `--chmod`.
+    pub chmod: Option<FlagValue<Chmod>>,
     /// `--link`.
     pub link: bool,
     /// `--parents`.
@@ -352,4 +355,150 @@ pub struct HealthcheckInstr {
     pub start_interval: i64,
     /// `--retries`.
     pub retries: i64,
+}
+
+/// A flag value of type `T`. Written plainly it is typed when the IR is
+/// built, so a bad value is reported at its flag before anything is
+/// lowered; written with a variable, quotes or escapes it is kept as the
+/// word and typed after lowering expands it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlagValue<T> {
+    /// As written (history and progress names show it).
+    pub written: String,
+    /// The value, unless it waits for expansion.
+    pub typed: Option<T>,
+}
+
+/// A type a flag's text is read as.
+pub trait FlagType: Sized + Clone {
+    /// Reads an (expanded) value; the error says what would be accepted.
+    fn read(text: &str) -> Result<Self, String>;
+}
+
+impl<T: FlagType> FlagValue<T> {
+    /// `written`, typed now unless it needs the stage's variables.
+    pub fn new(written: &str) -> Result<FlagValue<T>, String> {
+        let plain = !written.contains(['$', '"', '\'', '\\', '`']);
+        Ok(FlagValue {
+            written: written.to_string(),
+            typed: if plain { Some(T::read(written)?) } else { None },
+        })
+    }
+}
+
+/// One side of `--chown`: a numeric id, or a name looked up in the
+/// filesystem copied onto (`root` is 0 without a lookup, as in BuildKit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A numeric id.
+    Id(u32),
+    /// A user or group name.
+    Name(String),
+}
+
+impl Principal {
+    fn read(text: &str) -> Principal {
+        if text == "root" {
+            return Principal::Id(0);
+        }
+        // Negative ids wrap as BuildKit's do (Go's int to uint32).
+        match text.parse::<i32>() {
+            Ok(n) => Principal::Id(n as u32),
+            Err(_) => Principal::Name(text.to_string()),
+        }
+    }
+}
+
+/// `--chown=user[:group]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chown {
+    /// The owner.
+    pub user: Principal,
+    /// The group; without one, the user's primary group.
+    pub group: Option<Principal>,
+}
+
+impl FlagType for Chown {
+    fn read(text: &str) -> Result<Chown, String> {
+        let (user, group) = match text.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (text, None),
+        };
+        Ok(Chown {
+            user: Principal::read(user),
+            group: group.map(Principal::read),
+        })
+    }
+}
+
+/// `--chmod`: octal, or symbolic as chmod(1) reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chmod {
+    /// Octal bits, at most 07777.
+    Octal(u32),
+    /// Symbolic clauses (`u=rwX,go=rX`), applied to each file's own mode.
+    Symbolic(String),
+}
+
+impl FlagType for Chmod {
+    fn read(text: &str) -> Result<Chmod, String> {
+        match u32::from_str_radix(text, 8) {
+            Ok(v) if v <= 0o7777 => Ok(Chmod::Octal(v)),
+            _ if is_symbolic_mode(text) => Ok(Chmod::Symbolic(text.to_string())),
+            _ => Err(format!(
+                "invalid --chmod value {text:?}: octal between 0 and 07777, or symbolic such as u=rwX,go=rX"
+            )),
+        }
+    }
+}
+
+/// Whether `m` is a list of symbolic mode clauses (`[ugoa]*[+-=][rwxXst]*`).
+fn is_symbolic_mode(m: &str) -> bool {
+    !m.is_empty()
+        && m.split(',').all(|clause| {
+            let who_end = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
+            let rest = &clause[who_end..];
+            !rest.is_empty() && rest.starts_with(['+', '-', '=']) && rest[1..].chars().all(|c| "rwxXst".contains(c))
+        })
+}
+
+impl FlagType for Platform {
+    fn read(text: &str) -> Result<Platform, String> {
+        Platform::parse(text).ok_or_else(|| format!("invalid platform {text:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_flag_values_are_typed_and_checked_when_built() {
+        let chown = FlagValue::<Chown>::new("app:0").expect("chown");
+        assert_eq!(
+            chown.typed,
+            Some(Chown {
+                user: Principal::Name("app".into()),
+                group: Some(Principal::Id(0)),
+            })
+        );
+        assert_eq!(
+            FlagValue::<Chown>::new("root").expect("root").typed.map(|c| c.user),
+            Some(Principal::Id(0))
+        );
+        assert_eq!(FlagValue::<Chmod>::new("0755").expect("octal").typed, Some(Chmod::Octal(0o755)));
+        assert_eq!(
+            FlagValue::<Chmod>::new("u=rwX,go=rX").expect("symbolic").typed,
+            Some(Chmod::Symbolic("u=rwX,go=rX".into()))
+        );
+        assert!(FlagValue::<Chmod>::new("9999").expect_err("not octal").contains("07777"));
+        assert!(FlagValue::<Platform>::new("linux")
+            .expect_err("no arch")
+            .contains("invalid platform"));
+        // With a variable, quotes or an escape: typed after expansion.
+        for word in ["$MODE", "\"0755\"", "07\\55"] {
+            let v = FlagValue::<Chmod>::new(word).expect("deferred");
+            assert_eq!((v.written.as_str(), v.typed), (word, None));
+        }
+    }
 }

@@ -127,6 +127,23 @@ impl<'a> Translation<'a> {
         yaml::span_of(v, self.source)
     }
 
+    /// A typed flag value from a YAML string; a bad one is an error at it.
+    fn typed<T: ir::FlagType>(&mut self, value: &Spanned<String>, code: &str) -> Option<ir::FlagValue<T>> {
+        let at = self.span(value);
+        self.typed_text(value.as_str(), at, code)
+    }
+
+    /// A typed flag value from `text` written at `at`.
+    fn typed_text<T: ir::FlagType>(&mut self, text: &str, at: std::ops::Range<usize>, code: &str) -> Option<ir::FlagValue<T>> {
+        match ir::FlagValue::new(text) {
+            Ok(v) => Some(v),
+            Err(message) => {
+                self.error(code, message, at, None);
+                None
+            }
+        }
+    }
+
     fn error(&mut self, code: &str, message: String, at: std::ops::Range<usize>, help: Option<String>) {
         let mut d = Diagnostic::error(&format!("{CODE}{code}"), message, self.file, at);
         d.help = help;
@@ -201,7 +218,11 @@ impl<'a> Translation<'a> {
                 None,
             );
         }
-        let platform = stage.platform.as_ref().map(|p| format!("--platform={p} ")).unwrap_or_default();
+        let platform = stage
+            .platform
+            .as_ref()
+            .map(|p| format!("--platform={} ", p.as_str()))
+            .unwrap_or_default();
         let from = self.at("FROM", format!("FROM {platform}{} AS {name}", stage.from.as_str()), &stage.from);
         let mut instructions = Vec::new();
         for (i, step) in stage.steps.iter().enumerate() {
@@ -214,7 +235,7 @@ impl<'a> Translation<'a> {
         ir::Stage {
             image: stage.from.to_string(),
             name: Some(name.to_string()),
-            platform: stage.platform.clone(),
+            platform: stage.platform.as_ref().and_then(|p| self.typed(p, "invalid_platform")),
             from,
             instructions,
         }
@@ -371,10 +392,10 @@ impl<'a> Translation<'a> {
                     flags.push_str(&format!("--from={} ", from.as_str()));
                 }
                 if let Some(c) = &step.chown {
-                    flags.push_str(&format!("--chown={c} "));
+                    flags.push_str(&format!("--chown={} ", c.as_str()));
                 }
-                if let Some(Scalar(m)) = &step.chmod {
-                    flags.push_str(&format!("--chmod={m} "));
+                if let Some(m) = &step.chmod {
+                    flags.push_str(&format!("--chmod={} ", m.0));
                 }
                 let mut shown_args = sources.clone();
                 shown_args.push(to.clone());
@@ -386,8 +407,11 @@ impl<'a> Translation<'a> {
                     sources,
                     dest: to.clone(),
                     from: step.from.as_ref().map(|f| f.to_string()),
-                    chown: step.chown.clone(),
-                    chmod: step.chmod.as_ref().map(|Scalar(m)| m.clone()),
+                    chown: step.chown.as_ref().and_then(|c| self.typed(c, "invalid_value")),
+                    chmod: step.chmod.as_ref().and_then(|m| {
+                        let text = m.0.clone();
+                        self.typed_text(&text, self.span(m), "invalid_value")
+                    }),
                     ..ir::CopyInstr::default()
                 };
                 out.push((at, Instruction::Copy(Box::new(copy))));

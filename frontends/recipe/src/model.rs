@@ -32,7 +32,7 @@ pub struct Stage {
     pub from: Spanned<String>,
     /// The stage's platform (`os/arch[/variant]`, build args expanded).
     #[serde(default)]
-    pub platform: Option<String>,
+    pub platform: Option<Spanned<String>>,
     /// The steps, in order.
     #[serde(default)]
     pub steps: Vec<Spanned<Step>>,
@@ -59,9 +59,9 @@ pub struct Step {
     /// Where a `copy` reads from: a stage name (default: the build context).
     pub from: Option<Spanned<String>>,
     /// Owner of copied files (`user[:group]`).
-    pub chown: Option<String>,
+    pub chown: Option<Spanned<String>>,
     /// Mode of copied files (octal, e.g. `"0755"`).
-    pub chmod: Option<Scalar>,
+    pub chmod: Option<Spanned<Scalar>>,
     /// Environment variables for later steps and the image.
     pub env: Option<Ordered<Scalar>>,
     /// Working directory for later steps and the image.

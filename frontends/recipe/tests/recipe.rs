@@ -153,6 +153,8 @@ fn errors_point_at_yaml_lines_and_columns() {
         ("misplaced", "stages:\n  main:\n    from: busybox\n    steps:\n      - workdir: /x\n        to: /y\n"),
         ("syntax", "stages:\n  main:\n    from: [busybox\n"),
         ("lowering", "stages:\n  main:\n    from: busybox\n    steps:\n      - run: make\n        network: moon\n"),
+        ("bad-chmod", "stages:\n  main:\n    from: busybox\n    steps:\n      - copy: a\n        to: /a\n        chmod: \"0999\"\n"),
+        ("bad-platform", "stages:\n  main:\n    from: busybox\n    platform: linux\n"),
     ];
     let all: Vec<String> = cases.iter().map(|(name, text)| format!("--- {name}\n{}", errors(text))).collect();
     settings().bind(|| insta::assert_snapshot!("errors", all.join("\n")));

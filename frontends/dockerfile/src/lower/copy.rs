@@ -24,25 +24,15 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         // Named owners are looked up in the filesystem copied onto (none for --link).
         let base = if link { -1 } else { 0 };
         let owner = match &c.chown {
-            Some(ch) => Some(parse_chown(&self.expand(ch, env, node)?, base)),
+            Some(ch) => Some(chown_opt(&self.flag(ch, env, node, "malformed_flag")?, base)),
             None => None,
         };
         let (mode, mode_str) = match &c.chmod {
             None => (-1, String::new()),
-            Some(m) => {
-                let m = self.expand(m, env, node)?;
-                match u32::from_str_radix(&m, 8) {
-                    Ok(v) if v <= 0o7777 => (v as i32, String::new()),
-                    _ if is_symbolic_mode(&m) => (-1, m),
-                    _ => {
-                        return Err((
-                            "malformed_flag",
-                            format!("invalid --chmod value {m:?}: octal between 0 and 07777, or symbolic such as u=rwX,go=rX"),
-                            node.span_of(&m),
-                        ))
-                    }
-                }
-            }
+            Some(m) => match self.flag(m, env, node, "malformed_flag")? {
+                Chmod::Octal(v) => (v as i32, String::new()),
+                Chmod::Symbolic(s) => (-1, s),
+            },
         };
         let excludes: Vec<String> = c.excludes.iter().map(|e| self.expand(e, env, node)).collect::<Result<_, _>>()?;
         let checksum = match &c.checksum {
@@ -192,10 +182,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             created_by.push_str(" --parents");
         }
         if let Some(ch) = &c.chown {
-            created_by.push_str(&format!(" --chown={ch}"));
+            created_by.push_str(&format!(" --chown={}", ch.written));
         }
         if let Some(m) = &c.chmod {
-            created_by.push_str(&format!(" --chmod={m}"));
+            created_by.push_str(&format!(" --chmod={}", m.written));
         }
         for src in &c.sources {
             created_by.push(' ');
@@ -211,35 +201,22 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 }
 
-/// `user[:group]` as BuildKit's `WithUser`: numbers (and `root`) are ids, other
-/// names are looked up in the filesystem of input `base`.
-pub(super) fn parse_chown(s: &str, base: i64) -> pb::ChownOpt {
-    let user_opt = |v: &str| pb::UserOpt {
-        user: Some(match if v == "root" { Ok(0) } else { v.parse::<i32>().map(|n| n as u32) } {
-            Ok(id) => pb::user_opt::User::ById(id),
-            Err(_) => pb::user_opt::User::ByName(pb::NamedUserOpt {
-                name: v.to_string(),
+/// An owner as BuildKit's `WithUser`: ids as they are, names looked up in
+/// the filesystem of input `base`.
+pub(super) fn chown_opt(chown: &Chown, base: i64) -> pb::ChownOpt {
+    let user_opt = |p: &Principal| pb::UserOpt {
+        user: Some(match p {
+            Principal::Id(id) => pb::user_opt::User::ById(*id),
+            Principal::Name(name) => pb::user_opt::User::ByName(pb::NamedUserOpt {
+                name: name.clone(),
                 input: base,
             }),
         }),
     };
-    let (u, g) = match s.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (s, None),
-    };
     pb::ChownOpt {
-        user: Some(user_opt(u)),
-        group: g.map(user_opt),
+        user: Some(user_opt(&chown.user)),
+        group: chown.group.as_ref().map(user_opt),
     }
-}
-
-pub(super) fn is_symbolic_mode(m: &str) -> bool {
-    !m.is_empty()
-        && m.split(',').all(|clause| {
-            let who_end = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
-            let rest = &clause[who_end..];
-            !rest.is_empty() && rest.starts_with(['+', '-', '=']) && rest[1..].chars().all(|c| "rwxXst".contains(c))
-        })
 }
 
 /// A git source of ADD: remote URL, ref and sub-directory (`URL#ref:subdir`).

@@ -14,7 +14,9 @@ use kiln_llb::pb;
 use kiln_llb::pb::file_action::Action;
 use kiln_llb::State;
 
-use crate::ir::{CopyInstr, Heredoc, Instruction, Located, MountKey, MountSpec, Program, RunInstr, Stage};
+use crate::ir::{
+    Chmod, Chown, CopyInstr, FlagType, FlagValue, Heredoc, Instruction, Located, MountKey, MountSpec, Principal, Program, RunInstr, Stage,
+};
 use crate::parser::{chomp_heredoc_content, Span};
 use crate::shell::{Env, Lexer};
 
@@ -22,7 +24,7 @@ mod copy;
 mod paths;
 mod run;
 
-use copy::parse_chown;
+use copy::chown_opt;
 pub use paths::clean_path;
 use paths::{fileop_path, normalize_path};
 use run::inline_document;
@@ -226,6 +228,16 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .map_err(|e| ("expansion", e.0, node.span_of(word)))
     }
 
+    /// A typed flag's value: as typed when the IR was built, else its word
+    /// expanded with `env` and typed now (an error at the word).
+    fn flag<T: FlagType>(&self, value: &FlagValue<T>, env: &dyn Env, node: &Located, code: &'static str) -> Result<T, LowerError> {
+        if let Some(typed) = &value.typed {
+            return Ok(typed.clone());
+        }
+        let expanded = self.expand(&value.written, env, node)?;
+        T::read(&expanded).map_err(|message| (code, message, node.span_of(&value.written)))
+    }
+
     fn find_stage(&self, name: &str, before: usize) -> Option<usize> {
         let lower = name.to_ascii_lowercase();
         if let Some(i) = self.input.program.stages[..before]
@@ -365,10 +377,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             ));
         }
         let platform = match &def.platform {
-            Some(p) => {
-                let expanded = self.expand(p, &self.meta_env, &def.from)?;
-                Platform::parse(&expanded).ok_or(("invalid_platform", format!("invalid platform {expanded:?}"), def.from.span_of(p)))?
-            }
+            Some(p) => self.flag(p, &self.meta_env, &def.from, "invalid_platform")?,
             None => self
                 .input
                 .request
@@ -571,7 +580,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     history(b, format!("WORKDIR {wd}"), true);
                 } else {
                     let name = self.display_text(node, b, false);
-                    let owner = (!b.config.config.user.is_empty()).then(|| parse_chown(&b.config.config.user, 0));
+                    let owner = match Chown::read(&b.config.config.user) {
+                        Ok(user) if !b.config.config.user.is_empty() => Some(chown_opt(&user, 0)),
+                        _ => None,
+                    };
                     let mkdir = Action::Mkdir(pb::FileActionMkDir {
                         path: fileop_path("/", &wd, false),
                         mode: 0o755,

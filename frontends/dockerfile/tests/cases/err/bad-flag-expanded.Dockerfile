@@ -1,0 +1,4 @@
+ARG MODE=u=rwZ
+FROM scratch
+ARG MODE
+COPY --chmod=$MODE b /b

@@ -1,0 +1,3 @@
+FROM --platform=linux busybox AS base
+COPY --chmod=9999 a /a
+COPY --chown=app --chmod=u=rwX,go=rX b /b
