@@ -60,6 +60,8 @@ pub struct Renderer {
     width: Option<usize>,
     drawn_lines: usize,
     last_draw: Option<Duration>,
+    /// The solve has ended (its result or its error arrived).
+    ended: bool,
 }
 
 const TAIL: usize = 6;
@@ -91,6 +93,7 @@ impl Renderer {
             width,
             drawn_lines: 0,
             last_draw: None,
+            ended: false,
         }
     }
 
@@ -135,6 +138,9 @@ impl Renderer {
             return;
         }
         let plain = self.mode == Mode::Plain;
+        if matches!(ev, Event::Result(_) | Event::Error { .. }) {
+            self.ended = true;
+        }
         match ev {
             Event::VertexStarted { digest, name, .. } => {
                 let now = self.clock.now();
@@ -255,11 +261,9 @@ impl Renderer {
             now.as_secs_f64(),
             done,
             self.vertices.len(),
-            if done == self.vertices.len() && !self.vertices.is_empty() {
-                " FINISHED"
-            } else {
-                ""
-            }
+            // Every step seen so far may be done while later ones have not
+            // started yet: only the solve's end finishes the build.
+            if self.ended { " FINISHED" } else { "" }
         )];
         for d in &self.order {
             let Some(v) = self.vertices.get(d) else { continue };

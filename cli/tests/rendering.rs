@@ -1,6 +1,7 @@
 //! Golden renderings (insta snapshots under `snapshots/rendering/`): the
 //! plain and tty progress of a build with a cached step, a step with output,
-//! a pull and a failing step, on a fixed clock; and `dump-llb --format dot`.
+//! a pull and a failing step, on a fixed clock; `dump-llb --format dot`; and
+//! `kiln du`'s table at a fixed time.
 #![allow(
     clippy::expect_used,
     clippy::unwrap_used,
@@ -15,7 +16,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use kiln_cli::progress::{Clock, Mode, Renderer};
-use kiln_solver_protocol::{Event, FailureStage, SolveResult};
+use kiln_solver_protocol::{Event, FailureStage, RecordUsage, SolveResult, Usage};
 
 /// A clock that moves 70 ms each time it is read.
 struct Steps(Rc<Cell<u64>>);
@@ -133,4 +134,40 @@ fn dump_llb_as_dot() {
     let out = common::kiln(&["dump-llb", "--no-resolve", "--format", "dot", "."], &dir);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     settings().bind(|| insta::assert_snapshot!("dump-llb-dot", String::from_utf8(out.stdout).expect("utf8")));
+}
+
+#[test]
+fn du_table() {
+    let now = 1_800_000_000;
+    let record = |key: &str, description: &str, size: u64, ago: u64| RecordUsage {
+        key: key.into(),
+        description: description.into(),
+        size,
+        last_used: now - ago,
+        created: now - ago - 60,
+    };
+    let usage = Usage {
+        records: vec![
+            record(
+                "sha256:3f1c9a0d5e7b2c4f6a8d0e1b3c5d7f9a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d0e",
+                "[build 2/3] RUN make",
+                48_213_504,
+                12,
+            ),
+            record("sha256:77", "docker-image://127.0.0.1:5000/busybox:latest", 2_203_648, 5 * 60),
+            record(
+                "sha256:a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0",
+                &format!("[stage-1 4/4] RUN {}", "apt-get install -y --no-install-recommends ".repeat(3)),
+                512,
+                3 * 3600,
+            ),
+            record("sha256:0b", "local://context", 0, 9 * 86400),
+        ],
+        layers: 50_417_664,
+        blobs: 19_005_440,
+        cache_mounts: 1_250_000_000,
+    };
+    let mut out = Vec::new();
+    kiln_cli::commands::du::render_usage(&usage, now, &mut out);
+    settings().bind(|| insta::assert_snapshot!("du", String::from_utf8(out).expect("utf8")));
 }

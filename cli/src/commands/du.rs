@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
-use serde_json::Value;
+use kiln_solver_protocol::{PruneReport, Usage};
+use serde::de::DeserializeOwned;
 
 use crate::{EXIT_OK, EXIT_OTHER};
 
@@ -38,7 +39,8 @@ pub struct PruneArgs {
     pub keep_storage: Option<String>,
 }
 
-fn solver(args: &[String], root: &Option<PathBuf>, err: &mut dyn Write) -> Result<Value, i32> {
+/// Runs `kiln-solver ARGS --root ROOT` and reads its JSON answer.
+fn solver<T: DeserializeOwned>(args: &[String], root: &Option<PathBuf>, err: &mut dyn Write) -> Result<T, i32> {
     let root = crate::host::state_root(root.as_deref());
     let out = Command::new(crate::solver_client::solver_binary())
         .args(args)
@@ -62,47 +64,59 @@ fn solver(args: &[String], root: &Option<PathBuf>, err: &mut dyn Write) -> Resul
 
 /// Runs `kiln du`.
 pub fn du(args: &DuArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
-    let v = match solver(&["du".to_string()], &args.root, err) {
+    let usage: Usage = match solver(&["du".to_string()], &args.root, err) {
         Ok(v) => v,
         Err(c) => return c,
     };
     if args.json {
-        let _ = writeln!(out, "{v}");
+        match serde_json::to_string(&usage) {
+            Ok(json) => {
+                let _ = writeln!(out, "{json}");
+            }
+            Err(e) => {
+                let _ = writeln!(err, "error: {e}");
+                return EXIT_OTHER;
+            }
+        }
         return EXIT_OK;
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    render_usage(&usage, now, out);
+    EXIT_OK
+}
+
+/// `kiln du`'s table: each record with its size and last use (relative to
+/// `now`, seconds since the epoch), then the totals.
+pub fn render_usage(usage: &Usage, now: u64, out: &mut dyn Write) {
     let _ = writeln!(out, "{:<20} {:>9} {:>12}  DESCRIPTION", "ID", "SIZE", "LAST USED");
-    for r in v["records"].as_array().into_iter().flatten() {
-        let key = r["key"].as_str().unwrap_or("").trim_start_matches("sha256:");
-        let ago = now.saturating_sub(r["last_used"].as_u64().unwrap_or(0));
+    for r in &usage.records {
+        let key = r.key.trim_start_matches("sha256:");
+        let ago = now.saturating_sub(r.last_used);
         let ago = match ago {
             0..=59 => format!("{ago}s ago"),
             60..=3599 => format!("{}m ago", ago / 60),
             3600..=86399 => format!("{}h ago", ago / 3600),
             _ => format!("{}d ago", ago / 86400),
         };
-        let desc: String = r["description"].as_str().unwrap_or("").chars().take(70).collect();
-        let _ = writeln!(
-            out,
-            "{:<20} {:>9} {:>12}  {desc}",
-            &key[..key.len().min(20)],
-            super::human_size(r["size"].as_u64().unwrap_or(0)),
-            ago
-        );
+        let mut desc: String = r.description.chars().take(70).collect();
+        if desc.len() < r.description.len() {
+            desc.pop();
+            desc.push('…');
+        }
+        let id: String = key.chars().take(20).collect();
+        let _ = writeln!(out, "{id:<20} {:>9} {ago:>12}  {desc}", super::human_size(r.size));
     }
-    let g = |k: &str| v[k].as_u64().unwrap_or(0);
     let _ = writeln!(
         out,
         "layers: {}  blobs: {}  cache mounts: {}  total: {}",
-        super::human_size(g("layers")),
-        super::human_size(g("blobs")),
-        super::human_size(g("cache_mounts")),
-        super::human_size(g("layers") + g("blobs") + g("cache_mounts"))
+        super::human_size(usage.layers),
+        super::human_size(usage.blobs),
+        super::human_size(usage.cache_mounts),
+        super::human_size(usage.total())
     );
-    EXIT_OK
 }
 
 /// Runs `kiln prune`.
@@ -127,17 +141,17 @@ pub fn prune(args: &PruneArgs, out: &mut dyn Write, err: &mut dyn Write) -> i32 
         a.push("--keep-storage".into());
         a.push(k.clone());
     }
-    let v = match solver(&a, &args.root, err) {
+    let v: PruneReport = match solver(&a, &args.root, err) {
         Ok(v) => v,
         Err(c) => return c,
     };
     let _ = writeln!(
         out,
         "removed {} records, {} layers, {} blobs; freed {}",
-        v["records"].as_u64().unwrap_or(0),
-        v["layers"].as_u64().unwrap_or(0),
-        v["blobs"].as_u64().unwrap_or(0),
-        super::human_size(v["freed"].as_u64().unwrap_or(0))
+        v.records,
+        v.layers,
+        v.blobs,
+        super::human_size(v.freed)
     );
     EXIT_OK
 }

@@ -335,6 +335,56 @@ impl Event {
     }
 }
 
+// `kiln-solver du` and `kiln-solver prune` print these as JSON.
+
+/// One cache record as `kiln du` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordUsage {
+    /// The cache key.
+    pub key: String,
+    /// The op that made it.
+    pub description: String,
+    /// Bytes of the layers it owns.
+    pub size: u64,
+    /// When it was last used (seconds since the epoch).
+    pub last_used: u64,
+    /// When it was made.
+    pub created: u64,
+}
+
+/// What the state root holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Usage {
+    /// Cache records, most recently used first.
+    pub records: Vec<RecordUsage>,
+    /// Bytes of all layers.
+    pub layers: u64,
+    /// Bytes of all blobs (image store and layer blobs).
+    pub blobs: u64,
+    /// Bytes of cache mounts.
+    pub cache_mounts: u64,
+}
+
+impl Usage {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.layers + self.blobs + self.cache_mounts
+    }
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PruneReport {
+    /// Records removed.
+    pub records: usize,
+    /// Layers removed.
+    pub layers: usize,
+    /// Blobs removed.
+    pub blobs: usize,
+    /// Bytes freed.
+    pub freed: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,45 +14,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
-
 use crate::cache::Record;
 use crate::root::remove_all;
 
-/// One cache record as `kiln du` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecordUsage {
-    /// The cache key.
-    pub key: String,
-    /// The op that made it.
-    pub description: String,
-    /// Bytes of the layers it owns.
-    pub size: u64,
-    /// When it was last used (seconds since the epoch).
-    pub last_used: u64,
-    /// When it was made.
-    pub created: u64,
-}
-
-/// What the state root holds.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct Usage {
-    /// Cache records, most recently used first.
-    pub records: Vec<RecordUsage>,
-    /// Bytes of all layers.
-    pub layers: u64,
-    /// Bytes of all blobs (image store and layer blobs).
-    pub blobs: u64,
-    /// Bytes of cache mounts.
-    pub cache_mounts: u64,
-}
-
-impl Usage {
-    /// Everything together.
-    pub fn total(&self) -> u64 {
-        self.layers + self.blobs + self.cache_mounts
-    }
-}
+pub use kiln_solver_protocol::{PruneReport, RecordUsage, Usage};
 
 /// What to remove.
 #[derive(Debug, Clone, Default)]
@@ -63,19 +28,6 @@ pub struct Policy {
     pub unused_for: Option<Duration>,
     /// Remove least-recently-used records until the root is at most this big.
     pub keep_bytes: Option<u64>,
-}
-
-/// What a prune did.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct PruneReport {
-    /// Records removed.
-    pub records: usize,
-    /// Layers removed.
-    pub layers: usize,
-    /// Blobs removed.
-    pub blobs: usize,
-    /// Bytes freed.
-    pub freed: u64,
 }
 
 /// Disk bytes of a tree (allocated blocks).
