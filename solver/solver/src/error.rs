@@ -68,9 +68,9 @@ pub(crate) enum Failure {
         /// Its exit code.
         code: i32,
     },
-    /// An image could not be resolved or pulled.
-    #[error("{message}")]
-    Pull {
+    /// An image could not be resolved, pulled or pushed.
+    #[error("{image}: {message}")]
+    Registry {
         /// The image reference.
         image: String,
         /// Why (the registry's answer, a digest mismatch, a missing platform).
@@ -153,9 +153,9 @@ impl VertexError {
         VertexError { stage, failure }
     }
 
-    /// A failure at `stage` to be mapped from an error `Failure` comes from.
-    pub(crate) fn during<E: Into<Failure>>(stage: Stage) -> impl FnOnce(E) -> VertexError {
-        move |e| VertexError { stage, failure: e.into() }
+    /// Maps a failure to one at `stage`.
+    pub(crate) fn during(stage: Stage) -> impl FnOnce(Failure) -> VertexError {
+        move |failure| VertexError { stage, failure }
     }
 }
 

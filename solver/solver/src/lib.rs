@@ -184,14 +184,14 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
                                 result.exported.push(format!("pushed {full}"));
                             }
                             Err(e) => {
-                                let failure = Failure::Pull {
+                                let failure = Failure::Registry {
                                     image: full.clone(),
                                     message: e.to_string(),
                                 };
                                 return fail(
                                     &events,
                                     SolveError::Export {
-                                        what: format!("pushing {full}"),
+                                        what: "push".into(),
                                         failure,
                                     },
                                 );

@@ -136,7 +136,6 @@ impl Executor {
                     .ok_or_else(|| VertexError::at(Stage::Setup, Failure::invalid("missing input")))
             })
             .collect::<Result<_, _>>()?;
-        let as_layers = |stage: Stage| VertexError::during::<Failure>(stage);
         match &op.op {
             Some(Op::Source(s)) => {
                 let src = pull::parse_identifier(&s.identifier).ok_or_else(|| {
@@ -161,7 +160,7 @@ impl Executor {
             Some(Op::Exec(e)) => {
                 let mut layers = Vec::new();
                 for v in &values {
-                    layers.push(self.layers(v).await.map_err(as_layers(Stage::Setup))?);
+                    layers.push(self.layers(v).await.map_err(VertexError::during(Stage::Setup))?);
                 }
                 let events = self.events.clone();
                 let d = digest.to_string();
@@ -190,7 +189,7 @@ impl Executor {
                 for (i, v) in values.iter().enumerate() {
                     let base_use = f.actions.iter().any(|a| a.input == i as i64);
                     if base_use {
-                        vals.push(Value::Layers(self.layers(v).await.map_err(as_layers(Stage::Setup))?));
+                        vals.push(Value::Layers(self.layers(v).await.map_err(VertexError::during(Stage::Setup))?));
                     } else {
                         vals.push(v.clone());
                     }
@@ -208,18 +207,18 @@ impl Executor {
                     let v = values
                         .get(mi.input as usize)
                         .ok_or_else(|| VertexError::at(Stage::Layers, Failure::invalid("merge input out of range")))?;
-                    all.push(self.layers(v).await.map_err(as_layers(Stage::Layers))?);
+                    all.push(self.layers(v).await.map_err(VertexError::during(Stage::Layers))?);
                 }
                 Ok(vec![Some(layers::merge(&all))])
             }
             Some(Op::Diff(d)) => {
                 let side = |i: Option<i64>| -> Option<&Value> { i.filter(|i| *i >= 0).and_then(|i| values.get(i as usize)) };
                 let lower = match side(d.lower.as_ref().map(|l| l.input)) {
-                    Some(v) => self.layers(v).await.map_err(as_layers(Stage::Layers))?,
+                    Some(v) => self.layers(v).await.map_err(VertexError::during(Stage::Layers))?,
                     None => Arc::new(Vec::new()),
                 };
                 let upper = match side(d.upper.as_ref().map(|u| u.input)) {
-                    Some(v) => self.layers(v).await.map_err(as_layers(Stage::Layers))?,
+                    Some(v) => self.layers(v).await.map_err(VertexError::during(Stage::Layers))?,
                     None => Arc::new(Vec::new()),
                 };
                 let root = self.root.clone();

@@ -44,7 +44,7 @@ impl ImageSource {
 
     /// A failure to resolve or pull this image.
     fn refused(&self, message: impl std::fmt::Display) -> Failure {
-        Failure::Pull {
+        Failure::Registry {
             image: self.name(),
             message: message.to_string(),
         }
