@@ -88,6 +88,19 @@ impl Flags {
         })
     }
 
+    /// A flag read as a `T` as written (not expanded), an error at the flag.
+    pub fn read<T: FlagType>(&self, node: &Node, name: &str) -> Result<Option<T>, TypeError> {
+        let Some(written) = self.get(name) else { return Ok(None) };
+        T::read(written).map(Some).map_err(|message| {
+            let at = if written.is_empty() {
+                format!("--{name}")
+            } else {
+                written.to_string()
+            };
+            ("malformed_flag", message, node.span_of(&at))
+        })
+    }
+
     /// A boolean flag: absent, `--flag`, `--flag=true|false`.
     pub fn bool(&self, name: &str) -> Result<bool, String> {
         match self.values.iter().find(|(n, _)| n == name) {
@@ -282,14 +295,16 @@ pub fn type_node(node: &Node) -> Result<Typed, TypeError> {
             need(1, "at least one argument")?;
             let mut mounts = Vec::new();
             for raw in flags.all("mount") {
-                mounts.push(mount_spec(raw).map_err(|m| ("malformed_mount", m, node.span_of(raw)))?);
+                let spec = mount_spec(raw).map_err(|m| ("malformed_mount", m, node.span_of(raw)))?;
+                spec.check_plain().map_err(|m| ("malformed_mount", m, node.span_of(raw)))?;
+                mounts.push(spec);
             }
             Instruction::Run(Box::new(RunInstr {
                 args: node.args.clone(),
                 json: node.json,
                 mounts,
-                network: flags.get("network").map(str::to_string),
-                security: flags.get("security").map(str::to_string),
+                network: flags.read(node, "network")?,
+                security: flags.read(node, "security")?,
                 heredocs: node.heredocs.clone(),
             }))
         }

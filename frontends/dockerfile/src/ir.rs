@@ -203,9 +203,9 @@ pub struct RunInstr {
     /// `--mount`s.
     pub mounts: Vec<MountSpec>,
     /// `--network`.
-    pub network: Option<String>,
+    pub network: Option<NetworkMode>,
     /// `--security`.
-    pub security: Option<String>,
+    pub security: Option<SecurityMode>,
     /// Heredocs.
     pub heredocs: Vec<Heredoc>,
 }
@@ -275,6 +275,41 @@ impl MountKey {
         })
     }
 
+    /// Checks a value of this key by the rules lowering reads it with (after
+    /// expansion; a plain value is checked when the IR is built too).
+    pub fn check(self, value: Option<&str>) -> Result<(), String> {
+        let Some(v) = value else { return Ok(()) };
+        let ok = match self {
+            MountKey::Type => {
+                let t = v.to_ascii_lowercase();
+                if !["bind", "cache", "tmpfs", "secret", "ssh"].contains(&t.as_str()) {
+                    return Err(format!("unsupported mount type {t:?} (bind, cache, tmpfs, secret or ssh)"));
+                }
+                true
+            }
+            MountKey::ReadOnly | MountKey::ReadWrite | MountKey::Required => {
+                ["true", "1", "false", "0"].contains(&v.to_ascii_lowercase().as_str())
+            }
+            MountKey::Sharing => {
+                if !["shared", "private", "locked"].contains(&v) {
+                    return Err(format!("unsupported sharing value {v:?} (shared, private or locked)"));
+                }
+                true
+            }
+            MountKey::Mode => u32::from_str_radix(v, 8).is_ok(),
+            MountKey::Uid | MountKey::Gid => v.parse::<u32>().is_ok(),
+            MountKey::Size => parse_size(v).is_some(),
+            MountKey::Target | MountKey::Source | MountKey::From | MountKey::Id | MountKey::Env => true,
+        };
+        match (ok, self) {
+            (true, _) => Ok(()),
+            (false, MountKey::ReadOnly | MountKey::ReadWrite | MountKey::Required) => {
+                Err(format!("invalid value for {}: {v:?}", self.name()))
+            }
+            (false, _) => Err(format!("invalid {} {v:?}", self.name())),
+        }
+    }
+
     /// The key's name in messages.
     pub fn name(self) -> &'static str {
         match self {
@@ -297,6 +332,16 @@ impl MountKey {
 }
 
 impl MountSpec {
+    /// Checks the plainly written values (see [`MountKey::check`]).
+    pub fn check_plain(&self) -> Result<(), String> {
+        for (k, v) in &self.options {
+            if v.as_deref().is_none_or(is_plain) {
+                k.check(v.as_deref())?;
+            }
+        }
+        Ok(())
+    }
+
     /// The last value given for `key` (`Some("")` for a key alone).
     pub fn get(&self, key: MountKey) -> Option<&str> {
         self.options
@@ -357,6 +402,25 @@ pub struct HealthcheckInstr {
     pub retries: i64,
 }
 
+/// Sizes such as `64m`, `1g`, `1024` (a tmpfs mount's `size=`).
+pub fn parse_size(s: &str) -> Option<i64> {
+    let lower = s.to_ascii_lowercase();
+    let t = lower.trim_end_matches('b').trim_end_matches('i');
+    let (num, mult) = match t.chars().last()? {
+        'k' => (&t[..t.len() - 1], 1 << 10),
+        'm' => (&t[..t.len() - 1], 1 << 20),
+        'g' => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<i64>().ok().map(|n| n * mult)
+}
+
+/// Whether a flag value is written plainly: no variable, quote or escape,
+/// so expanding it changes nothing and it can be checked now.
+fn is_plain(written: &str) -> bool {
+    !written.contains(['$', '"', '\'', '\\', '`'])
+}
+
 /// A flag value of type `T`. Written plainly it is typed when the IR is
 /// built, so a bad value is reported at its flag before anything is
 /// lowered; written with a variable, quotes or escapes it is kept as the
@@ -378,10 +442,9 @@ pub trait FlagType: Sized + Clone {
 impl<T: FlagType> FlagValue<T> {
     /// `written`, typed now unless it needs the stage's variables.
     pub fn new(written: &str) -> Result<FlagValue<T>, String> {
-        let plain = !written.contains(['$', '"', '\'', '\\', '`']);
         Ok(FlagValue {
             written: written.to_string(),
-            typed: if plain { Some(T::read(written)?) } else { None },
+            typed: if is_plain(written) { Some(T::read(written)?) } else { None },
         })
     }
 }
@@ -460,6 +523,47 @@ fn is_symbolic_mode(m: &str) -> bool {
             let rest = &clause[who_end..];
             !rest.is_empty() && rest.starts_with(['+', '-', '=']) && rest[1..].chars().all(|c| "rwxXst".contains(c))
         })
+}
+
+/// `RUN --network` (and `kiln build --network`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// The builder's default.
+    Default,
+    /// No network.
+    None,
+    /// The host's network.
+    Host,
+}
+
+impl FlagType for NetworkMode {
+    fn read(text: &str) -> Result<NetworkMode, String> {
+        match text {
+            "default" => Ok(NetworkMode::Default),
+            "none" => Ok(NetworkMode::None),
+            "host" => Ok(NetworkMode::Host),
+            other => Err(format!("unsupported network mode {other:?} (default, none or host)")),
+        }
+    }
+}
+
+/// `RUN --security`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityMode {
+    /// The default sandbox.
+    Sandbox,
+    /// All capabilities (an entitlement).
+    Insecure,
+}
+
+impl FlagType for SecurityMode {
+    fn read(text: &str) -> Result<SecurityMode, String> {
+        match text {
+            "sandbox" => Ok(SecurityMode::Sandbox),
+            "insecure" => Ok(SecurityMode::Insecure),
+            other => Err(format!("unsupported security mode {other:?} (sandbox or insecure)")),
+        }
+    }
 }
 
 impl FlagType for Platform {

@@ -13,7 +13,7 @@
 pub mod model;
 pub mod yaml;
 
-use kiln_dockerfile::ir::{self, Heredoc, Instruction, Located, MountKey, MountSpec as IrMount, Program, RunInstr};
+use kiln_dockerfile::ir::{self, FlagType as _, Heredoc, Instruction, Located, MountKey, MountSpec as IrMount, Program, RunInstr};
 use kiln_frontend::diagnostic::closest;
 use kiln_frontend::{Diagnostic, Host, Request, Response};
 use kiln_llb::pb;
@@ -422,12 +422,16 @@ impl<'a> Translation<'a> {
                 }
             }
             "workdir" => {
-                let dir = step.workdir.clone().unwrap_or_default();
-                out.push((at("WORKDIR", format!("WORKDIR {}", shown(&dir))), Instruction::Workdir(dir)));
+                if let Some(dir) = &step.workdir {
+                    let at = at("WORKDIR", format!("WORKDIR {}", shown(dir))).with_word(dir, self.span(dir));
+                    out.push((at, Instruction::Workdir(dir.to_string())));
+                }
             }
             "user" => {
-                let user = step.user.clone().unwrap_or_default();
-                out.push((at("USER", format!("USER {}", shown(&user))), Instruction::User(user)));
+                if let Some(user) = &step.user {
+                    let at = at("USER", format!("USER {}", shown(user))).with_word(user, self.span(user));
+                    out.push((at, Instruction::User(user.to_string())));
+                }
             }
             _ => {
                 for (k, v) in step.args.iter().flat_map(|a| a.0.iter()) {
@@ -455,9 +459,19 @@ impl<'a> Translation<'a> {
         if let Some(n) = &step.network {
             flags.push_str(&format!("--network={} ", n.as_str()));
         }
+        let network = match &step.network {
+            Some(n) => match ir::NetworkMode::read(n) {
+                Ok(mode) => Some(mode),
+                Err(message) => {
+                    self.error("invalid_value", message, self.span(n), None);
+                    return None;
+                }
+            },
+            None => None,
+        };
         let mut run = RunInstr {
             mounts,
-            network: step.network.as_ref().map(|n| n.to_string()),
+            network,
             ..RunInstr::default()
         };
         let text = match &step.run {

@@ -65,9 +65,9 @@ pub struct Step {
     /// Environment variables for later steps and the image.
     pub env: Option<Ordered<Scalar>>,
     /// Working directory for later steps and the image.
-    pub workdir: Option<String>,
+    pub workdir: Option<Spanned<String>>,
     /// User for later steps and the image.
-    pub user: Option<String>,
+    pub user: Option<Spanned<String>>,
     /// Build arguments declared in this stage (null: no default).
     pub args: Option<Ordered<Option<Scalar>>>,
 }

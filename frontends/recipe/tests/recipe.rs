@@ -152,7 +152,8 @@ fn errors_point_at_yaml_lines_and_columns() {
         ("two-kinds", "stages:\n  main:\n    from: busybox\n    steps:\n      - run: make\n        workdir: /x\n"),
         ("misplaced", "stages:\n  main:\n    from: busybox\n    steps:\n      - workdir: /x\n        to: /y\n"),
         ("syntax", "stages:\n  main:\n    from: [busybox\n"),
-        ("lowering", "stages:\n  main:\n    from: busybox\n    steps:\n      - run: make\n        network: moon\n"),
+        ("lowering", "stages:\n  main:\n    from: busybox\n    steps:\n      - workdir: ${DIR:?is not set}\n"),
+        ("bad-network", "stages:\n  main:\n    from: busybox\n    steps:\n      - run: make\n        network: moon\n"),
         ("bad-chmod", "stages:\n  main:\n    from: busybox\n    steps:\n      - copy: a\n        to: /a\n        chmod: \"0999\"\n"),
         ("bad-platform", "stages:\n  main:\n    from: busybox\n    platform: linux\n"),
     ];

@@ -15,7 +15,8 @@ use kiln_llb::pb::file_action::Action;
 use kiln_llb::State;
 
 use crate::ir::{
-    Chmod, Chown, CopyInstr, FlagType, FlagValue, Heredoc, Instruction, Located, MountKey, MountSpec, Principal, Program, RunInstr, Stage,
+    parse_size, Chmod, Chown, CopyInstr, FlagType, FlagValue, Heredoc, Instruction, Located, MountKey, MountSpec, NetworkMode, Principal,
+    Program, RunInstr, SecurityMode, Stage,
 };
 use crate::parser::{chomp_heredoc_content, Span};
 use crate::shell::{Env, Lexer};

@@ -7,7 +7,7 @@ use super::*;
 impl<'a, 'b> Lowerer<'a, 'b> {
     pub(super) fn run(&mut self, index: usize, b: &mut Built, cx: &mut StageCx, node: &Located, run: &RunInstr) -> Result<(), LowerError> {
         let (args, json, heredocs) = (&run.args, run.json, &run.heredocs);
-        let (network, security) = (run.network.as_deref(), run.security.as_deref());
+        let (network, security) = (run.network, run.security);
         // A RUN whose whole command is one heredoc runs the heredoc's body (BuildKit's "fake" heredoc).
         let cmd = args.join(" ");
         let whole_heredoc = !json && heredocs.len() == 1 && crate::parser::parse_heredoc(&cmd).ok().flatten().is_some();
@@ -67,28 +67,22 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             proxy_env: proxy_env(&self.input.request.build_args),
             ..Default::default()
         };
-        exec.network = match network.or(self.input.request.network.as_deref()) {
-            None | Some("default") => pb::NetMode::Unset,
-            Some("none") => pb::NetMode::None,
-            Some("host") => pb::NetMode::Host,
-            Some(other) => {
-                return Err((
-                    "malformed_flag",
-                    format!("unsupported network mode {other:?} (default, none or host)"),
-                    node.span_of(other),
-                ))
-            }
+        let network = match network {
+            Some(n) => Some(n),
+            // `kiln build --network` applies to steps that name none.
+            None => match self.input.request.network.as_deref() {
+                Some(n) => Some(NetworkMode::read(n).map_err(|m| ("malformed_flag", m, node.span.clone()))?),
+                None => None,
+            },
+        };
+        exec.network = match network {
+            None | Some(NetworkMode::Default) => pb::NetMode::Unset,
+            Some(NetworkMode::None) => pb::NetMode::None,
+            Some(NetworkMode::Host) => pb::NetMode::Host,
         };
         exec.security = match security {
-            None | Some("sandbox") => pb::SecurityMode::Sandbox,
-            Some("insecure") => pb::SecurityMode::Insecure,
-            Some(other) => {
-                return Err((
-                    "malformed_flag",
-                    format!("unsupported security mode {other:?} (sandbox or insecure)"),
-                    node.span_of(other),
-                ))
-            }
+            None | Some(SecurityMode::Sandbox) => pb::SecurityMode::Sandbox,
+            Some(SecurityMode::Insecure) => pb::SecurityMode::Insecure,
         };
         exec.platform = Some(b.platform.to_pb());
         let mut meta = Self::meta(node, customname, true)
@@ -151,6 +145,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 Some(v) => Some(self.expand(v, env, node)?),
                 None => None,
             };
+            k.check(v.as_deref()).map_err(bad)?;
             kv.push((*k, v));
         }
         let get = |key: MountKey| kv.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v.clone().unwrap_or_default());
@@ -382,19 +377,6 @@ pub(super) fn inline_document(name: &str, mode: i32, data: String) -> State {
         .describe("llb.customname", "[internal] preparing inline document")
         .cap("file.base");
     State::file(FileOp::default().then(&State::scratch(), FileInput::Empty, mk), meta)
-}
-
-/// Sizes such as `64m`, `1g`, `1024`.
-pub(super) fn parse_size(s: &str) -> Option<i64> {
-    let lower = s.to_ascii_lowercase();
-    let t = lower.trim_end_matches('b').trim_end_matches('i');
-    let (num, mult) = match t.chars().last()? {
-        'k' => (&t[..t.len() - 1], 1 << 10),
-        'm' => (&t[..t.len() - 1], 1 << 20),
-        'g' => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<i64>().ok().map(|n| n * mult)
 }
 
 #[cfg(test)]
