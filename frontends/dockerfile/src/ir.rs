@@ -515,13 +515,30 @@ impl FlagType for Chmod {
     }
 }
 
-/// Whether `m` is a list of symbolic mode clauses (`[ugoa]*[+-=][rwxXst]*`).
+/// Whether `m` is a list of symbolic mode clauses, as chmod(1) writes them:
+/// `[ugoa]*` then one or more `[+-=]` each followed by `[rwxXst]*` or by one
+/// of `u`, `g`, `o` (copying that class's bits).
 fn is_symbolic_mode(m: &str) -> bool {
     !m.is_empty()
         && m.split(',').all(|clause| {
             let who_end = clause.find(|c: char| !"ugoa".contains(c)).unwrap_or(clause.len());
-            let rest = &clause[who_end..];
-            !rest.is_empty() && rest.starts_with(['+', '-', '=']) && rest[1..].chars().all(|c| "rwxXst".contains(c))
+            let mut rest = &clause[who_end..];
+            if rest.is_empty() {
+                return false;
+            }
+            while let Some(op) = rest.chars().next() {
+                if !"+-=".contains(op) {
+                    return false;
+                }
+                let end = rest[1..].find(['+', '-', '=']).map_or(rest.len(), |i| i + 1);
+                let perms = &rest[1..end];
+                let copy = matches!(perms, "u" | "g" | "o");
+                if !copy && !perms.chars().all(|c| "rwxXst".contains(c)) {
+                    return false;
+                }
+                rest = &rest[end..];
+            }
+            true
         })
 }
 
@@ -596,6 +613,12 @@ mod tests {
             Some(Chmod::Symbolic("u=rwX,go=rX".into()))
         );
         assert!(FlagValue::<Chmod>::new("9999").expect_err("not octal").contains("07777"));
+        for symbolic in ["g=u", "go=u", "u+x,g-w", "a=rX", "+x", "u=rwx,g=rx,o="] {
+            assert!(FlagValue::<Chmod>::new(symbolic).is_ok(), "{symbolic}");
+        }
+        for bad in ["g=uw", "u", "g=q", "u=r,"] {
+            assert!(FlagValue::<Chmod>::new(bad).is_err(), "{bad}");
+        }
         assert!(FlagValue::<Platform>::new("linux")
             .expect_err("no arch")
             .contains("invalid platform"));

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// Resolves the container path `p` inside `root`: symlinks are followed as
@@ -87,10 +87,14 @@ pub(crate) fn lchown(path: &Path, owner: Owner) -> io::Result<()> {
     .map_err(Into::into)
 }
 
-/// Creates `dir` and its missing parents (mode 0755, owned by `owner`,
-/// timestamped `time` when given); existing ones are left alone. `dir` must
-/// already be resolved inside its root.
-pub(crate) fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Result<()> {
+/// Creates `dir` and its missing parents as BuildKit's copy does: each
+/// with the permission bits of `perm` (setuid, setgid and sticky bits of
+/// `perm` are not given; a setgid bit the kernel gives a directory made in
+/// a setgid directory is kept, with that directory's group), owned by
+/// `owner` when given and timestamped `time` when given. Existing
+/// directories are left alone. `dir` must already be resolved inside its
+/// root. Returns the directories it made, outermost first.
+pub(crate) fn mkdir_all(dir: &Path, perm: u32, owner: Option<Owner>, time: Option<i64>) -> io::Result<Vec<PathBuf>> {
     let mut missing = Vec::new();
     let mut cur = dir.to_path_buf();
     loop {
@@ -105,21 +109,24 @@ pub(crate) fn mkdir_all(dir: &Path, owner: Option<Owner>, time: Option<i64>) -> 
             }
         }
     }
+    let mut made = Vec::with_capacity(missing.len());
     for d in missing.iter().rev() {
         match fs::create_dir(d) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
-        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+        let inherited = fs::symlink_metadata(d)?.mode() & 0o2000;
+        fs::set_permissions(d, fs::Permissions::from_mode((perm & 0o777) | inherited))?;
         if let Some(o) = owner {
             lchown(d, o)?;
         }
         if let Some(t) = time {
             crate::snapshot::layer::set_mtime_nofollow(d, t / 1_000_000_000, t % 1_000_000_000)?;
         }
+        made.push(d.clone());
     }
-    Ok(())
+    Ok(made)
 }
 
 /// Makes a device node or fifo like `meta` at `dst`; false for what is not
@@ -141,7 +148,8 @@ pub(crate) fn make_special(dst: &Path, meta: &fs::Metadata, mode: u32) -> io::Re
 }
 
 /// Looks a user up in `root`'s `/etc/passwd` (by name or number) and the
-/// group in `/etc/group`; `user[:group]`.
+/// group in `/etc/group`; `user[:group]`. Returns the owner and the
+/// supplementary groups (the `/etc/group` entries listing the user).
 pub(crate) fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u32>)> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
@@ -183,14 +191,25 @@ pub(crate) fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u3
                 .ok_or_else(|| io::Error::other(format!("unable to find group {g}: no matching entries in group file")))?,
         };
     }
-    // Supplementary groups of a named user.
+    // Supplementary groups (runc's rule: only when no group is given), by
+    // the user's name, also when the user was given by number.
+    let name = if user.parse::<u32>().is_ok() {
+        passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == user)
+            .map(|f| f[0].to_string())
+            .unwrap_or_default()
+    } else {
+        user.to_string()
+    };
     let mut extra = Vec::new();
-    if group.is_none() && !user.is_empty() && user.parse::<u32>().is_err() {
+    if group.is_none() && !name.is_empty() {
         for l in groups.lines() {
             let f: Vec<&str> = l.split(':').collect();
-            if f.len() > 3 && f[3].split(',').any(|m| m == user) {
+            if f.len() > 3 && f[3].split(',').any(|m| m == name) {
                 if let Ok(g) = f[2].parse::<u32>() {
-                    if g != gid {
+                    if !extra.contains(&g) {
                         extra.push(g);
                     }
                 }
@@ -218,6 +237,20 @@ pub(crate) fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32>
                 if group { "group" } else { "passwd" }
             ))
         })
+}
+
+/// A user's uid and primary gid from `root`'s `/etc/passwd` (a number is
+/// its own uid and gid).
+pub(crate) fn lookup_user(root: &Path, name: &str) -> io::Result<(u32, u32)> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok((n, n));
+    }
+    let text = fs::read_to_string(resolve_in_root(root, "/etc/passwd", true)?).unwrap_or_default();
+    text.lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == name)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .ok_or_else(|| io::Error::other(format!("unable to find user {name}: no matching entries in passwd file")))
 }
 
 #[cfg(test)]

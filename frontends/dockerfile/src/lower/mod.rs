@@ -631,12 +631,9 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             Instruction::Expose(ports) => {
                 for p in ports {
                     let p = self.expand(p, &b.env, node)?;
-                    let key = if p.contains('/') {
-                        p.to_ascii_lowercase()
-                    } else {
-                        format!("{p}/tcp")
-                    };
-                    b.config.config.exposed_ports.insert(key, serde_json::json!({}));
+                    for key in exposed_ports(&p).map_err(|m| ("invalid_port", m, node.span_of(&p)))? {
+                        b.config.config.exposed_ports.insert(key, serde_json::json!({}));
+                    }
                 }
                 history(b, format!("EXPOSE {}", ports.join(" ")), true);
             }
@@ -897,5 +894,40 @@ fn uppercase_cmd(text: &str) -> String {
     match text.split_once(' ') {
         Some((kw, rest)) => format!("{} {rest}", kw.to_uppercase()),
         None => text.to_uppercase(),
+    }
+}
+
+/// The config keys of one `EXPOSE` argument, as Docker reads a port spec:
+/// `[ip:[hostPort]:]port[-end][/proto]`, a range giving each port, the
+/// protocol lower-cased (tcp when none).
+fn exposed_ports(spec: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match spec.rsplit_once('/') {
+        Some((p, proto)) => (p, proto.to_ascii_lowercase()),
+        None => (spec, "tcp".to_string()),
+    };
+    let container = ports.rsplit(':').next().unwrap_or(ports);
+    let number = |s: &str| s.parse::<u16>().map_err(|_| format!("invalid containerPort: {container}"));
+    let (start, end) = match container.split_once('-') {
+        Some((a, b)) => (number(a)?, number(b)?),
+        None => (number(container)?, number(container)?),
+    };
+    if end < start {
+        return Err(format!("invalid containerPort: {container}"));
+    }
+    Ok((start..=end).map(|p| format!("{p}/{proto}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exposed_ports;
+
+    #[test]
+    fn expose_ranges_list_each_port() {
+        assert_eq!(exposed_ports("8000-8002/TCP").expect("range"), ["8000/tcp", "8001/tcp", "8002/tcp"]);
+        assert_eq!(exposed_ports("53/udp").expect("udp"), ["53/udp"]);
+        assert_eq!(exposed_ports("80").expect("plain"), ["80/tcp"]);
+        assert_eq!(exposed_ports("127.0.0.1:8080:80").expect("with host"), ["80/tcp"]);
+        assert!(exposed_ports("http").is_err());
+        assert!(exposed_ports("90-80").is_err());
     }
 }

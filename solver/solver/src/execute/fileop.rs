@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use kiln_llb::pb;
 
 use crate::error::Failure;
-use crate::fsutil::{lchown, lookup_id, mkdir_all, resolve_in_root, Owner};
+use crate::fsutil::{lchown, lookup_id, lookup_user, mkdir_all, resolve_in_root, Owner};
 use crate::snapshot::layer::set_mtime_nofollow;
 use crate::source::context::{join_rel, LocalSource};
 use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
@@ -45,6 +45,23 @@ impl SourceView<'_> {
         }
     }
 
+    /// Whether the source includes a path itself (a local source's
+    /// patterns; everything of a mounted filesystem).
+    fn included(&self, rel: &str, is_dir: bool) -> bool {
+        match self {
+            SourceView::Dir(_) => true,
+            SourceView::Local(l) => is_dir && rel.is_empty() || l.includes(rel),
+        }
+    }
+
+    /// Whether a directory the source leaves out may hold included paths.
+    fn may_hold_included(&self, rel: &str) -> bool {
+        match self {
+            SourceView::Dir(_) => true,
+            SourceView::Local(l) => l.may_enter(rel),
+        }
+    }
+
     fn owner_override(&self) -> Option<Owner> {
         match self {
             SourceView::Dir(_) => None,
@@ -75,47 +92,52 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Resolves a ChownOpt against the destination root's /etc files.
 fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Owner>, Failure> {
     let Some(c) = chown else { return Ok(None) };
-    let id = |u: Option<&pb::UserOpt>, group: bool| -> Result<Option<u32>, Failure> {
-        match u.and_then(|u| u.user.as_ref()) {
-            None => Ok(None),
-            Some(pb::user_opt::User::ById(n)) => Ok(Some(*n)),
-            Some(pb::user_opt::User::ByName(n)) => lookup_id(dest_root, &n.name, group)
-                .map(Some)
-                .map_err(|e| Failure::invalid(e.to_string())),
-        }
+    // As BuildKit: a user named is looked up for its uid and primary gid,
+    // a user by id is also its own group; a group given overrides either.
+    let user: Option<(u32, u32)> = match c.user.as_ref().and_then(|u| u.user.as_ref()) {
+        None => None,
+        Some(pb::user_opt::User::ById(n)) => Some((*n, *n)),
+        Some(pb::user_opt::User::ByName(n)) => Some(lookup_user(dest_root, &n.name).map_err(|e| Failure::invalid(e.to_string()))?),
     };
-    let uid = id(c.user.as_ref(), false)?;
-    let gid = id(c.group.as_ref(), true)?;
-    if uid.is_none() && gid.is_none() {
-        return Ok(None);
-    }
-    let uid = uid.unwrap_or(0);
-    Ok(Some(Owner {
-        uid,
-        gid: gid.unwrap_or(uid),
-    }))
+    let group: Option<u32> = match c.group.as_ref().and_then(|g| g.user.as_ref()) {
+        None => None,
+        Some(pb::user_opt::User::ById(n)) => Some(*n),
+        Some(pb::user_opt::User::ByName(n)) => Some(lookup_id(dest_root, &n.name, true).map_err(|e| Failure::invalid(e.to_string()))?),
+    };
+    Ok(match (user, group) {
+        (None, None) => None,
+        (Some((uid, gid)), group) => Some(Owner {
+            uid,
+            gid: group.unwrap_or(gid),
+        }),
+        (None, Some(gid)) => Some(Owner { uid: 0, gid }),
+    })
 }
 
 fn time_of(ts: i64) -> Option<i64> {
     (ts >= 0).then_some(ts)
 }
 
-/// Makes a directory.
+/// Makes a directory, as BuildKit does: with the permission bits of the
+/// action's mode (a setgid bit inherited from a setgid parent kept), the
+/// owner and time given; with `make_parents`, missing parents alike; an
+/// existing directory is left alone.
 pub(crate) fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let time = time_of(a.timestamp);
+    let perm = a.mode as u32 & 0o777;
     let p = resolve_in_root(dest_root, &a.path, true).map_err(Failure::io(None, &a.path))?;
     if a.make_parents {
-        if let Some(parent) = p.parent() {
-            mkdir_all(parent, owner, time).map_err(Failure::io(None, &a.path))?;
-        }
+        mkdir_all(&p, perm, owner, time).map_err(Failure::io(Some("mkdir"), &a.path))?;
+        return Ok(());
     }
     match fs::create_dir(&p) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(Failure::io(Some("mkdir"), &a.path)(e)),
     }
-    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(Failure::io(None, &a.path))?;
+    let inherited = fs::symlink_metadata(&p).map_err(Failure::io(None, &a.path))?.mode() & 0o2000;
+    fs::set_permissions(&p, fs::Permissions::from_mode(perm | inherited)).map_err(Failure::io(None, &a.path))?;
     if let Some(o) = owner {
         lchown(&p, o).map_err(Failure::io(None, &a.path))?;
     }
@@ -216,6 +238,8 @@ struct Copier<'a> {
     exclude: Option<Matcher>,
     replace: bool,
     links: HashMap<(u64, u64), PathBuf>,
+    /// Directories entered, innermost last.
+    pending: Vec<Pending>,
 }
 
 /// A `--chmod` value: octal, or symbolic (`u+x,go=rX`).
@@ -234,7 +258,7 @@ impl ModeChange {
     }
 }
 
-/// Applies a symbolic chmod (`[ugoa]*[+-=][rwxXst]*`, comma-separated).
+/// Applies a symbolic chmod (`[ugoa]*[+-=]([rwxXst]*|[ugo])`, comma-separated).
 fn apply_symbolic(spec: &str, mut mode: u32, is_dir: bool) -> u32 {
     for clause in spec.split(',') {
         let who_end = clause.find(['+', '-', '=']).unwrap_or(clause.len());
@@ -258,7 +282,12 @@ fn apply_symbolic(spec: &str, mut mode: u32, is_dir: bool) -> u32 {
             let perms = &rest[1..perms_end];
             let mut bits = 0u32;
             for c in perms.chars() {
+                // `g=u` and the like copy another class's current bits.
+                let copied = |shift: u32| ((mode >> shift) & 0o7) * 0o111;
                 bits |= match c {
+                    'u' => copied(6),
+                    'g' => copied(3),
+                    'o' => copied(0),
                     'r' => 0o444,
                     'w' => 0o222,
                     'x' => 0o111,
@@ -296,7 +325,16 @@ pub(crate) fn copy_tree(dest_root: &Path, src: &SourceView) -> Result<(), Failur
     copy(dest_root, src, &action)
 }
 
-/// Copies as `COPY`/`ADD` do. `dest_root` is the writable root.
+/// Copies as `COPY`/`ADD` do (BuildKit's copy semantics). `dest_root` is
+/// the writable root.
+///
+/// Directories the copy creates above what it copies get the permission
+/// bits of an octal `--chmod` (else 0755) and the `--chown` owner; the
+/// directory a directory's contents are copied into is never given the
+/// source directory's metadata (created like the parents when missing,
+/// left alone when it exists); directories inside the copy take the
+/// source's mode and owner, existing ones included; a directory that
+/// patterns exclude appears only when something inside it is copied.
 pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let time = time_of(a.timestamp);
@@ -306,6 +344,11 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
         Some(ModeChange::Octal(a.mode as u32))
     } else {
         None
+    };
+    // Directories the copy makes on the way.
+    let parent_perm = match mode {
+        Some(ModeChange::Octal(m)) => m & 0o777,
+        _ => 0o755,
     };
     let dest_is_dir = a.dest.ends_with('/') || a.dest.ends_with("/.") || a.dest == "." || a.dest.is_empty();
     let dest_clean = format!("/{}", clean_rel(&a.dest));
@@ -321,7 +364,6 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
     } else {
         dest_abs.parent().map(Path::to_path_buf).unwrap_or(dest_abs.clone())
     };
-    mkdir_all(&ensure, owner, time).map_err(Failure::io(Some("creating"), &a.dest))?;
 
     let srcs: Vec<String> = if a.allow_wildcard && has_wildcards(&clean_rel(&a.src)) {
         let found = match src {
@@ -357,6 +399,7 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
         exclude: pats(&a.exclude_patterns)?,
         replace: a.always_replace_existing_dest_paths,
         links: HashMap::new(),
+        pending: Vec::new(),
     };
     for rel in srcs {
         let src_abs = resolve_in_root(src.root(), &format!("/{rel}"), a.follow_symlink).map_err(Failure::io(None, &a.src))?;
@@ -370,13 +413,16 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
         };
         if a.attempt_unpack_docker_compatibility && meta.is_file() {
             if let Some(kind) = archive_kind(&src_abs) {
+                // An archive goes into `dest` made as a directory (0755: `--chmod` is not
+                // for archives), not through the copy's own parents.
                 let target = dest_abs.clone();
-                mkdir_all(&target, owner, time).map_err(Failure::io(None, &a.dest))?;
+                mkdir_all(&target, 0o755, owner, time).map_err(Failure::io(None, &a.dest))?;
                 unpack_archive(&src_abs, kind, &target, owner)
                     .map_err(|e| Failure::invalid(format!("extracting {rel}: {}", io_chain(&e))))?;
                 continue;
             }
         }
+        mkdir_all(&ensure, parent_perm, owner, time).map_err(Failure::io(Some("creating"), &a.dest))?;
         let mut dst = dest_abs.clone();
         let dst_meta = fs::metadata(&dst).ok();
         if (!a.dir_copy_contents && meta.is_dir() && dst_meta.is_some())
@@ -385,76 +431,163 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
             let base = Path::new(&rel).file_name().map(|n| n.to_os_string()).unwrap_or_default();
             dst = dst.join(base);
         }
-        let target_dir = if meta.is_dir() && !a.dir_copy_contents {
+        // A directory's contents go into `dst` itself, made like a parent.
+        let target_dir = if a.dir_copy_contents && meta.is_dir() && dst_meta.is_none() {
             dst.clone()
         } else {
             dst.parent().map(Path::to_path_buf).unwrap_or(dst.clone())
         };
-        mkdir_all(&target_dir, owner, time).map_err(Failure::io(None, &a.dest))?;
-        c.copy_entry(&src_abs, &rel_resolved, "", &dst, &meta)
+        mkdir_all(&target_dir, parent_perm, owner, time).map_err(Failure::io(None, &a.dest))?;
+        c.copy_entry(&src_abs, &rel_resolved, "", &dst, &meta, false)
             .map_err(Failure::io(Some("copying"), &rel))?;
     }
     Ok(())
 }
 
+/// A directory the copy entered without copying it (patterns left it out),
+/// made only when something inside it is copied.
+struct Pending {
+    src: PathBuf,
+    dst: PathBuf,
+    made: bool,
+}
+
 impl Copier<'_> {
-    fn filtered(&self, rel_in_copy: &str, is_dir: bool) -> bool {
+    /// Whether the copy's own patterns (`--exclude`, `--parents`' include)
+    /// leave `rel_in_copy` in.
+    fn included(&self, rel_in_copy: &str) -> bool {
         if rel_in_copy.is_empty() {
-            return false;
+            return true;
         }
         if let Some(inc) = &self.include {
-            if !(inc.matches(rel_in_copy) || is_dir && inc.may_contain_match(rel_in_copy)) {
-                return true;
+            if !inc.matches(rel_in_copy) {
+                return false;
             }
         }
-        self.exclude
-            .as_ref()
-            .is_some_and(|e| e.matches(rel_in_copy) && !(is_dir && e.has_exceptions()))
+        !self.exclude.as_ref().is_some_and(|e| e.matches(rel_in_copy))
     }
 
-    fn copy_entry(&mut self, src: &Path, src_rel: &str, rel_in_copy: &str, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    /// Whether a directory left out may still hold something copied.
+    fn may_hold_included(&self, rel_in_copy: &str) -> bool {
+        let inc = self
+            .include
+            .as_ref()
+            .is_none_or(|i| i.matches(rel_in_copy) || i.may_contain_match(rel_in_copy));
+        let exc = match &self.exclude {
+            Some(e) if e.matches(rel_in_copy) => e.has_exceptions(),
+            _ => true,
+        };
+        inc && exc
+    }
+
+    /// The owner, mode and times a copied entry gets, BuildKit's order:
+    /// owner first (it clears setuid bits), then mode, then times.
+    fn set_info(&self, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
         let ft = meta.file_type();
         let owner = self.owner.unwrap_or(Owner {
             uid: meta.uid(),
             gid: meta.gid(),
         });
-        let mode = match &self.mode {
-            Some(m) => m.apply(meta.mode(), ft.is_dir()),
-            None => meta.mode() & 0o7777,
-        };
+        lchown(dst, owner)?;
+        if !ft.is_symlink() {
+            let mode = match &self.mode {
+                Some(m) => m.apply(meta.mode(), ft.is_dir()),
+                None => meta.mode() & 0o7777,
+            };
+            fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
+        }
         let (secs, nanos) = match self.time {
             Some(t) => (t / 1_000_000_000, t % 1_000_000_000),
             None => (meta.mtime(), meta.mtime_nsec()),
         };
-        let existing = fs::symlink_metadata(dst).ok();
-        if ft.is_dir() {
-            match &existing {
-                Some(m) if m.is_dir() => {}
-                Some(_) => {
-                    fs::remove_file(dst)?;
-                    fs::create_dir(dst)?;
-                }
-                None => fs::create_dir(dst)?,
+        set_mtime_nofollow(dst, secs, nanos)
+    }
+
+    /// Makes the directories entered but not yet made, outermost first.
+    fn make_pending(&mut self, overwrite: bool) -> io::Result<()> {
+        for i in 0..self.pending.len() {
+            if self.pending[i].made {
+                continue;
             }
+            let (src, dst) = (self.pending[i].src.clone(), self.pending[i].dst.clone());
+            let meta = fs::metadata(&src)?;
+            if directory_only(&dst, &meta, overwrite)? {
+                self.set_info(&dst, &meta)?;
+            }
+            self.pending[i].made = true;
+        }
+        Ok(())
+    }
+
+    /// Copies one entry; `overwrite` (below the copy's top) gives existing
+    /// directories the source's metadata.
+    fn copy_entry(
+        &mut self,
+        src: &Path,
+        src_rel: &str,
+        rel_in_copy: &str,
+        dst: &Path,
+        meta: &fs::Metadata,
+        overwrite: bool,
+    ) -> io::Result<()> {
+        let ft = meta.file_type();
+        let include = self.src.included(src_rel, ft.is_dir()) && self.included(rel_in_copy);
+        if !include && !ft.is_dir() {
+            return Ok(());
+        }
+        let existing = fs::symlink_metadata(dst).ok();
+        if include {
+            self.make_pending(overwrite)?;
+        }
+        if ft.is_dir() {
+            let created = if include {
+                if let Some(m) = &existing {
+                    if !m.is_dir() {
+                        if self.replace {
+                            fs::remove_file(dst)?;
+                        } else {
+                            return Err(io::Error::other(format!("cannot copy to non-directory: {}", dst.display())));
+                        }
+                    }
+                }
+                directory_only(dst, meta, overwrite)?
+            } else {
+                if !(self.src.may_hold_included(src_rel) && self.may_hold_included(rel_in_copy)) {
+                    return Ok(());
+                }
+                false
+            };
+            self.pending.push(Pending {
+                src: src.to_path_buf(),
+                dst: dst.to_path_buf(),
+                made: include,
+            });
             let mut names: Vec<_> = fs::read_dir(src)?.flatten().map(|e| e.file_name()).collect();
             names.sort();
+            let mut result = Ok(());
             for n in names {
                 let name = n.to_string_lossy();
                 let child_src = src.join(&n);
-                let child_meta = fs::symlink_metadata(&child_src)?;
+                let child_meta = match fs::symlink_metadata(&child_src) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                };
                 let child_rel = join_rel(src_rel, &name);
-                if !self.src.visible(&child_rel, child_meta.is_dir()) {
-                    continue;
-                }
                 let child_in_copy = join_rel(rel_in_copy, &name);
-                if self.filtered(&child_in_copy, child_meta.is_dir()) {
-                    continue;
+                result = self.copy_entry(&child_src, &child_rel, &child_in_copy, &dst.join(&n), &child_meta, true);
+                if result.is_err() {
+                    break;
                 }
-                self.copy_entry(&child_src, &child_rel, &child_in_copy, &dst.join(&n), &child_meta)?;
             }
-            lchown(dst, owner)?;
-            fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
-            set_mtime_nofollow(dst, secs, nanos)?;
+            self.pending.pop();
+            result?;
+            // The top of a copy keeps an existing directory's metadata.
+            if include && (created || overwrite) {
+                self.set_info(dst, meta)?;
+            }
             return Ok(());
         }
         if let Some(m) = &existing {
@@ -470,9 +603,7 @@ impl Copier<'_> {
         }
         if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
-            lchown(dst, owner)?;
-            set_mtime_nofollow(dst, secs, nanos)?;
-            return Ok(());
+            return self.set_info(dst, meta);
         }
         if ft.is_file() {
             if meta.nlink() > 1 {
@@ -484,13 +615,30 @@ impl Copier<'_> {
                 self.links.insert(key, dst.to_path_buf());
             }
             fs::copy(src, dst)?;
-        } else if !crate::fsutil::make_special(dst, meta, mode)? {
+        } else if !crate::fsutil::make_special(dst, meta, meta.mode() & 0o7777)? {
             return Ok(()); // sockets are not copied
         }
-        lchown(dst, owner)?;
-        fs::set_permissions(dst, fs::Permissions::from_mode(mode))?;
-        set_mtime_nofollow(dst, secs, nanos)?;
-        Ok(())
+        self.set_info(dst, meta)
+    }
+}
+
+/// Makes `dst` a directory with `meta`'s mode when missing (true: made);
+/// gives an existing one `meta`'s mode when `overwrite`.
+fn directory_only(dst: &Path, meta: &fs::Metadata, overwrite: bool) -> io::Result<bool> {
+    match fs::symlink_metadata(dst) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir(dst)?;
+            fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+        Ok(m) if !m.is_dir() => Err(io::Error::other(format!("cannot copy to non-directory: {}", dst.display()))),
+        Ok(_) => {
+            if overwrite {
+                fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            }
+            Ok(false)
+        }
     }
 }
 
@@ -568,6 +716,12 @@ fn is_tar_header(h: &[u8; 512]) -> bool {
     stored == Some(sum) && h[0] != 0
 }
 
+/// Extracts an archive into `dest` as Docker's and BuildKit's untar does:
+/// the archive's own root entry (`./`) leaves `dest` as it is; each entry
+/// gets the header's owner (or `owner`, `ADD --chown`) and then the
+/// header's mode, so setuid and setgid bits survive the chown; fifos and
+/// devices are made as such; a hard link's header gives the shared inode
+/// its owner and mode. `--chmod` does not apply to archive entries.
 fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
     let mut ar = tar::Archive::new(open_archive(src, kind)?);
     ar.set_preserve_permissions(true);
@@ -578,13 +732,53 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
     for entry in ar.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
+        let rel = clean_rel(&path.to_string_lossy());
+        if rel.is_empty() {
+            continue;
+        }
+        let header = entry.header();
         let from_tar = Owner {
-            uid: entry.header().uid().unwrap_or(0) as u32,
-            gid: entry.header().gid().unwrap_or(0) as u32,
+            uid: header.uid().unwrap_or(0) as u32,
+            gid: header.gid().unwrap_or(0) as u32,
         };
-        if entry.unpack_in(dest)? {
-            let target = dest.join(&path);
-            lchown(&target, owner.unwrap_or(from_tar))?;
+        let mode = header.mode().unwrap_or(0o644) & 0o7777;
+        let kind = header.entry_type();
+        let target = resolve_in_root(dest, &format!("/{rel}"), false)?;
+        let special = match kind {
+            tar::EntryType::Fifo => Some(rustix::fs::FileType::Fifo),
+            tar::EntryType::Char => Some(rustix::fs::FileType::CharacterDevice),
+            tar::EntryType::Block => Some(rustix::fs::FileType::BlockDevice),
+            _ => None,
+        };
+        if let Some(node) = special {
+            // Writers leave a fifo's device fields blank.
+            let dev = rustix::fs::makedev(
+                header.device_major().ok().flatten().unwrap_or(0),
+                header.device_minor().ok().flatten().unwrap_or(0),
+            );
+            if let Some(parent) = target.parent() {
+                mkdir_all(parent, 0o755, None, None)?;
+            }
+            if fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+                fs::remove_file(&target)?;
+            }
+            rustix::fs::mknodat(rustix::fs::CWD, &target, node, rustix::fs::Mode::from_raw_mode(mode), dev)?;
+        } else if kind == tar::EntryType::Link {
+            let Some(name) = entry.link_name()? else { continue };
+            let linked = resolve_in_root(dest, &format!("/{}", clean_rel(&name.to_string_lossy())), false)?;
+            if let Some(parent) = target.parent() {
+                mkdir_all(parent, 0o755, None, None)?;
+            }
+            if fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
+                fs::remove_file(&target)?;
+            }
+            fs::hard_link(&linked, &target)?;
+        } else if !entry.unpack_in(dest)? {
+            continue;
+        }
+        lchown(&target, owner.unwrap_or(from_tar))?;
+        if kind != tar::EntryType::Symlink {
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
         }
     }
     Ok(())
@@ -866,5 +1060,9 @@ mod tests {
         assert_eq!(apply_symbolic("go=rX", 0o600, false), 0o644);
         assert_eq!(apply_symbolic("a-w", 0o666, false), 0o444);
         assert_eq!(apply_symbolic("u=rw,g=r,o=", 0o777, false), 0o640);
+        // Copying a class: `g=u` gives the group what the owner has.
+        assert_eq!(apply_symbolic("g=u", 0o755, false), 0o775);
+        assert_eq!(apply_symbolic("g=u", 0o644, false), 0o664);
+        assert_eq!(apply_symbolic("o=g,g-w", 0o670, false), 0o657);
     }
 }

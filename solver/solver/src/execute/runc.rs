@@ -393,7 +393,7 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     spec.set_mounts(Some(mounts));
 
     let cwd_host = resolve_in_root(step.rootfs, &cwd, true).map_err(Failure::io(Some("working directory"), &cwd))?;
-    mkdir_all(&cwd_host, None, None).map_err(Failure::io(Some("creating working directory"), &cwd))?;
+    mkdir_all(&cwd_host, 0o755, None, None).map_err(Failure::io(Some("creating working directory"), &cwd))?;
 
     if let Some(process) = spec.process_mut() {
         process.set_args(Some(meta.args.clone()));
@@ -407,7 +407,13 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         let user = process.user_mut();
         user.set_uid(owner.uid);
         user.set_gid(owner.gid);
-        user.set_additional_gids(if extra_gids.is_empty() { None } else { Some(extra_gids) });
+        // As BuildKit: the supplementary groups, the primary group first
+        // unless it is one of them (so `id` lists it in groups=).
+        let mut gids = extra_gids;
+        if !gids.contains(&owner.gid) {
+            gids.insert(0, owner.gid);
+        }
+        user.set_additional_gids(Some(gids));
         process.set_no_new_privileges(Some(!insecure));
         if let Some(caps) = process.capabilities().clone() {
             let set: HashSet<Capability> = if insecure {

@@ -165,10 +165,19 @@ impl LocalSource {
         let include = json_list(attrs, "local.includepattern")?;
         let mut follow = json_list(attrs, "local.followpaths")?;
         let exclude = json_list(attrs, "local.excludepatterns")?;
-        // Follow paths are needed as well as includes.
+        // Follow paths are needed as well as includes, and so is where their
+        // symlinks lead (`COPY link-to-dir/file` reads the linked file).
         let mut inc = include;
         if !inc.is_empty() {
+            let targets: Vec<String> = follow
+                .iter()
+                .filter(|p| !has_wildcards(p))
+                .filter_map(|p| crate::fsutil::resolve_in_root(&dir, &format!("/{}", clean_rel(p)), true).ok())
+                .filter_map(|t| t.strip_prefix(&dir).ok().map(|r| r.to_string_lossy().into_owned()))
+                .filter(|r| !r.is_empty())
+                .collect();
             inc.append(&mut follow);
+            inc.extend(targets);
         }
         Ok(LocalSource {
             name: name.to_string(),
