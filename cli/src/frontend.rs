@@ -176,11 +176,7 @@ pub enum Chosen {
 pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Chosen, String> {
     let Some(name) = syntax else { return Ok(Chosen::Builtin) };
     let bare = name.trim_start_matches("docker.io/");
-    if name == "dockerfile"
-        || bare.starts_with("docker/dockerfile:")
-        || bare.starts_with("docker/dockerfile@")
-        || bare == "docker/dockerfile"
-    {
+    if name == "dockerfile" || is_buildkit_dockerfile(bare) {
         return Ok(Chosen::Builtin);
     }
     if name == "recipe" {
@@ -225,6 +221,16 @@ pub fn choose_frontend(syntax: Option<&str>, definition_dir: &Path) -> Result<Ch
     Err(format!("no frontend for `# syntax={name}`: tried {}", tried.join("; ")))
 }
 
+/// Whether a `# syntax=` image (without `docker.io/`) is BuildKit's own
+/// Dockerfile frontend: `docker/dockerfile` or, as BuildKit's own
+/// Dockerfiles name it, `docker/dockerfile-upstream`, with any tag or digest.
+fn is_buildkit_dockerfile(bare: &str) -> bool {
+    ["docker/dockerfile", "docker/dockerfile-upstream"].iter().any(|image| {
+        bare.strip_prefix(image)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(':') || rest.starts_with('@'))
+    })
+}
+
 /// The newest BuildKit Dockerfile frontend whose features the built-in frontend covers.
 pub const COVERED_DOCKERFILE_VERSION: (u32, u32) = (1, 14);
 
@@ -234,7 +240,12 @@ pub const COVERED_DOCKERFILE_VERSION: (u32, u32) = (1, 14);
 /// `latest` and `dockerfile`.
 pub fn version_warning(syntax: &str) -> Option<String> {
     let bare = syntax.trim_start_matches("docker.io/");
-    let rest = bare.strip_prefix("docker/dockerfile")?;
+    if !is_buildkit_dockerfile(bare) {
+        return None;
+    }
+    let rest = bare
+        .strip_prefix("docker/dockerfile-upstream")
+        .or_else(|| bare.strip_prefix("docker/dockerfile"))?;
     let (major, minor) = COVERED_DOCKERFILE_VERSION;
     let covered = format!("kiln's built-in Dockerfile frontend covers the docker/dockerfile:{major}.{minor} feature set");
     if rest.contains('@') {
@@ -251,6 +262,10 @@ pub fn version_warning(syntax: &str) -> Option<String> {
     }
     let parts: Vec<u32> = version.split('.').map_while(|p| p.parse().ok()).collect();
     match parts.as_slice() {
+        // `docker/dockerfile-upstream:master` and other branch builds.
+        [] if version != "latest" && bare.starts_with("docker/dockerfile-upstream") => Some(format!(
+            "{covered}; `{syntax}` is a development build of BuildKit's frontend, whose newer features will be reported as errors"
+        )),
         [] => None,
         [m, ..] if *m > major => Some(format!("{covered}; `{syntax}` asks for a newer major version")),
         [m, n, ..] if *m == major && *n > minor => Some(format!(
@@ -375,6 +390,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn buildkit_dockerfile_images_are_the_builtin_frontend() {
+        let here = Path::new(".");
+        for builtin in [
+            "dockerfile",
+            "docker/dockerfile",
+            "docker/dockerfile:1",
+            "docker.io/docker/dockerfile:1.7-labs",
+            "docker/dockerfile@sha256:abc",
+            "docker/dockerfile-upstream:master",
+            "docker.io/docker/dockerfile-upstream:1.20",
+        ] {
+            assert!(matches!(choose_frontend(Some(builtin), here), Ok(Chosen::Builtin)), "{builtin}");
+        }
+        // Other images under docker/ are not BuildKit's frontend.
+        assert!(matches!(
+            choose_frontend(Some("docker/dockerfile-extra:1"), here),
+            Ok(Chosen::Artifact(_))
+        ));
+    }
+
+    #[test]
     fn buildkit_versions_beyond_the_covered_set_get_a_warning() {
         for quiet in [
             "docker/dockerfile:1",
@@ -382,6 +418,7 @@ mod tests {
             "docker.io/docker/dockerfile:1.14.1",
             "docker/dockerfile",
             "dockerfile",
+            "docker/dockerfile-upstream:1.7",
         ] {
             assert_eq!(version_warning(quiet), None, "{quiet}");
         }
@@ -391,6 +428,8 @@ mod tests {
             "docker/dockerfile:1.7-labs",
             "docker/dockerfile:labs",
             "docker/dockerfile@sha256:abc",
+            "docker/dockerfile-upstream:master",
+            "docker/dockerfile-upstream:1.20",
         ] {
             let w = version_warning(loud).unwrap_or_else(|| panic!("{loud}: no warning"));
             assert!(w.contains("covers the docker/dockerfile:1.14 feature set"), "{w}");

@@ -138,3 +138,38 @@ fn named_contexts_replace_images_and_stages() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such directory"));
 }
+
+/// Every file of the real-world corpus, through the CLI as a user runs it
+/// (`# syntax=` chosen by the CLI, not only the library compile the corpus
+/// test uses): `kiln dump-llb --no-resolve` succeeds on each.
+#[test]
+fn every_real_world_dockerfile_dumps_through_the_cli() {
+    let Some(corpus) = kiln_test_support::shared("every_real_world_dockerfile_dumps_through_the_cli", "conformance/real-world") else {
+        return;
+    };
+    fn files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).expect("read corpus").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(&p, out);
+            } else if !matches!(p.file_name().and_then(|n| n.to_str()), Some("README.md" | "SOURCE")) {
+                out.push(p);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    files(&corpus, &mut all);
+    assert!(all.len() >= 254, "{} files", all.len());
+    let scratch = scratch_dir("real-world");
+    let failed: Vec<String> = all
+        .iter()
+        .filter_map(|f| {
+            let out = kiln(
+                &["dump-llb", "--no-resolve", "--format", "pb", "-f", &f.to_string_lossy(), "."],
+                &scratch,
+            );
+            (!out.status.success()).then(|| format!("{}: {}", f.display(), String::from_utf8_lossy(&out.stderr)))
+        })
+        .collect();
+    assert!(failed.is_empty(), "{} of {} fail:\n{}", failed.len(), all.len(), failed.join("\n"));
+}
