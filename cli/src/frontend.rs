@@ -70,7 +70,8 @@ pub struct Compiled {
 
 /// Reads the Dockerfile and `.dockerignore`, runs the frontend, renders its
 /// diagnostics on `err`; returns what it compiled or an exit code.
-pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Result<Compiled, i32> {
+/// `no_resolve` is the command's `--no-resolve` (None: it has no such flag).
+pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Write) -> Result<Compiled, i32> {
     let path = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
     let definition = std::fs::read(&path).map_err(|e| {
         let _ = writeln!(err, "error: cannot read Dockerfile {}: {e}", path.display());
@@ -95,7 +96,7 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
         }
     }
     let cli_host;
-    let host: &dyn kiln_frontend::Host = if no_resolve {
+    let host: &dyn kiln_frontend::Host = if no_resolve == Some(true) {
         &OfflineHost
     } else {
         let mut h = CliHost::new(&request.named_contexts, crate::host::state_root(args.root.as_deref())).map_err(|msg| {
@@ -103,6 +104,7 @@ pub fn compile(args: &FrontendArgs, no_resolve: bool, err: &mut dyn Write) -> Re
             EXIT_USAGE
         })?;
         h.skip_store = args.pull;
+        h.can_skip_resolve = no_resolve.is_some();
         cli_host = h;
         &cli_host
     };

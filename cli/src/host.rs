@@ -26,6 +26,8 @@ pub struct CliHost {
     runtime: OnceLock<Result<tokio::runtime::Runtime, String>>,
     /// Ask the registry even when the store has the tag (`--pull`).
     pub skip_store: bool,
+    /// The command has `--no-resolve` (so its errors may suggest it).
+    pub can_skip_resolve: bool,
 }
 
 impl CliHost {
@@ -61,6 +63,7 @@ impl CliHost {
             registry: RegistryClient::new(Credentials::from_docker_config()),
             runtime: OnceLock::new(),
             skip_store: false,
+            can_skip_resolve: false,
         })
     }
 }
@@ -111,12 +114,41 @@ impl Host for CliHost {
                     config: found.config,
                 }))
             }
-            Err(e) => Err(HostError {
-                message: format!(
-                    "not found: no --build-context names it, {store_error}, and the registry lookup failed: {e} \
-                     (pass --build-context {reference}=oci-layout:///PATH[:TAG], or --no-resolve to compile without base image configs)"
-                ),
-            }),
+            Err(e) => {
+                // Say what the registry said: unreachable is not "not found".
+                let reason = match &e {
+                    kiln_oci::RegistryError::Fetch { registry, message } if is_connection_error(message) => {
+                        format!("the registry lookup failed: cannot connect to {registry}: {message}")
+                    }
+                    other => format!("the registry lookup failed: {other}"),
+                };
+                let skip = if self.can_skip_resolve {
+                    ", or --no-resolve to compile without base image configs"
+                } else {
+                    ""
+                };
+                Err(HostError {
+                    message: format!(
+                        "{reason}; no --build-context names it and {store_error} \
+                         (pass --build-context {reference}=oci-layout:///PATH[:TAG]{skip})"
+                    ),
+                })
+            }
         }
     }
+}
+
+/// Whether a registry client's error is about reaching the registry at all.
+fn is_connection_error(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "connection refused",
+        "error sending request",
+        "dns error",
+        "timed out",
+        "connection reset",
+        "unreachable",
+    ]
+    .iter()
+    .any(|s| m.contains(s))
 }

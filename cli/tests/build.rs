@@ -1208,6 +1208,8 @@ fn load_hands_the_image_to_docker_or_says_there_is_none() {
     if docker_up {
         ok(&out);
         assert!(err.contains("Loaded image: kiln-load-test:1"), "{err}");
+        // The tarball --load went through is gone; the summary does not name it.
+        assert!(err.contains("wrote the image into Docker") && !err.contains("/kiln-load-"), "{err}");
         let run = Command::new(&docker)
             .args(["run", "--rm", "kiln-load-test:1"])
             .output()
@@ -1250,6 +1252,27 @@ fn bind_and_tmpfs_mounts() {
     assert!(
         !local.join("mnt").exists() && !local.join("t").exists() && !local.join("ctx").exists(),
         "mount points do not stay"
+    );
+}
+
+#[test]
+fn a_missing_bind_mount_source_is_named() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("bind-missing");
+    s.write("present.txt", "here\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN --mount=type=bind,source=nope.txt,target=/etc/extra.crt cat /etc/extra.crt\n",
+    );
+    let out = s.build(&["--progress", "plain"]);
+    assert_eq!(out.status.code(), Some(kiln_cli::EXIT_STEP), "a step failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"/nope.txt\" not found"), "{err}");
+    assert!(
+        !err.contains("runc") && !err.contains(&s.root().display().to_string()),
+        "no runtime error or internal path: {err}"
     );
 }
 

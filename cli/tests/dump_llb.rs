@@ -69,8 +69,14 @@ fn unresolvable_base_image_names_the_image_and_why() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("127.0.0.1:9/nope:1"), "{err}");
-    assert!(err.contains("registry lookup failed"), "{err}");
+    assert!(err.contains("registry lookup failed: cannot connect to 127.0.0.1:9"), "{err}");
+    assert!(!err.contains("not found"), "unreachable is not \"not found\": {err}");
     assert!(err.contains("--no-resolve"), "{err}");
+    // `kiln build` has no --no-resolve: its hint does not name one.
+    let build = kiln(&["build", "--progress", "plain", "."], &dir);
+    let build_err = String::from_utf8_lossy(&build.stderr);
+    assert!(build_err.contains("cannot connect to 127.0.0.1:9"), "{build_err}");
+    assert!(!build_err.contains("--no-resolve"), "{build_err}");
 }
 
 #[test]

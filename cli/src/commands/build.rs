@@ -241,7 +241,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     let root = crate::host::state_root(args.frontend.root.as_deref());
     // The solver starts while the frontend runs.
     let solver = crate::solver_client::Started::new(&root);
-    let compiled = match compile(&args.frontend, false, err) {
+    let compiled = match compile(&args.frontend, None, err) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -361,15 +361,25 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                     }
                 }
             }
+            // The tarball --load goes through is gone: name what the user has.
+            let mut wrote: Vec<String> = r
+                .exported
+                .iter()
+                .filter(|e| load_tar.as_ref().is_none_or(|t| Path::new(e.as_str()) != t.as_path()))
+                .cloned()
+                .collect();
+            if load_tar.is_some() {
+                wrote.push("the image into Docker (docker load)".into());
+            }
             let _ = writeln!(
                 err,
                 "done: {} steps ran, {} cached{}",
                 r.executed,
                 r.cached,
-                if r.exported.is_empty() {
+                if wrote.is_empty() {
                     String::new()
                 } else {
-                    format!("; wrote {}", r.exported.join(", "))
+                    format!("; wrote {}", wrote.join(", "))
                 }
             );
             EXIT_OK

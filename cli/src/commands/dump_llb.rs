@@ -46,7 +46,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                 return EXIT_OTHER;
             }
         },
-        None => match compile(&args.frontend, args.no_resolve, err) {
+        None => match compile(&args.frontend, Some(args.no_resolve), err) {
             Ok(c) => c.definition,
             Err(code) => return code,
         },

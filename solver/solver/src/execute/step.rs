@@ -167,7 +167,13 @@ pub(crate) async fn exec(
         let path = if m.selector.is_empty() || m.selector == "/" {
             mounted.path().to_path_buf()
         } else {
-            crate::fsutil::resolve_in_root(mounted.path(), &m.selector, true).map_err(Failure::io(None, &m.selector))?
+            let p = crate::fsutil::resolve_in_root(mounted.path(), &m.selector, true).map_err(Failure::io(None, &m.selector))?;
+            // As BuildKit: a missing mount source is named before anything
+            // runs, not left to the runtime's mount error.
+            if fs::symlink_metadata(&p).is_err() {
+                return Err(Failure::invalid(format!("\"/{}\" not found", m.selector.trim_start_matches('/'))));
+            }
+            p
         };
         if m.dest == "/" {
             rootfs = Some(path);
