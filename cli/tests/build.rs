@@ -352,6 +352,53 @@ fn rebuilds_run_only_what_changed() {
 }
 
 #[test]
+fn a_bind_mount_from_the_context_is_keyed_on_what_it_mounts() {
+    if !can_build() {
+        return;
+    }
+    // The pattern Docker's guides teach: a bind mount of one context file
+    // for a dependency step, the sources copied later.
+    let s = Setup::new("bind-key");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\n\
+         RUN --mount=type=bind,source=deps.txt,target=/deps.txt cat /deps.txt > /installed\n\
+         RUN --mount=type=bind,source=conf,target=/conf cat /conf/a > /conf-a\n\
+         COPY app.py /app.py\n",
+    );
+    s.write("deps.txt", "dep-1\n");
+    s.write("conf/a", "a1\n");
+    s.write("app.py", "print(1)\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 4, "{:?}", ran(&events));
+
+    // The app changed: the mounting steps are cache hits.
+    s.write("app.py", "print(2)\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    let r = ran(&events);
+    assert_eq!(r.len(), 1, "only the COPY runs: {r:?}");
+    assert!(r[0].contains("COPY app.py"), "{r:?}");
+
+    // What a step mounts changed: that step (and what follows it) runs.
+    s.write("deps.txt", "dep-2\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    let r = ran(&events);
+    assert!(r.iter().any(|n| n.contains("cat /deps.txt")), "{r:?}");
+    s.write("conf/b", "new file in the mounted directory\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    let r = ran(&events);
+    assert!(
+        r.iter().any(|n| n.contains("cat /conf/a")),
+        "a file added under a mounted directory counts: {r:?}"
+    );
+    assert!(!r.iter().any(|n| n.contains("cat /deps.txt")), "{r:?}");
+}
+
+#[test]
 fn independent_stages_run_at_once() {
     if !can_build() {
         return;

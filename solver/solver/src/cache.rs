@@ -13,8 +13,10 @@
 //!    [`input_contribution`]); a local source contributes instead a hash of
 //!    its key and the content checksum of what the consumer reads of it
 //!    ([`local_read_key`]): the copied paths for a FileOp that only copies
-//!    from it, everything it includes for any other consumer. So a changed
-//!    context file re-runs only the steps that read it.
+//!    from it, the mounted paths for an ExecOp that only bind-mounts parts
+//!    of it (`RUN --mount=type=bind,source=go.mod`), everything it includes
+//!    for any other consumer. So a changed context file re-runs only the
+//!    steps that read it.
 //! 4. Never in a key: proxy settings of a RUN (BuildKit's rule: a proxy
 //!    changes how a step reaches the network, not what it makes), the
 //!    contents of cache mounts, secret values and SSH sockets (only their

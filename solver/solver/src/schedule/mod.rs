@@ -654,9 +654,22 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// For a FileOp whose input `i` is only read by copies, the copies' source
-/// selectors `(src, allow_wildcard, follow_symlink)`.
+/// The paths a consumer reads of its input `i`, `(path, allow_wildcard,
+/// follow_symlink)`, when it reads only parts of it: a FileOp that only
+/// copies from it (the copies' sources), an ExecOp that only bind-mounts
+/// parts of it (the mounts' source paths). None: it reads all of it.
 fn copy_selectors(op: &pb::Op, i: i64) -> Option<Vec<(String, bool, bool)>> {
+    if let Some(pb::op::Op::Exec(e)) = &op.op {
+        let mut out = Vec::new();
+        for m in e.mounts.iter().filter(|m| m.input == i) {
+            let whole = m.selector.is_empty() || m.selector == "/";
+            if whole || m.dest == "/" || m.mount_type != pb::MountType::Bind as i32 {
+                return None;
+            }
+            out.push((m.selector.clone(), false, true));
+        }
+        return (!out.is_empty()).then_some(out);
+    }
     let Some(pb::op::Op::File(f)) = &op.op else { return None };
     let mut out = Vec::new();
     for a in &f.actions {
