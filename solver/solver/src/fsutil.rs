@@ -239,6 +239,53 @@ pub(crate) fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32>
         })
 }
 
+/// The extended attributes of `path` (a symlink's own), except those of
+/// overlayfs (`trusted.overlay.*`: they describe the layer, not the file).
+/// A filesystem without extended attributes has none.
+pub(crate) fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let unsupported = |e: &rustix::io::Errno| *e == rustix::io::Errno::NOTSUP || *e == rustix::io::Errno::OPNOTSUPP;
+    let size = match rustix::fs::llistxattr_query(path) {
+        Ok(0) => return Ok(Vec::new()),
+        Ok(n) => n,
+        Err(e) if unsupported(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut names = vec![0u8; size];
+    let n = rustix::fs::llistxattr(path, &mut names[..])?;
+    names.truncate(n);
+    let mut out = Vec::new();
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let Ok(name) = std::str::from_utf8(name) else { continue };
+        if name.starts_with("trusted.overlay.") {
+            continue;
+        }
+        let len = match rustix::fs::lgetxattr_query(path, name) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::NODATA) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut value = vec![0u8; len];
+        let got = rustix::fs::lgetxattr(path, name, &mut value[..])?;
+        value.truncate(got);
+        out.push((name.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// Gives `dst` the extended attributes of `src` (after its owner and mode
+/// are set: a chown clears `security.capability`). Attributes the
+/// destination cannot hold (a symlink's `user.*`) are skipped.
+pub(crate) fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
+    for (name, value) in xattrs(src)? {
+        match rustix::fs::lsetxattr(dst, name.as_str(), &value, rustix::fs::XattrFlags::empty()) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::PERM | rustix::io::Errno::NOTSUP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// A user's uid and primary gid from `root`'s `/etc/passwd` (a number is
 /// its own uid and gid).
 pub(crate) fn lookup_user(root: &Path, name: &str) -> io::Result<(u32, u32)> {

@@ -480,9 +480,10 @@ impl Copier<'_> {
         inc && exc
     }
 
-    /// The owner, mode and times a copied entry gets, BuildKit's order:
-    /// owner first (it clears setuid bits), then mode, then times.
-    fn set_info(&self, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    /// The owner, mode, times and extended attributes a copied entry gets,
+    /// BuildKit's order: owner first (it clears setuid bits and file
+    /// capabilities), then mode, times, and the source's xattrs.
+    fn set_info(&self, src: &Path, dst: &Path, meta: &fs::Metadata) -> io::Result<()> {
         let ft = meta.file_type();
         let owner = self.owner.unwrap_or(Owner {
             uid: meta.uid(),
@@ -500,7 +501,8 @@ impl Copier<'_> {
             Some(t) => (t / 1_000_000_000, t % 1_000_000_000),
             None => (meta.mtime(), meta.mtime_nsec()),
         };
-        set_mtime_nofollow(dst, secs, nanos)
+        set_mtime_nofollow(dst, secs, nanos)?;
+        crate::fsutil::copy_xattrs(src, dst)
     }
 
     /// Makes the directories entered but not yet made, outermost first.
@@ -512,7 +514,7 @@ impl Copier<'_> {
             let (src, dst) = (self.pending[i].src.clone(), self.pending[i].dst.clone());
             let meta = fs::metadata(&src)?;
             if directory_only(&dst, &meta, overwrite)? {
-                self.set_info(&dst, &meta)?;
+                self.set_info(&src, &dst, &meta)?;
             }
             self.pending[i].made = true;
         }
@@ -586,7 +588,7 @@ impl Copier<'_> {
             result?;
             // The top of a copy keeps an existing directory's metadata.
             if include && (created || overwrite) {
-                self.set_info(dst, meta)?;
+                self.set_info(src, dst, meta)?;
             }
             return Ok(());
         }
@@ -603,7 +605,7 @@ impl Copier<'_> {
         }
         if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(src)?, dst)?;
-            return self.set_info(dst, meta);
+            return self.set_info(src, dst, meta);
         }
         if ft.is_file() {
             if meta.nlink() > 1 {
@@ -618,7 +620,7 @@ impl Copier<'_> {
         } else if !crate::fsutil::make_special(dst, meta, meta.mode() & 0o7777)? {
             return Ok(()); // sockets are not copied
         }
-        self.set_info(dst, meta)
+        self.set_info(src, dst, meta)
     }
 }
 
@@ -721,7 +723,9 @@ fn is_tar_header(h: &[u8; 512]) -> bool {
 /// gets the header's owner (or `owner`, `ADD --chown`) and then the
 /// header's mode, so setuid and setgid bits survive the chown; fifos and
 /// devices are made as such; a hard link's header gives the shared inode
-/// its owner and mode. `--chmod` does not apply to archive entries.
+/// its owner and mode; PAX `SCHILY.xattr.*` records are set last (file
+/// capabilities survive the chown). `--chmod` does not apply to archive
+/// entries.
 fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
     let mut ar = tar::Archive::new(open_archive(src, kind)?);
     ar.set_preserve_permissions(true);
@@ -735,6 +739,19 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
         let rel = clean_rel(&path.to_string_lossy());
         if rel.is_empty() {
             continue;
+        }
+        // Extended attributes (file capabilities among them), set last: a
+        // chown clears `security.capability`.
+        let mut attrs: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(records) = entry.pax_extensions()? {
+            for record in records {
+                let record = record?;
+                if let (Ok(key), value) = (record.key(), record.value_bytes()) {
+                    if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                        attrs.push((name.to_string(), value.to_vec()));
+                    }
+                }
+            }
         }
         let header = entry.header();
         let from_tar = Owner {
@@ -779,6 +796,12 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
         lchown(&target, owner.unwrap_or(from_tar))?;
         if kind != tar::EntryType::Symlink {
             fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+        }
+        for (name, value) in &attrs {
+            match rustix::fs::lsetxattr(&target, name.as_str(), value, rustix::fs::XattrFlags::empty()) {
+                Ok(()) | Err(rustix::io::Errno::PERM | rustix::io::Errno::NOTSUP) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())
@@ -1011,6 +1034,34 @@ mod tests {
     }
 
     #[test]
+    fn archives_keep_file_capabilities_under_add_chown() {
+        let t = tempfile::tempdir().expect("tmp");
+        let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])
+            .expect("pax");
+        let mut h = tar::Header::new_ustar();
+        h.set_size(1);
+        h.set_mode(0o4755);
+        b.append_data(&mut h, "bin/ping", &b"x"[..]).expect("tar");
+        let archive = t.path().join("caps.tar");
+        fs::write(&archive, b.into_inner().expect("tar")).expect("write");
+        let dest = t.path().join("out");
+        fs::create_dir(&dest).expect("mkdir");
+        unpack_archive(&archive, Archive::Tar, &dest, Some(Owner { uid: 7, gid: 8 })).expect("unpack");
+        let ping = dest.join("bin/ping");
+        let meta = fs::metadata(&ping).expect("stat");
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (7, 8, 0o4755),
+            "owner, then mode: setuid kept"
+        );
+        let mut value = [0u8; 64];
+        let n = rustix::fs::lgetxattr(&ping, "security.capability", &mut value[..]).expect("capability kept");
+        assert_eq!(&value[..n], &cap);
+    }
+
+    #[test]
     fn add_recognises_compressed_tars_by_content() {
         let t = tempfile::tempdir().expect("tmp");
         let mut b = tar::Builder::new(Vec::new());
@@ -1051,6 +1102,33 @@ mod tests {
                 assert_eq!(fs::read(dest.join("x/y.txt")).expect("read"), b"hi", "{name}");
             }
         }
+    }
+
+    #[test]
+    fn copies_keep_file_capabilities_through_a_chown() {
+        let src = tempfile::tempdir().expect("tmp");
+        let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        fs::write(src.path().join("ping"), b"x").expect("write");
+        rustix::fs::lsetxattr(
+            src.path().join("ping"),
+            "security.capability",
+            &cap,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .expect("setting a file capability (needs root)");
+        let d = tempfile::tempdir().expect("tmp");
+        let mut a = copy_action("/ping", "/bin/");
+        a.owner = Some(pb::ChownOpt {
+            user: Some(pb::UserOpt {
+                user: Some(pb::user_opt::User::ById(7)),
+            }),
+            group: None,
+        });
+        copy(d.path(), &SourceView::Dir(src.path()), &a).expect("copy");
+        let mut value = [0u8; 64];
+        let n = rustix::fs::lgetxattr(d.path().join("bin/ping"), "security.capability", &mut value[..]).expect("capability kept");
+        assert_eq!(&value[..n], &cap);
+        assert_eq!(fs::metadata(d.path().join("bin/ping")).expect("stat").uid(), 7);
     }
 
     #[test]

@@ -86,6 +86,14 @@ pub(crate) fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io:
                 builder.append_data(&mut h, rel.join(wh), io::empty())?;
                 continue;
             }
+            // Extended attributes (file capabilities among them) travel as
+            // PAX records, as BuildKit writes them; a hard link's are its target's.
+            let attrs = crate::fsutil::xattrs(&path)?;
+            let repeated_link = meta.file_type().is_file() && meta.nlink() > 1 && links.contains_key(&(meta.dev(), meta.ino()));
+            if !attrs.is_empty() && !repeated_link {
+                let keys: Vec<String> = attrs.iter().map(|(k, _)| format!("SCHILY.xattr.{k}")).collect();
+                builder.append_pax_extensions(keys.iter().map(String::as_str).zip(attrs.iter().map(|(_, v)| v.as_slice())))?;
+            }
             let mut h = tar::Header::new_gnu();
             h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
             h.set_mtime(stamp(meta.mtime()));
@@ -278,6 +286,36 @@ pub(crate) fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) -> io::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `cap_net_raw=ep` as the kernel stores it (VFS_CAP_REVISION_2, effective).
+    const CAP_NET_RAW_EP: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[test]
+    fn file_capabilities_and_xattrs_round_trip_through_tar() {
+        let src = tempfile::tempdir().expect("tmp");
+        let ping = src.path().join("ping");
+        fs::write(&ping, b"#!/bin/true").expect("write");
+        // Owned by someone else: unpacking chowns it, which must not drop the capability.
+        crate::fsutil::lchown(&ping, crate::fsutil::Owner { uid: 7, gid: 7 }).expect("chown");
+        rustix::fs::lsetxattr(&ping, "security.capability", &CAP_NET_RAW_EP, rustix::fs::XattrFlags::empty())
+            .expect("setting a file capability (needs root)");
+        rustix::fs::lsetxattr(&ping, "trusted.overlay.origin", b"x", rustix::fs::XattrFlags::empty()).expect("trusted xattr");
+        let tar = write_tar(src.path(), Vec::new(), None).expect("tar");
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let mut entry = archive.entries().expect("entries").next().expect("one").expect("entry");
+        let keys: Vec<String> = entry
+            .pax_extensions()
+            .expect("pax")
+            .expect("pax records")
+            .map(|e| e.expect("record").key().expect("key").to_string())
+            .collect();
+        assert_eq!(keys, ["SCHILY.xattr.security.capability"], "overlayfs's own xattrs stay out");
+        let dest = tempfile::tempdir().expect("tmp");
+        unpack_layer(tar.as_slice(), dest.path()).expect("unpack");
+        let mut value = [0u8; 64];
+        let n = rustix::fs::lgetxattr(dest.path().join("ping"), "security.capability", &mut value[..]).expect("capability kept");
+        assert_eq!(&value[..n], &CAP_NET_RAW_EP);
+    }
 
     #[test]
     fn whiteouts_round_trip_through_tar() {
