@@ -1,6 +1,7 @@
 //! kiln's command-line interface, as a library: one module per command, a
 //! thin `main`. The only crate that prints.
 
+pub mod cancel;
 pub mod commands;
 pub mod diagnostics;
 pub mod frontend;

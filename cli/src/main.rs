@@ -7,5 +7,9 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // A cancelled build stops its solver before kiln exits.
+    if let Err(e) = kiln_cli::cancel::install() {
+        eprintln!("kiln: cannot catch SIGINT/SIGTERM ({e}); cancelling a build may leave its steps running");
+    }
     std::process::exit(kiln_cli::run(std::env::args_os()));
 }

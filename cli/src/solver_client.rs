@@ -56,38 +56,55 @@ impl Started {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("cannot start the solver {}: {e}", bin.display()))?;
+        crate::cancel::solver_started(child.id());
         Ok(Started { child: Some(child) })
     }
 
     /// Sends the request and reads the events until the solver ends;
     /// `on_event` sees each event as it arrives (`raw` is the line).
-    pub fn solve(mut self, request: &SolveRequest, mut on_event: impl FnMut(&Event, &str)) -> Result<Outcome, String> {
+    pub fn solve(mut self, request: &SolveRequest, on_event: impl FnMut(&Event, &str)) -> Result<Outcome, String> {
         let mut child = self.child.take().ok_or("the solver is gone")?;
-        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-        {
-            let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
-            stdin
-                .write_all(&body)
-                .map_err(|e| format!("sending the request to the solver: {e}"))?;
-        }
-        let stdout = child.stdout.take().ok_or("solver has no stdout")?;
-        let mut garbage = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let line = line.map_err(|e| format!("reading the solver's output: {e}"))?;
-            if line.is_empty() {
-                continue;
-            }
-            match Event::from_line(&line) {
-                Ok(ev) => on_event(&ev, &line),
-                Err(_) => garbage.push(line),
+        let outcome = talk(&mut child, request, on_event);
+        if outcome.is_err() {
+            // It may hold containers and mounts: let it clean up.
+            if let Some(pid) = i32::try_from(child.id()).ok().and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
             }
         }
-        let status = child.wait().map_err(|e| e.to_string())?;
-        Ok(Outcome {
-            exit_code: status.code().unwrap_or(-1),
-            garbage,
-        })
+        let status = child.wait().map_err(|e| e.to_string());
+        crate::cancel::solver_ended();
+        let mut outcome = outcome?;
+        outcome.exit_code = status?.code().unwrap_or(-1);
+        Ok(outcome)
     }
+}
+
+/// Sends the request to `child` and reads its events until it closes its
+/// output; the exit code is filled in by the caller.
+fn talk(child: &mut Child, request: &SolveRequest, mut on_event: impl FnMut(&Event, &str)) -> Result<Outcome, String> {
+    let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    if !crate::cancel::solver_busy() {
+        return Err("interrupted before the build started".into());
+    }
+    {
+        let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
+        stdin
+            .write_all(&body)
+            .map_err(|e| format!("sending the request to the solver: {e}"))?;
+    }
+    let stdout = child.stdout.take().ok_or("solver has no stdout")?;
+    let mut garbage = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("reading the solver's output: {e}"))?;
+        if line.is_empty() {
+            continue;
+        }
+        match Event::from_line(&line) {
+            Ok(ev) => on_event(&ev, &line),
+            Err(_) => garbage.push(line),
+        }
+    }
+    Ok(Outcome { exit_code: -1, garbage })
 }
 
 impl Drop for Started {
@@ -96,6 +113,7 @@ impl Drop for Started {
             // Nothing was sent: it holds no build state yet.
             let _ = child.kill();
             let _ = child.wait();
+            crate::cancel::solver_ended();
         }
     }
 }

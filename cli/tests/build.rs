@@ -558,6 +558,84 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
     assert!(tmp.is_empty(), "stale temp dirs removed");
 }
 
+/// Processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if contains(&cmdline, needle.as_bytes()) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_cancelled_build_stops_its_steps_at_once_and_caches_none_of_them() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("cancel");
+    let token = format!("cancel-token-{}", std::process::id());
+    s.write(
+        "Dockerfile",
+        &format!("FROM busybox\nRUN echo one > /one\nRUN echo started && sleep 60 && echo {token} > /marker\n"),
+    );
+    let base = s.base_arg();
+    // The second round proves the first cached nothing: the step starts again.
+    for (signal, code) in [("TERM", 143), ("INT", 130)] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_GC", "off")
+            .args(["build", "--progress", "rawjson", "--build-context", &base])
+            .arg(s.ctx())
+            .env("KILN_ROOT", s.root())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kiln");
+        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let saw = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|l| l.contains("\"type\":\"log\"") && l.contains("started"));
+        assert!(saw, "SIG{signal} round: the long step started (it was not cached)");
+        assert!(!processes_with(&token).is_empty(), "the step's shell runs");
+        let solver = children_of(child.id());
+        assert!(!solver.is_empty(), "the solver runs as a child");
+        // Only the CLI is signalled, as CI runners cancel a job.
+        let sent = std::time::Instant::now();
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
+        let rest: Vec<String> = lines.map_while(Result::ok).collect();
+        let status = child.wait().expect("wait");
+        let took = sent.elapsed();
+        assert_eq!(status.code(), Some(code), "SIG{signal} exits {code}: {rest:?}");
+        assert!(took < std::time::Duration::from_secs(5), "kiln stopped {took:?} after SIG{signal}");
+        assert!(
+            rest.iter().any(|l| l.contains(&format!("interrupted by SIG{signal}"))),
+            "says why it stopped: {rest:?}"
+        );
+        assert!(
+            solver.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists()),
+            "the solver is gone when kiln exits"
+        );
+        assert_eq!(processes_with(&token), Vec::<u32>::new(), "the step's processes are gone");
+        assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "no mounts left");
+        assert_eq!(containers(&s.root()), Vec::<String>::new(), "no containers left");
+        for dir in ["tmp", "mnt"] {
+            let left: Vec<_> = std::fs::read_dir(s.root().join(dir)).expect("dir").flatten().collect();
+            assert!(left.is_empty(), "nothing left in {dir}/: {left:?}");
+        }
+    }
+    // The root stays usable and keeps what finished before the signal.
+    s.write("Dockerfile", "FROM busybox\nRUN echo one > /one\nRUN echo quick\n");
+    let (out, events) = s.build_events(&[]);
+    ok(&out);
+    assert!(!ran(&events).iter().any(|n| n.contains("echo one")), "finished steps stay cached");
+}
+
 fn children_of(pid: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").expect("proc").flatten() {

@@ -317,7 +317,16 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         }
     }
     renderer.finish(err);
-    let outcome = match worker.join() {
+    let joined = worker.join();
+    if let Some(sig) = crate::cancel::caught() {
+        let _ = writeln!(
+            err,
+            "interrupted by {}: the build stopped; no step that was running was cached",
+            crate::cancel::name(sig)
+        );
+        return 128 + sig;
+    }
+    let outcome = match joined {
         Ok(Ok(o)) => o,
         Ok(Err(msg)) => {
             let _ = writeln!(err, "error: {msg}");
@@ -328,6 +337,11 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             return EXIT_OTHER;
         }
     };
+    if let Some((message, _, ErrorKind::Interrupted)) = &failure {
+        // Someone signalled the solver itself.
+        let _ = writeln!(err, "{message}: the build stopped; no step that was running was cached");
+        return if outcome.exit_code > 128 { outcome.exit_code } else { EXIT_OTHER };
+    }
     if let Some((message, digest, kind)) = failure {
         let tail = digest.as_deref().map(|d| renderer.tail_of(d)).unwrap_or_default();
         let name = digest.as_deref().and_then(|d| renderer.name_of(d));

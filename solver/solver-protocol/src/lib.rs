@@ -272,6 +272,8 @@ pub enum ErrorKind {
     Export,
     /// Anything else (state root, runtime missing, …).
     Internal,
+    /// A signal stopped the solve; the exit code is 128 + its number.
+    Interrupted,
 }
 
 /// What a successful solve produced.

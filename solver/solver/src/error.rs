@@ -210,7 +210,7 @@ impl SolveError {
         match self.kind() {
             ErrorKind::Request => exit::REQUEST,
             ErrorKind::Vertex => exit::VERTEX,
-            ErrorKind::Export | ErrorKind::Internal => exit::INTERNAL,
+            ErrorKind::Export | ErrorKind::Internal | ErrorKind::Interrupted => exit::INTERNAL,
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_solver::EventSink;
 use kiln_solver_protocol::{ErrorKind, Event};
+use tokio::signal::unix::SignalKind;
 
 /// Hashing a big context and walking layers allocate a lot; mimalloc is faster at it.
 #[global_allocator]
@@ -131,6 +132,12 @@ fn main() {
             other => usage(&format!("unknown argument {other:?}")),
         }
     }
+    // A client that dies without stopping the solve (SIGKILL) still stops it.
+    let parent = rustix::process::getppid();
+    let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    if rustix::process::getppid() != parent {
+        std::process::exit(kiln_solver::exit::INTERNAL);
+    }
     // The runtime starts while the request is still being written.
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -152,17 +159,23 @@ fn main() {
     let root_for_gc = root.clone();
     let code = rt.block_on(async {
         let solve = kiln_solver::run(&request, root, sink.clone());
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("kiln-solver: cannot watch SIGTERM: {e}");
+        let watch = |kind: SignalKind| tokio::signal::unix::signal(kind);
+        let (mut int, mut term, mut hup) = match (
+            watch(SignalKind::interrupt()),
+            watch(SignalKind::terminate()),
+            watch(SignalKind::hangup()),
+        ) {
+            (Ok(i), Ok(t), Ok(h)) => (i, t, h),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                eprintln!("kiln-solver: cannot watch SIGINT/SIGTERM/SIGHUP: {e}");
                 return kiln_solver::exit::INTERNAL;
             }
         };
         tokio::select! {
             code = solve => code,
-            _ = tokio::signal::ctrl_c() => interrupted(&sink),
-            _ = term.recv() => interrupted(&sink),
+            _ = int.recv() => interrupted(&sink, "SIGINT", 2),
+            _ = term.recv() => interrupted(&sink, "SIGTERM", 15),
+            _ = hup.recv() => interrupted(&sink, "SIGHUP", 1),
         }
     });
     if code == kiln_solver::exit::OK {
@@ -180,13 +193,15 @@ fn main() {
     std::process::exit(code);
 }
 
-fn interrupted(sink: &Arc<dyn EventSink>) -> i32 {
+/// A signal ends the solve: the caller drops every running step (their
+/// guards delete containers and unmount) and exits with 128 + `number`.
+fn interrupted(sink: &Arc<dyn EventSink>, name: &str, number: i32) -> i32 {
     sink.emit(Event::Error {
-        message: "interrupted".into(),
+        message: format!("interrupted by {name}"),
         digest: None,
-        kind: ErrorKind::Internal,
+        kind: ErrorKind::Interrupted,
     });
-    kiln_solver::exit::INTERNAL
+    128 + number
 }
 
 fn usage(msg: &str) -> ! {

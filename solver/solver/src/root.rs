@@ -154,12 +154,18 @@ impl StateRoot {
                 None => true,
             }
         };
+        self.sweep(Some(runtime), dead);
+    }
+
+    /// Removes the runtime containers (when `runtime` is given), mounts and
+    /// temp dirs whose `PID-N` name `dead` picks.
+    fn sweep(&self, runtime: Option<&str>, dead: impl Fn(&str) -> bool) {
         // Containers first: they hold the mounts busy.
-        if let Ok(entries) = fs::read_dir(self.runtime_state()) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(rest) = name.strip_prefix("kiln-") {
-                    if dead(rest) {
+        if let Some(runtime) = runtime {
+            if let Ok(entries) = fs::read_dir(self.runtime_state()) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.strip_prefix("kiln-").is_some_and(&dead) {
                         let _ = std::process::Command::new(runtime)
                             .arg("--root")
                             .arg(self.runtime_state())
@@ -201,6 +207,15 @@ impl StateRoot {
                 }
             }
         }
+    }
+}
+
+impl Drop for StateRoot {
+    /// The last holder is gone (a finished or cancelled solve): whatever of
+    /// this process is still under `tmp/` and `mnt/` is leftover work.
+    fn drop(&mut self) {
+        let me = std::process::id().to_string();
+        self.sweep(None, |name| name.split('-').next() == Some(me.as_str()));
     }
 }
 
