@@ -356,9 +356,18 @@ impl State {
                 exec.meta.env.push(format!("SSH_AUTH_SOCK={dest}"));
             }
         }
+        // As BuildKit's client: filesystem mounts sorted by destination,
+        // then secrets, then SSH sockets, each in the order given.
+        let (sockets, filesystems): (Vec<Mount>, Vec<Mount>) = exec
+            .mounts
+            .into_iter()
+            .partition(|m| matches!(m.kind, MountKind::Secret(_) | MountKind::Ssh(_)));
         let mut mounts = vec![Mount::bind("/", self.clone())];
-        mounts.extend(exec.mounts);
+        mounts.extend(filesystems);
         mounts.sort_by(|a, b| a.dest.cmp(&b.dest));
+        let (secrets, ssh): (Vec<Mount>, Vec<Mount>) = sockets.into_iter().partition(|m| matches!(m.kind, MountKind::Secret(_)));
+        mounts.extend(secrets);
+        mounts.extend(ssh);
         let mut inputs: Vec<Output> = Vec::new();
         let mut pb_mounts = Vec::with_capacity(mounts.len());
         let mut outputs: Vec<(String, i64)> = Vec::new();
@@ -379,6 +388,9 @@ impl State {
                 next_output += 1;
                 outputs.push((m.dest.clone(), next_output - 1));
                 next_output - 1
+            } else if matches!(m.kind, MountKind::Secret(_) | MountKind::Ssh(_)) {
+                // BuildKit leaves the field unset on these.
+                0
             } else {
                 SKIP
             };

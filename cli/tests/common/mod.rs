@@ -376,3 +376,125 @@ pub fn write_wasm_artifact(dir: &Path, tag: &str, wasm: &[u8]) -> (Vec<u8>, Vec<
     .expect("index");
     (manifest, config)
 }
+
+/// The first `URIs:`/`deb` archive of the host's apt sources, main and
+/// security, as `(main, security)`.
+fn apt_mirrors() -> Option<(String, Option<String>)> {
+    let mut uris = Vec::new();
+    let dir = std::fs::read_dir("/etc/apt/sources.list.d").map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>());
+    let mut files = dir.unwrap_or_default();
+    files.sort();
+    files.insert(0, PathBuf::from("/etc/apt/sources.list"));
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("URIs:") {
+                uris.extend(rest.split_whitespace().map(str::to_string));
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                // deb [opts] URI suite …
+                let rest = if rest.trim_start().starts_with('[') {
+                    rest.split_once(']').map_or("", |(_, r)| r)
+                } else {
+                    rest
+                };
+                uris.extend(rest.split_whitespace().next().map(str::to_string));
+            }
+        }
+    }
+    let main = uris.iter().find(|u| !u.contains("security"))?.clone();
+    let security = uris.iter().find(|u| u.contains("security")).cloned();
+    Some((main, security))
+}
+
+/// A Debian bookworm minbase image (with ca-certificates) made by
+/// mmdebstrap from the host's apt mirror, as an OCI layout tagged
+/// `bookworm` (umoci puts the rootfs tar in verbatim: owners, modes, hard
+/// links and xattrs as mmdebstrap wrote them). Made once per machine under
+/// the temp dir and reused. `None` (skipped loudly) when mmdebstrap or the
+/// mirror is missing off CI; on CI that fails the test.
+pub fn debian_layout(test: &str) -> Option<PathBuf> {
+    static MADE: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut made = MADE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(p) = made.as_ref() {
+        return Some(p.clone());
+    }
+    if !kiln_test_support::tools(test, &["mmdebstrap", "umoci"]) {
+        return None;
+    }
+    let Some((main, security)) = apt_mirrors() else {
+        kiln_test_support::skip(test, "no Debian archive in /etc/apt/sources.list{,.d}");
+        return None;
+    };
+    let dir = std::env::temp_dir().join("kiln-fixture-debian-bookworm");
+    let layout = dir.join("oci");
+    if layout.join("index.json").is_file() {
+        *made = Some(layout.clone());
+        return Some(layout);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("fixture dir");
+    let tarball = dir.join("rootfs.tar");
+    let mut sources = vec![format!("deb {main} bookworm main"), format!("deb {main} bookworm-updates main")];
+    if let Some(sec) = security {
+        sources.push(format!("deb {sec} bookworm-security main"));
+    }
+    let out = Command::new("mmdebstrap")
+        .args([
+            "--variant=minbase",
+            "--include=ca-certificates",
+            "--aptopt=Acquire::Retries \"3\"",
+            "bookworm",
+        ])
+        .arg(&tarball)
+        .args(&sources)
+        .env("SOURCE_DATE_EPOCH", "1747699200")
+        .output()
+        .expect("mmdebstrap runs");
+    if !out.status.success() {
+        let tail: String = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n");
+        kiln_test_support::skip(test, &format!("mmdebstrap could not make the Debian base from {main}:\n{tail}"));
+        return None;
+    }
+    let tmp = dir.join("oci.tmp");
+    let image = format!("{}:bookworm", tmp.display());
+    let steps: [Vec<String>; 4] = [
+        vec!["init".into(), "--layout".into(), tmp.display().to_string()],
+        vec!["new".into(), "--image".into(), image.clone()],
+        vec![
+            "raw".into(),
+            "add-layer".into(),
+            "--image".into(),
+            image.clone(),
+            "--history.created_by".into(),
+            "mmdebstrap --variant=minbase --include=ca-certificates bookworm".into(),
+            tarball.display().to_string(),
+        ],
+        vec![
+            "config".into(),
+            "--image".into(),
+            image,
+            "--no-history".into(),
+            "--config.env".into(),
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            "--config.cmd".into(),
+            "bash".into(),
+            "--architecture".into(),
+            "amd64".into(),
+            "--os".into(),
+            "linux".into(),
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("umoci").args(&args).output().expect("umoci runs");
+        assert!(out.status.success(), "umoci {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let _ = std::fs::remove_file(&tarball);
+    std::fs::rename(&tmp, &layout).expect("fixture in place");
+    *made = Some(layout.clone());
+    Some(layout)
+}

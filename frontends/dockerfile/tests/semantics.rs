@@ -45,3 +45,38 @@ fn env_wins_over_arg_and_args_reach_run_but_not_the_image() {
     assert!(exec_env.contains(&"ONLY=arg-value".to_string()), "{exec_env:?}");
     assert!(!exec_env.contains(&"V=from-arg".to_string()), "{exec_env:?}");
 }
+
+#[test]
+fn a_forced_network_mode_is_the_default_that_run_network_default_keeps() {
+    let text = "FROM alpine\nRUN a\nRUN --network=default b\nRUN --network=none c\n";
+    let request = Request {
+        definition: text.as_bytes().to_vec(),
+        filename: "Dockerfile".into(),
+        build_platform: Platform::linux_amd64(),
+        network: Some("host".into()),
+        ..Default::default()
+    };
+    let response = kiln_dockerfile::compile(&request, &OfflineHost);
+    assert!(response.diagnostics.is_empty(), "{:?}", response.diagnostics);
+    let def = response.definition.expect("llb");
+    let mut modes: Vec<(String, i32)> = def
+        .def
+        .iter()
+        .filter_map(|bytes| <kiln_llb::pb::Op as prost::Message>::decode(bytes.as_slice()).ok())
+        .filter_map(|op| match op.op {
+            Some(kiln_llb::pb::op::Op::Exec(e)) => Some((e.meta.map(|m| m.args.join(" ")).unwrap_or_default(), e.network)),
+            _ => None,
+        })
+        .collect();
+    modes.sort();
+    let host = kiln_llb::pb::NetMode::Host as i32;
+    let none = kiln_llb::pb::NetMode::None as i32;
+    assert_eq!(
+        modes,
+        [
+            ("/bin/sh -c a".to_string(), host),
+            ("/bin/sh -c b".to_string(), host),
+            ("/bin/sh -c c".to_string(), none)
+        ]
+    );
+}

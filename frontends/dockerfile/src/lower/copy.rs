@@ -31,7 +31,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             None => (-1, String::new()),
             Some(m) => match self.flag(m, env, node, "malformed_flag")? {
                 Chmod::Octal(v) => (v as i32, String::new()),
-                Chmod::Symbolic(s) => (-1, s),
+                // As BuildKit: the string alone, the numeric mode left unset.
+                Chmod::Symbolic(s) => (0, s),
             },
         };
         let excludes: Vec<String> = c.excludes.iter().map(|e| self.expand(e, env, node)).collect::<Result<_, _>>()?;
@@ -163,7 +164,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             let src = fileop_path("/", &doc_name, false);
             fop = fop.then(&target, FileInput::State(doc_state), Action::Copy(plain_copy(src, false)));
         }
-        let meta = Self::meta(node, pg_name.clone(), false).cap("file.base");
+        let mut meta = Self::meta(node, pg_name.clone(), false).cap("file.base");
+        if !mode_str.is_empty() {
+            meta = meta.cap("file.copy.modestring");
+        }
         b.state = if link {
             // Shown as one step: the copy and the merge share a progress group.
             let group = format!("{}-{}", cx.name, cx.index);

@@ -68,9 +68,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             ..Default::default()
         };
         let network = match network {
-            Some(n) => Some(n),
-            // `kiln build --network` applies to steps that name none.
-            None => match self.input.request.network.as_deref() {
+            Some(n) if n != NetworkMode::Default => Some(n),
+            // `kiln build --network` is the stage's mode, as in BuildKit: it
+            // applies to steps that name none or `default`.
+            _ => match self.input.request.network.as_deref() {
                 Some(n) => Some(NetworkMode::read(n).map_err(|m| ("malformed_flag", m, node.span.clone()))?),
                 None => None,
             },

@@ -87,10 +87,11 @@ pub(crate) fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io:
                 continue;
             }
             // Extended attributes (file capabilities among them) travel as
-            // PAX records, as BuildKit writes them; a hard link's are its target's.
+            // PAX records, as BuildKit writes them. A hard link's entry
+            // repeats its target's, as BuildKit's do: unpackers (Docker's)
+            // chown the link, which clears the inode's file capability.
             let attrs = crate::fsutil::xattrs(&path)?;
-            let repeated_link = meta.file_type().is_file() && meta.nlink() > 1 && links.contains_key(&(meta.dev(), meta.ino()));
-            if !attrs.is_empty() && !repeated_link {
+            if !attrs.is_empty() {
                 let keys: Vec<String> = attrs.iter().map(|(k, _)| format!("SCHILY.xattr.{k}")).collect();
                 builder.append_pax_extensions(keys.iter().map(String::as_str).zip(attrs.iter().map(|(_, v)| v.as_slice())))?;
             }
@@ -300,21 +301,28 @@ mod tests {
         rustix::fs::lsetxattr(&ping, "security.capability", &CAP_NET_RAW_EP, rustix::fs::XattrFlags::empty())
             .expect("setting a file capability (needs root)");
         rustix::fs::lsetxattr(&ping, "trusted.overlay.origin", b"x", rustix::fs::XattrFlags::empty()).expect("trusted xattr");
+        fs::hard_link(&ping, src.path().join("ping2")).expect("hard link");
         let tar = write_tar(src.path(), Vec::new(), None).expect("tar");
         let mut archive = tar::Archive::new(tar.as_slice());
-        let mut entry = archive.entries().expect("entries").next().expect("one").expect("entry");
-        let keys: Vec<String> = entry
-            .pax_extensions()
-            .expect("pax")
-            .expect("pax records")
-            .map(|e| e.expect("record").key().expect("key").to_string())
-            .collect();
-        assert_eq!(keys, ["SCHILY.xattr.security.capability"], "overlayfs's own xattrs stay out");
+        for entry in archive.entries().expect("entries") {
+            let mut entry = entry.expect("entry");
+            let keys: Vec<String> = entry
+                .pax_extensions()
+                .expect("pax")
+                .expect("pax records")
+                .map(|e| e.expect("record").key().expect("key").to_string())
+                .collect();
+            // The link's entry too: an unpacker that chowns the link keeps the capability.
+            assert_eq!(keys, ["SCHILY.xattr.security.capability"], "overlayfs's own xattrs stay out");
+        }
         let dest = tempfile::tempdir().expect("tmp");
         unpack_layer(tar.as_slice(), dest.path()).expect("unpack");
-        let mut value = [0u8; 64];
-        let n = rustix::fs::lgetxattr(dest.path().join("ping"), "security.capability", &mut value[..]).expect("capability kept");
-        assert_eq!(&value[..n], &CAP_NET_RAW_EP);
+        for name in ["ping", "ping2"] {
+            let mut value = [0u8; 64];
+            let n = rustix::fs::lgetxattr(dest.path().join(name), "security.capability", &mut value[..]).expect("capability kept");
+            assert_eq!(&value[..n], &CAP_NET_RAW_EP);
+        }
+        assert_eq!(fs::metadata(dest.path().join("ping2")).expect("link").nlink(), 2);
     }
 
     #[test]

@@ -1,0 +1,3 @@
+const isNumber = require("is-number");
+
+console.log("node ok", isNumber(5));

@@ -1,0 +1,3 @@
+import six
+
+print("python ok, six", six.__version__)
