@@ -77,27 +77,31 @@ impl Flags {
     /// A typed flag's value (see [`FlagValue`]), an error at the flag when
     /// it is written plainly and is not a `T`.
     pub fn typed<T: FlagType>(&self, node: &Node, name: &str, code: &'static str) -> Result<Option<FlagValue<T>>, TypeError> {
+        self.parse_value(node, name, code, FlagValue::new)
+    }
+
+    /// A flag read as a `T` as written (not expanded), an error at the flag.
+    pub fn read<T: FlagType>(&self, node: &Node, name: &str) -> Result<Option<T>, TypeError> {
+        self.parse_value(node, name, "malformed_flag", T::read)
+    }
+
+    /// The flag `name` through `parse`; its error points at the value as
+    /// written (or at `--name` when it has none).
+    fn parse_value<V>(
+        &self,
+        node: &Node,
+        name: &str,
+        code: &'static str,
+        parse: impl FnOnce(&str) -> Result<V, String>,
+    ) -> Result<Option<V>, TypeError> {
         let Some(written) = self.get(name) else { return Ok(None) };
-        FlagValue::new(written).map(Some).map_err(|message| {
+        parse(written).map(Some).map_err(|message| {
             let at = if written.is_empty() {
                 format!("--{name}")
             } else {
                 written.to_string()
             };
             (code, message, node.span_of(&at))
-        })
-    }
-
-    /// A flag read as a `T` as written (not expanded), an error at the flag.
-    pub fn read<T: FlagType>(&self, node: &Node, name: &str) -> Result<Option<T>, TypeError> {
-        let Some(written) = self.get(name) else { return Ok(None) };
-        T::read(written).map(Some).map_err(|message| {
-            let at = if written.is_empty() {
-                format!("--{name}")
-            } else {
-                written.to_string()
-            };
-            ("malformed_flag", message, node.span_of(&at))
         })
     }
 

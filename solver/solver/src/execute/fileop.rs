@@ -13,7 +13,7 @@ use crate::error::Failure;
 use crate::fsutil::{lchown, lookup_id, lookup_user, mkdir_all, resolve_in_root, Owner};
 use crate::snapshot::layer::set_mtime_nofollow;
 use crate::source::context::{join_rel, LocalSource};
-use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
+use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Filter};
 
 /// Where a copy reads from.
 pub(crate) enum SourceView<'a> {
@@ -138,31 +138,31 @@ pub(crate) fn mkdir(dest_root: &Path, a: &pb::FileActionMkDir) -> Result<(), Fai
     }
     let inherited = fs::symlink_metadata(&p).map_err(Failure::io(None, &a.path))?.mode() & 0o2000;
     fs::set_permissions(&p, fs::Permissions::from_mode(perm | inherited)).map_err(Failure::io(None, &a.path))?;
+    own_and_date(&p, owner, time).map_err(Failure::io(None, &a.path))
+}
+
+/// The last steps of making a node: its owner, then its time.
+fn own_and_date(p: &Path, owner: Option<Owner>, time: Option<i64>) -> io::Result<()> {
     if let Some(o) = owner {
-        lchown(&p, o).map_err(Failure::io(None, &a.path))?;
+        lchown(p, o)?;
     }
     if let Some(t) = time {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(Failure::io(None, &a.path))?;
+        set_mtime_nofollow(p, t / 1_000_000_000, t % 1_000_000_000)?;
     }
     Ok(())
 }
 
-/// Writes a file.
+/// Writes a file, as BuildKit does: a new one gets the permission bits of
+/// the action's mode, an existing one keeps its mode; then owner and time.
 pub(crate) fn mkfile(dest_root: &Path, a: &pb::FileActionMkFile) -> Result<(), Failure> {
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let p = resolve_in_root(dest_root, &a.path, true).map_err(Failure::io(None, &a.path))?;
-    if fs::symlink_metadata(&p).is_ok_and(|m| !m.is_dir()) {
-        fs::remove_file(&p).map_err(Failure::io(None, &a.path))?;
-    }
+    let existed = fs::symlink_metadata(&p).is_ok();
     fs::write(&p, &a.data).map_err(Failure::io(Some("mkfile"), &a.path))?;
-    fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o7777)).map_err(Failure::io(None, &a.path))?;
-    if let Some(o) = owner {
-        lchown(&p, o).map_err(Failure::io(None, &a.path))?;
+    if !existed {
+        fs::set_permissions(&p, fs::Permissions::from_mode(a.mode as u32 & 0o777)).map_err(Failure::io(None, &a.path))?;
     }
-    if let Some(t) = time_of(a.timestamp) {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(Failure::io(None, &a.path))?;
-    }
-    Ok(())
+    own_and_date(&p, owner, time_of(a.timestamp)).map_err(Failure::io(None, &a.path))
 }
 
 /// Makes a symlink.
@@ -170,13 +170,7 @@ pub(crate) fn symlink(dest_root: &Path, a: &pb::FileActionSymlink) -> Result<(),
     let owner = owner_of(dest_root, a.owner.as_ref())?;
     let p = resolve_in_root(dest_root, &a.newpath, false).map_err(Failure::io(None, &a.newpath))?;
     std::os::unix::fs::symlink(&a.oldpath, &p).map_err(Failure::io(Some("symlink"), format!("{} -> {}", a.newpath, a.oldpath)))?;
-    if let Some(o) = owner {
-        lchown(&p, o).map_err(Failure::io(None, &a.newpath))?;
-    }
-    if let Some(t) = time_of(a.timestamp) {
-        set_mtime_nofollow(&p, t / 1_000_000_000, t % 1_000_000_000).map_err(Failure::io(None, &a.newpath))?;
-    }
-    Ok(())
+    own_and_date(&p, owner, time_of(a.timestamp)).map_err(Failure::io(None, &a.newpath))
 }
 
 /// Removes a path (or what a wildcard matches).
@@ -234,8 +228,7 @@ struct Copier<'a> {
     owner: Option<Owner>,
     mode: Option<ModeChange>,
     time: Option<i64>,
-    include: Option<Matcher>,
-    exclude: Option<Matcher>,
+    filter: Filter,
     replace: bool,
     links: HashMap<(u64, u64), PathBuf>,
     /// Directories entered, innermost last.
@@ -383,24 +376,19 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
     } else {
         vec![clean_rel(&a.src)]
     };
-    let pats = |p: &[String]| -> Result<Option<Matcher>, Failure> {
-        if p.is_empty() {
-            Ok(None)
-        } else {
-            Matcher::new(p).map(Some)
-        }
-    };
     let mut c = Copier {
         src,
         owner: owner.or(src.owner_override()),
         mode,
         time,
-        include: pats(&a.include_patterns)?,
-        exclude: pats(&a.exclude_patterns)?,
+        filter: Filter::new(&a.include_patterns, &a.exclude_patterns)?,
         replace: a.always_replace_existing_dest_paths,
         links: HashMap::new(),
         pending: Vec::new(),
     };
+    // The destination's own parents, made once, before the first source
+    // that is not an archive.
+    let mut ensured = false;
     for rel in srcs {
         let src_abs = resolve_in_root(src.root(), &format!("/{rel}"), a.follow_symlink).map_err(Failure::io(None, &a.src))?;
         let rel_resolved = src_abs
@@ -422,7 +410,10 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
                 continue;
             }
         }
-        mkdir_all(&ensure, parent_perm, owner, time).map_err(Failure::io(Some("creating"), &a.dest))?;
+        if !ensured {
+            mkdir_all(&ensure, parent_perm, owner, time).map_err(Failure::io(Some("creating"), &a.dest))?;
+            ensured = true;
+        }
         let mut dst = dest_abs.clone();
         let dst_meta = fs::metadata(&dst).ok();
         if (!a.dir_copy_contents && meta.is_dir() && dst_meta.is_some())
@@ -453,33 +444,6 @@ struct Pending {
 }
 
 impl Copier<'_> {
-    /// Whether the copy's own patterns (`--exclude`, `--parents`' include)
-    /// leave `rel_in_copy` in.
-    fn included(&self, rel_in_copy: &str) -> bool {
-        if rel_in_copy.is_empty() {
-            return true;
-        }
-        if let Some(inc) = &self.include {
-            if !inc.matches(rel_in_copy) {
-                return false;
-            }
-        }
-        !self.exclude.as_ref().is_some_and(|e| e.matches(rel_in_copy))
-    }
-
-    /// Whether a directory left out may still hold something copied.
-    fn may_hold_included(&self, rel_in_copy: &str) -> bool {
-        let inc = self
-            .include
-            .as_ref()
-            .is_none_or(|i| i.matches(rel_in_copy) || i.may_contain_match(rel_in_copy));
-        let exc = match &self.exclude {
-            Some(e) if e.matches(rel_in_copy) => e.has_exceptions(),
-            _ => true,
-        };
-        inc && exc
-    }
-
     /// The owner, mode, times and extended attributes a copied entry gets,
     /// BuildKit's order: owner first (it clears setuid bits and file
     /// capabilities), then mode, times, and the source's xattrs.
@@ -533,7 +497,7 @@ impl Copier<'_> {
         overwrite: bool,
     ) -> io::Result<()> {
         let ft = meta.file_type();
-        let include = self.src.included(src_rel, ft.is_dir()) && self.included(rel_in_copy);
+        let include = self.src.included(src_rel, ft.is_dir()) && self.filter.includes(rel_in_copy);
         if !include && !ft.is_dir() {
             return Ok(());
         }
@@ -554,7 +518,7 @@ impl Copier<'_> {
                 }
                 directory_only(dst, meta, overwrite)?
             } else {
-                if !(self.src.may_hold_included(src_rel) && self.may_hold_included(rel_in_copy)) {
+                if !(self.src.may_hold_included(src_rel) && self.filter.may_enter(rel_in_copy)) {
                     return Ok(());
                 }
                 false
@@ -993,6 +957,22 @@ mod tests {
         )
         .expect("mkfile");
         assert_eq!(fs::read(d.path().join("a/f")).expect("r"), b"data");
+        assert_eq!(fs::metadata(d.path().join("a/f")).expect("stat").mode() & 0o7777, 0o640);
+        // As BuildKit: writing over a file keeps its mode.
+        fs::set_permissions(d.path().join("a/f"), fs::Permissions::from_mode(0o600)).expect("chmod");
+        mkfile(
+            d.path(),
+            &pb::FileActionMkFile {
+                path: "/a/f".into(),
+                mode: 0o644,
+                data: b"new".to_vec(),
+                timestamp: -1,
+                ..Default::default()
+            },
+        )
+        .expect("mkfile over");
+        assert_eq!(fs::read(d.path().join("a/f")).expect("r"), b"new");
+        assert_eq!(fs::metadata(d.path().join("a/f")).expect("stat").mode() & 0o7777, 0o600);
         symlink(
             d.path(),
             &pb::FileActionSymlink {

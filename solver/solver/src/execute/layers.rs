@@ -1,6 +1,5 @@
 //! MergeOp and DiffOp: layers stacked, and the difference of two stacks.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::Failure;
@@ -21,7 +20,7 @@ pub(crate) fn diff(root: &StateRoot, lower: &[String], upper: &[String]) -> Resu
     let lo = mount_stack(root, lower, None).map_err(Failure::mount("the diff's lower side"))?;
     let up = mount_stack(root, upper, None).map_err(Failure::mount("the diff's upper side"))?;
     let layer = NewLayer::create(root).map_err(Failure::new_layer(root))?;
-    crate::snapshot::treediff::diff_trees(lo.path(), up.path(), &layer.fs(), Path::new(""))
+    crate::snapshot::treediff::diff_trees(lo.path(), up.path(), &layer.fs())
         .map_err(Failure::io(Some("writing the difference to"), layer.fs().display()))?;
     drop(lo);
     drop(up);

@@ -158,7 +158,7 @@ impl Mounted {
             let result = match &copy.upper {
                 // Rebuild the base and compare: what differs is the layer.
                 Some(upper) => materialize(&copy.base, &copy.root)
-                    .and_then(|()| crate::snapshot::treediff::diff_trees(&copy.root, &self.target, upper, Path::new(""))),
+                    .and_then(|()| crate::snapshot::treediff::diff_trees(&copy.root, &self.target, upper)),
                 None => Ok(()),
             };
             let _ = remove_all(&copy.root);

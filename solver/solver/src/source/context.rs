@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::Failure;
 use crate::root::{write_atomic, StateRoot};
-use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Matcher};
+use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Filter};
 
 /// A 32-byte content checksum.
 pub(crate) type Sum = [u8; 32];
@@ -27,8 +27,7 @@ pub(crate) struct LocalSource {
     pub name: String,
     /// The directory.
     pub dir: PathBuf,
-    include: Option<Matcher>,
-    exclude: Option<Matcher>,
+    filter: Filter,
 }
 
 #[derive(Clone, Copy)]
@@ -182,39 +181,18 @@ impl LocalSource {
         Ok(LocalSource {
             name: name.to_string(),
             dir,
-            include: if inc.is_empty() { None } else { Some(Matcher::new(&inc)?) },
-            exclude: if exclude.is_empty() { None } else { Some(Matcher::new(&exclude)?) },
+            filter: Filter::new(&inc, &exclude)?,
         })
     }
 
     /// Whether the relative path is part of the source.
     pub(crate) fn includes(&self, rel: &str) -> bool {
-        if rel.is_empty() {
-            return true;
-        }
-        if let Some(inc) = &self.include {
-            if !inc.matches(rel) {
-                return false;
-            }
-        }
-        !self.exclude.as_ref().is_some_and(|e| e.matches(rel))
+        self.filter.includes(rel)
     }
 
     /// Whether a walk must enter the directory `rel` (it or something inside may be included).
     pub(crate) fn may_enter(&self, rel: &str) -> bool {
-        if rel.is_empty() {
-            return true;
-        }
-        if let Some(inc) = &self.include {
-            if !inc.matches(rel) && !inc.may_contain_match(rel) {
-                return false;
-            }
-        }
-        // An excluded directory may still hold `!exception` paths; enter it unless nothing could be re-included.
-        match &self.exclude {
-            Some(e) if e.matches(rel) => e.has_exceptions(),
-            _ => true,
-        }
+        self.filter.may_enter(rel)
     }
 
     /// Paths (relative, clean) that `src` selects: itself, or with
@@ -272,11 +250,7 @@ impl LocalSource {
         let abs = self.dir.join(rel);
         let meta = fs::symlink_metadata(&abs)?;
         // Below a directory that is included as a whole, no pattern needs checking.
-        let whole = self.exclude.is_none()
-            && self
-                .include
-                .as_ref()
-                .is_none_or(|i| rel.is_empty() && i.is_empty() || i.matches(rel));
+        let whole = self.filter.takes_all_below(rel);
         self.node_sum(cache, &abs, rel, &meta, whole, true)
     }
 
@@ -308,9 +282,7 @@ impl LocalSource {
                 children.push((name, child_meta));
             }
             children.sort_by(|a, b| a.0.cmp(&b.0));
-            let child_whole = |name: &str| -> bool {
-                whole || (self.exclude.is_none() && self.include.as_ref().is_some_and(|i| i.matches(&join_rel(rel, name))))
-            };
+            let child_whole = |name: &str| -> bool { whole || self.filter.takes_all_below(&join_rel(rel, name)) };
             let sums: Vec<io::Result<Sum>> = if top && children.len() > 8 {
                 // Big trees: hash the children on all cores.
                 let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8);

@@ -188,6 +188,60 @@ impl Matcher {
     }
 }
 
+/// Include and exclude patterns together: what a local source offers and
+/// what a copy takes (`COPY --parents`/`--exclude`).
+#[derive(Debug, Default)]
+pub(crate) struct Filter {
+    include: Option<Matcher>,
+    exclude: Option<Matcher>,
+}
+
+impl Filter {
+    /// A filter of `include` patterns (none: everything) minus `exclude` ones.
+    pub(crate) fn new(include: &[String], exclude: &[String]) -> Result<Filter, Failure> {
+        let matcher = |p: &[String]| if p.is_empty() { Ok(None) } else { Matcher::new(p).map(Some) };
+        Ok(Filter {
+            include: matcher(include)?,
+            exclude: matcher(exclude)?,
+        })
+    }
+
+    /// Whether the relative path is taken (the root always is).
+    pub(crate) fn includes(&self, rel: &str) -> bool {
+        if rel.is_empty() {
+            return true;
+        }
+        if self.include.as_ref().is_some_and(|i| !i.matches(rel)) {
+            return false;
+        }
+        !self.exclude.as_ref().is_some_and(|e| e.matches(rel))
+    }
+
+    /// Whether a walk must enter the directory `rel`: it or something below
+    /// may be taken (an excluded directory may hold `!exception` paths).
+    pub(crate) fn may_enter(&self, rel: &str) -> bool {
+        if rel.is_empty() {
+            return true;
+        }
+        if self.include.as_ref().is_some_and(|i| !i.matches(rel) && !i.may_contain_match(rel)) {
+            return false;
+        }
+        match &self.exclude {
+            Some(e) if e.matches(rel) => e.has_exceptions(),
+            _ => true,
+        }
+    }
+
+    /// Whether everything below `rel` is taken, so no pattern needs checking there.
+    pub(crate) fn takes_all_below(&self, rel: &str) -> bool {
+        self.exclude.is_none()
+            && self
+                .include
+                .as_ref()
+                .is_none_or(|i| rel.is_empty() && i.is_empty() || i.matches(rel))
+    }
+}
+
 /// Go's `filepath.Match`: `*` and `?` do not cross `/`.
 pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     glob_regex(pattern, false).is_some_and(|r| r.is_match(name))
