@@ -40,14 +40,15 @@ mkdir -p "$ctx/pull" && printf 'FROM %s\nRUN true\n' "$BASE" > "$ctx/pull/Docker
 # The file the touch mode edits, and how that file writes a comment.
 touched() { case $1 in system) echo "stamp.txt #";; python) echo "app.py #";; polyglot) echo "index.js //";; esac; }
 
-# An empty state: for BuildKit no image holds the base's layers any more.
+# An empty state: for BuildKit no image (tagged, or left untagged by an
+# earlier build) holds the base's layers any more.
 # The page cache is dropped for both: on these machines a full page cache
 # makes every later unpack slower (2.7 s, then 6, 10, 14 s for the same pull).
 drop="sync; echo 3 > /proc/sys/vm/drop_caches"
 prep() { # builder mode case
   case $2 in
     cold|pull) if [ "$1" = bk ]; then
-            echo "$DOCKER image rm -f \$($DOCKER images -q 'lab/kb-distro-*') $BASE >/dev/null 2>&1 || true; $DOCKER builder prune -af >/dev/null; $drop"
+            echo "$DOCKER image rm -f lab/kb-distro-system lab/kb-distro-python lab/kb-distro-polyglot $BASE >/dev/null 2>&1 || true; $DOCKER image prune -f >/dev/null; $DOCKER builder prune -af >/dev/null; $drop"
           else echo "rm -rf $KILN_ROOT; $drop"; fi ;;
     touch) local t; t=($(touched "$3")); echo "echo \"${t[1]} \$(date +%s%N)\" >> $ctx/$3/${t[0]}" ;;
     *) echo "true" ;;

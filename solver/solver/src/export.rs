@@ -38,7 +38,7 @@ fn sha(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
+pub(crate) fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<String> {
     let d = sha(bytes);
     let p = root.blob_path(&d);
     if !p.exists() {

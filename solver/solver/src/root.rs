@@ -9,6 +9,7 @@
 //! ROOT/snapshots/ID/layer.json   its compressed blob's digest and diff id, once exported
 //! ROOT/cache/KEY.json        cache record: a vertex result's layers
 //! ROOT/context/NAME.sums     remembered checksums of build-context files
+//! ROOT/diffids/HEX.json      the compressed blob made for a layer tar of that digest
 //! ROOT/tmp/PID-…             work in progress of solver PID (removed when PID is gone)
 //! ROOT/mnt/PID-…             mountpoints of solver PID (unmounted when PID is gone)
 //! ROOT/runc/                 the OCI runtime's state (containers named kiln-PID-N)

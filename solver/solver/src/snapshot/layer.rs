@@ -143,8 +143,72 @@ pub(crate) fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io:
     builder.into_inner()
 }
 
+/// Layers up to this size (as a tar) are hashed before they are compressed,
+/// so that a step that re-ran and wrote the same files reuses the blob made
+/// the first time (a re-run `COPY --from` of an unchanged binary, say)
+/// instead of compressing it again.
+const REUSE_LIMIT: u64 = 32 << 20;
+
+/// A sink that counts and hashes, and gives up past a limit.
+struct Measure {
+    hash: Sha256,
+    count: u64,
+    limit: u64,
+}
+
+impl Write for Measure {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.count += buf.len() as u64;
+        if self.count > self.limit {
+            return Err(io::Error::other("over the reuse limit"));
+        }
+        self.hash.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `ROOT/diffids/HEX.json`: the blob last made for a layer tar of that digest.
+fn diff_id_file(root: &StateRoot, diff_id: &str) -> std::path::PathBuf {
+    root.path()
+        .join("diffids")
+        .join(format!("{}.json", diff_id.trim_start_matches("sha256:")))
+}
+
+/// The blob made before for the tar `diff_id`, if it is still stored.
+fn blob_of_diff_id(root: &StateRoot, diff_id: &str) -> Option<LayerBlob> {
+    let blob: LayerBlob = serde_json::from_slice(&fs::read(diff_id_file(root, diff_id)).ok()?).ok()?;
+    (blob.diff_id == diff_id && root.blob_path(&blob.digest).is_file()).then_some(blob)
+}
+
 /// Makes (or finds) the gzip blob of a layer directory and stores it.
 pub(crate) fn export_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Result<LayerBlob> {
+    let measured = write_tar(
+        dir,
+        Measure {
+            hash: Sha256::new(),
+            count: 0,
+            limit: REUSE_LIMIT,
+        },
+        clamp,
+    );
+    if let Ok(m) = measured {
+        let diff_id = format!("sha256:{}", hex::encode(m.hash.finalize()));
+        if let Some(blob) = blob_of_diff_id(root, &diff_id) {
+            return Ok(blob);
+        }
+    }
+    let blob = compress_layer(root, dir, clamp)?;
+    let record = serde_json::to_vec(&blob).map_err(io::Error::other)?;
+    fs::create_dir_all(root.path().join("diffids"))?;
+    crate::root::write_atomic(&diff_id_file(root, &blob.diff_id), &record, false)?;
+    Ok(blob)
+}
+
+/// Writes the gzip blob of a layer directory into the store.
+fn compress_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Result<LayerBlob> {
     let tmp = root.temp_dir()?;
     let tmp_blob = tmp.join("blob");
     let file = fs::File::create(&tmp_blob)?;
@@ -323,6 +387,45 @@ mod tests {
             assert_eq!(&value[..n], &CAP_NET_RAW_EP);
         }
         assert_eq!(fs::metadata(dest.path().join("ping2")).expect("link").nlink(), 2);
+    }
+
+    #[test]
+    fn a_layer_with_the_tar_of_one_made_before_reuses_its_blob() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = StateRoot::open(&dir.path().join("root"), "runc").expect("root");
+        let layer = dir.path().join("a");
+        fs::create_dir_all(&layer).expect("mkdir");
+        fs::write(layer.join("hello"), vec![7u8; 100_000]).expect("write");
+        let first = export_layer(&root, &layer, None).expect("export");
+        assert!(diff_id_file(&root, &first.diff_id).is_file(), "remembered by diff id");
+        // The same files elsewhere (a step that re-ran): the remembered blob,
+        // here swapped for another stored blob to show it is not remade.
+        let other = crate::export::store_blob(&root, b"stand-in").expect("blob");
+        let stand_in = LayerBlob {
+            digest: other,
+            ..first.clone()
+        };
+        fs::write(diff_id_file(&root, &first.diff_id), serde_json::to_vec(&stand_in).expect("json")).expect("index");
+        let again = dir.path().join("b");
+        fs::create_dir_all(&again).expect("mkdir");
+        fs::copy(layer.join("hello"), again.join("hello")).expect("copy");
+        let t = fs::metadata(layer.join("hello")).expect("stat").mtime();
+        set_mtime_nofollow(
+            &again.join("hello"),
+            t,
+            fs::metadata(layer.join("hello")).expect("stat").mtime_nsec(),
+        )
+        .expect("mtime");
+        set_mtime_nofollow(
+            &again,
+            fs::metadata(&layer).expect("stat").mtime(),
+            fs::metadata(&layer).expect("stat").mtime_nsec(),
+        )
+        .expect("mtime");
+        assert_eq!(export_layer(&root, &again, None).expect("export"), stand_in);
+        // A remembered blob that is gone is made again.
+        fs::remove_file(root.blob_path(&stand_in.digest)).expect("rm");
+        assert_eq!(export_layer(&root, &again, None).expect("export"), first);
     }
 
     #[test]
