@@ -77,6 +77,23 @@ impl Distro {
     }
 }
 
+impl Distro {
+    /// `ctx` built with `--load` as `tag` and run by `docker run`: its
+    /// stdout, or `None` (skipped loudly; a failure on CI) without Docker.
+    fn load_and_run(&self, test: &str, ctx: &Path, tag: &str) -> Option<String> {
+        let Some(docker) = docker() else {
+            kiln_test_support::skip(
+                test,
+                "no running Docker engine for `docker run` after --load (.ci/run starts dockerd)",
+            );
+            return None;
+        };
+        let (out, _) = self.build(ctx, &["-t", tag, "--load"]);
+        ok(&out);
+        Some(docker_run(&docker, tag))
+    }
+}
+
 fn ok(out: &Output) {
     let logs: String = String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -268,22 +285,11 @@ fn apt_with_cache_mounts_keeps_capabilities_xattrs_hard_links_and_big_files() {
     assert_eq!(ran.len(), 2, "only the COPY and the RUN after it: {ran:?}");
 
     // Docker runs it after --load, with the capability and xattr intact.
-    match docker() {
-        Some(docker) => {
-            let (out, _) = d.build(&ctx, &["-t", "kiln-distro-system:docker", "--load"]);
-            ok(&out);
-            let said = docker_run(&docker, "kiln-distro-system:docker");
-            assert!(said.contains("/usr/bin/ping cap_net_raw=ep"), "{said}");
-            assert!(said.contains("/usr/local/bin/ping-link cap_net_raw=ep"), "{said}");
-            assert!(said.contains("kiln\n"), "{said}");
-            assert!(said.contains("uid=1500(builder)") && said.contains("large ok"), "{said}");
-        }
-        None => {
-            kiln_test_support::skip(
-                test,
-                "no running Docker engine for `docker run` after --load (.ci/run starts dockerd)",
-            );
-        }
+    if let Some(said) = d.load_and_run(test, &ctx, "kiln-distro-system:docker") {
+        assert!(said.contains("/usr/bin/ping cap_net_raw=ep"), "{said}");
+        assert!(said.contains("/usr/local/bin/ping-link cap_net_raw=ep"), "{said}");
+        assert!(said.contains("kiln\n"), "{said}");
+        assert!(said.contains("uid=1500(builder)") && said.contains("large ok"), "{said}");
     }
 }
 
@@ -319,18 +325,8 @@ fn a_python_venv_installs_through_the_ca_bundle_and_edits_do_not_reinstall() {
     assert!(local.join("venv/bin/python").exists(), "the venv's python");
     // The pip cache mount holds the download, not the image.
     assert!(!local.join("root/.cache/pip").exists(), "the pip cache stays out of the image");
-    match docker() {
-        Some(docker) => {
-            let (out, _) = d.build(&ctx, &["-t", "kiln-distro-python:docker", "--load"]);
-            ok(&out);
-            assert_eq!(docker_run(&docker, "kiln-distro-python:docker"), "python ok, edited, six 1.16.0\n");
-        }
-        None => {
-            kiln_test_support::skip(
-                test,
-                "no running Docker engine for `docker run` after --load (.ci/run starts dockerd)",
-            );
-        }
+    if let Some(said) = d.load_and_run(test, &ctx, "kiln-distro-python:docker") {
+        assert_eq!(said, "python ok, edited, six 1.16.0\n");
     }
 }
 
@@ -370,20 +366,7 @@ fn go_and_node_stages_feed_one_image() {
         "{ran:?}"
     );
     assert_eq!(ran.len(), 2, "COPY index.js and the COPY --from=go after it: {ran:?}");
-    match docker() {
-        Some(docker) => {
-            let (out, _) = d.build(&ctx, &["-t", "kiln-distro-polyglot:docker", "--load"]);
-            ok(&out);
-            assert_eq!(
-                docker_run(&docker, "kiln-distro-polyglot:docker"),
-                "hello from go\nnode ok, edited true\n"
-            );
-        }
-        None => {
-            kiln_test_support::skip(
-                test,
-                "no running Docker engine for `docker run` after --load (.ci/run starts dockerd)",
-            );
-        }
+    if let Some(said) = d.load_and_run(test, &ctx, "kiln-distro-polyglot:docker") {
+        assert_eq!(said, "hello from go\nnode ok, edited true\n");
     }
 }

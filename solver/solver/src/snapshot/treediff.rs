@@ -113,10 +113,14 @@ fn diff_below(lower: &Path, upper: &Path, out: &Path, rel: &Path, groups: &HashS
                 )?;
             }
             (lm, Some(um)) => {
-                let changed = match &lm {
-                    _ if um.is_file() && um.nlink() > 1 && groups.contains(&(um.dev(), um.ino())) => true,
-                    Some(l) => !same_file(l, &um, &lower.join(&r), &upper.join(&r)),
-                    None => true,
+                let changed = if um.is_file() && um.nlink() > 1 {
+                    // Decided for the whole group, every member compared once.
+                    groups.contains(&(um.dev(), um.ino()))
+                } else {
+                    match &lm {
+                        Some(l) => !same_file(l, &um, &lower.join(&r), &upper.join(&r)),
+                        None => true,
+                    }
                 };
                 if um.is_dir() {
                     let dir_replaced = lm.as_ref().is_some_and(|l| !l.is_dir());
