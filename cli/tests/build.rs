@@ -399,6 +399,63 @@ fn a_bind_mount_from_the_context_is_keyed_on_what_it_mounts() {
 }
 
 #[test]
+fn a_stage_that_remakes_the_same_files_leaves_its_readers_cached() {
+    if !can_build() {
+        return;
+    }
+    // The build stage reads the whole context and writes a stamp that
+    // differs on every run; the final stage reads only /out/bin of it.
+    let s = Setup::new("stage-content-key");
+    s.write(
+        "Dockerfile",
+        "FROM busybox AS build\n\
+         COPY . /src\n\
+         RUN mkdir /out && cat /src/used.txt > /out/bin && chmod $(cat /src/mode.txt) /out/bin && cat /proc/sys/kernel/random/uuid > /out/stamp\n\
+         FROM busybox\n\
+         COPY --from=build /out/bin /copied\n\
+         RUN --mount=type=bind,from=build,source=/out/bin,target=/m cat /m > /mounted\n\
+         RUN --mount=type=bind,from=build,target=/b cat /b/out/bin > /whole\n",
+    );
+    s.write("used.txt", "v1\n");
+    s.write("mode.txt", "755\n");
+    let local = s.dir.join("fs");
+    let out_arg = format!("type=local,dest={}", local.display());
+    let (out, events) = s.build_events(&["-o", &out_arg]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 6, "the base and five steps: {:?}", ran(&events));
+
+    // An unrelated file: the build stage re-runs and makes the same /out/bin
+    // (new times, new stamp). What reads only /out/bin stays cached; the
+    // whole-stage mount sees the new stamp, so that step runs.
+    s.write("unrelated.txt", "x\n");
+    let (out, events) = s.build_events(&["-o", &out_arg]);
+    ok(&out);
+    let r = ran(&events);
+    assert_eq!(r.len(), 3, "{r:?}");
+    assert!(r[0].contains("COPY . /src") && r[1].contains("RUN mkdir /out"), "{r:?}");
+    assert!(r[2].contains("cat /b/out/bin"), "{r:?}");
+
+    // Same bytes, another mode: the copy runs again (the mount's step reads
+    // only content through cat, but its key covers the mode too).
+    s.write("mode.txt", "700\n");
+    let (out, events) = s.build_events(&["-o", &out_arg]);
+    ok(&out);
+    let r = ran(&events);
+    assert!(r.iter().any(|n| n.contains("COPY --from=build /out/bin")), "{r:?}");
+    assert!(r.iter().any(|n| n.contains("cat /m > /mounted")), "{r:?}");
+    assert_eq!(std::fs::metadata(local.join("copied")).expect("stat").mode() & 0o777, 0o700);
+
+    // New content reaches every reader.
+    s.write("used.txt", "v2\n");
+    let (out, events) = s.build_events(&["-o", &out_arg]);
+    ok(&out);
+    assert_eq!(ran(&events).len(), 5, "{:?}", ran(&events));
+    for f in ["copied", "mounted", "whole"] {
+        assert_eq!(std::fs::read_to_string(local.join(f)).expect("read"), "v2\n", "{f}");
+    }
+}
+
+#[test]
 fn independent_stages_run_at_once() {
     if !can_build() {
         return;

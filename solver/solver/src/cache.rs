@@ -16,7 +16,12 @@
 //!    from it, the mounted paths for an ExecOp that only bind-mounts parts
 //!    of it (`RUN --mount=type=bind,source=go.mod`), everything it includes
 //!    for any other consumer. So a changed context file re-runs only the
-//!    steps that read it.
+//!    steps that read it. Likewise another vertex's output contributes the
+//!    content checksum of what the consumer reads of it, when it only reads
+//!    (the sources of a FileOp that only copies from it, the read-only bind
+//!    mounts of an ExecOp: [`content_read_key`]); then a stage that re-runs
+//!    and makes the same files leaves those consumers cached, as BuildKit's
+//!    content-based keys do. Its key takes no part: equal content is equal.
 //! 4. Never in a key: proxy settings of a RUN (BuildKit's rule: a proxy
 //!    changes how a step reaches the network, not what it makes), the
 //!    contents of cache mounts, secret values and SSH sockets (only their
@@ -38,9 +43,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::root::{write_atomic, StateRoot};
+use crate::snapshot::contentsum::Selector;
 
 /// Version of the key rules above.
-pub(crate) const KEY_SCHEME: &[u8] = b"kiln-cache-v1";
+pub(crate) const KEY_SCHEME: &[u8] = b"kiln-cache-v2";
 
 /// sha256 over length-prefixed parts (so no two part lists collide).
 pub(crate) fn hash(parts: &[&[u8]]) -> String {
@@ -94,6 +100,18 @@ pub(crate) fn local_read_key(source_key: &str, reads: &[LocalRead]) -> String {
             parts.push(format!("{}\0{}\0{}", r.path, r.wildcard, r.follow).into_bytes());
         }
         parts.push(r.checksum.to_vec());
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    hash(&refs)
+}
+
+/// Rule 3: what another vertex's output contributes when the consumer only
+/// reads `selectors` of it, whose content sums are `sums`.
+pub(crate) fn content_read_key(selectors: &[Selector], sums: &[[u8; 32]]) -> String {
+    let mut parts: Vec<Vec<u8>> = vec![KEY_SCHEME.to_vec(), b"content".to_vec()];
+    for (s, sum) in selectors.iter().zip(sums) {
+        parts.push(format!("{}\0{}\0{}", s.path, s.wildcard, s.follow).into_bytes());
+        parts.push(sum.to_vec());
     }
     let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
     hash(&refs)

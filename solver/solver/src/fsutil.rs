@@ -7,6 +7,9 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use crate::source::context::join_rel;
+use crate::source::pattern::{clean_rel, glob_match, has_wildcards};
+
 /// Resolves the container path `p` inside `root`: symlinks are followed as
 /// if `root` were `/` (absolute targets and `..` stay inside), the last
 /// component only when `follow_last`. Missing components are kept as they
@@ -53,6 +56,31 @@ pub(crate) fn resolve_in_root(root: &Path, p: &str, follow_last: bool) -> io::Re
     let mut out = root.to_path_buf();
     out.extend(parts);
     Ok(out)
+}
+
+/// Paths under `root` matching a `/`-separated glob, component by component.
+pub(crate) fn matches_in_dir(root: &Path, pattern: &str) -> Vec<PathBuf> {
+    let clean = clean_rel(pattern);
+    let mut found = vec![String::new()];
+    for part in clean.split('/') {
+        let mut next = Vec::new();
+        for base in &found {
+            if has_wildcards(part) {
+                let Ok(rd) = fs::read_dir(root.join(base)) else { continue };
+                let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                names.sort();
+                next.extend(names.into_iter().filter(|n| glob_match(part, n)).map(|n| join_rel(base, &n)));
+            } else {
+                next.push(join_rel(base, part));
+            }
+        }
+        found = next;
+    }
+    found
+        .into_iter()
+        .map(|p| root.join(p))
+        .filter(|p| fs::symlink_metadata(p).is_ok())
+        .collect()
 }
 
 fn split(p: &str) -> Vec<String> {

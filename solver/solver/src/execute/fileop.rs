@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use kiln_llb::pb;
 
 use crate::error::Failure;
-use crate::fsutil::{lchown, lookup_id, lookup_user, mkdir_all, resolve_in_root, Owner};
+use crate::fsutil::{lchown, lookup_id, lookup_user, matches_in_dir, mkdir_all, resolve_in_root, Owner};
 use crate::snapshot::layer::set_mtime_nofollow;
 use crate::source::context::{join_rel, LocalSource};
-use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Filter};
+use crate::source::pattern::{clean_rel, has_wildcards, Filter};
 
 /// Where a copy reads from.
 pub(crate) enum SourceView<'a> {
@@ -196,31 +196,6 @@ pub(crate) fn rm(dest_root: &Path, a: &pb::FileActionRm) -> Result<(), Failure> 
         }
     }
     Ok(())
-}
-
-/// Paths under `root` matching a `/`-separated glob, component by component.
-fn matches_in_dir(root: &Path, pattern: &str) -> Vec<PathBuf> {
-    let clean = clean_rel(pattern);
-    let mut found = vec![String::new()];
-    for part in clean.split('/') {
-        let mut next = Vec::new();
-        for base in &found {
-            if has_wildcards(part) {
-                let Ok(rd) = fs::read_dir(root.join(base)) else { continue };
-                let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-                names.sort();
-                next.extend(names.into_iter().filter(|n| glob_match(part, n)).map(|n| join_rel(base, &n)));
-            } else {
-                next.push(join_rel(base, part));
-            }
-        }
-        found = next;
-    }
-    found
-        .into_iter()
-        .map(|p| root.join(p))
-        .filter(|p| fs::symlink_metadata(p).is_ok())
-        .collect()
 }
 
 struct Copier<'a> {

@@ -24,6 +24,7 @@ use crate::cache::{self, read_record, write_record, LocalRead, Record};
 use crate::error::{Failure, SolveError, Stage, VertexError};
 use crate::execute::{self, Executor, Value};
 use crate::root::StateRoot;
+use crate::snapshot::contentsum::{stack_sums, Selector};
 use crate::snapshot::Layers;
 use crate::source::context::LocalSource;
 use crate::source::pull;
@@ -268,8 +269,17 @@ impl Solver {
     /// contributes the checksum of what the consumer reads of it: the copied
     /// paths for a FileOp that only copies from it, else all it includes.
     fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, Failure> {
-        let Some(Value::Local(local)) = value else {
-            return Ok(cache::input_contribution(&done.key, index));
+        let local = match value {
+            Some(Value::Local(local)) => local,
+            Some(Value::Layers(layers)) => {
+                let Some(selectors) = content_selectors(op, input_idx as i64) else {
+                    return Ok(cache::input_contribution(&done.key, index));
+                };
+                let sums = tokio::task::block_in_place(|| stack_sums(&self.root, layers, &selectors))
+                    .map_err(Failure::io(Some("checksum of"), self.name_of(&op.inputs[input_idx].digest)))?;
+                return Ok(cache::content_read_key(&selectors, &sums));
+            }
+            None => return Ok(cache::input_contribution(&done.key, index)),
         };
         let checksums = self.exec.checksum_cache(&local.dir);
         let selectors = copy_selectors(op, input_idx as i64);
@@ -684,6 +694,40 @@ fn copy_selectors(op: &pb::Op, i: i64) -> Option<Vec<(String, bool, bool)>> {
         }
     }
     Some(out)
+}
+
+/// What a consumer reads of another vertex's output (input `i`), when its
+/// key may cover that content instead of the input's key (BuildKit's rule):
+/// the sources of a FileOp that only copies from it, the selectors of an
+/// ExecOp's read-only bind mounts of it (`/` for a whole mount). `None` for
+/// any other use (a base to write on, a root, a writable or cache mount).
+fn content_selectors(op: &pb::Op, i: i64) -> Option<Vec<Selector>> {
+    if let Some(pb::op::Op::Exec(e)) = &op.op {
+        let mut out = Vec::new();
+        for m in e.mounts.iter().filter(|m| m.input == i) {
+            if m.mount_type != pb::MountType::Bind as i32 || !m.readonly || m.dest == "/" || m.output >= 0 {
+                return None;
+            }
+            let path = if m.selector.is_empty() {
+                "/".to_string()
+            } else {
+                m.selector.clone()
+            };
+            out.push(Selector {
+                path,
+                wildcard: false,
+                follow: true,
+            });
+        }
+        return (!out.is_empty()).then_some(out);
+    }
+    let sources = copy_selectors(op, i)?;
+    Some(
+        sources
+            .into_iter()
+            .map(|(path, wildcard, follow)| Selector { path, wildcard, follow })
+            .collect(),
+    )
 }
 
 #[cfg(test)]

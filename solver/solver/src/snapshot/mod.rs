@@ -15,6 +15,7 @@ use std::sync::Arc;
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use serde::{Deserialize, Serialize};
 
+pub(crate) mod contentsum;
 pub(crate) mod layer;
 pub(crate) mod treediff;
 
