@@ -456,6 +456,65 @@ fn a_stage_that_remakes_the_same_files_leaves_its_readers_cached() {
 }
 
 #[test]
+fn privileged_steps_need_their_entitlement_by_name() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("entitlements");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\n\
+         RUN echo ran > /first\n\
+         RUN --security=insecure grep CapEff /proc/self/status > /caps\n\
+         RUN --network=host true\n\
+         RUN grep CapEff /proc/self/status > /default-caps\n",
+    );
+    // Refused before anything runs, at the step's line, naming the flag.
+    let (out, events) = s.build_events(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("[Dockerfile:3:1]") && err.contains("--allow security.insecure"),
+        "{err}"
+    );
+    assert!(err.contains("this step was refused"), "{err}");
+    assert_eq!(ran(&events), Vec::<String>::new(), "nothing ran");
+    let (out, _) = s.build_events(&["--allow", "security.insecure"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("[Dockerfile:4:1]") && err.contains("--allow network.host"), "{err}");
+
+    // Both allowed (comma-separated, as buildx): it builds, and the insecure
+    // step has every capability the default step lacks.
+    let local = s.dir.join("fs");
+    let (out, _) = s.build_events(&[
+        "--allow",
+        "security.insecure,network.host",
+        "-o",
+        &format!("type=local,dest={}", local.display()),
+    ]);
+    ok(&out);
+    let caps = |f: &str| {
+        let line = std::fs::read_to_string(local.join(f)).expect("caps");
+        u64::from_str_radix(line.split_whitespace().nth(1).expect("mask"), 16).expect("hex")
+    };
+    let (insecure, default) = (caps("caps"), caps("default-caps"));
+    assert!(insecure & (1 << 21) != 0, "CAP_SYS_ADMIN when insecure: {insecure:x}");
+    assert!(default & (1 << 21) == 0, "no CAP_SYS_ADMIN by default: {default:x}");
+
+    // `--network host` for every step needs it too; unknown names are refused.
+    for (args, needle) in [
+        (vec!["--network", "host"], "--allow network.host"),
+        (vec!["--allow", "device"], "unknown entitlement"),
+    ] {
+        let out = s.build(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
 fn independent_stages_run_at_once() {
     if !can_build() {
         return;

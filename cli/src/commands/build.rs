@@ -57,6 +57,10 @@ pub struct Args {
     /// Hand the image to the local Docker engine (`docker load`).
     #[arg(long)]
     pub load: bool,
+    /// Allow a privilege by name: `network.host` (RUN --network=host, --network host),
+    /// `security.insecure` (RUN --security=insecure); repeatable or comma-separated.
+    #[arg(long = "allow", value_name = "ENTITLEMENT", value_delimiter = ',')]
+    pub allow: Vec<String>,
 }
 
 /// The Docker engine's version, or why there is none.
@@ -182,8 +186,30 @@ fn absolute(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf()))
 }
 
+/// `--allow` names only known entitlements, and `--network host` needs
+/// `network.host` among them (as buildx), before anything is compiled.
+fn check_entitlements(args: &Args) -> Result<(), String> {
+    use kiln_solver_protocol::{ENTITLEMENTS, NETWORK_HOST};
+    if let Some(unknown) = args.allow.iter().find(|a| !ENTITLEMENTS.contains(&a.as_str())) {
+        return Err(format!(
+            "--allow {unknown}: unknown entitlement (known: {})",
+            ENTITLEMENTS.join(", ")
+        ));
+    }
+    if args.frontend.network.as_deref() == Some("host") && !args.allow.iter().any(|a| a == NETWORK_HOST) {
+        return Err(format!(
+            "--network host gives every RUN step the host's network: to allow it, add --allow {NETWORK_HOST}"
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the command.
 pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    if let Err(msg) = check_entitlements(args) {
+        let _ = writeln!(err, "error: {msg}");
+        return EXIT_USAGE;
+    }
     let mut exporters = Vec::new();
     for o in &args.outputs {
         match parse_output(o, &args.tags) {
@@ -290,6 +316,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     request.no_cache = args.no_cache;
     request.jobs = args.jobs;
     request.oci_runtime = args.oci_runtime.clone();
+    request.entitlements = args.allow.clone();
 
     let mut renderer = Renderer::new(args.progress);
     let (tx, rx) = mpsc::channel::<(Event, String)>();
@@ -345,7 +372,12 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     if let Some((message, digest, kind)) = failure {
         let tail = digest.as_deref().map(|d| renderer.tail_of(d)).unwrap_or_default();
         let name = digest.as_deref().and_then(|d| renderer.name_of(d));
-        report_failure(&compiled, &message, digest.as_deref(), name, &tail, failed_exit, err);
+        let label = match (kind, failed_exit) {
+            (ErrorKind::Request, _) => "this step was refused".to_string(),
+            (_, Some(c)) => format!("this step failed (exit code {c})"),
+            (_, None) => "this step failed".to_string(),
+        };
+        report_failure(&compiled, &message, digest.as_deref(), name, &tail, &label, err);
         return if kind == ErrorKind::Vertex { EXIT_STEP } else { EXIT_OTHER };
     }
     match result {
@@ -466,7 +498,7 @@ fn report_failure(
     digest: Option<&str>,
     name: Option<String>,
     tail: &[String],
-    exit_code: Option<i32>,
+    label: &str,
     err: &mut dyn Write,
 ) {
     let location = digest.and_then(|d| source_range(&compiled.definition, d));
@@ -485,11 +517,12 @@ fn report_failure(
             let diag = Diagnostic {
                 severity: Severity::Error,
                 code: "kiln::build::step_failed".into(),
-                message: format!("{step}: {message}"),
-                label: match exit_code {
-                    Some(c) => format!("this step failed (exit code {c})"),
-                    None => "this step failed".into(),
+                message: if step.is_empty() {
+                    message.to_string()
+                } else {
+                    format!("{step}: {message}")
                 },
+                label: label.to_string(),
                 help,
                 file: compiled.filename.clone(),
                 offset,

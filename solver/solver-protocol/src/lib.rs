@@ -69,7 +69,18 @@ pub struct SolveRequest {
     /// history and image creation times, for reproducible images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_date_epoch: Option<i64>,
+    /// Privileges the user allowed by name ([`ENTITLEMENTS`]); a step that
+    /// asks for one not listed is refused before anything runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entitlements: Vec<String>,
 }
+
+/// `network.host`: a RUN step may use the host's network (`--network=host`).
+pub const NETWORK_HOST: &str = "network.host";
+/// `security.insecure`: a RUN step may run with every capability (`--security=insecure`).
+pub const SECURITY_INSECURE: &str = "security.insecure";
+/// Every entitlement a request may grant, as buildx names them.
+pub const ENTITLEMENTS: &[&str] = &[NETWORK_HOST, SECURITY_INSECURE];
 
 /// Secret values by id, base64 on the wire; never shown by `Debug`.
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -310,6 +321,7 @@ impl SolveRequest {
             secrets: Secrets::default(),
             ssh: BTreeMap::new(),
             source_date_epoch: None,
+            entitlements: Vec::new(),
         }
     }
 

@@ -192,13 +192,21 @@ pub(crate) enum SolveError {
     /// An inconsistency of the solver itself.
     #[error("{0}")]
     Internal(String),
+    /// A step asks for a privilege the request did not grant.
+    #[error("{message}")]
+    Refused {
+        /// The op's digest.
+        digest: String,
+        /// What it needs and the flag that grants it.
+        message: String,
+    },
 }
 
 impl SolveError {
     /// The protocol's class of this failure.
     pub(crate) fn kind(&self) -> ErrorKind {
         match self {
-            SolveError::Request(_) => ErrorKind::Request,
+            SolveError::Request(_) | SolveError::Refused { .. } => ErrorKind::Request,
             SolveError::Vertex { .. } => ErrorKind::Vertex,
             SolveError::Export { .. } => ErrorKind::Export,
             SolveError::StateRoot { .. } | SolveError::Internal(_) => ErrorKind::Internal,
@@ -219,7 +227,7 @@ impl SolveError {
         Event::Error {
             message: self.to_string(),
             digest: match self {
-                SolveError::Vertex { digest, .. } => Some(digest.clone()),
+                SolveError::Vertex { digest, .. } | SolveError::Refused { digest, .. } => Some(digest.clone()),
                 _ => None,
             },
             kind: self.kind(),

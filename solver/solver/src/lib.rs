@@ -73,6 +73,22 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         Ok(d) => d,
         Err(e) => return fail(&events, SolveError::Request(format!("the definition cannot be used: {e}"))),
     };
+    if let Some(unknown) = request
+        .entitlements
+        .iter()
+        .find(|e| !kiln_solver_protocol::ENTITLEMENTS.contains(&e.as_str()))
+    {
+        return fail(
+            &events,
+            SolveError::Request(format!(
+                "unknown entitlement {unknown:?} (known: {})",
+                kiln_solver_protocol::ENTITLEMENTS.join(", ")
+            )),
+        );
+    }
+    if let Some((digest, message)) = schedule::refused_step(&def, &request.entitlements) {
+        return fail(&events, SolveError::Refused { digest, message });
+    }
     let missing = schedule::missing_secrets(&def, &request.secrets, &request.ssh);
     if !missing.is_empty() {
         return fail(&events, SolveError::Request(missing.join("\n")));

@@ -514,59 +514,92 @@ fn display_args(args: &[String]) -> String {
     args.join(" ")
 }
 
+/// The kernel's capabilities by number (`CAP_CHOWN` is 0), as the runtime
+/// spec names them.
+const KERNEL_CAPS: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// A capability by its spec name.
+fn capability(name: &str) -> Option<Capability> {
+    serde_json::from_value(serde_json::Value::String(name.to_string())).ok()
+}
+
+/// Every capability the solver itself holds (its permitted set: a runtime
+/// cannot grant more, e.g. inside a container that dropped some), for
+/// `--security=insecure`.
 fn all_capabilities() -> HashSet<Capability> {
-    use std::str::FromStr;
-    // Every capability the spec knows, by parsing the names the kernel lists.
-    let names = [
-        "CAP_AUDIT_CONTROL",
-        "CAP_AUDIT_READ",
-        "CAP_AUDIT_WRITE",
-        "CAP_BLOCK_SUSPEND",
-        "CAP_BPF",
-        "CAP_CHECKPOINT_RESTORE",
-        "CAP_CHOWN",
-        "CAP_DAC_OVERRIDE",
-        "CAP_DAC_READ_SEARCH",
-        "CAP_FOWNER",
-        "CAP_FSETID",
-        "CAP_IPC_LOCK",
-        "CAP_IPC_OWNER",
-        "CAP_KILL",
-        "CAP_LEASE",
-        "CAP_LINUX_IMMUTABLE",
-        "CAP_MAC_ADMIN",
-        "CAP_MAC_OVERRIDE",
-        "CAP_MKNOD",
-        "CAP_NET_ADMIN",
-        "CAP_NET_BIND_SERVICE",
-        "CAP_NET_BROADCAST",
-        "CAP_NET_RAW",
-        "CAP_PERFMON",
-        "CAP_SETGID",
-        "CAP_SETFCAP",
-        "CAP_SETPCAP",
-        "CAP_SETUID",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_BOOT",
-        "CAP_SYS_CHROOT",
-        "CAP_SYS_MODULE",
-        "CAP_SYS_NICE",
-        "CAP_SYS_PACCT",
-        "CAP_SYS_PTRACE",
-        "CAP_SYS_RAWIO",
-        "CAP_SYS_RESOURCE",
-        "CAP_SYS_TIME",
-        "CAP_SYS_TTY_CONFIG",
-        "CAP_SYSLOG",
-        "CAP_WAKE_ALARM",
-    ];
-    names.iter().filter_map(|n| Capability::from_str(n).ok()).collect()
+    let held = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapPrm:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    KERNEL_CAPS
+        .iter()
+        .enumerate()
+        .filter(|(bit, _)| held & (1 << bit) != 0)
+        .filter_map(|(_, n)| capability(n))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rustix::fs::{fcntl_get_seals, SealFlags};
+
+    #[test]
+    fn insecure_steps_get_every_capability_the_solver_holds() {
+        let known: Vec<Capability> = KERNEL_CAPS.iter().filter_map(|n| capability(n)).collect();
+        assert_eq!(known.len(), KERNEL_CAPS.len(), "every name parses");
+        let all = all_capabilities();
+        if rustix::process::geteuid().is_root() {
+            assert!(all.contains(&Capability::SysAdmin), "{all:?}");
+            assert!(all.is_superset(&DEFAULT_CAPS.iter().copied().collect()));
+        }
+    }
 
     #[test]
     fn a_binary_runtime_runs_from_a_sealed_copy() {

@@ -612,6 +612,37 @@ impl Solver {
 
 /// Secrets and SSH agents that steps require but the request does not
 /// give, as messages naming the step: checked before anything runs.
+/// The first step that asks for a privilege `granted` does not hold
+/// (host network, every capability), as its digest and a message naming
+/// the flag that grants it. Checked before anything runs, as BuildKit's
+/// entitlements are.
+pub(crate) fn refused_step(def: &LoadedDefinition, granted: &[String]) -> Option<(String, String)> {
+    use kiln_solver_protocol::{NETWORK_HOST, SECURITY_INSECURE};
+    let has = |e: &str| granted.iter().any(|g| g == e);
+    for op in &def.ops {
+        let Some(pb::op::Op::Exec(e)) = &op.op.op else { continue };
+        let need = if e.network == pb::NetMode::Host as i32 && !has(NETWORK_HOST) {
+            Some((NETWORK_HOST, "the host's network"))
+        } else if e.security == pb::SecurityMode::Insecure as i32 && !has(SECURITY_INSECURE) {
+            Some((SECURITY_INSECURE, "every capability, outside the sandbox"))
+        } else {
+            None
+        };
+        if let Some((entitlement, what)) = need {
+            let step = def
+                .metadata
+                .get(op.digest.as_str())
+                .and_then(|m| m.description.get("llb.customname").cloned())
+                .unwrap_or_else(|| e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default());
+            return Some((
+                op.digest.as_str().to_string(),
+                format!("{step} asks for {what}, which is not allowed: to allow it, add --allow {entitlement}"),
+            ));
+        }
+    }
+    None
+}
+
 pub(crate) fn missing_secrets(
     def: &LoadedDefinition,
     secrets: &kiln_solver_protocol::Secrets,
