@@ -514,6 +514,65 @@ fn privileged_steps_need_their_entitlement_by_name() {
     }
 }
 
+/// A TCP server answering every connection with `reply`, until the test ends.
+fn serve(addr: &str, reply: &'static str) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind(addr).expect("listen");
+    let at = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
+        }
+    });
+    at
+}
+
+#[test]
+fn steps_get_their_own_network_without_the_hosts_loopback() {
+    if !can_build() {
+        return;
+    }
+    // A service on the host's loopback only (a database, a Docker API on a
+    // CI runner), and one on every interface, reached from outside.
+    let private = serve("127.0.0.1:0", "HOST-LOOPBACK\n").port();
+    let public = serve("0.0.0.0:0", "OUTSIDE\n").port();
+    // The host's address on its default route (no packet is sent).
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+    udp.connect("192.0.2.1:9").expect("a default route");
+    let host_ip = udp.local_addr().expect("address").ip();
+    let s = Setup::new("netns");
+    let ifaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort";
+    s.write(
+        "Dockerfile",
+        &format!(
+            "FROM busybox\n\
+             RUN {ifaces} > /ifaces; cp /etc/resolv.conf /resolv; cp /etc/hosts /hosts-file; \\\n\
+                 nc -w 2 127.0.0.1 {private} </dev/null > /loopback 2>&1; \\\n\
+                 nc -w 2 10.0.2.2 {private} </dev/null > /gateway 2>&1; \\\n\
+                 nc -w 5 {host_ip} {public} </dev/null > /outside 2>&1; true\n\
+             RUN --network=none {ifaces} > /ifaces-none\n\
+             RUN --network=host nc -w 2 127.0.0.1 {private} </dev/null > /host-net 2>&1; true\n"
+        ),
+    );
+    let local = s.dir.join("fs");
+    let (out, _) = s.build_events(&["--allow", "network.host", "-o", &format!("type=local,dest={}", local.display())]);
+    ok(&out);
+    let read = |f: &str| std::fs::read_to_string(local.join(f)).expect(f);
+    assert_eq!(
+        read("ifaces"),
+        "lo\ntap0\n",
+        "its own loopback and the NAT's interface, none of the host's"
+    );
+    assert!(!read("loopback").contains("HOST-LOOPBACK"), "{}", read("loopback"));
+    assert!(!read("gateway").contains("HOST-LOOPBACK"), "{}", read("gateway"));
+    assert_eq!(read("outside"), "OUTSIDE\n", "outbound connections work");
+    assert!(!read("resolv").lines().any(|l| l.contains("nameserver 127.")), "{}", read("resolv"));
+    assert!(read("hosts-file").contains("localhost buildkitsandbox"), "{}", read("hosts-file"));
+    assert_eq!(read("ifaces-none"), "lo\n");
+    assert_eq!(read("host-net"), "HOST-LOOPBACK\n", "--network=host, allowed, is the host's");
+    // Nothing of the namespaces is left.
+    assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "no leftover mounts");
+}
+
 #[test]
 fn independent_stages_run_at_once() {
     if !can_build() {

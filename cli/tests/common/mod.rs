@@ -293,7 +293,8 @@ pub fn busybox_layout(dir: &Path) -> String {
 /// Whether builds can run here (root, runc, umoci, busybox); on CI they must.
 pub fn can_build() -> bool {
     let test = current_test();
-    kiln_test_support::root(&test, "runc and overlayfs mounts") && kiln_test_support::tools(&test, &["runc", "umoci", "busybox"])
+    kiln_test_support::root(&test, "runc and overlayfs mounts")
+        && kiln_test_support::tools(&test, &["runc", "slirp4netns", "umoci", "busybox"])
 }
 
 /// Unpacks an OCI image tarball's image `name` with umoci into `dest`

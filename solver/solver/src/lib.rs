@@ -89,6 +89,11 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     if let Some((digest, message)) = schedule::refused_step(&def, &request.entitlements) {
         return fail(&events, SolveError::Refused { digest, message });
     }
+    if schedule::uses_sandbox_network(&def) {
+        if let Err(msg) = execute::netns::slirp_binary() {
+            return fail(&events, SolveError::Request(msg));
+        }
+    }
     let missing = schedule::missing_secrets(&def, &request.secrets, &request.ssh);
     if !missing.is_empty() {
         return fail(&events, SolveError::Request(missing.join("\n")));
@@ -106,7 +111,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             )
         }
     };
-    let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state());
+    let runtime =
+        execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(execute::netns::Sandboxes::new(root.clone()));
     let exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let solver = Arc::new(Solver::new(

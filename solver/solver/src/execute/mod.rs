@@ -7,6 +7,7 @@ pub(crate) mod cachemount;
 pub(crate) mod file;
 pub(crate) mod fileop;
 pub(crate) mod layers;
+pub(crate) mod netns;
 pub(crate) mod runc;
 pub(crate) mod step;
 

@@ -10,18 +10,18 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use kiln_llb::pb;
 use oci_spec::runtime::{Capability, LinuxNamespaceType, Mount, Spec};
 use tokio::io::AsyncReadExt;
 
+use super::netns::Sandboxes;
 use crate::error::Failure;
 use crate::fsutil::{mkdir_all, resolve_in_root, resolve_user};
 use crate::snapshot::layer::set_mtime_nofollow;
 
 /// The OCI runtime binary and where it keeps state.
-#[derive(Debug)]
 pub(crate) struct Runtime {
     /// `runc`, `crun` or a path.
     pub binary: String,
@@ -29,6 +29,8 @@ pub(crate) struct Runtime {
     pub state: PathBuf,
     /// A sealed in-memory copy of the binary, made once per solve.
     sealed: OnceLock<Option<SealedBinary>>,
+    /// The steps' own networks (default network mode).
+    sandboxes: Option<Arc<Sandboxes>>,
 }
 
 /// The runtime binary copied into a sealed memfd. runc starts each
@@ -91,6 +93,20 @@ impl Runtime {
             binary,
             state,
             sealed: OnceLock::new(),
+            sandboxes: None,
+        }
+    }
+
+    /// Steps in the default network mode get their network from `pool`.
+    pub(crate) fn with_sandboxes(mut self, pool: Arc<Sandboxes>) -> Runtime {
+        self.sandboxes = Some(pool);
+        self
+    }
+
+    /// Starts making the steps' networks, so the first step need not wait.
+    pub(crate) fn prepare_networks(&self) {
+        if let Some(pool) = &self.sandboxes {
+            pool.fill();
         }
     }
 
@@ -288,8 +304,10 @@ fn remove_empty_tree(dir: &Path) -> bool {
 
 /// `/etc/resolv.conf` for the step: the host's, without loopback servers
 /// unless the step shares the host network.
-fn resolv_conf(host_network: bool) -> String {
-    let host = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+/// The step's resolv.conf: the host's, without loopback resolvers unless the
+/// step shares the host's network; with none left, slirp4netns's forwarder
+/// for a sandboxed step (it asks the host's resolvers), else public ones.
+fn resolv_conf(host: &str, host_network: bool, slirp: bool) -> String {
     let mut out = String::new();
     let mut servers = 0;
     for line in host.lines() {
@@ -304,7 +322,9 @@ fn resolv_conf(host_network: bool) -> String {
         out.push_str(line);
         out.push('\n');
     }
-    if servers == 0 && !host_network {
+    if servers == 0 && slirp {
+        out.push_str(&format!("nameserver {}\n", super::netns::SLIRP_DNS));
+    } else if servers == 0 && !host_network {
         out.push_str("nameserver 8.8.8.8\nnameserver 8.8.4.4\n");
     }
     out
@@ -335,7 +355,17 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     if meta.args.is_empty() {
         return Err(Failure::invalid("the step has no command"));
     }
-    let host_network = step.network == pb::NetMode::Host as i32 || step.network == pb::NetMode::Unset as i32;
+    let host_network = step.network == pb::NetMode::Host as i32;
+    // The default mode: a namespace of the step's own, connected outside.
+    let sandbox = if step.network == pb::NetMode::Unset as i32 {
+        let pool = runtime
+            .sandboxes
+            .as_ref()
+            .ok_or_else(|| Failure::Internal("no network sandboxes for this runtime".into()))?;
+        Some(tokio::task::block_in_place(|| pool.take())?)
+    } else {
+        None
+    };
     let insecure = step.security == pb::SecurityMode::Insecure as i32;
     let hostname = if meta.hostname.is_empty() {
         "buildkitsandbox"
@@ -356,7 +386,15 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     let hosts = step.bundle.join("hosts");
     let resolv = step.bundle.join("resolv.conf");
     fs::write(&hosts, hosts_file(hostname, &meta.extra_hosts)).map_err(Failure::io(Some("writing"), hosts.display()))?;
-    fs::write(&resolv, resolv_conf(host_network)).map_err(Failure::io(Some("writing"), resolv.display()))?;
+    fs::write(
+        &resolv,
+        resolv_conf(
+            &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            host_network,
+            sandbox.is_some(),
+        ),
+    )
+    .map_err(Failure::io(Some("writing"), resolv.display()))?;
 
     let mut spec = Spec::default();
     spec.set_hostname(Some(hostname.to_string()));
@@ -437,6 +475,12 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
                 .into_iter()
                 .filter(|n| !(host_network && n.typ() == LinuxNamespaceType::Network))
                 .filter(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Cgroup)
+                .map(|mut n| {
+                    if let (LinuxNamespaceType::Network, Some(s)) = (n.typ(), &sandbox) {
+                        n.set_path(Some(s.path().to_path_buf()));
+                    }
+                    n
+                })
                 .collect();
             linux.set_namespaces(Some(kept));
         }
@@ -589,6 +633,24 @@ fn all_capabilities() -> HashSet<Capability> {
 mod tests {
     use super::*;
     use rustix::fs::{fcntl_get_seals, SealFlags};
+
+    #[test]
+    fn a_sandboxed_step_never_names_the_hosts_loopback_resolver() {
+        let host = "search corp\nnameserver 127.0.0.53\nnameserver 10.1.2.3\noptions edns0\n";
+        let own = resolv_conf(host, false, true);
+        assert_eq!(own, "search corp\nnameserver 10.1.2.3\noptions edns0\n");
+        let only_loopback = "nameserver 127.0.0.53\n";
+        assert_eq!(
+            resolv_conf(only_loopback, false, true),
+            "nameserver 10.0.2.3\n",
+            "slirp4netns forwards"
+        );
+        assert_eq!(
+            resolv_conf(only_loopback, true, false),
+            only_loopback,
+            "the host's network keeps it"
+        );
+    }
 
     #[test]
     fn insecure_steps_get_every_capability_the_solver_holds() {

@@ -428,6 +428,9 @@ impl Solver {
             let me = self.clone();
             tokio::task::spawn_blocking(move || me.exec.runtime.prepare());
         }
+        if matches!(&op.op, Some(Op::Exec(e)) if e.network == pb::NetMode::Unset as i32) {
+            self.exec.runtime.prepare_networks();
+        }
         // A capped ExecOp waits for its turn before it counts as started.
         let _permit = match (&op.op, &self.exec_slots) {
             (Some(Op::Exec(_)), Some(s)) => Some(
@@ -612,6 +615,14 @@ impl Solver {
 
 /// Secrets and SSH agents that steps require but the request does not
 /// give, as messages naming the step: checked before anything runs.
+/// Whether a step runs in the default network mode (its own namespace,
+/// which needs slirp4netns).
+pub(crate) fn uses_sandbox_network(def: &LoadedDefinition) -> bool {
+    def.ops
+        .iter()
+        .any(|op| matches!(&op.op.op, Some(pb::op::Op::Exec(e)) if e.network == pb::NetMode::Unset as i32))
+}
+
 /// The first step that asks for a privilege `granted` does not hold
 /// (host network, every capability), as its digest and a message naming
 /// the flag that grants it. Checked before anything runs, as BuildKit's

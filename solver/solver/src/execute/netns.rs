@@ -1,0 +1,228 @@
+//! Each RUN step's own network, BuildKit's default ("sandbox") mode: a new
+//! network namespace with its own loopback, reaching the outside through
+//! slirp4netns, a user-mode NAT whose sockets live on the host's side.
+//! With `--disable-host-loopback` the host's 127.0.0.1 is not reachable;
+//! the host's interfaces are not visible in the step.
+//!
+//! Why slirp4netns rather than a veth pair into a NAT bridge: it needs no
+//! bridge, no iptables or nftables rules and no host configuration that a
+//! crashed build could leave behind; it works the same for root and for
+//! rootless builds; and a namespace with its slirp4netns is made in a few
+//! milliseconds, ahead of the steps that take one (a small pool), so a step
+//! does not wait for its network. Each namespace serves one step and is
+//! then removed: nothing a step leaves listening reaches the next.
+//! slirp4netns runs with its own sandbox and seccomp filter, and exits when
+//! the solver does (its exit fd is a pipe the solver holds).
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::error::Failure;
+use crate::root::StateRoot;
+
+/// slirp4netns's DNS forwarder, for a step whose host only names loopback resolvers.
+pub(crate) const SLIRP_DNS: &str = "10.0.2.3";
+
+/// How many namespaces are kept ready.
+const READY: usize = 2;
+
+/// The program that connects a sandbox to the outside.
+const SLIRP: &str = "slirp4netns";
+
+/// Where slirp4netns is, or the sentence that says how to get it.
+pub(crate) fn slirp_binary() -> Result<PathBuf, String> {
+    static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let path = std::env::var_os("PATH")?;
+            std::env::split_paths(&path).map(|d| d.join(SLIRP)).find(|p| p.is_file())
+        })
+        .clone()
+        .ok_or_else(|| {
+            "RUN steps get their own network through slirp4netns, which is not installed: \
+             install it (apt-get install slirp4netns), or give a step no network (RUN --network=none)"
+                .to_string()
+        })
+}
+
+/// One network namespace connected by its own slirp4netns; removed on drop.
+pub(crate) struct Sandbox {
+    dir: PathBuf,
+    ns: PathBuf,
+    slirp: Option<(Child, ChildStdin)>,
+}
+
+impl Sandbox {
+    /// The namespace, as a file the runtime joins.
+    pub(crate) fn path(&self) -> &Path {
+        &self.ns
+    }
+
+    /// A new namespace under `ROOT/mnt/`, with slirp4netns attached and ready.
+    fn create(root: &StateRoot, slirp: &Path) -> io::Result<Sandbox> {
+        let dir = root.mountpoint()?;
+        let ns = dir.join("net");
+        let mut sandbox = Sandbox {
+            dir,
+            ns: ns.clone(),
+            slirp: None,
+        };
+        fs::File::create(&ns)?;
+        // A thread of its own moves to a new namespace and pins it to the file.
+        let target = ns.clone();
+        std::thread::spawn(move || -> io::Result<()> {
+            #[allow(deprecated, reason = "NEWNET shares no file table: the safe wrapper is sound here")]
+            rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET)?;
+            rustix::mount::mount_bind("/proc/thread-self/ns/net", &target)?;
+            Ok(())
+        })
+        .join()
+        .map_err(|_| io::Error::other("the namespace thread panicked"))??;
+        // Its messages go to a file beside the namespace; readiness comes
+        // on a pipe of its own, as fd 3; its stdin is the exit fd.
+        let log_path = sandbox.dir.join("slirp4netns.log");
+        let log = fs::File::create(&log_path)?;
+        let (ready_r, ready_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let mut cmd = Command::new(slirp);
+        cmd.args([
+            "--configure",
+            "--mtu=65520",
+            "--disable-host-loopback",
+            "--enable-sandbox",
+            "--netns-type=path",
+            "--exit-fd=0",
+            "--ready-fd=3",
+        ])
+        .arg(&ns)
+        .arg("tap0")
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&ready_w);
+        // SAFETY: between fork and exec only async-signal-safe calls are
+        // made (dup2 or fcntl on fds this process owns), nothing allocates.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let fd = rustix::fd::BorrowedFd::borrow_raw(raw);
+                if raw == 3 {
+                    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+                } else {
+                    let mut three = std::mem::ManuallyDrop::new(<rustix::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(3));
+                    rustix::io::dup2(fd, &mut three)?;
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        drop(ready_w);
+        let Some(stdin) = child.stdin.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::other("slirp4netns has no stdin"));
+        };
+        sandbox.slirp = Some((child, stdin));
+        // One byte when the namespace is configured; EOF when it failed.
+        let mut byte = [0u8; 1];
+        if fs::File::from(ready_r).read(&mut byte)? == 0 {
+            let why = fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(io::Error::other(format!(
+                "slirp4netns did not start: {}",
+                why.lines().last().unwrap_or("no message")
+            )));
+        }
+        Ok(sandbox)
+    }
+}
+
+impl Drop for Sandbox {
+    /// Removed in the background: a tap device's teardown waits for the
+    /// kernel (10-40 ms) and no step needs to wait for it. Should the solver
+    /// exit first, slirp4netns sees its exit fd close and stops, and the
+    /// state root's sweep removes the namespace's mount.
+    fn drop(&mut self) {
+        let slirp = self.slirp.take();
+        let (ns, dir) = (std::mem::take(&mut self.ns), std::mem::take(&mut self.dir));
+        std::thread::spawn(move || {
+            if let Some((mut child, stdin)) = slirp {
+                drop(stdin); // its exit fd: slirp4netns stops
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = rustix::mount::unmount(&ns, rustix::mount::UnmountFlags::DETACH);
+            let _ = fs::remove_file(&ns);
+            let _ = fs::remove_file(dir.join("slirp4netns.log"));
+            let _ = fs::remove_dir(&dir);
+        });
+    }
+}
+
+/// Namespaces made ahead of the steps that take them.
+pub(crate) struct Sandboxes {
+    root: Arc<StateRoot>,
+    ready: Mutex<Vec<Sandbox>>,
+    /// Signalled when one is made (or failed to be).
+    made: Condvar,
+    making: AtomicUsize,
+}
+
+impl Sandboxes {
+    /// An empty pool for one solve.
+    pub(crate) fn new(root: Arc<StateRoot>) -> Arc<Sandboxes> {
+        Arc::new(Sandboxes {
+            root,
+            ready: Mutex::new(Vec::new()),
+            made: Condvar::new(),
+            making: AtomicUsize::new(0),
+        })
+    }
+
+    /// Starts making namespaces in the background until [`READY`] are ready
+    /// or on their way.
+    pub(crate) fn fill(self: &Arc<Self>) {
+        let Ok(slirp) = slirp_binary() else { return };
+        let have = self.ready.lock().map(|r| r.len()).unwrap_or(READY);
+        let making = self.making.load(Ordering::Relaxed);
+        for _ in have + making..READY {
+            self.making.fetch_add(1, Ordering::Relaxed);
+            let me = self.clone();
+            let slirp = slirp.clone();
+            std::thread::spawn(move || {
+                let made = Sandbox::create(&me.root, &slirp);
+                if let Ok(mut ready) = me.ready.lock() {
+                    if let Ok(s) = made {
+                        ready.push(s);
+                    }
+                    me.making.fetch_sub(1, Ordering::Relaxed);
+                }
+                me.made.notify_all();
+            });
+        }
+    }
+
+    /// A ready namespace (one on its way is waited for; made now if none
+    /// is), and another started.
+    pub(crate) fn take(self: &Arc<Self>) -> Result<Sandbox, Failure> {
+        let slirp = slirp_binary().map_err(Failure::invalid)?;
+        let ready = self.ready.lock().ok().and_then(|mut r| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while r.is_empty() && self.making.load(Ordering::Relaxed) > 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                r = self.made.wait_timeout(r, left).ok()?.0;
+            }
+            r.pop()
+        });
+        self.fill();
+        match ready {
+            Some(s) => Ok(s),
+            None => Sandbox::create(&self.root, &slirp).map_err(|e| Failure::Internal(format!("the step's network: {e}"))),
+        }
+    }
+}
