@@ -33,6 +33,9 @@ pub struct FrontendArgs {
     /// Network mode for RUN steps that do not set one (default, none, host).
     #[arg(long)]
     pub network: Option<String>,
+    /// An extra /etc/hosts entry for every RUN step: HOST:IP (or HOST=IP); repeatable.
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    pub add_hosts: Vec<String>,
     /// kiln's state root; default $KILN_ROOT or ~/.local/share/kiln.
     #[arg(long)]
     pub root: Option<PathBuf>,
@@ -367,7 +370,31 @@ pub fn build_request(args: &FrontendArgs, dockerfile: &Path, definition: Vec<u8>
         named_contexts,
         ignore_patterns,
         network: args.network.clone(),
+        extra_hosts: args.add_hosts.iter().map(|h| parse_add_host(h)).collect::<Result<_, _>>()?,
     })
+}
+
+/// `--add-host HOST:IP` or `HOST=IP` (buildx's two spellings; the first
+/// `=`, else the first `:`, so `host:::1` is an IPv6 address), the name
+/// lower-cased and the address in its canonical form, as BuildKit stores them.
+pub fn parse_add_host(spec: &str) -> Result<(String, String), String> {
+    let (host, ip) = spec
+        .split_once('=')
+        .or_else(|| spec.split_once(':'))
+        .ok_or_else(|| format!("--add-host {spec:?}: expected HOST:IP"))?;
+    let addr: std::net::IpAddr = ip
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("--add-host {spec:?}: {ip:?} is not an IP address"))?;
+    let addr = match addr {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(addr),
+        v4 => v4,
+    };
+    if host.is_empty() {
+        return Err(format!("--add-host {spec:?}: the host name is empty"));
+    }
+    Ok((host.to_lowercase(), addr.to_string()))
 }
 
 /// `.dockerignore` lines → exclude patterns (comments and blanks dropped, paths cleaned).
@@ -390,6 +417,19 @@ pub fn parse_dockerignore(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn add_host_takes_both_spellings_and_canonical_addresses() {
+        let ok = |s: &str| parse_add_host(s).expect(s);
+        assert_eq!(ok("DB.local:10.0.0.5"), ("db.local".into(), "10.0.0.5".into()));
+        assert_eq!(ok("db=10.0.0.5"), ("db".into(), "10.0.0.5".into()));
+        assert_eq!(ok("v6:::1"), ("v6".into(), "::1".into()));
+        assert_eq!(ok("v6=2001:DB8:0:0:0:0:0:1"), ("v6".into(), "2001:db8::1".into()));
+        assert_eq!(ok("mapped=::ffff:1.2.3.4"), ("mapped".into(), "1.2.3.4".into()));
+        for bad in ["nohost", "db:not-an-ip", ":1.2.3.4"] {
+            assert!(parse_add_host(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn buildkit_dockerfile_images_are_the_builtin_frontend() {

@@ -554,7 +554,14 @@ fn steps_get_their_own_network_without_the_hosts_loopback() {
         ),
     );
     let local = s.dir.join("fs");
-    let (out, _) = s.build_events(&["--allow", "network.host", "-o", &format!("type=local,dest={}", local.display())]);
+    let (out, _) = s.build_events(&[
+        "--allow",
+        "network.host",
+        "--add-host",
+        "DB.internal:10.9.8.7",
+        "-o",
+        &format!("type=local,dest={}", local.display()),
+    ]);
     ok(&out);
     let read = |f: &str| std::fs::read_to_string(local.join(f)).expect(f);
     assert_eq!(
@@ -567,6 +574,11 @@ fn steps_get_their_own_network_without_the_hosts_loopback() {
     assert_eq!(read("outside"), "OUTSIDE\n", "outbound connections work");
     assert!(!read("resolv").lines().any(|l| l.contains("nameserver 127.")), "{}", read("resolv"));
     assert!(read("hosts-file").contains("localhost buildkitsandbox"), "{}", read("hosts-file"));
+    assert!(
+        read("hosts-file").contains("10.9.8.7\tdb.internal\n"),
+        "--add-host: {}",
+        read("hosts-file")
+    );
     assert_eq!(read("ifaces-none"), "lo\n");
     assert_eq!(read("host-net"), "HOST-LOOPBACK\n", "--network=host, allowed, is the host's");
     // Nothing of the namespaces is left.

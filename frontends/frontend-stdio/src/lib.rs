@@ -60,6 +60,9 @@ pub enum ToFrontend {
         /// Default network mode for steps.
         #[serde(default)]
         network: Option<String>,
+        /// Extra `/etc/hosts` entries for every step: `[host, ip]` pairs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        extra_hosts: Vec<(String, String)>,
     },
     /// Answer to `resolve_image`.
     Resolved {
@@ -140,6 +143,7 @@ pub fn request_message(r: &Request) -> ToFrontend {
         named_contexts: r.named_contexts.clone(),
         ignore_patterns: r.ignore_patterns.clone(),
         network: r.network.clone(),
+        extra_hosts: r.extra_hosts.clone(),
     }
 }
 
@@ -229,6 +233,7 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
         named_contexts,
         ignore_patterns,
         network,
+        extra_hosts,
     } = msg
     else {
         return Err("the first line is not a request".into());
@@ -248,6 +253,7 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
         named_contexts,
         ignore_patterns,
         network,
+        extra_hosts,
     };
     let host = StreamHost {
         input: std::cell::RefCell::new(input),

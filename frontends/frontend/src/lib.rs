@@ -36,6 +36,9 @@ pub struct Request {
     /// Network mode for RUN steps that do not set one (`default`, `none`, `host`),
     /// as buildx's `--network`.
     pub network: Option<String>,
+    /// `--add-host`: extra `/etc/hosts` entries for every RUN step, as
+    /// (host name, IP address) pairs.
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// An image's config as the host resolved it.

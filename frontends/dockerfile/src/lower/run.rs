@@ -65,6 +65,16 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             user: b.config.config.user.clone(),
             remove_mount_stubs_recursive: true,
             proxy_env: proxy_env(&self.input.request.build_args),
+            extra_hosts: self
+                .input
+                .request
+                .extra_hosts
+                .iter()
+                .map(|(host, ip)| pb::HostIp {
+                    host: host.clone(),
+                    ip: ip.clone(),
+                })
+                .collect(),
             ..Default::default()
         };
         let network = match network {
