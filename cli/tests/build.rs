@@ -746,18 +746,19 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
 }
 
 /// Processes whose command line contains `needle`.
+/// The pids of running processes for which `keep` holds.
+fn pids_where(keep: impl Fn(u32) -> bool) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&p| keep(p))
+        .collect()
+}
+
+/// Processes whose command line contains `needle`.
 fn processes_with(needle: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-        if contains(&cmdline, needle.as_bytes()) {
-            out.push(p);
-        }
-    }
-    out
+    pids_where(|p| contains(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(), needle.as_bytes()))
 }
 
 #[test]
@@ -809,6 +810,14 @@ fn a_cancelled_build_stops_its_steps_at_once_and_caches_none_of_them() {
             "the solver is gone when kiln exits"
         );
         assert_eq!(processes_with(&token), Vec::<u32>::new(), "the step's processes are gone");
+        // The step's slirp4netns (named by its namespace under the root) stops
+        // when the solver's end closes its exit fd.
+        let root = s.root().to_string_lossy().into_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while !processes_with(&root).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(processes_with(&root), Vec::<u32>::new(), "no process of this root is left");
         assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "no mounts left");
         assert_eq!(containers(&s.root()), Vec::<String>::new(), "no containers left");
         for dir in ["tmp", "mnt"] {
@@ -823,21 +832,14 @@ fn a_cancelled_build_stops_its_steps_at_once_and_caches_none_of_them() {
     assert!(!ran(&events).iter().any(|n| n.contains("echo one")), "finished steps stay cached");
 }
 
+/// Processes whose parent is `pid`.
 fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
+    pids_where(|p| {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
         // pid (comm) state ppid …
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let ppid = after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok());
-        if ppid == Some(pid) {
-            out.push(p);
-        }
-    }
-    out
+        after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid)
+    })
 }
 
 #[test]
