@@ -1592,6 +1592,10 @@ fn a_missing_bind_mount_source_is_named() {
         !err.contains("runc") && !err.contains(&s.root().display().to_string()),
         "no runtime error or internal path: {err}"
     );
+    // The step failed before it took a network: the ones made ahead are gone too.
+    assert_eq!(mounts_under(&s.root()), Vec::<String>::new(), "no mounts left");
+    let left: Vec<_> = std::fs::read_dir(s.root().join("mnt")).expect("mnt").flatten().collect();
+    assert!(left.is_empty(), "nothing left in mnt/: {left:?}");
 }
 
 #[test]

@@ -44,6 +44,15 @@ use crate::schedule::{SolveOptions, Solver};
 
 pub use error::exit;
 
+/// Closes the steps' network pool when the solve ends.
+struct CloseOnDrop(Arc<execute::netns::Sandboxes>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// Reads a request, solves it, exports, reporting everything to `events`.
 /// Returns the process exit code.
 pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventSink>) -> i32 {
@@ -111,8 +120,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             )
         }
     };
-    let runtime =
-        execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(execute::netns::Sandboxes::new(root.clone()));
+    let sandboxes = execute::netns::Sandboxes::new(root.clone());
+    // However the solve ends (done, failed, cancelled), its unused networks go.
+    let _close = CloseOnDrop(sandboxes.clone());
+    let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(sandboxes);
     let exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let solver = Arc::new(Solver::new(

@@ -18,7 +18,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -140,24 +140,22 @@ impl Sandbox {
 }
 
 impl Drop for Sandbox {
-    /// Removed in the background: a tap device's teardown waits for the
-    /// kernel (10-40 ms) and no step needs to wait for it. Should the solver
-    /// exit first, slirp4netns sees its exit fd close and stops, and the
-    /// state root's sweep removes the namespace's mount.
+    /// The namespace's file goes at once; slirp4netns is stopped in the
+    /// background, since its tap device's teardown waits for the kernel
+    /// (10-40 ms) and no step needs to wait for that. Should the solver exit
+    /// first, slirp4netns sees its exit fd close and stops by itself.
     fn drop(&mut self) {
-        let slirp = self.slirp.take();
-        let (ns, dir) = (std::mem::take(&mut self.ns), std::mem::take(&mut self.dir));
-        std::thread::spawn(move || {
-            if let Some((mut child, stdin)) = slirp {
+        let _ = rustix::mount::unmount(&self.ns, rustix::mount::UnmountFlags::DETACH);
+        let _ = fs::remove_file(&self.ns);
+        let _ = fs::remove_file(self.dir.join("slirp4netns.log"));
+        let _ = fs::remove_dir(&self.dir);
+        if let Some((mut child, stdin)) = self.slirp.take() {
+            std::thread::spawn(move || {
                 drop(stdin); // its exit fd: slirp4netns stops
                 let _ = child.kill();
                 let _ = child.wait();
-            }
-            let _ = rustix::mount::unmount(&ns, rustix::mount::UnmountFlags::DETACH);
-            let _ = fs::remove_file(&ns);
-            let _ = fs::remove_file(dir.join("slirp4netns.log"));
-            let _ = fs::remove_dir(&dir);
-        });
+            });
+        }
     }
 }
 
@@ -168,6 +166,8 @@ pub(crate) struct Sandboxes {
     /// Signalled when one is made (or failed to be).
     made: Condvar,
     making: AtomicUsize,
+    /// The solve is over: nothing more is made, what is made is removed.
+    closed: AtomicBool,
 }
 
 impl Sandboxes {
@@ -178,6 +178,7 @@ impl Sandboxes {
             ready: Mutex::new(Vec::new()),
             made: Condvar::new(),
             making: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -185,6 +186,9 @@ impl Sandboxes {
     /// or on their way.
     pub(crate) fn fill(self: &Arc<Self>) {
         let Ok(slirp) = slirp_binary() else { return };
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
         let have = self.ready.lock().map(|r| r.len()).unwrap_or(READY);
         let making = self.making.load(Ordering::Relaxed);
         for _ in have + making..READY {
@@ -194,14 +198,35 @@ impl Sandboxes {
             std::thread::spawn(move || {
                 let made = Sandbox::create(&me.root, &slirp);
                 if let Ok(mut ready) = me.ready.lock() {
-                    if let Ok(s) = made {
-                        ready.push(s);
+                    match made {
+                        Ok(s) if !me.closed.load(Ordering::Relaxed) => ready.push(s),
+                        _ => {} // removed here: the solve is over
                     }
                     me.making.fetch_sub(1, Ordering::Relaxed);
                 }
                 me.made.notify_all();
             });
         }
+    }
+
+    /// Ends the pool with the solve: waits for the namespaces being made
+    /// (a few milliseconds) and removes every unused one, so nothing of
+    /// this solve outlives it.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        let Ok(mut ready) = self.ready.lock() else { return };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.making.load(Ordering::Relaxed) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match self.made.wait_timeout(ready, left) {
+                Ok((r, _)) => ready = r,
+                Err(_) => return,
+            }
+        }
+        ready.clear();
     }
 
     /// A ready namespace (one on its way is waited for; made now if none
