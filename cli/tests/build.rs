@@ -1528,11 +1528,13 @@ fn load_hands_the_image_to_docker_or_says_there_is_none() {
             err.contains("the image into Docker (docker load)") && !err.contains(&tarball),
             "{err}"
         );
-        let run = Command::new(&docker)
-            .args(["run", "--rm", "kiln-load-test:1"])
-            .output()
-            .expect("docker run");
-        assert_eq!(String::from_utf8_lossy(&run.stdout), "loaded\n");
+        let run = common::docker_run(&docker, &["kiln-load-test:1"]);
+        assert_eq!(
+            String::from_utf8_lossy(&run.stdout),
+            "loaded\n",
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         let _ = Command::new(&docker).args(["image", "rm", "kiln-load-test:1"]).output();
     } else {
         assert_eq!(out.status.code(), Some(3));

@@ -179,10 +179,7 @@ fn docker() -> Option<String> {
 
 /// Runs image `tag` with `docker run` and returns its stdout.
 fn docker_run(docker: &str, tag: &str) -> String {
-    let run = Command::new(docker)
-        .args(["run", "--rm", "--network", "none", tag])
-        .output()
-        .expect("docker run");
+    let run = common::docker_run(docker, &["--network", "none", tag]);
     assert!(run.status.success(), "docker run {tag}: {}", String::from_utf8_lossy(&run.stderr));
     let _ = Command::new(docker).args(["image", "rm", tag]).output();
     String::from_utf8_lossy(&run.stdout).into_owned()

@@ -290,7 +290,29 @@ pub fn busybox_layout(dir: &Path) -> String {
     mdig
 }
 
-/// Whether builds can run here (root, runc, umoci, busybox); on CI they must.
+/// `docker run --rm ARGS…`, tried up to three times: dockerd 20.10's
+/// containerd shim sometimes dies while a loaded 2-core machine starts the
+/// container ("shim disconnected", no output), which says nothing of the
+/// image. Each failed try is printed; the last one is returned.
+pub fn docker_run(docker: &str, args: &[&str]) -> Output {
+    let mut last = None;
+    for attempt in 1..=3 {
+        let out = Command::new(docker).args(["run", "--rm"]).args(args).output().expect("docker run");
+        if out.status.success() {
+            return out;
+        }
+        eprintln!(
+            "docker run {args:?} failed (try {attempt} of 3, {}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        last = Some(out);
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    last.expect("three tries")
+}
+
+/// Whether builds can run here (root, runc, slirp4netns, umoci, busybox); on CI they must.
 pub fn can_build() -> bool {
     let test = current_test();
     kiln_test_support::root(&test, "runc and overlayfs mounts")

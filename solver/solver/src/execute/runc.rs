@@ -302,8 +302,6 @@ fn remove_empty_tree(dir: &Path) -> bool {
     fs::remove_dir(dir).is_ok()
 }
 
-/// `/etc/resolv.conf` for the step: the host's, without loopback servers
-/// unless the step shares the host network.
 /// The step's resolv.conf: the host's, without loopback resolvers unless the
 /// step shares the host's network; with none left, slirp4netns's forwarder
 /// for a sandboxed step (it asks the host's resolvers), else public ones.

@@ -268,6 +268,8 @@ impl Solver {
     /// The key an input contributes to a consumer's key. A local source
     /// contributes the checksum of what the consumer reads of it: the copied
     /// paths for a FileOp that only copies from it, else all it includes.
+    /// Another vertex's output contributes the content the consumer reads
+    /// of it when it only reads ([`content_selectors`]), else its key.
     fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, Failure> {
         let local = match value {
             Some(Value::Local(local)) => local,
@@ -613,8 +615,6 @@ impl Solver {
     }
 }
 
-/// Secrets and SSH agents that steps require but the request does not
-/// give, as messages naming the step: checked before anything runs.
 /// Whether a step runs in the default network mode (its own namespace,
 /// which needs slirp4netns).
 pub(crate) fn uses_sandbox_network(def: &LoadedDefinition) -> bool {
@@ -654,6 +654,8 @@ pub(crate) fn refused_step(def: &LoadedDefinition, granted: &[String]) -> Option
     None
 }
 
+/// Secrets and SSH agents that steps require but the request does not
+/// give, as messages naming the step: checked before anything runs.
 pub(crate) fn missing_secrets(
     def: &LoadedDefinition,
     secrets: &kiln_solver_protocol::Secrets,
