@@ -991,7 +991,7 @@ mod tests {
     #[test]
     fn archives_keep_file_capabilities_under_add_chown() {
         let t = tempfile::tempdir().expect("tmp");
-        let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let cap = crate::snapshot::layer::CAP_NET_RAW_EP;
         let mut b = tar::Builder::new(Vec::new());
         b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])
             .expect("pax");
@@ -1062,7 +1062,7 @@ mod tests {
     #[test]
     fn copies_keep_file_capabilities_through_a_chown() {
         let src = tempfile::tempdir().expect("tmp");
-        let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let cap = crate::snapshot::layer::CAP_NET_RAW_EP;
         fs::write(src.path().join("ping"), b"x").expect("write");
         rustix::fs::lsetxattr(
             src.path().join("ping"),

@@ -37,17 +37,11 @@ const SLIRP: &str = "slirp4netns";
 /// Where slirp4netns is, or the sentence that says how to get it.
 pub(crate) fn slirp_binary() -> Result<PathBuf, String> {
     static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
-    FOUND
-        .get_or_init(|| {
-            let path = std::env::var_os("PATH")?;
-            std::env::split_paths(&path).map(|d| d.join(SLIRP)).find(|p| p.is_file())
-        })
-        .clone()
-        .ok_or_else(|| {
-            "RUN steps get their own network through slirp4netns, which is not installed: \
+    FOUND.get_or_init(|| super::runc::find_program(SLIRP)).clone().ok_or_else(|| {
+        "RUN steps get their own network through slirp4netns, which is not installed: \
              install it (apt-get install slirp4netns), or give a step no network (RUN --network=none)"
-                .to_string()
-        })
+            .to_string()
+    })
 }
 
 /// One network namespace connected by its own slirp4netns; removed on drop.

@@ -75,7 +75,7 @@ impl SealedBinary {
 
 /// `name` as a path: itself when it has a slash, else the first executable
 /// file of that name on PATH.
-fn find_program(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if name.contains('/') {
         return Some(PathBuf::from(name));

@@ -615,6 +615,15 @@ impl Solver {
     }
 }
 
+/// An ExecOp's name in the messages of the checks made before anything
+/// runs: its `llb.customname`, else its command.
+fn exec_name(def: &LoadedDefinition, digest: &str, e: &pb::ExecOp) -> String {
+    def.metadata
+        .get(digest)
+        .and_then(|m| m.description.get("llb.customname").cloned())
+        .unwrap_or_else(|| e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default())
+}
+
 /// Whether a step runs in the default network mode (its own namespace,
 /// which needs slirp4netns).
 pub(crate) fn uses_sandbox_network(def: &LoadedDefinition) -> bool {
@@ -640,11 +649,7 @@ pub(crate) fn refused_step(def: &LoadedDefinition, granted: &[String]) -> Option
             None
         };
         if let Some((entitlement, what)) = need {
-            let step = def
-                .metadata
-                .get(op.digest.as_str())
-                .and_then(|m| m.description.get("llb.customname").cloned())
-                .unwrap_or_else(|| e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default());
+            let step = exec_name(def, op.digest.as_str(), e);
             return Some((
                 op.digest.as_str().to_string(),
                 format!("{step} asks for {what}, which is not allowed: to allow it, add --allow {entitlement}"),
@@ -664,11 +669,7 @@ pub(crate) fn missing_secrets(
     let mut out = Vec::new();
     for op in &def.ops {
         let Some(pb::op::Op::Exec(e)) = &op.op.op else { continue };
-        let step = def
-            .metadata
-            .get(op.digest.as_str())
-            .and_then(|m| m.description.get("llb.customname").cloned())
-            .unwrap_or_else(|| e.meta.as_ref().map(|m| m.args.join(" ")).unwrap_or_default());
+        let step = exec_name(def, op.digest.as_str(), e);
         for se in &e.secretenv {
             if !se.optional && !secrets.contains(&se.id) {
                 out.push(format!(

@@ -348,12 +348,14 @@ pub(crate) fn set_mtime_nofollow(path: &Path, secs: i64, nanos: i64) -> io::Resu
         .map_err(|e| io::Error::new(e.kind(), format!("setting the mtime of {}: {e}", path.display())))
 }
 
+/// `cap_net_raw=ep` as the kernel stores it (VFS_CAP_REVISION_2, effective),
+/// for the tests of every path a file capability takes.
+#[cfg(test)]
+pub(crate) const CAP_NET_RAW_EP: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `cap_net_raw=ep` as the kernel stores it (VFS_CAP_REVISION_2, effective).
-    const CAP_NET_RAW_EP: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
 
     #[test]
     fn file_capabilities_and_xattrs_round_trip_through_tar() {

@@ -286,8 +286,7 @@ mod tests {
         let ping = layer.path().join("ping");
         fs::write(&ping, b"#!/bin/true").expect("write");
         crate::fsutil::lchown(&ping, crate::fsutil::Owner { uid: 7, gid: 7 }).expect("chown");
-        // cap_net_raw=ep (VFS_CAP_REVISION_2, effective).
-        let cap = [1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let cap = crate::snapshot::layer::CAP_NET_RAW_EP;
         set_xattr(&ping, "security.capability", &cap);
         fs::hard_link(&ping, layer.path().join("ping2")).expect("link");
         let dest = tempfile::tempdir().expect("tmp");
