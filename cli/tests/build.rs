@@ -18,7 +18,7 @@ use serde_json::Value;
 
 /// A test's directories: `ctx/` (the context), `root/` (kiln's state root), `base/` (the fixture).
 struct Setup {
-    dir: PathBuf,
+    dir: common::Scratch,
 }
 
 impl Setup {

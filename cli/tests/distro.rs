@@ -19,7 +19,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{can_build, debian_layout, scratch_dir, umoci_unpack};
+use std::sync::{Arc, Mutex, Weak};
+
+use common::{can_build, debian_layout, scratch_dir, umoci_unpack, Scratch};
 use serde_json::Value;
 
 /// The name the workloads' Dockerfiles give their base.
@@ -28,8 +30,9 @@ const BASE: &str = "127.0.0.1:5000/debian:bookworm";
 /// What every workload test shares: the base layout and one state root.
 struct Distro {
     layout: PathBuf,
-    root: PathBuf,
-    dir: PathBuf,
+    /// Shared while any workload test runs; removed after the last.
+    root: Arc<Scratch>,
+    dir: Scratch,
 }
 
 fn distro(test: &str) -> Option<Distro> {
@@ -37,8 +40,15 @@ fn distro(test: &str) -> Option<Distro> {
         return None;
     }
     let layout = debian_layout(test)?;
-    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    let root = ROOT.get_or_init(|| scratch_dir("distro-root")).clone();
+    static ROOT: Mutex<Weak<Scratch>> = Mutex::new(Weak::new());
+    let root = {
+        let mut shared = ROOT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        shared.upgrade().unwrap_or_else(|| {
+            let root = Arc::new(scratch_dir("distro-root"));
+            *shared = Arc::downgrade(&root);
+            root
+        })
+    };
     let dir = scratch_dir(test);
     Some(Distro { layout, root, dir })
 }
@@ -60,7 +70,7 @@ impl Distro {
         let base = format!("{BASE}=oci-layout://{}:bookworm", self.layout.display());
         let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .env("KILN_GC", "off")
-            .env("KILN_ROOT", &self.root)
+            .env("KILN_ROOT", &*self.root)
             .args(["build", "--progress", "rawjson", "--build-context", &base])
             .args(args)
             .arg(ctx)

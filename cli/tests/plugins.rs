@@ -74,7 +74,7 @@ fn corpus_dockerfiles() -> Vec<PathBuf> {
 fn the_dockerfile_frontend_compiled_to_wasm_gives_the_built_in_llb_for_every_corpus_file() {
     let wasm = std::fs::read(wasm_plugins().join("dockerfile.wasm")).expect("dockerfile.wasm");
     let cache = scratch_dir("wasm-corpus");
-    let host = kiln_frontend_wasm::PluginHost::new(Some(cache.clone())).expect("engine");
+    let host = kiln_frontend_wasm::PluginHost::new(Some(cache.to_path_buf())).expect("engine");
     let plugin = host.load("dockerfile.wasm", &wasm).expect("compiles");
     let files = corpus_dockerfiles();
     let mut compared = 0;
@@ -134,7 +134,7 @@ fn digests(dump: &str) -> Vec<String> {
 /// A context with both definitions, a plugin folder, an OCI layout holding
 /// the steps plugin, and a bin folder with the native `kiln-frontend-steps`.
 struct Lab {
-    dir: PathBuf,
+    dir: common::Scratch,
 }
 
 impl Lab {

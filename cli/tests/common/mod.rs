@@ -24,12 +24,45 @@ pub fn kiln(args: &[&str], dir: &Path) -> Output {
         .expect("kiln runs")
 }
 
-/// A fresh empty directory for one test.
-pub fn scratch_dir(name: &str) -> PathBuf {
+/// A fresh empty directory for one test, removed when the test passes (a
+/// failing test's stays behind to be looked at). CI machines have little
+/// disk: the distro tests alone leave gigabytes.
+pub fn scratch_dir(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("kiln-cli-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    Scratch(dir)
+}
+
+/// A test's directory; see [`scratch_dir`].
+#[derive(Debug)]
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for Scratch {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// One image of a fixture layout: its platform and config.
