@@ -425,6 +425,12 @@ pub(crate) fn export(
                 let dest_path = Path::new(dest);
                 fs::create_dir_all(dest_path).map_err(|e| failed(Failure::io(Some("creating"), dest)(e)))?;
                 crate::execute::fileop::copy_tree(dest_path, &crate::execute::fileop::SourceView::Dir(view.path())).map_err(failed)?;
+                if crate::rootless::in_user_namespace() {
+                    // Files leave the build as the user's own, as BuildKit's
+                    // client writes them: ids of the subordinate range would
+                    // be files the user cannot remove.
+                    own_tree(dest_path).map_err(|e| failed(Failure::io(Some("taking ownership of"), dest)(e)))?;
+                }
                 written.push(dest.clone());
             }
             Exporter::Tar { dest } => {
@@ -442,6 +448,27 @@ pub(crate) fn export(
         }
     }
     Ok((image, written))
+}
+
+/// Gives everything under `dir` to this process's user, keeping modes.
+fn own_tree(dir: &Path) -> std::io::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d)? {
+            let path = entry?.path();
+            let meta = fs::symlink_metadata(&path)?;
+            let me = (rustix::process::getuid(), rustix::process::getgid());
+            rustix::fs::chownat(rustix::fs::CWD, &path, Some(me.0), Some(me.1), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+            if !meta.file_type().is_symlink() {
+                // chown clears setuid and setgid.
+                fs::set_permissions(&path, meta.permissions())?;
+            }
+            if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An exporter as `--output` spells it, for messages.

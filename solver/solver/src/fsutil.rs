@@ -268,7 +268,8 @@ pub(crate) fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32>
 }
 
 /// The extended attributes of `path` (a symlink's own), except those of
-/// overlayfs (`trusted.overlay.*`: they describe the layer, not the file).
+/// overlayfs (`trusted.overlay.*`, or `user.overlay.*` when rootless: they
+/// describe the layer, not the file).
 /// A filesystem without extended attributes has none.
 pub(crate) fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     let unsupported = |e: &rustix::io::Errno| *e == rustix::io::Errno::NOTSUP || *e == rustix::io::Errno::OPNOTSUPP;
@@ -284,7 +285,7 @@ pub(crate) fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let Ok(name) = std::str::from_utf8(name) else { continue };
-        if name.starts_with("trusted.overlay.") {
+        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
             continue;
         }
         let len = match rustix::fs::lgetxattr_query(path, name) {

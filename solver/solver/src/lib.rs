@@ -26,6 +26,7 @@ mod export;
 mod fsutil;
 pub mod gc;
 mod root;
+pub mod rootless;
 mod schedule;
 mod snapshot;
 mod source;

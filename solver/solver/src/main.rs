@@ -104,7 +104,32 @@ mod erased {
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(cmd) = argv.first().filter(|c| ["du", "prune", "gc"].contains(&c.as_str())) {
+    let maintaining = argv.first().is_some_and(|c| ["du", "prune", "gc"].contains(&c.as_str()));
+    let informing = argv.iter().any(|a| ["--version", "-h", "--help"].contains(&a.as_str()));
+    // A user other than root builds in a user namespace of its own.
+    let rootless_failed = |e: kiln_solver::rootless::RootlessError| -> ! {
+        if maintaining {
+            eprintln!("kiln-solver: {e}");
+        } else {
+            Stdout(Mutex::new(std::io::stdout())).emit(Event::Error {
+                message: e.to_string(),
+                digest: None,
+                kind: ErrorKind::Internal,
+            });
+        }
+        std::process::exit(kiln_solver::exit::INTERNAL);
+    };
+    if let Err(e) = kiln_solver::rootless::enter_if_inner() {
+        rootless_failed(e);
+    }
+    if kiln_solver::rootless::needed() && !informing {
+        let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+        match kiln_solver::rootless::run_inside() {
+            Ok(code) => std::process::exit(code),
+            Err(e) => rootless_failed(e),
+        }
+    }
+    if let Some(cmd) = argv.first().filter(|_| maintaining) {
         std::process::exit(maintenance(cmd, &argv[1..]));
     }
     let mut root = default_root();

@@ -401,6 +401,17 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         root.set_readonly(Some(false));
     }
     let mut mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    let rootless = crate::rootless::in_user_namespace();
+    if rootless {
+        // The host's cgroups are not this user's to mount; sysfs mounts only
+        // in a network namespace of this user namespace, so the host's is bound.
+        mounts.retain(|m| m.destination() != Path::new("/sys/fs/cgroup"));
+        if host_network {
+            for m in mounts.iter_mut().filter(|m| m.destination() == Path::new("/sys")) {
+                *m = bind("/sys", Path::new("/sys"), true);
+            }
+        }
+    }
     mounts.push(bind("/etc/resolv.conf", &resolv, true));
     mounts.push(bind("/etc/hosts", &hosts, true));
     let mut user_mounts = step.mounts;
@@ -486,7 +497,8 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
             linux.set_masked_paths(None);
             linux.set_readonly_paths(None);
         }
-        linux.set_cgroups_path(Some(PathBuf::from(format!("/kiln/{}", step.id))));
+        // Rootless, runc makes no cgroup: the user may not write the host's.
+        linux.set_cgroups_path((!rootless).then(|| PathBuf::from(format!("/kiln/{}", step.id))));
     }
     let config = serde_json::to_vec(&spec).map_err(|e| Failure::Internal(format!("the runtime spec: {e}")))?;
     fs::write(step.bundle.join("config.json"), config).map_err(Failure::io(Some("writing"), step.bundle.join("config.json").display()))?;

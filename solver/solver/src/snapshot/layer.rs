@@ -16,7 +16,14 @@ use crate::snapshot::LayerBlob;
 /// OCI media type of a gzip layer.
 pub(crate) const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// overlayfs's opaque-directory marker, as root and as mounted with
+/// `userxattr` in a user namespace (rootless).
+const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
+
+/// The opaque marker this process's overlayfs mounts read.
+pub(crate) fn opaque_xattr() -> &'static str {
+    OPAQUE_XATTRS[usize::from(crate::rootless::in_user_namespace())]
+}
 
 /// Whether a directory entry is an overlayfs whiteout.
 pub(crate) fn is_whiteout(meta: &fs::Metadata) -> bool {
@@ -25,7 +32,9 @@ pub(crate) fn is_whiteout(meta: &fs::Metadata) -> bool {
 
 /// Whether a directory is marked opaque (hides everything below it).
 pub(crate) fn is_opaque(path: &Path) -> bool {
-    matches!(rustix::fs::lgetxattr(path, OPAQUE_XATTR, &mut [0u8; 4]), Ok(n) if n >= 1)
+    OPAQUE_XATTRS
+        .iter()
+        .any(|name| matches!(rustix::fs::lgetxattr(path, *name, &mut [0u8; 4]), Ok(n) if n >= 1))
 }
 
 /// A writer hashing everything that passes through.
@@ -275,7 +284,7 @@ pub(crate) fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<St
         if name == ".wh..wh..opq" {
             let d = safe_join(dest, &parent)?;
             fs::create_dir_all(&d)?;
-            rustix::fs::lsetxattr(&d, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty())?;
+            rustix::fs::lsetxattr(&d, opaque_xattr(), b"y", rustix::fs::XattrFlags::empty())?;
             continue;
         }
         if let Some(hidden) = name.strip_prefix(".wh.") {

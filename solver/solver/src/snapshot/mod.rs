@@ -4,7 +4,8 @@
 //!
 //! A vertex result is a stack of layers (bottom first). A layer directory
 //! holds one layer's changes in overlayfs form (a deleted path is a 0:0
-//! character device, a replaced directory carries `trusted.overlay.opaque`),
+//! character device, a replaced directory carries `trusted.overlay.opaque`,
+//! `user.overlay.opaque` when rootless),
 //! so a stack is mounted with overlayfs as it is, a new step's writes land in
 //! a fresh upper directory, and that upper directory is the step's layer.
 
@@ -289,6 +290,9 @@ fn mount_overlay_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLa
             if let Some((u, w)) = &upper_dirs {
                 opts.push_str(&format!(",upperdir={},workdir={}", u.display(), w.display()));
             }
+            if crate::rootless::in_user_namespace() {
+                opts.push_str(",userxattr");
+            }
             let data = std::ffi::CString::new(opts).map_err(std::io::Error::other)?;
             if let Err(second) = rustix::mount::mount(
                 "overlay",
@@ -315,6 +319,10 @@ fn mount_overlay_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLa
 
 fn mount_overlay_fsconfig(lowers: &[PathBuf], upper: Option<&(PathBuf, PathBuf)>, target: &Path) -> std::io::Result<()> {
     let fs_fd = rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    if crate::rootless::in_user_namespace() {
+        // trusted.* xattrs are root's of the host alone.
+        rustix::mount::fsconfig_set_flag(&fs_fd, "userxattr")?;
+    }
     for l in lowers {
         rustix::mount::fsconfig_set_string(&fs_fd, "lowerdir+", l.as_path())?;
     }
