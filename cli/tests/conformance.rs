@@ -18,7 +18,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{can_build, scratch_dir};
+use common::{can_build, scratch_dir, Rootless};
 
 const BASE: &str = "127.0.0.1:5000/busybox:latest";
 /// The manifest digest the records were made against (the corpus README).
@@ -93,10 +93,13 @@ fn case_flags(tools: &Path, case: &Path) -> Vec<String> {
 
 /// Builds one case into an OCI tarball and compares it; `None` when identical,
 /// else what differs.
-fn check(case: &Path, work: &Path, base: &Path, tools: &Path) -> Option<String> {
+fn check(case: &Path, work: &Path, base: &Path, tools: &Path, rootless: Option<&Rootless>) -> Option<String> {
     let name = case.file_name().expect("case name").to_string_lossy().into_owned();
     let ctx = work.join(&name);
     copy_case(case, &ctx);
+    if let Some(user) = rootless {
+        user.give(&ctx);
+    }
     let image = work.join(format!("{name}.tar"));
     let mut args: Vec<String> = vec![
         "build".into(),
@@ -112,12 +115,15 @@ fn check(case: &Path, work: &Path, base: &Path, tools: &Path) -> Option<String> 
     ];
     args.extend(case_flags(tools, &ctx));
     args.push(".".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(&args)
-        .current_dir(&ctx)
-        .env("KILN_ROOT", work.join("root"))
-        .output()
-        .expect("kiln runs");
+    let out = match rootless {
+        Some(user) => user.kiln(&args.iter().map(String::as_str).collect::<Vec<_>>(), &ctx, &work.join("root")),
+        None => Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(&ctx)
+            .env("KILN_ROOT", work.join("root"))
+            .output()
+            .expect("kiln runs"),
+    };
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
@@ -147,7 +153,17 @@ fn check(case: &Path, work: &Path, base: &Path, tools: &Path) -> Option<String> 
 
 #[test]
 fn every_case_builds_the_image_buildkit_built() {
-    let test = "every_case_builds_the_image_buildkit_built";
+    every_case("every_case_builds_the_image_buildkit_built", false);
+}
+
+/// The same images from a user without root (subordinate ids, a user
+/// namespace): owners, modes, whiteouts and all.
+#[test]
+fn every_case_builds_the_image_buildkit_built_rootless() {
+    every_case("every_case_builds_the_image_buildkit_built_rootless", true);
+}
+
+fn every_case(test: &str, rootless: bool) {
     let Some(images) = kiln_test_support::shared(test, "conformance/images") else {
         return;
     };
@@ -155,7 +171,15 @@ fn every_case_builds_the_image_buildkit_built() {
         return;
     }
     let tools = kiln_test_support::shared_dir().join("tools");
-    let work = scratch_dir("conformance");
+    let work = scratch_dir(if rootless { "conformance-rootless" } else { "conformance" });
+    let user = if rootless {
+        let Some(user) = common::rootless(test, &work) else {
+            return;
+        };
+        Some(user)
+    } else {
+        None
+    };
     let base = work.join("busybox-oci");
     let made = Command::new("python3")
         .arg(tools.join("peer-lab/mkbase.py"))
@@ -183,8 +207,10 @@ fn every_case_builds_the_image_buildkit_built() {
                     .any(|o| c.file_name().is_some_and(|n| n.to_string_lossy().starts_with(o.as_str())))
         })
         .collect();
-    let failures: Vec<String> = all.iter().filter_map(|case| check(case, &work, &base, &tools)).collect();
-    let _ = std::fs::remove_dir_all(&work);
+    let failures: Vec<String> = all
+        .iter()
+        .filter_map(|case| check(case, &work, &base, &tools, user.as_ref()))
+        .collect();
     assert!(
         failures.is_empty(),
         "{} of {} cases differ from BuildKit's image:\n\n{}",

@@ -554,3 +554,116 @@ pub fn debian_layout(test: &str) -> Option<PathBuf> {
     *made = Some(layout.clone());
     Some(layout)
 }
+
+/// The unprivileged user that rootless tests build as.
+pub const ROOTLESS_USER: &str = "kiln-rootless";
+
+/// Builds as [`ROOTLESS_USER`]: a system user with subordinate ids
+/// 600000-899999, created on first use (the tests run as root, as CI does).
+pub struct Rootless {
+    kiln: PathBuf,
+    home: PathBuf,
+}
+
+/// Runs `program args`, failing the test with its output when it fails.
+fn must(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The rootless builder for `test`, working in `dir` (which it is given).
+/// `None` (skipped loudly; a failure on CI) when not root or a tool is missing.
+pub fn rootless(test: &str, dir: &Path) -> Option<Rootless> {
+    if !kiln_test_support::root(test, "creating the rootless test user")
+        || !kiln_test_support::tools(
+            test,
+            &["useradd", "usermod", "runuser", "newuidmap", "newgidmap", "runc", "slirp4netns"],
+        )
+    {
+        return None;
+    }
+    static MADE: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut made = MADE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !*made {
+        let exists = Command::new("id")
+            .arg("-u")
+            .arg(ROOTLESS_USER)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !exists {
+            must("useradd", &["--system", "--no-create-home", "--shell", "/bin/sh", ROOTLESS_USER]);
+        }
+        // More than the usual 65536: the corpus has owners up to 200000.
+        let has = |file: &str| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l == format!("{ROOTLESS_USER}:600000:300000"))
+        };
+        if !has("/etc/subuid") || !has("/etc/subgid") {
+            must(
+                "usermod",
+                &["--add-subuids", "600000-899999", "--add-subgids", "600000-899999", ROOTLESS_USER],
+            );
+        }
+        // Its usual mode; some machines ship 0600, which only root can open.
+        let tun = std::fs::metadata("/dev/net/tun").map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+        if tun.is_ok_and(|m| m & 0o006 != 0o006) {
+            eprintln!("rootless tests: chmod 0666 /dev/net/tun (its usual mode) so an unprivileged user's steps get a network");
+            must("chmod", &["0666", "/dev/net/tun"]);
+        }
+        *made = true;
+    }
+    drop(made);
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    must("chown", &["-R", &format!("{ROOTLESS_USER}:"), &dir.display().to_string()]);
+    // The user runs kiln where it was built, or a copy where the build is
+    // not reachable for other users.
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_kiln"));
+    let reachable = Command::new("runuser")
+        .args(["-u", ROOTLESS_USER, "--", "test", "-x"])
+        .arg(&built)
+        .status()
+        .is_ok_and(|s| s.success());
+    let kiln = if reachable {
+        built
+    } else {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).expect("bin");
+        for name in ["kiln", "kiln-solver"] {
+            std::fs::copy(built.with_file_name(name), bin.join(name)).expect("copy a binary");
+        }
+        bin.join("kiln")
+    };
+    Some(Rootless { kiln, home })
+}
+
+impl Rootless {
+    /// `kiln ARGS` as the rootless user in `cwd`, state root `root`.
+    pub fn kiln(&self, args: &[&str], cwd: &Path, root: &Path) -> Output {
+        Command::new("runuser")
+            .args(["-u", ROOTLESS_USER, "--", "env", "-i"])
+            .arg(format!("HOME={}", self.home.display()))
+            .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg(format!("KILN_ROOT={}", root.display()))
+            .arg(&self.kiln)
+            .args(args)
+            .current_dir(cwd)
+            .output()
+            .expect("runuser runs")
+    }
+
+    /// Gives `path` (recursively) to the rootless user.
+    pub fn give(&self, path: &Path) {
+        must("chown", &["-R", &format!("{ROOTLESS_USER}:"), &path.display().to_string()]);
+    }
+}

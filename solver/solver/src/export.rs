@@ -458,7 +458,13 @@ fn own_tree(dir: &Path) -> std::io::Result<()> {
             let path = entry?.path();
             let meta = fs::symlink_metadata(&path)?;
             let me = (rustix::process::getuid(), rustix::process::getgid());
-            rustix::fs::chownat(rustix::fs::CWD, &path, Some(me.0), Some(me.1), rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+            rustix::fs::chownat(
+                rustix::fs::CWD,
+                &path,
+                Some(me.0),
+                Some(me.1),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )?;
             if !meta.file_type().is_symlink() {
                 // chown clears setuid and setgid.
                 fs::set_permissions(&path, meta.permissions())?;

@@ -112,7 +112,7 @@ pub(crate) fn lchown(path: &Path, owner: Owner) -> io::Result<()> {
         Some(rustix::fs::Gid::from_raw(owner.gid)),
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
     )
-    .map_err(Into::into)
+    .map_err(|e| crate::rootless::unmapped_owner(owner.uid, owner.gid).unwrap_or_else(|| e.into()))
 }
 
 /// Creates `dir` and its missing parents as BuildKit's copy does: each

@@ -69,6 +69,47 @@ pub fn in_user_namespace() -> bool {
     })
 }
 
+/// How many uids and gids this process's user namespace maps, from 0.
+fn mapped_ids() -> (u64, u64) {
+    static MAPPED: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    *MAPPED.get_or_init(|| {
+        let covered = |file: &str| {
+            std::fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<u64> = l.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+                    (f.len() == 3).then(|| f[0] + f[2])
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        (covered("/proc/self/uid_map"), covered("/proc/self/gid_map"))
+    })
+}
+
+/// When rootless and `uid` or `gid` is beyond the mapped ids, the error
+/// that says so (the kernel says only "invalid argument").
+pub(crate) fn unmapped_owner(uid: u32, gid: u32) -> Option<std::io::Error> {
+    if !in_user_namespace() {
+        return None;
+    }
+    let (uids, gids) = mapped_ids();
+    let (what, id, count, file) = if u64::from(uid) >= uids {
+        ("uid", uid, uids, "/etc/subuid")
+    } else if u64::from(gid) >= gids {
+        ("gid", gid, gids, "/etc/subgid")
+    } else {
+        return None;
+    };
+    Some(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "owner {what} {id} is beyond the {count} ids this rootless build maps (0 and the user's ranges in {file}): give the user a range of more than {id} ids there"
+        ),
+    ))
+}
+
 /// Whether the solver must enter a user namespace first: it was started by
 /// a user other than root and is not the inner process already.
 pub fn needed() -> bool {
@@ -212,7 +253,11 @@ fn map_child(plan: &Plan, pid: u32, from_inner: OwnedFd) -> Result<(), RootlessE
     match said.first() {
         Some(b'u') => {}
         Some(b'e') => return Err(RootlessError::Disabled(String::from_utf8_lossy(&said[1..]).into_owned())),
-        _ => return Err(RootlessError::Io(std::io::Error::other("the inner solver exited before entering its namespace"))),
+        _ => {
+            return Err(RootlessError::Io(std::io::Error::other(
+                "the inner solver exited before entering its namespace",
+            )))
+        }
     }
     for (tool, path, args) in [
         ("newuidmap", &plan.newuidmap, &plan.uid_args),
@@ -234,7 +279,9 @@ fn map_child(plan: &Plan, pid: u32, from_inner: OwnedFd) -> Result<(), RootlessE
 /// Passes the signals that stop a solve on to the inner process, from a
 /// thread of its own, for as long as this process lives.
 fn forward_signals(pid: u32) {
-    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else { return };
+    let Some(pid) = rustix::process::Pid::from_raw(pid as i32) else {
+        return;
+    };
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
             return;
@@ -271,7 +318,9 @@ pub fn enter_if_inner() -> Result<(), RootlessError> {
     let parse = |s: Option<&str>| s.and_then(|s| s.parse::<i32>().ok()).filter(|fd| *fd > 2);
     let mut it = fds.split(',');
     let (Some(r), Some(w)) = (parse(it.next()), parse(it.next())) else {
-        return Err(RootlessError::Io(std::io::Error::other(format!("{SYNC_ENV}={fds:?} is not two descriptors"))));
+        return Err(RootlessError::Io(std::io::Error::other(format!(
+            "{SYNC_ENV}={fds:?} is not two descriptors"
+        ))));
     };
     // SAFETY: the outer process passed these two pipe ends for this
     // process alone; nothing else here owns them.
@@ -299,8 +348,11 @@ pub fn enter_if_inner() -> Result<(), RootlessError> {
     // Still single-threaded: nothing reads the environment concurrently.
     std::env::remove_var(SYNC_ENV);
     // Mounts made here stay here.
-    rustix::mount::mount_change("/", rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE)
-        .map_err(std::io::Error::from)?;
+    rustix::mount::mount_change(
+        "/",
+        rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE,
+    )
+    .map_err(std::io::Error::from)?;
     Ok(())
 }
 

@@ -37,11 +37,21 @@ const SLIRP: &str = "slirp4netns";
 /// Where slirp4netns is, or the sentence that says how to get it.
 pub(crate) fn slirp_binary() -> Result<PathBuf, String> {
     static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
-    FOUND.get_or_init(|| super::runc::find_program(SLIRP)).clone().ok_or_else(|| {
+    let found = FOUND.get_or_init(|| super::runc::find_program(SLIRP)).clone().ok_or_else(|| {
         "RUN steps get their own network through slirp4netns, which is not installed: \
              install it (apt-get install slirp4netns), or give a step no network (RUN --network=none)"
             .to_string()
-    })
+    })?;
+    // Rootless, the device is opened as the user: its usual mode is 0666.
+    if crate::rootless::in_user_namespace() {
+        if let Err(e) = fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun") {
+            return Err(format!(
+                "RUN steps get their own network through /dev/net/tun, which this user cannot open ({e}): \
+                 as root, `chmod 0666 /dev/net/tun` (its usual mode), or give a step no network (RUN --network=none)"
+            ));
+        }
+    }
+    Ok(found)
 }
 
 /// One network namespace connected by its own slirp4netns; removed on drop.

@@ -306,6 +306,13 @@ pub(crate) fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<St
                 dir_times.push((safe_join(dest, &path)?, m as i64));
             }
         }
+        let header = entry.header();
+        if let Some(e) = crate::rootless::unmapped_owner(
+            header.uid().unwrap_or(0).try_into().unwrap_or(u32::MAX),
+            header.gid().unwrap_or(0).try_into().unwrap_or(u32::MAX),
+        ) {
+            return Err(e);
+        }
         entry.unpack_in(dest)?;
     }
     // Drain what the tar reader left (padding) so the digest covers it all.
