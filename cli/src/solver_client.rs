@@ -86,22 +86,31 @@ fn talk(child: &mut Child, request: &SolveRequest, mut on_event: impl FnMut(&Eve
     if !crate::cancel::solver_busy() {
         return Err("interrupted before the build started".into());
     }
-    {
+    // A solver that stops before reading (it cannot start: a rootless
+    // machine not set up, say) says why in its events: read them first.
+    let sent = {
         let mut stdin = child.stdin.take().ok_or("solver has no stdin")?;
-        stdin
-            .write_all(&body)
-            .map_err(|e| format!("sending the request to the solver: {e}"))?;
-    }
+        stdin.write_all(&body)
+    };
     let stdout = child.stdout.take().ok_or("solver has no stdout")?;
     let mut garbage = Vec::new();
+    let mut events = 0usize;
     for line in BufReader::new(stdout).lines() {
         let line = line.map_err(|e| format!("reading the solver's output: {e}"))?;
         if line.is_empty() {
             continue;
         }
         match Event::from_line(&line) {
-            Ok(ev) => on_event(&ev, &line),
+            Ok(ev) => {
+                events += 1;
+                on_event(&ev, &line);
+            }
             Err(_) => garbage.push(line),
+        }
+    }
+    if let Err(e) = sent {
+        if events == 0 {
+            return Err(format!("sending the request to the solver: {e}"));
         }
     }
     Ok(Outcome { exit_code: -1, garbage })

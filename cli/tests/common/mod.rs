@@ -650,10 +650,36 @@ pub fn rootless(test: &str, dir: &Path) -> Option<Rootless> {
 impl Rootless {
     /// `kiln ARGS` as the rootless user in `cwd`, state root `root`.
     pub fn kiln(&self, args: &[&str], cwd: &Path, root: &Path) -> Output {
+        self.run(
+            ROOTLESS_USER,
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            args,
+            cwd,
+            root,
+        )
+    }
+
+    /// [`Rootless::kiln`] with another `PATH`.
+    pub fn kiln_with_path(&self, args: &[&str], cwd: &Path, root: &Path, path: &str) -> Output {
+        self.run(ROOTLESS_USER, path, args, cwd, root)
+    }
+
+    /// [`Rootless::kiln`] as another user.
+    pub fn kiln_as(&self, user: &str, args: &[&str], cwd: &Path, root: &Path) -> Output {
+        self.run(
+            user,
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            args,
+            cwd,
+            root,
+        )
+    }
+
+    fn run(&self, user: &str, path: &str, args: &[&str], cwd: &Path, root: &Path) -> Output {
         Command::new("runuser")
-            .args(["-u", ROOTLESS_USER, "--", "env", "-i"])
+            .args(["-u", user, "--", "env", "-i"])
             .arg(format!("HOME={}", self.home.display()))
-            .arg("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .arg(format!("PATH={path}"))
             .arg(format!("KILN_ROOT={}", root.display()))
             .arg(&self.kiln)
             .args(args)
