@@ -381,3 +381,93 @@ fn a_machine_not_set_up_for_rootless_builds_is_told_what_to_add() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// Processes whose command line contains `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| {
+            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            cmdline.windows(needle.len()).any(|w| w == needle.as_bytes())
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_rootless_build_stops_and_leaves_nothing_running() {
+    let test = "an_interrupted_rootless_build_stops_and_leaves_nothing_running";
+    let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !can_build() {
+        return;
+    }
+    let dir = scratch_dir("rootless-cancel");
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    busybox_layout(&dir.join("base"));
+    let Some(user) = rootless(test, &dir) else {
+        return;
+    };
+    let token = format!("rootless-cancel-{}", std::process::id());
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM busybox\nRUN echo started && sleep 60 && echo {token}\n"),
+    )
+    .expect("Dockerfile");
+    user.give(&dir);
+    let base = format!("busybox=oci-layout://{}:latest", dir.join("base").display());
+    let root = dir.join("root");
+    let mut child = user
+        .spawn_kiln(&["build", "--progress", "rawjson", "--build-context", &base, "."], &ctx, &root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runuser");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().expect("stderr")));
+    let saw = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("\"type\":\"log\"") && l.contains("started"));
+    assert!(saw, "the step started");
+    // The CLI alone is signalled; the rootless solver's outer process passes it on.
+    let runuser = child.id().to_string();
+    let kiln: Vec<u32> = processes_with("kiln")
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kiln"))
+        .filter(|p| {
+            // "pid (comm) state ppid …": runuser's child.
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
+                == Some(runuser.clone())
+        })
+        .collect();
+    assert_eq!(kiln.len(), 1, "one kiln CLI: {kiln:?}");
+    let sent = std::time::Instant::now();
+    let _ = Command::new("kill").arg("-INT").arg(kiln[0].to_string()).status();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(5),
+        "stopped after {:?}",
+        sent.elapsed()
+    );
+    assert!(rest.iter().any(|l| l.contains("interrupted by SIGINT")), "{rest:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let root_text = root.display().to_string();
+    while !(processes_with(&root_text).is_empty() && processes_with(&token).is_empty()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(processes_with(&token), Vec::<u32>::new(), "the step's processes are gone");
+    assert_eq!(
+        processes_with(&root_text),
+        Vec::<u32>::new(),
+        "no solver, runc or slirp4netns of this root is left"
+    );
+    for sub in ["tmp", "mnt"] {
+        let left: Vec<_> = std::fs::read_dir(root.join(sub)).expect("dir").flatten().collect();
+        assert!(left.is_empty(), "nothing left in {sub}/: {left:?}");
+    }
+}

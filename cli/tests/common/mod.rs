@@ -676,16 +676,31 @@ impl Rootless {
     }
 
     fn run(&self, user: &str, path: &str, args: &[&str], cwd: &Path, root: &Path) -> Output {
-        Command::new("runuser")
-            .args(["-u", user, "--", "env", "-i"])
+        self.command(user, path, args, cwd, root).output().expect("runuser runs")
+    }
+
+    /// The command running `kiln ARGS` as the rootless user, to spawn.
+    pub fn spawn_kiln(&self, args: &[&str], cwd: &Path, root: &Path) -> Command {
+        self.command(
+            ROOTLESS_USER,
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            args,
+            cwd,
+            root,
+        )
+    }
+
+    fn command(&self, user: &str, path: &str, args: &[&str], cwd: &Path, root: &Path) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", user, "--", "env", "-i"])
             .arg(format!("HOME={}", self.home.display()))
             .arg(format!("PATH={path}"))
             .arg(format!("KILN_ROOT={}", root.display()))
+            .arg("KILN_GC=off")
             .arg(&self.kiln)
             .args(args)
-            .current_dir(cwd)
-            .output()
-            .expect("runuser runs")
+            .current_dir(cwd);
+        cmd
     }
 
     /// Gives `path` (recursively) to the rootless user.
