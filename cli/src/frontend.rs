@@ -69,6 +69,8 @@ pub struct Compiled {
     pub source: String,
     /// Its name as shown in messages.
     pub filename: String,
+    /// How many of the frontend's diagnostics are check findings (BuildKit's rules).
+    pub findings: usize,
 }
 
 /// Reads the Dockerfile and `.dockerignore`, runs the frontend, renders its
@@ -145,12 +147,18 @@ pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Writ
     let _ = err.write_all(
         crate::diagnostics::render_all(&response.diagnostics, &source, std::io::IsTerminal::is_terminal(&std::io::stderr())).as_bytes(),
     );
+    let findings = response
+        .diagnostics
+        .iter()
+        .filter(|d| d.code.starts_with(kiln_dockerfile::LINT))
+        .count();
     match response.definition {
         Some(def) if !response.has_errors() => Ok(Compiled {
             definition: def.encode_to_vec(),
             image_config: response.image_config,
             source,
             filename: request.filename,
+            findings,
         }),
         _ => Err(EXIT_FRONTEND),
     }

@@ -30,6 +30,9 @@ pub struct Args {
     /// Do not use cached results.
     #[arg(long)]
     pub no_cache: bool,
+    /// Run BuildKit's Dockerfile checks and build nothing: exit 1 when any rule finds something.
+    #[arg(long)]
+    pub check: bool,
     /// At most N RUN steps at once (default: no cap).
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
@@ -206,6 +209,9 @@ fn check_entitlements(args: &Args) -> Result<(), String> {
 
 /// Runs the command.
 pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    if args.check {
+        return check(args, err);
+    }
     if let Err(msg) = check_entitlements(args) {
         let _ = writeln!(err, "error: {msg}");
         return EXIT_USAGE;
@@ -541,6 +547,27 @@ fn report_failure(
                 let _ = writeln!(err, "{h}");
             }
         }
+    }
+}
+
+/// `--check`: the frontend alone, offline (no base image is resolved);
+/// its findings are printed with the other diagnostics.
+fn check(args: &Args, err: &mut dyn Write) -> i32 {
+    match compile(&args.frontend, Some(true), err) {
+        Ok(c) if c.findings == 0 => {
+            let _ = writeln!(err, "check complete, no warnings found.");
+            EXIT_OK
+        }
+        Ok(c) => {
+            let _ = writeln!(
+                err,
+                "check complete, {} warning{} found.",
+                c.findings,
+                if c.findings == 1 { "" } else { "s" }
+            );
+            crate::EXIT_FRONTEND
+        }
+        Err(code) => code,
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod instructions;
 pub mod ir;
+pub mod lint;
 pub mod lower;
 pub mod parser;
 pub mod shell;
@@ -21,6 +22,8 @@ use kiln_llb::pb;
 
 /// Diagnostic code prefix.
 const CODE: &str = "kiln::dockerfile::";
+/// Code prefix of the checks' findings: `kiln::check::StageNameCasing`.
+pub const LINT: &str = "kiln::check::";
 
 /// Compiles a Dockerfile request to LLB.
 pub fn compile(request: &Request, host: &dyn Host) -> Response {
@@ -32,10 +35,17 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
     for e in errors {
         response.diagnostics.push(diag(e.code, e.message, e.span));
     }
-    for w in &ast.warnings {
-        response
-            .diagnostics
-            .push(diag("empty_continuation", w.message.clone(), w.span.clone()).warning());
+    // BuildKit's checks: warnings, or errors under `error=true`.
+    match lint::config(&ast, &request.build_args) {
+        Ok(config) => {
+            for f in lint::check(&ast, &config) {
+                let mut d = Diagnostic::error(&format!("{LINT}{}", f.rule), f.message, &file, f.span);
+                d.label = f.rule.to_string();
+                d.help = Some(lint::description(f.rule).to_string()).filter(|h| !h.is_empty());
+                response.diagnostics.push(if config.error { d } else { d.warning() });
+            }
+        }
+        Err(e) => response.diagnostics.push(diag("invalid_check", e, 0..0)),
     }
     let (program, mut type_errors) = instructions::program(&ast);
     // The syntax tree is not needed to lower: free it first.

@@ -43,7 +43,13 @@ fn settings() -> insta::Settings {
 fn ok_cases_compile_to_the_recorded_llb() {
     for path in cases("ok") {
         let (response, _) = compile(&path);
-        assert!(response.diagnostics.is_empty(), "{}: {:?}", path.display(), response.diagnostics);
+        // BuildKit's checks may warn about a case; nothing else may.
+        let other: Vec<_> = response
+            .diagnostics
+            .iter()
+            .filter(|d| !d.code.starts_with(kiln_dockerfile::LINT))
+            .collect();
+        assert!(other.is_empty(), "{}: {other:?}", path.display());
         let def = response.definition.expect("definition");
         let loaded = LoadedDefinition::decode(&def.encode_to_vec()).expect("valid LLB");
         let config = serde_json::to_string_pretty(&response.image_config).expect("config json");

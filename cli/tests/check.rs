@@ -1,0 +1,115 @@
+//! `kiln build --check`: BuildKit's Dockerfile rules, each finding a
+//! diagnostic at its line under the rule's name; nothing is built; the
+//! `# check=` directive and `BUILDKIT_DOCKERFILE_CHECK` configure it.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+
+use common::{kiln, scratch_dir};
+
+/// A Dockerfile that breaks a rule or more on every line.
+const BROKEN: &str = "\
+FROM busybox as Build
+MAINTAINER someone
+ENV API_TOKEN abc
+ARG DB_PASSWORD=x
+WORKDIR app
+CMD echo one
+cmd echo two
+EXPOSE 80/TCP 127.0.0.1:8080:80
+FROM build AS scratch
+RUN echo a \\
+
+  b
+";
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn write(dir: &Path, text: &str) {
+    std::fs::write(dir.join("Dockerfile"), text).expect("Dockerfile");
+}
+
+#[test]
+fn check_lists_every_rule_broken_and_builds_nothing() {
+    let dir = scratch_dir("check-rules");
+    write(&dir, BROKEN);
+    let out = kiln(&["build", "--check", "."], &dir);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for rule in [
+        "StageNameCasing",
+        "FromAsCasing",
+        "MaintainerDeprecated",
+        "LegacyKeyValueFormat",
+        "SecretsUsedInArgOrEnv",
+        "WorkdirRelativePath",
+        "JSONArgsRecommended",
+        "MultipleInstructionsDisallowed",
+        "ConsistentInstructionCasing",
+        "ExposeProtoCasing",
+        "ExposeInvalidFormat",
+        "ReservedStageName",
+        "NoEmptyContinuation",
+    ] {
+        assert!(text.contains(&format!("kiln::check::{rule}")), "{rule} missing:\n{text}");
+    }
+    assert!(text.contains("[Dockerfile:3:1]"), "each at its line: {text}");
+    assert!(text.contains("check complete, 15 warnings found."), "{text}");
+    assert!(!dir.join("root").exists(), "nothing built: no state root was made");
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path(Path::new(env!("CARGO_MANIFEST_DIR")).join("../snapshots/check"));
+    settings.set_prepend_module_to_snapshot(false);
+    settings.bind(|| insta::assert_snapshot!("every_rule", text));
+}
+
+#[test]
+fn the_check_directive_and_build_arg_configure_the_rules() {
+    let dir = scratch_dir("check-config");
+    // Skipped rules are silent; a clean file passes.
+    write(
+        &dir,
+        "# check=skip=JSONArgsRecommended,StageNameCasing\nFROM busybox AS Build\nCMD echo hi\n",
+    );
+    let out = kiln(&["build", "--check", "."], &dir);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no warnings found"), "{}", stderr(&out));
+    // The build argument replaces the directive.
+    let out = kiln(
+        &[
+            "build",
+            "--check",
+            "--build-arg",
+            "BUILDKIT_DOCKERFILE_CHECK=skip=StageNameCasing",
+            ".",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("kiln::check::JSONArgsRecommended"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("kiln::check::StageNameCasing"), "{}", stderr(&out));
+    // error=true: a finding fails the build as an error, before anything runs.
+    write(&dir, "# check=error=true\nFROM busybox AS Build\n");
+    let out = kiln(&["build", "."], &dir);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("× Stage name 'Build' should be lowercase"),
+        "{}",
+        stderr(&out)
+    );
+    // skip=all silences every rule; a malformed configuration is an error.
+    write(&dir, "# check=skip=all\nFROM busybox AS Build\ncmd echo\n");
+    assert_eq!(kiln(&["build", "--check", "."], &dir).status.code(), Some(0));
+    write(&dir, "# check=skip\nFROM busybox\n");
+    let out = kiln(&["build", "--check", "."], &dir);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid check option"), "{}", stderr(&out));
+}
