@@ -452,12 +452,12 @@ pub(crate) fn export(
 
 /// Gives everything under `dir` to this process's user, keeping modes.
 fn own_tree(dir: &Path) -> std::io::Result<()> {
+    let me = (rustix::process::getuid(), rustix::process::getgid());
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         for entry in fs::read_dir(&d)? {
             let path = entry?.path();
             let meta = fs::symlink_metadata(&path)?;
-            let me = (rustix::process::getuid(), rustix::process::getgid());
             rustix::fs::chownat(
                 rustix::fs::CWD,
                 &path,
