@@ -36,6 +36,7 @@ for c in $CASES; do
   if [ "$c" = deepchain ]; then
     python3 "$lab/gen_contexts.py" "$lab/bench" "$out/gen" >/dev/null
     cp -r "$out/gen/deepchain" "$ctx/deepchain"
+    echo initial > "$ctx/deepchain/last.txt"
     python3 "$lab/mkbase.py" "$out/busybox-oci" >/dev/null
     kargs+=(--build-context "127.0.0.1:5000/busybox:latest=oci-layout://$out/busybox-oci:latest")
   else
