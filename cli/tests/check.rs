@@ -113,3 +113,53 @@ fn the_check_directive_and_build_arg_configure_the_rules() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("invalid check option"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_from_rules_read_the_global_args() {
+    let dir = scratch_dir("check-from");
+    write(
+        &dir,
+        "ARG BASE_IMAGE\nARG VERSION=1\nFROM ${BASE_IMAGE}:${VERSON} AS one\n\
+         FROM --platform=$TARGETPLATFORM busybox AS two\n\
+         FROM --platform=linux/amd64 busybox AS three\n\
+         FROM --platform=linux/amd64 busybox AS build-amd64\n\
+         FROM --platform=$BUILDPLATFORM busybox AS four\n",
+    );
+    let out = kiln(&["build", "--check", "."], &dir);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for (rule, message, line) in [
+        (
+            "UndefinedArgInFrom",
+            "FROM argument 'VERSON' is not declared (did you mean VERSION?)",
+            3,
+        ),
+        (
+            "InvalidDefaultArgInFrom",
+            "Default value for ARG ${BASE_IMAGE}:${VERSON} results in empty or invalid base image name",
+            3,
+        ),
+        (
+            "RedundantTargetPlatform",
+            "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the default behavior",
+            4,
+        ),
+        (
+            "FromPlatformFlagConstDisallowed",
+            "FROM --platform flag should not use constant value \"linux/amd64\"",
+            5,
+        ),
+    ] {
+        assert!(
+            text.contains(&format!("kiln::check::{rule}\n\n  ⚠ {message}\n   ╭─[Dockerfile:{line}:1]")),
+            "{rule}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("check complete, 4 warnings found."),
+        "a stage named for its platform and a variable platform pass: {text}"
+    );
+    // InvalidDefaultArgInFrom is about the defaults alone: a build arg does not silence it.
+    let out = kiln(&["build", "--check", "--build-arg", "BASE_IMAGE=busybox", "."], &dir);
+    assert!(stderr(&out).contains("check complete, 4 warnings found."), "{}", stderr(&out));
+}

@@ -36,16 +36,27 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
         response.diagnostics.push(diag(e.code, e.message, e.span));
     }
     // BuildKit's checks: warnings, or errors under `error=true`.
-    match lint::config(&ast, &request.build_args) {
-        Ok(config) => {
-            for f in lint::check(&ast, &config) {
-                let mut d = Diagnostic::error(&format!("{LINT}{}", f.rule), f.message, &file, f.span);
-                d.label = f.rule.to_string();
-                d.help = Some(lint::description(f.rule).to_string()).filter(|h| !h.is_empty());
-                response.diagnostics.push(if config.error { d } else { d.warning() });
-            }
+    let checks = match lint::config(&ast, &request.build_args) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            response.diagnostics.push(diag("invalid_check", e, 0..0));
+            None
         }
-        Err(e) => response.diagnostics.push(diag("invalid_check", e, 0..0)),
+    };
+    let report = |findings: Vec<lint::Finding>, response: &mut Response| {
+        let Some(config) = &checks else { return };
+        for f in findings {
+            if config.skip_all || config.skip.contains(f.rule) {
+                continue;
+            }
+            let mut d = Diagnostic::error(&format!("{LINT}{}", f.rule), f.message, &file, f.span);
+            d.label = f.rule.to_string();
+            d.help = Some(lint::description(f.rule).to_string()).filter(|h| !h.is_empty());
+            response.diagnostics.push(if config.error { d } else { d.warning() });
+        }
+    };
+    if let Some(config) = &checks {
+        report(lint::check(&ast, config), &mut response);
     }
     let (program, mut type_errors) = instructions::program(&ast);
     // The syntax tree is not needed to lower: free it first.
@@ -56,6 +67,13 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
     }
     for (code, message, span) in type_errors {
         response.diagnostics.push(diag(code, message, span));
+    }
+    if !response.has_errors() {
+        let target = request.platform.clone().unwrap_or_else(|| request.build_platform.clone());
+        let mut builtin = lower::platform_args("TARGET", &target);
+        builtin.extend(lower::platform_args("BUILD", &request.build_platform));
+        report(lint::check_from(&program, &request.build_args, &builtin), &mut response);
+        response.diagnostics.sort_by_key(|d| d.offset);
     }
     if response.has_errors() {
         response.diagnostics.sort_by_key(|d| d.offset);

@@ -97,6 +97,10 @@ pub fn description(rule: &str) -> &'static str {
         "LegacyKeyValueFormat" => "Legacy key/value format with whitespace separator should not be used",
         "SecretsUsedInArgOrEnv" => "Sensitive data should not be used in the ARG or ENV commands",
         "ExposeProtoCasing" => "Protocol in EXPOSE instruction should be lowercase",
+        "UndefinedArgInFrom" => "FROM command must use declared ARGs",
+        "InvalidDefaultArgInFrom" => "Default value for global ARG results in an empty or invalid base image name",
+        "RedundantTargetPlatform" => "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the default behavior",
+        "FromPlatformFlagConstDisallowed" => "FROM --platform flag should not use a constant value",
         "ExposeInvalidFormat" => {
             "IP address and host-port mapping should not be used in EXPOSE instruction. This will become an error in a future release"
         }
@@ -313,6 +317,118 @@ pub fn check(ast: &Ast, config: &Config) -> Vec<Finding> {
         }
     }
     out.sort_by_key(|f| f.span.start);
+    out
+}
+
+/// BuildKit's `suggest.Search`: the closest option under edit distance 3
+/// (case-sensitive), none for an exact match.
+fn suggest(value: &str, options: &[&str]) -> Option<String> {
+    let mut best: Option<(usize, &str)> = None;
+    for opt in options {
+        if *opt == value {
+            return None;
+        }
+        let d = kiln_frontend::diagnostic::edit_distance(value, opt);
+        if d < best.map_or(3, |(b, _)| b) {
+            best = Some((d, opt));
+        }
+    }
+    best.map(|(_, o)| o.to_string())
+}
+
+/// The rules about each FROM that need the global ARGs' values:
+/// UndefinedArgInFrom, InvalidDefaultArgInFrom, RedundantTargetPlatform and
+/// FromPlatformFlagConstDisallowed. `builtin` are the platform variables
+/// (`TARGETPLATFORM`, `BUILDOS`, …) with their values.
+pub fn check_from(
+    program: &crate::ir::Program,
+    build_args: &std::collections::BTreeMap<String, String>,
+    builtin: &[(String, String)],
+) -> Vec<Finding> {
+    use crate::shell::Lexer;
+    let lexer = Lexer::new(program.escape);
+    let declared: Vec<&str> = program
+        .meta_args
+        .iter()
+        .flat_map(|(_, decls)| decls.iter().map(|(k, _)| k.as_str()))
+        .collect();
+    // The global environment with the build's arguments, and with defaults alone.
+    let env = |with_args: bool| -> Vec<(String, String)> {
+        let mut env = builtin.to_vec();
+        for (_, decls) in &program.meta_args {
+            for (k, default) in decls {
+                let value = match (with_args, build_args.get(k)) {
+                    (true, Some(v)) => Some(v.clone()),
+                    _ => default.as_ref().and_then(|d| lexer.process_word(d, &env).ok()).map(|p| p.result),
+                };
+                if let Some(v) = value {
+                    env.push((k.clone(), v));
+                }
+            }
+        }
+        env
+    };
+    let (full, defaults) = (env(true), env(false));
+    let mut known: Vec<&str> = declared.clone();
+    known.extend(full.iter().map(|(k, _)| k.as_str()));
+    known.sort_unstable();
+    known.dedup();
+    let mut out = Vec::new();
+    for stage in &program.stages {
+        let span = stage.from.span.clone();
+        let undeclared = |word: &str, out: &mut Vec<Finding>| {
+            let Ok(p) = lexer.process_word(word, &full) else { return None };
+            let mut unmatched = p.unmatched.clone();
+            unmatched.sort();
+            unmatched.dedup();
+            for var in unmatched.iter().filter(|v| !known.contains(&v.as_str())) {
+                let hint = suggest(var, &declared).map(|s| format!(" (did you mean {s}?)")).unwrap_or_default();
+                out.push(Finding {
+                    rule: "UndefinedArgInFrom",
+                    message: format!("FROM argument '{var}' is not declared{hint}"),
+                    span: span.clone(),
+                });
+            }
+            Some(p)
+        };
+        undeclared(&stage.image, &mut out);
+        if let Ok(p) = lexer.process_word(&stage.image, &defaults) {
+            if kiln_image::reference::Reference::parse(&p.result).is_err() && !p.result.eq_ignore_ascii_case("scratch") {
+                out.push(Finding {
+                    rule: "InvalidDefaultArgInFrom",
+                    message: format!("Default value for ARG {} results in empty or invalid base image name", stage.image),
+                    span: span.clone(),
+                });
+            }
+        }
+        let Some(platform) = &stage.platform else { continue };
+        let written = platform.written.as_str();
+        let Some(p) = undeclared(written, &mut out) else { continue };
+        let referenced = written.contains('$');
+        let only_target_platform = {
+            let t = written.trim_matches(|c| c == '"' || c == '\'');
+            t == "$TARGETPLATFORM" || t == "${TARGETPLATFORM}"
+        };
+        if only_target_platform && full.iter().any(|(k, v)| k == "TARGETPLATFORM" && *v == p.result) {
+            out.push(Finding {
+                rule: "RedundantTargetPlatform",
+                message: format!("Setting platform to predefined {written} in FROM is redundant as this is the default behavior"),
+                span: span.clone(),
+            });
+        }
+        if !referenced {
+            if let Some(parsed) = crate::ir::Platform::parse(&p.result) {
+                let name = stage.name.as_deref().unwrap_or("");
+                if !name.contains(&parsed.os) && !name.contains(&parsed.architecture) {
+                    out.push(Finding {
+                        rule: "FromPlatformFlagConstDisallowed",
+                        message: format!("FROM --platform flag should not use constant value {:?}", p.result),
+                        span,
+                    });
+                }
+            }
+        }
+    }
     out
 }
 

@@ -130,7 +130,7 @@ struct Lowerer<'a, 'b> {
     base_uses: Vec<usize>,
 }
 
-fn platform_args(prefix: &str, p: &Platform) -> Vec<(String, String)> {
+pub(crate) fn platform_args(prefix: &str, p: &Platform) -> Vec<(String, String)> {
     vec![
         (format!("{prefix}PLATFORM"), p.to_string_form()),
         (format!("{prefix}OS"), p.os.clone()),
