@@ -1,12 +1,15 @@
 //! BuildKit's Dockerfile checks (what `docker build --check` reports, and
 //! what every build prints as warnings), under BuildKit's rule names and
-//! messages, on the syntax tree: no IO, no expansion. Configured as
-//! BuildKit does: the `# check=skip=A,B;error=true` directive, replaced
-//! whole by the build argument `BUILDKIT_DOCKERFILE_CHECK`.
+//! messages, without IO: [`check`] on the syntax tree, [`check_from`] on
+//! each FROM with the global ARGs expanded. Configured as BuildKit does:
+//! the `# check=skip=A,B;error=true` directive, replaced whole by the build
+//! argument `BUILDKIT_DOCKERFILE_CHECK`.
 //!
 //! Rules that need a stage's dispatch state (CMD, ENTRYPOINT, WORKDIR, ENV,
-//! LABEL, ARG, EXPOSE) are checked in every stage, as `--check` does; the
-//! image-dependent rules (base image shell, platform) are not here yet.
+//! LABEL, ARG, EXPOSE) are checked in every stage, as `--check` does. Not
+//! here yet: UndefinedVar, CopyIgnoredFile, InvalidBaseImagePlatform (they
+//! need the lowering's environment, the context or the base image) and the
+//! experimental InvalidDefinitionDescription.
 
 use std::collections::{HashMap, HashSet};
 
