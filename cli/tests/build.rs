@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use common::{busybox_layout, can_build, scratch_dir, umoci_unpack};
+use common::{busybox_layout, can_build, children_of, host_address, processes_with, scratch_dir, serve, umoci_unpack};
 use serde_json::Value;
 
 /// A test's directories: `ctx/` (the context), `root/` (kiln's state root), `base/` (the fixture).
@@ -514,18 +514,6 @@ fn privileged_steps_need_their_entitlement_by_name() {
     }
 }
 
-/// A TCP server answering every connection with `reply`, until the test ends.
-fn serve(addr: &str, reply: &'static str) -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind(addr).expect("listen");
-    let at = listener.local_addr().expect("address");
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
-        }
-    });
-    at
-}
-
 #[test]
 fn steps_get_their_own_network_without_the_hosts_loopback() {
     if !can_build() {
@@ -535,10 +523,7 @@ fn steps_get_their_own_network_without_the_hosts_loopback() {
     // CI runner), and one on every interface, reached from outside.
     let private = serve("127.0.0.1:0", "HOST-LOOPBACK\n").port();
     let public = serve("0.0.0.0:0", "OUTSIDE\n").port();
-    // The host's address on its default route (no packet is sent).
-    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
-    udp.connect("192.0.2.1:9").expect("a default route");
-    let host_ip = udp.local_addr().expect("address").ip();
+    let host_ip = host_address();
     let s = Setup::new("netns");
     let ifaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort";
     s.write(
@@ -745,22 +730,6 @@ fn a_build_killed_mid_way_leaves_a_usable_root() {
     assert!(tmp.is_empty(), "stale temp dirs removed");
 }
 
-/// Processes whose command line contains `needle`.
-/// The pids of running processes for which `keep` holds.
-fn pids_where(keep: impl Fn(u32) -> bool) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|&p| keep(p))
-        .collect()
-}
-
-/// Processes whose command line contains `needle`.
-fn processes_with(needle: &str) -> Vec<u32> {
-    pids_where(|p| contains(&std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(), needle.as_bytes()))
-}
-
 #[test]
 fn a_cancelled_build_stops_its_steps_at_once_and_caches_none_of_them() {
     if !can_build() {
@@ -830,16 +799,6 @@ fn a_cancelled_build_stops_its_steps_at_once_and_caches_none_of_them() {
     let (out, events) = s.build_events(&[]);
     ok(&out);
     assert!(!ran(&events).iter().any(|n| n.contains("echo one")), "finished steps stay cached");
-}
-
-/// Processes whose parent is `pid`.
-fn children_of(pid: u32) -> Vec<u32> {
-    pids_where(|p| {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        // pid (comm) state ppid …
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid)
-    })
 }
 
 #[test]

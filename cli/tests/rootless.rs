@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
-use common::{busybox_layout, can_build, rootless, scratch_dir, ROOTLESS_USER};
+use common::{
+    busybox_layout, can_build, children_of, host_address, processes_with, rootless, scratch_dir, serve, Rootless, Scratch, ROOTLESS_USER,
+};
 use sha2::{Digest, Sha256};
 
 /// One rootless test at a time: the write check looks at the whole machine.
@@ -32,18 +34,6 @@ fn ok(what: &str, out: &Output) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A service that answers every connection with `reply`.
-fn serve(addr: &str, reply: &'static str) -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind(addr).expect("listen");
-    let at = listener.local_addr().expect("address");
-    std::thread::spawn(move || {
-        for mut conn in listener.incoming().flatten() {
-            let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
-        }
-    });
-    at
 }
 
 /// Every entry of every layer of the image in an OCI tarball, one line
@@ -101,6 +91,20 @@ fn image_entries(tarball: &Path) -> Vec<String> {
     out
 }
 
+/// A test's directory with `ctx/` and the busybox base in `base/`, and the
+/// rootless user; `None` when the test is skipped.
+fn setup(test: &str, name: &str) -> Option<(Scratch, PathBuf, Rootless)> {
+    if !can_build() {
+        return None;
+    }
+    let dir = scratch_dir(name);
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).expect("ctx");
+    busybox_layout(&dir.join("base"));
+    let user = rootless(test, &dir)?;
+    Some((dir, ctx, user))
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -109,21 +113,12 @@ fn strs(v: &[String]) -> Vec<&str> {
 fn a_rootless_build_makes_the_image_a_root_build_makes() {
     let test = "a_rootless_build_makes_the_image_a_root_build_makes";
     let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !can_build() {
-        return;
-    }
-    let dir = scratch_dir("rootless-same");
-    let ctx = dir.join("ctx");
-    std::fs::create_dir_all(&ctx).expect("ctx");
-    busybox_layout(&dir.join("base"));
-    let Some(user) = rootless(test, &dir) else {
+    let Some((dir, ctx, user)) = setup(test, "rootless-same") else {
         return;
     };
     let private = serve("127.0.0.1:0", "HOST-LOOPBACK\n").port();
     let public = serve("0.0.0.0:0", "OUTSIDE\n").port();
-    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
-    udp.connect("192.0.2.1:9").expect("a default route");
-    let host_ip = udp.local_addr().expect("address").ip();
+    let host_ip = host_address();
     // Owners across the mapped range (200000 is past the usual 65536),
     // setuid, hard links, a fifo, whiteouts and an opaque directory, a
     // cache mount two steps share, a secret, a --link copy, a user step,
@@ -256,14 +251,7 @@ fn touched(dir: &Path, skip: &Path, uids: &dyn Fn(u32) -> bool, since: std::time
 fn a_rootless_build_writes_only_its_state_root_and_outputs() {
     let test = "a_rootless_build_writes_only_its_state_root_and_outputs";
     let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !can_build() {
-        return;
-    }
-    let dir = scratch_dir("rootless-writes");
-    let ctx = dir.join("ctx");
-    std::fs::create_dir_all(&ctx).expect("ctx");
-    busybox_layout(&dir.join("base"));
-    let Some(user) = rootless(test, &dir) else {
+    let Some((dir, ctx, user)) = setup(test, "rootless-writes") else {
         return;
     };
     // A step with every capability its namespace gives still writes only
@@ -382,31 +370,11 @@ fn a_machine_not_set_up_for_rootless_builds_is_told_what_to_add() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
-/// Processes whose command line contains `needle`.
-fn processes_with(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|p| {
-            let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-            cmdline.windows(needle.len()).any(|w| w == needle.as_bytes())
-        })
-        .collect()
-}
-
 #[test]
 fn an_interrupted_rootless_build_stops_and_leaves_nothing_running() {
     let test = "an_interrupted_rootless_build_stops_and_leaves_nothing_running";
     let _one = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !can_build() {
-        return;
-    }
-    let dir = scratch_dir("rootless-cancel");
-    let ctx = dir.join("ctx");
-    std::fs::create_dir_all(&ctx).expect("ctx");
-    busybox_layout(&dir.join("base"));
-    let Some(user) = rootless(test, &dir) else {
+    let Some((dir, ctx, user)) = setup(test, "rootless-cancel") else {
         return;
     };
     let token = format!("rootless-cancel-{}", std::process::id());
@@ -431,17 +399,9 @@ fn an_interrupted_rootless_build_stops_and_leaves_nothing_running() {
         .any(|l| l.contains("\"type\":\"log\"") && l.contains("started"));
     assert!(saw, "the step started");
     // The CLI alone is signalled; the rootless solver's outer process passes it on.
-    let runuser = child.id().to_string();
-    let kiln: Vec<u32> = processes_with("kiln")
+    let kiln: Vec<u32> = children_of(child.id())
         .into_iter()
         .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "kiln"))
-        .filter(|p| {
-            // "pid (comm) state ppid …": runuser's child.
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            stat.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
-                == Some(runuser.clone())
-        })
         .collect();
     assert_eq!(kiln.len(), 1, "one kiln CLI: {kiln:?}");
     let sent = std::time::Instant::now();

@@ -708,3 +708,50 @@ impl Rootless {
         must("chown", &["-R", &format!("{ROOTLESS_USER}:"), &path.display().to_string()]);
     }
 }
+
+/// A TCP server answering every connection with `reply`, until the test ends.
+pub fn serve(addr: &str, reply: &'static str) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind(addr).expect("listen");
+    let at = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut conn, reply.as_bytes());
+        }
+    });
+    at
+}
+
+/// The host's address on its default route (no packet is sent).
+pub fn host_address() -> std::net::IpAddr {
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp");
+    udp.connect("192.0.2.1:9").expect("a default route");
+    udp.local_addr().expect("address").ip()
+}
+
+/// The pids of running processes for which `keep` holds.
+pub fn pids_where(keep: impl Fn(u32) -> bool) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&p| keep(p))
+        .collect()
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<u32> {
+    pids_where(|p| {
+        let cmdline = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        cmdline.windows(needle.len()).any(|w| w == needle.as_bytes())
+    })
+}
+
+/// Processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    pids_where(|p| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // pid (comm) state ppid …
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid)
+    })
+}
