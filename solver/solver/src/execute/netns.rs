@@ -18,7 +18,6 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -166,12 +165,21 @@ impl Drop for Sandbox {
 /// Namespaces made ahead of the steps that take them.
 pub(crate) struct Sandboxes {
     root: Arc<StateRoot>,
-    ready: Mutex<Vec<Sandbox>>,
+    pool: Mutex<Pool>,
     /// Signalled when one is made (or failed to be).
     made: Condvar,
-    making: AtomicUsize,
+}
+
+/// The pool's state, changed only under its lock: a fill can then never
+/// start once [`Sandboxes::close`] has begun, and close sees every fill
+/// that did start.
+#[derive(Default)]
+struct Pool {
+    ready: Vec<Sandbox>,
+    /// Namespaces being made by background threads.
+    making: usize,
     /// The solve is over: nothing more is made, what is made is removed.
-    closed: AtomicBool,
+    closed: bool,
 }
 
 impl Sandboxes {
@@ -179,10 +187,8 @@ impl Sandboxes {
     pub(crate) fn new(root: Arc<StateRoot>) -> Arc<Sandboxes> {
         Arc::new(Sandboxes {
             root,
-            ready: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
             made: Condvar::new(),
-            making: AtomicUsize::new(0),
-            closed: AtomicBool::new(false),
         })
     }
 
@@ -190,24 +196,31 @@ impl Sandboxes {
     /// or on their way.
     pub(crate) fn fill(self: &Arc<Self>) {
         let Ok(slirp) = slirp_binary() else { return };
-        if self.closed.load(Ordering::Relaxed) {
+        let Ok(mut pool) = self.pool.lock() else { return };
+        if pool.closed {
             return;
         }
-        let have = self.ready.lock().map(|r| r.len()).unwrap_or(READY);
-        let making = self.making.load(Ordering::Relaxed);
-        for _ in have + making..READY {
-            self.making.fetch_add(1, Ordering::Relaxed);
+        for _ in pool.ready.len() + pool.making..READY {
+            pool.making += 1;
             let me = self.clone();
             let slirp = slirp.clone();
             std::thread::spawn(move || {
                 let made = Sandbox::create(&me.root, &slirp);
-                if let Ok(mut ready) = me.ready.lock() {
-                    match made {
-                        Ok(s) if !me.closed.load(Ordering::Relaxed) => ready.push(s),
-                        _ => {} // removed here: the solve is over
+                let Ok(mut pool) = me.pool.lock() else { return };
+                if let Ok(s) = made {
+                    if pool.closed {
+                        // The solve is over: removed before close() may
+                        // return, which waits for `making` to reach zero.
+                        drop(pool);
+                        drop(s);
+                        let Ok(again) = me.pool.lock() else { return };
+                        pool = again;
+                    } else {
+                        pool.ready.push(s);
                     }
-                    me.making.fetch_sub(1, Ordering::Relaxed);
                 }
+                pool.making -= 1;
+                drop(pool);
                 me.made.notify_all();
             });
         }
@@ -217,36 +230,38 @@ impl Sandboxes {
     /// (a few milliseconds) and removes every unused one, so nothing of
     /// this solve outlives it.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Relaxed);
-        let Ok(mut ready) = self.ready.lock() else { return };
+        let Ok(mut pool) = self.pool.lock() else { return };
+        pool.closed = true;
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.making.load(Ordering::Relaxed) > 0 {
+        while pool.making > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            match self.made.wait_timeout(ready, left) {
-                Ok((r, _)) => ready = r,
+            match self.made.wait_timeout(pool, left) {
+                Ok((p, _)) => pool = p,
                 Err(_) => return,
             }
         }
-        ready.clear();
+        let unused = std::mem::take(&mut pool.ready);
+        drop(pool);
+        drop(unused);
     }
 
     /// A ready namespace (one on its way is waited for; made now if none
     /// is), and another started.
     pub(crate) fn take(self: &Arc<Self>) -> Result<Sandbox, Failure> {
         let slirp = slirp_binary().map_err(Failure::invalid)?;
-        let ready = self.ready.lock().ok().and_then(|mut r| {
+        let ready = self.pool.lock().ok().and_then(|mut pool| {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while r.is_empty() && self.making.load(Ordering::Relaxed) > 0 {
+            while pool.ready.is_empty() && pool.making > 0 {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                r = self.made.wait_timeout(r, left).ok()?.0;
+                pool = self.made.wait_timeout(pool, left).ok()?.0;
             }
-            r.pop()
+            pool.ready.pop()
         });
         self.fill();
         match ready {
