@@ -24,9 +24,10 @@ pub struct FrontendArgs {
     /// Set a build-time variable (KEY=VALUE, or KEY to take it from the environment).
     #[arg(long = "build-arg", value_name = "KEY=VALUE")]
     pub build_args: Vec<String>,
-    /// Target platform (os/arch[/variant]).
-    #[arg(long)]
-    pub platform: Option<String>,
+    /// Target platforms (os/arch[/variant]): several, comma-separated or
+    /// repeated, build one image index with a manifest per platform.
+    #[arg(long, value_delimiter = ',', value_name = "PLATFORM")]
+    pub platform: Vec<String>,
     /// Additional build context (NAME=DIR, NAME=oci-layout:///path[:tag], NAME=docker-image://REF).
     #[arg(long = "build-context", value_name = "NAME=SRC")]
     pub build_contexts: Vec<String>,
@@ -61,10 +62,9 @@ pub struct FrontendArgs {
 
 /// What the frontend produced.
 pub struct Compiled {
-    /// The marshalled Definition.
-    pub definition: Vec<u8>,
-    /// The result image's config.
-    pub image_config: Option<ImageConfig>,
+    /// One build per target platform, in the order asked (one, with no
+    /// platform, when none was asked).
+    pub targets: Vec<Target>,
     /// The definition file's text (for mapping errors to lines).
     pub source: String,
     /// Its name as shown in messages.
@@ -73,8 +73,41 @@ pub struct Compiled {
     pub findings: usize,
 }
 
-/// Reads the Dockerfile and `.dockerignore`, runs the frontend, renders its
-/// diagnostics on `err`; returns what it compiled or an exit code.
+/// The frontend's result for one target platform.
+pub struct Target {
+    /// The platform asked for (`None`: the build platform, nothing asked).
+    pub platform: Option<Platform>,
+    /// The marshalled Definition.
+    pub definition: Vec<u8>,
+    /// The result image's config.
+    pub image_config: Option<ImageConfig>,
+}
+
+impl Compiled {
+    /// The first (with one platform, the only) target.
+    pub fn first(&self) -> &Target {
+        &self.targets[0]
+    }
+}
+
+/// The `--platform` values, normalized (`aarch64` is `linux/arm64`), each
+/// once, in the order given.
+pub fn target_platforms(args: &FrontendArgs) -> Result<Vec<Platform>, String> {
+    let mut out: Vec<Platform> = Vec::new();
+    for p in args.platform.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+        let parsed = Platform::parse(p)
+            .ok_or_else(|| format!("invalid --platform {p:?}: expected os/arch[/variant]"))?
+            .normalized();
+        if !out.contains(&parsed) {
+            out.push(parsed);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the Dockerfile and `.dockerignore`, runs the frontend once per
+/// target platform, renders its diagnostics on `err` (the first platform's;
+/// another's only when it has errors); returns what it compiled or an exit code.
 /// `no_resolve` is the command's `--no-resolve` (None: it has no such flag).
 pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Write) -> Result<Compiled, i32> {
     let path = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
@@ -82,10 +115,69 @@ pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Writ
         let _ = writeln!(err, "error: cannot read Dockerfile {}: {e}", path.display());
         EXIT_OTHER
     })?;
-    let request = build_request(args, &path, definition).map_err(|msg| {
+    let platforms = target_platforms(args).map_err(|msg| {
         let _ = writeln!(err, "error: {msg}");
         EXIT_USAGE
     })?;
+    let multi = platforms.len() > 1;
+    let wanted: Vec<Option<Platform>> = if platforms.is_empty() {
+        vec![None]
+    } else {
+        platforms.into_iter().map(Some).collect()
+    };
+    let mut compiled: Option<Compiled> = None;
+    for (i, platform) in wanted.into_iter().enumerate() {
+        let mut request = build_request(args, &path, definition.clone()).map_err(|msg| {
+            let _ = writeln!(err, "error: {msg}");
+            EXIT_USAGE
+        })?;
+        request.platform = platform.clone();
+        request.multi_platform = multi;
+        let response = run_frontend(args, no_resolve, &path, &request, i == 0, err)?;
+        let source = String::from_utf8_lossy(&request.definition).into_owned();
+        if i == 0 || response.has_errors() {
+            let color = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let _ = err.write_all(crate::diagnostics::render_all(&response.diagnostics, &source, color).as_bytes());
+        }
+        let findings = response
+            .diagnostics
+            .iter()
+            .filter(|d| d.code.starts_with(kiln_dockerfile::LINT))
+            .count();
+        let target = match response.definition {
+            Some(def) if !response.has_errors() => Target {
+                platform,
+                definition: def.encode_to_vec(),
+                image_config: response.image_config,
+            },
+            _ => return Err(EXIT_FRONTEND),
+        };
+        match &mut compiled {
+            Some(c) => c.targets.push(target),
+            None => {
+                compiled = Some(Compiled {
+                    targets: vec![target],
+                    source,
+                    filename: request.filename,
+                    findings,
+                })
+            }
+        }
+    }
+    compiled.ok_or(EXIT_OTHER)
+}
+
+/// Picks the frontend for `request` and runs it (the built-in ones in this
+/// process, a program or plugin as its own). `warn` prints the
+/// `# syntax=` version warning (once per build, not per platform).
+fn run_frontend(
+    args: &FrontendArgs,
+    no_resolve: Option<bool>,
+    path: &Path,
+    request: &Request,
+    warn: bool,
+    err: &mut dyn Write,
+) -> Result<kiln_frontend::Response, i32> {
     let syntax = args
         .frontend
         .clone()
@@ -95,7 +187,7 @@ pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Writ
         let _ = writeln!(err, "error: {msg}");
         EXIT_USAGE
     })?;
-    if let (Chosen::Builtin, Some(requested)) = (&chosen, syntax.as_deref()) {
+    if let (true, Chosen::Builtin, Some(requested)) = (warn, &chosen, syntax.as_deref()) {
         if let Some(warning) = version_warning(requested) {
             let _ = writeln!(err, "warning: {warning}");
         }
@@ -143,25 +235,7 @@ pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Writ
             })?
         }
     };
-    let source = String::from_utf8_lossy(&request.definition).into_owned();
-    let _ = err.write_all(
-        crate::diagnostics::render_all(&response.diagnostics, &source, std::io::IsTerminal::is_terminal(&std::io::stderr())).as_bytes(),
-    );
-    let findings = response
-        .diagnostics
-        .iter()
-        .filter(|d| d.code.starts_with(kiln_dockerfile::LINT))
-        .count();
-    match response.definition {
-        Some(def) if !response.has_errors() => Ok(Compiled {
-            definition: def.encode_to_vec(),
-            image_config: response.image_config,
-            source,
-            filename: request.filename,
-            findings,
-        }),
-        _ => Err(EXIT_FRONTEND),
-    }
+    Ok(response)
 }
 
 /// Which frontend compiles a file.
@@ -349,10 +423,7 @@ pub fn build_request(args: &FrontendArgs, dockerfile: &Path, definition: Vec<u8>
             },
         };
     }
-    let platform = match &args.platform {
-        Some(p) => Some(Platform::parse(p).ok_or_else(|| format!("invalid --platform {p:?}: expected os/arch[/variant]"))?),
-        None => None,
-    };
+    let platform = target_platforms(args)?.into_iter().next();
     let mut named_contexts = BTreeMap::new();
     for spec in &args.build_contexts {
         let (name, src) = spec
@@ -374,7 +445,8 @@ pub fn build_request(args: &FrontendArgs, dockerfile: &Path, definition: Vec<u8>
         build_args,
         target: args.target.clone(),
         platform,
-        build_platform: Platform::linux_amd64(),
+        build_platform: Platform::host(),
+        multi_platform: false,
         named_contexts,
         ignore_patterns,
         network: args.network.clone(),

@@ -22,6 +22,7 @@ fn err_cases_render_as_recorded() {
             definition: text.clone().into_bytes(),
             filename: file.clone(),
             build_platform: Platform::linux_amd64(),
+            multi_platform: false,
             ..Default::default()
         };
         let response = kiln_dockerfile::compile(&request, &OfflineHost);

@@ -83,6 +83,7 @@ fn the_dockerfile_frontend_compiled_to_wasm_gives_the_built_in_llb_for_every_cor
             definition: std::fs::read(file).expect("read"),
             filename: "Dockerfile".into(),
             build_platform: Platform::linux_amd64(),
+            multi_platform: false,
             ..Default::default()
         };
         let native = kiln_dockerfile::compile(&request, &OfflineHost);

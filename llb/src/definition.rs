@@ -182,6 +182,44 @@ impl LoadedDefinition {
         })
     }
 
+    /// One graph of several definitions (a multi-platform build's, one per
+    /// platform): each op once, in the order first seen (inputs still come
+    /// first), the first metadata of an op kept, and a terminator with one
+    /// input per definition, in their order, so a vertex the definitions
+    /// share is one vertex. The source map is the first one's.
+    pub fn merge(defs: Vec<LoadedDefinition>) -> LoadedDefinition {
+        let mut ops: Vec<LoadedOp> = Vec::new();
+        let mut seen: std::collections::HashSet<Digest> = std::collections::HashSet::new();
+        let mut metadata = std::collections::BTreeMap::new();
+        let mut source = None;
+        let mut results = Vec::new();
+        for def in defs {
+            let n = def.ops.len();
+            for (i, op) in def.ops.into_iter().enumerate() {
+                if i + 1 == n {
+                    results.extend(op.op.inputs);
+                } else if seen.insert(op.digest.clone()) {
+                    ops.push(op);
+                }
+            }
+            for (k, v) in def.metadata {
+                metadata.entry(k).or_insert(v);
+            }
+            source = source.or(def.source);
+        }
+        let terminator = pb::Op {
+            inputs: results,
+            ..Default::default()
+        };
+        let bytes = crate::marshal::marshal_op(&terminator);
+        ops.push(LoadedOp {
+            digest: digest_of(&bytes),
+            bytes,
+            op: terminator,
+        });
+        LoadedDefinition { ops, metadata, source }
+    }
+
     /// Metadata of one op.
     pub fn metadata_of(&self, digest: &Digest) -> Option<&pb::OpMetadata> {
         self.metadata.get(digest.as_str())
@@ -267,5 +305,22 @@ mod tests {
         // An input naming output 7 of a source op, which has one.
         let bad_output = LoadedDefinition::from_definition(definition(vec![root_mount(0)], 7));
         assert!(matches!(bad_output, Err(DefinitionError::IndexOutOfRange { .. })), "{bad_output:?}");
+    }
+
+    #[test]
+    fn merged_definitions_share_their_common_ops() {
+        let a = LoadedDefinition::from_definition(definition(vec![root_mount(0)], 0)).expect("a");
+        let mut ro = root_mount(-1);
+        ro.readonly = true;
+        let b = LoadedDefinition::from_definition(definition(vec![ro], 0)).expect("b");
+        let (exec_a, exec_b) = (a.ops[1].digest.clone(), b.ops[1].digest.clone());
+        assert_eq!(a.ops[0].digest, b.ops[0].digest, "the same source op");
+        let merged = LoadedDefinition::merge(vec![a, b]);
+        let digests: Vec<&Digest> = merged.ops.iter().map(|o| &o.digest).collect();
+        assert_eq!(digests.len(), 4, "source once, two execs, one terminator: {digests:?}");
+        assert_eq!((digests[1], digests[2]), (&exec_a, &exec_b));
+        let results: Vec<&str> = merged.ops[3].op.inputs.iter().map(|i| i.digest.as_str()).collect();
+        assert_eq!(results, [exec_a.as_str(), exec_b.as_str()], "one result per definition, in order");
+        assert!(merged.ops[3].op.op.is_none(), "a terminator");
     }
 }

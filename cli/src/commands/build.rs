@@ -248,6 +248,23 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             push: args.push,
         });
     }
+    let platforms = match crate::frontend::target_platforms(&args.frontend) {
+        Ok(p) => p,
+        Err(msg) => {
+            let _ = writeln!(err, "error: {msg}");
+            return EXIT_USAGE;
+        }
+    };
+    if platforms.len() > 1 && (args.load || exporters.iter().any(|e| matches!(e, Exporter::Docker { .. }))) {
+        let what = if args.load { "--load" } else { "--output type=docker" };
+        let _ = writeln!(
+            err,
+            "error: {what} holds one platform and {} were asked for: use --output type=oci,dest=FILE (an OCI layout with the image index), \
+             -t NAME (kiln's store) with --push, or one --platform",
+            platforms.len()
+        );
+        return EXIT_USAGE;
+    }
     let load_tar = if args.load {
         if let Err(why) = docker_engine() {
             let _ = writeln!(err, "error: --load needs a running Docker engine, and none answers: {why}");
@@ -277,8 +294,25 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut request = SolveRequest::new(&compiled.definition);
-    request.image_config = compiled.image_config.as_ref().and_then(|c| serde_json::to_value(c).ok());
+    let config_json = |c: &Option<kiln_frontend::ImageConfig>| c.as_ref().and_then(|c| serde_json::to_value(c).ok());
+    let mut request = if compiled.targets.len() == 1 {
+        let target = compiled.first();
+        let mut request = SolveRequest::new(&target.definition);
+        request.image_config = config_json(&target.image_config);
+        request
+    } else {
+        let mut request = SolveRequest::new(&[]);
+        request.definition.clear();
+        request.platforms = compiled
+            .targets
+            .iter()
+            .map(|t| {
+                let platform = t.platform.as_ref().map(|p| p.to_string_form()).unwrap_or_default();
+                kiln_solver_protocol::PlatformBuild::new(&platform, &t.definition, config_json(&t.image_config))
+            })
+            .collect();
+        request
+    };
     request
         .locals
         .insert("context".into(), absolute(&args.frontend.context).to_string_lossy().into_owned());
@@ -473,9 +507,11 @@ fn source_date_epoch(build_args: &[String]) -> Result<Option<i64>, String> {
 /// `--iidfile` and `--metadata-file`, as buildx writes them.
 fn write_result_files(args: &Args, r: &kiln_solver_protocol::SolveResult) -> Result<(), String> {
     if let Some(path) = &args.iidfile {
+        // A multi-platform image's id is its index's digest, as buildx writes it.
         let id = r
             .config_digest
             .clone()
+            .or_else(|| r.image_digest.clone())
             .ok_or("--iidfile: the build made no image (give -t or an image --output)")?;
         std::fs::write(path, id).map_err(|e| format!("{}: {e}", path.display()))?;
     }
@@ -507,7 +543,7 @@ fn report_failure(
     label: &str,
     err: &mut dyn Write,
 ) {
-    let location = digest.and_then(|d| source_range(&compiled.definition, d));
+    let location = digest.and_then(|d| compiled.targets.iter().find_map(|t| source_range(&t.definition, d)));
     let step = name.unwrap_or_default();
     let help = if tail.is_empty() {
         None

@@ -47,7 +47,8 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             }
         },
         None => match compile(&args.frontend, Some(args.no_resolve), err) {
-            Ok(c) => c.definition,
+            Ok(c) if c.targets.len() > 1 => return dump_platforms(args, &c, out, err),
+            Ok(c) => c.targets.into_iter().next().map(|t| t.definition).unwrap_or_default(),
             Err(code) => return code,
         },
     };
@@ -71,6 +72,39 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         Format::Dot => kiln_llb::dot::to_dot(&def),
         _ => def.to_json_lines(),
     };
+    match out.write_all(text.as_bytes()) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            let _ = writeln!(err, "error: {e}");
+            EXIT_OTHER
+        }
+    }
+}
+
+/// Several platforms: each platform's definition in the order asked, each
+/// introduced by a `# platform: os/arch` line in the json and dot formats;
+/// `pb` is refused (a Definition holds one platform's graph).
+fn dump_platforms(args: &Args, compiled: &crate::frontend::Compiled, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    if args.format == Format::Pb {
+        let _ = writeln!(err, "error: --format pb writes one Definition: give one --platform");
+        return crate::EXIT_USAGE;
+    }
+    let mut text = String::new();
+    for t in &compiled.targets {
+        let def = match LoadedDefinition::decode(&t.definition) {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = writeln!(err, "error: {e}");
+                return EXIT_OTHER;
+            }
+        };
+        let platform = t.platform.as_ref().map(|p| p.to_string_form()).unwrap_or_default();
+        text.push_str(&format!("# platform: {platform}\n"));
+        text.push_str(&match args.format {
+            Format::Dot => kiln_llb::dot::to_dot(&def),
+            _ => def.to_json_lines(),
+        });
+    }
     match out.write_all(text.as_bytes()) {
         Ok(()) => EXIT_OK,
         Err(e) => {

@@ -241,17 +241,74 @@ fn tar_header(kind: tar::EntryType, mode: u32, size: u64, uid: u64) -> tar::Head
 /// usual empty directories, as a deterministic OCI layout tagged `latest`.
 /// Returns the manifest digest.
 pub fn busybox_layout(dir: &Path) -> String {
-    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+    let busybox = host_busybox();
+    let (mdig, mlen) = busybox_image(dir, &busybox, "amd64");
+    let index = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{mdig}","size":{mlen},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), index).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
+    mdig
+}
+
+/// The host's static busybox.
+fn host_busybox() -> PathBuf {
+    ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .expect("busybox-static is installed (.ci/run installs it)");
-    let list = Command::new(busybox).arg("--list-full").output().expect("busybox --list-full");
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("busybox-static is installed (.ci/run installs it)")
+}
+
+/// Where .ci/run puts Debian's `busybox-static:arm64` binary
+/// (`$KILN_ARM64_BUSYBOX` overrides).
+pub fn arm64_busybox() -> PathBuf {
+    std::env::var_os("KILN_ARM64_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/local/lib/kiln-ci/arm64/bin/busybox"))
+}
+
+/// [`busybox_layout`] with two platforms: an image index tagged `latest`
+/// with the host's busybox as linux/amd64 and [`arm64_busybox`] as
+/// linux/arm64 (each platform's own binary, same files otherwise). `None`
+/// when the arm64 binary is missing (off CI; on CI the test fails).
+pub fn busybox_multi_layout(dir: &Path) -> Option<String> {
+    let arm64 = arm64_busybox();
+    if !arm64.is_file() {
+        let why = format!("no arm64 busybox at {} (.ci/run puts it there)", arm64.display());
+        kiln_test_support::skip(&current_test(), &why);
+        return None;
+    }
+    let mut entries = Vec::new();
+    for (binary, arch) in [(host_busybox(), "amd64"), (arm64, "arm64")] {
+        let (d, l) = busybox_image(dir, &binary, arch);
+        entries.push(format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{d}","size":{l},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#
+        ));
+    }
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{}]}}"#,
+        entries.join(",")
+    );
+    let (idig, ilen) = put(&dir.join("blobs/sha256"), index.as_bytes());
+    let top = format!(
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"{idig}","size":{ilen},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#
+    );
+    std::fs::write(dir.join("index.json"), top).expect("index");
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
+    Some(idig)
+}
+
+/// One busybox image's blobs in the layout at `dir` (applets as the host's
+/// busybox lists them, all links to `binary`); its manifest's digest and size.
+fn busybox_image(dir: &Path, binary: &Path, arch: &str) -> (String, usize) {
+    let list = Command::new(host_busybox()).arg("--list-full").output().expect("busybox --list-full");
     let mut applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .split_whitespace()
         .map(str::to_string)
         .collect();
     applets.sort();
-    let binary = std::fs::read(busybox).expect("read busybox");
+    let binary = std::fs::read(binary).expect("read busybox");
     let mut tar = tar::Builder::new(Vec::new());
     let dirs = [
         ("bin", 0o755),
@@ -302,7 +359,7 @@ pub fn busybox_layout(dir: &Path) -> String {
     std::fs::create_dir_all(&blobs).expect("blobs");
     let (ldig, llen) = put(&blobs, &compressed);
     let config = serde_json::json!({
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "created": "2020-01-01T00:00:00Z",
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
@@ -314,13 +371,7 @@ pub fn busybox_layout(dir: &Path) -> String {
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cdig}","size":{clen}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{ldig}","size":{llen}}}]}}"#
     );
-    let (mdig, mlen) = put(&blobs, manifest.as_bytes());
-    let index = format!(
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{mdig}","size":{mlen},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#
-    );
-    std::fs::write(dir.join("index.json"), index).expect("index");
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("marker");
-    mdig
+    put(&blobs, manifest.as_bytes())
 }
 
 /// `docker run --rm ARGS…`, tried up to three times: dockerd 20.10's

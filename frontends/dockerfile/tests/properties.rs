@@ -13,6 +13,7 @@ fn request(bytes: Vec<u8>) -> Request {
         definition: bytes,
         filename: "Dockerfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     }
 }

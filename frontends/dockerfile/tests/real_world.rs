@@ -31,6 +31,7 @@ fn compile(path: &Path) -> Result<LoadedDefinition, String> {
         definition,
         filename: "Dockerfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     let response = kiln_dockerfile::compile(&request, &OfflineHost);

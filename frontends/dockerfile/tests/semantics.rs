@@ -8,6 +8,7 @@ fn compile(text: &str) -> kiln_frontend::Response {
         definition: text.as_bytes().to_vec(),
         filename: "Dockerfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     let response = kiln_dockerfile::compile(&request, &OfflineHost);
@@ -53,6 +54,7 @@ fn a_forced_network_mode_is_the_default_that_run_network_default_keeps() {
         definition: text.as_bytes().to_vec(),
         filename: "Dockerfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         network: Some("host".into()),
         ..Default::default()
     };

@@ -27,6 +27,7 @@ fn compile(path: &Path) -> (kiln_frontend::Response, String) {
         definition: text.clone().into_bytes(),
         filename: path.file_name().and_then(|n| n.to_str()).unwrap_or("Dockerfile").into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     (kiln_dockerfile::compile(&request, &OfflineHost), text)

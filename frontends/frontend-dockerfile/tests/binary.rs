@@ -17,6 +17,7 @@ fn the_binary_answers_a_request() {
         definition: b"FROM scratch\nCOPY a /a\n".to_vec(),
         filename: "Dockerfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     let mut to = child.stdin.take().expect("stdin");

@@ -20,6 +20,7 @@ fn the_binary_compiles_a_recipe_over_stdio() {
         definition: b"# syntax=recipe\nstages:\n  main:\n    from: busybox\n    steps:\n      - run: echo hi\n".to_vec(),
         filename: "recipe.yaml".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     let response = kiln_frontend_stdio::run(&mut to, &mut from, &request, &OfflineHost, None, |_| {}).expect("response");

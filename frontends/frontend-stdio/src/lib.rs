@@ -51,6 +51,9 @@ pub enum ToFrontend {
         platform: Option<Platform>,
         /// Build platform.
         build_platform: Platform,
+        /// One of several target platforms.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        multi_platform: bool,
         /// Named build contexts.
         #[serde(default)]
         named_contexts: BTreeMap<String, String>,
@@ -140,6 +143,7 @@ pub fn request_message(r: &Request) -> ToFrontend {
         target: r.target.clone(),
         platform: r.platform.clone(),
         build_platform: r.build_platform.clone(),
+        multi_platform: r.multi_platform,
         named_contexts: r.named_contexts.clone(),
         ignore_patterns: r.ignore_patterns.clone(),
         network: r.network.clone(),
@@ -230,6 +234,7 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
         target,
         platform,
         build_platform,
+        multi_platform,
         named_contexts,
         ignore_patterns,
         network,
@@ -250,6 +255,7 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
         target,
         platform,
         build_platform,
+        multi_platform,
         named_contexts,
         ignore_patterns,
         network,
@@ -480,6 +486,7 @@ mod tests {
             definition: b"FROM alpine\nRUN pwd\n".to_vec(),
             filename: "Dockerfile".into(),
             build_platform: Platform::linux_amd64(),
+            multi_platform: false,
             ..Default::default()
         };
         let mut reader = std::io::BufReader::new(&mut fe_to_host_r);

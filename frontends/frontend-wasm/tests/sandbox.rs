@@ -16,6 +16,7 @@ fn request() -> Request {
         definition: b"FROM scratch\n".to_vec(),
         filename: "Dockerfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     }
 }

@@ -29,6 +29,9 @@ pub struct Request {
     pub platform: Option<Platform>,
     /// The platform the build runs on.
     pub build_platform: Platform,
+    /// This compile is one of several target platforms of one build:
+    /// progress names carry the platform, as BuildKit's do.
+    pub multi_platform: bool,
     /// `--build-context NAME=…` names the host can resolve.
     pub named_contexts: BTreeMap<String, String>,
     /// Patterns from `.dockerignore`, if the host found one.

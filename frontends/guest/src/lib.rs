@@ -343,6 +343,7 @@ mod tests {
             definition: b"x".to_vec(),
             filename: "Buildfile".into(),
             build_platform: Platform::linux_amd64(),
+            multi_platform: false,
             ..Default::default()
         }
     }

@@ -15,6 +15,7 @@ fn request(file: &str, text: &str) -> Request {
         definition: text.as_bytes().to_vec(),
         filename: file.into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     }
 }

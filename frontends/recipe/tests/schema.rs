@@ -52,6 +52,7 @@ fn recipes_of_the_wrong_shape_are_invalid_for_schema_and_frontend_alike() {
             definition: bad.as_bytes().to_vec(),
             filename: "recipe.yaml".into(),
             build_platform: kiln_frontend::Platform::linux_amd64(),
+            multi_platform: false,
             ..Default::default()
         };
         assert!(
@@ -75,6 +76,7 @@ fn the_readme_example_is_valid_and_compiles() {
         definition: example.as_bytes().to_vec(),
         filename: "recipe.yaml".into(),
         build_platform: kiln_frontend::Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     let r = kiln_recipe::compile(&request, &kiln_frontend::OfflineHost);

@@ -38,7 +38,9 @@ pub const VERSION: u32 = 1;
 pub struct SolveRequest {
     /// Must equal [`VERSION`].
     pub version: u32,
-    /// The marshalled `pb.Definition`, base64 (standard alphabet).
+    /// The marshalled `pb.Definition`, base64 (standard alphabet); empty
+    /// when `platforms` carries the build.
+    #[serde(default)]
     pub definition: String,
     /// The image config the frontend made (OCI/Docker image config JSON);
     /// the solver fills in `rootfs` and aligns `history` with the layers.
@@ -73,6 +75,44 @@ pub struct SolveRequest {
     /// asks for one not listed is refused before anything runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entitlements: Vec<String>,
+    /// A multi-platform build: one definition and image config per target
+    /// platform, solved as one graph (a vertex the platforms share runs
+    /// once); the image is an index with a manifest per entry, in order.
+    /// When set, `definition` and `image_config` are empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<PlatformBuild>,
+}
+
+/// One target platform of a multi-platform build.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PlatformBuild {
+    /// `os/arch[/variant]`, as the index names it.
+    pub platform: String,
+    /// The marshalled `pb.Definition` for this platform, base64.
+    pub definition: String,
+    /// Its image config.
+    #[serde(default)]
+    pub image_config: Option<serde_json::Value>,
+}
+
+impl PlatformBuild {
+    /// One platform's build.
+    pub fn new(platform: &str, definition: &[u8], image_config: Option<serde_json::Value>) -> PlatformBuild {
+        use base64::Engine as _;
+        PlatformBuild {
+            platform: platform.to_string(),
+            definition: base64::engine::general_purpose::STANDARD.encode(definition),
+            image_config,
+        }
+    }
+
+    /// The definition's bytes.
+    pub fn definition_bytes(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(self.definition.as_bytes())
+            .map_err(|e| format!("the {} definition is not base64: {e}", self.platform))
+    }
 }
 
 /// `network.host`: a RUN step may use the host's network (`--network=host`).
@@ -322,6 +362,7 @@ impl SolveRequest {
             ssh: BTreeMap::new(),
             source_date_epoch: None,
             entitlements: Vec::new(),
+            platforms: Vec::new(),
         }
     }
 

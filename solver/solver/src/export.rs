@@ -92,15 +92,29 @@ pub(crate) fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Resu
         .map_err(Failure::io(Some("compressing layer"), id))
 }
 
-/// Builds and stores the image config and manifest for the layers.
-pub(crate) fn make_image(root: &StateRoot, layers: &[String], config: Option<&Json>, epoch: Option<i64>) -> Result<Image, Failure> {
+/// Builds and stores the image config and manifest for the layers. A
+/// config without a platform gets `platform`'s (`os/arch[/variant]`), else amd64.
+pub(crate) fn make_image(
+    root: &StateRoot,
+    layers: &[String],
+    config: Option<&Json>,
+    platform: Option<&str>,
+    epoch: Option<i64>,
+) -> Result<Image, Failure> {
     let blobs = layer_blobs(root, layers, epoch)?;
     let mut config = config.cloned().unwrap_or_else(|| json!({}));
     let obj = config
         .as_object_mut()
         .ok_or_else(|| Failure::invalid("the image config is not a JSON object"))?;
-    obj.entry("architecture").or_insert(json!("amd64"));
-    obj.entry("os").or_insert(json!("linux"));
+    let wanted = platform.and_then(kiln_image::Platform::parse);
+    if let Some(p) = &wanted {
+        if !obj.contains_key("architecture") && !p.variant.is_empty() {
+            obj.insert("variant".into(), json!(p.variant));
+        }
+    }
+    obj.entry("architecture")
+        .or_insert_with(|| json!(wanted.as_ref().map_or("amd64", |p| p.architecture.as_str())));
+    obj.entry("os").or_insert_with(|| json!(wanted.as_ref().map_or("linux", |p| p.os.as_str())));
     let diff_ids: Vec<Json> = blobs.iter().map(|b| json!(b.diff_id)).collect();
     obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     align_history(obj, blobs.len());
@@ -113,7 +127,10 @@ pub(crate) fn make_image(root: &StateRoot, layers: &[String], config: Option<&Js
     if let Some(e) = epoch {
         obj.insert("created".into(), json!(rfc3339(e)));
     }
-    let platform = json!({"architecture": obj["architecture"], "os": obj["os"]});
+    let mut platform = json!({"architecture": obj["architecture"], "os": obj["os"]});
+    if let Some(v) = obj.get("variant").filter(|v| v.as_str().is_some_and(|v| !v.is_empty())) {
+        platform["variant"] = v.clone();
+    }
     let config_bytes = serde_json::to_vec(&config).map_err(json_err)?;
     let config_digest = store_blob(root, &config_bytes).map_err(blob_err(root))?;
     let manifest = json!({
@@ -207,9 +224,9 @@ pub(crate) fn normalize_name(name: &str) -> String {
 }
 
 /// Adds names to kiln's image store (its `index.json`).
-pub(crate) fn tag_in_store(root: &StateRoot, image: &Image, names: &[String]) -> Result<(), Failure> {
+pub(crate) fn tag_in_store(root: &StateRoot, made: &Made, names: &[String]) -> Result<(), Failure> {
     let names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
-    store_names(root, &names, &image.digest, MANIFEST, image.size, Some(&image.platform))
+    store_names(root, &names, &made.digest, made.media_type, made.size, made.platform())
 }
 
 /// Points names in the store's `index.json` at a manifest or index. An
@@ -314,7 +331,8 @@ fn append_blob<W: Write>(tar: &mut tar::Builder<W>, root: &StateRoot, digest: &s
 }
 
 /// Writes an OCI layout tarball (`docker` adds `manifest.json` for `docker load`).
-fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String], docker: bool) -> Result<(), Failure> {
+/// A multi-platform build's `index.json` points at its image index.
+fn write_image_tar(root: &StateRoot, made: &Made, dest: &Path, names: &[String], docker: bool) -> Result<(), Failure> {
     let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(Failure::io(Some("creating"), parent.display()))?;
     let tmp = parent.join(format!(
@@ -326,9 +344,19 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
     let io = |e: std::io::Error| Failure::io(Some("writing"), dest.display())(e);
     append_file(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io)?;
     let full_names: Vec<String> = names.iter().map(|n| normalize_name(n)).collect();
+    let top = |annotations: Option<&BTreeMap<&str, String>>| {
+        let mut entry = json!({"mediaType": made.media_type, "digest": made.digest, "size": made.size});
+        if let Some(p) = made.platform() {
+            entry["platform"] = p.clone();
+        }
+        if let Some(a) = annotations {
+            entry["annotations"] = json!(a);
+        }
+        entry
+    };
     let mut manifests = Vec::new();
     if full_names.is_empty() {
-        manifests.push(json!({"mediaType": MANIFEST, "digest": image.digest, "size": image.size, "platform": image.platform}));
+        manifests.push(top(None));
     }
     for n in &full_names {
         let mut annotations = BTreeMap::new();
@@ -336,11 +364,16 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
         if docker {
             annotations.insert("io.containerd.image.name", n.clone());
         }
-        manifests.push(json!({"mediaType": MANIFEST, "digest": image.digest, "size": image.size, "platform": image.platform, "annotations": annotations}));
+        manifests.push(top(Some(&annotations)));
     }
     let index = json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests});
     append_file(&mut tar, "index.json", &serde_json::to_vec(&index).map_err(json_err)?).map_err(io)?;
     if docker {
+        let [image] = made.images.as_slice() else {
+            return Err(Failure::invalid(
+                "a docker tarball holds one platform: use type=oci or type=image for a multi-platform image",
+            ));
+        };
         let config_hex = image.config_digest.strip_prefix("sha256:").unwrap_or(&image.config_digest);
         let layers: Vec<String> = image
             .layers
@@ -352,10 +385,11 @@ fn write_image_tar(root: &StateRoot, image: &Image, dest: &Path, names: &[String
         append_file(&mut tar, "manifest.json", &serde_json::to_vec(&manifest).map_err(json_err)?).map_err(io)?;
     }
     let mut seen = std::collections::HashSet::new();
-    for d in std::iter::once(&image.digest)
-        .chain(std::iter::once(&image.config_digest))
-        .chain(image.layers.iter().map(|l| &l.digest))
-    {
+    for d in std::iter::once(&made.digest).chain(made.images.iter().flat_map(|image| {
+        std::iter::once(&image.digest)
+            .chain(std::iter::once(&image.config_digest))
+            .chain(image.layers.iter().map(|l| &l.digest))
+    })) {
         if seen.insert(d.clone()) {
             append_blob(&mut tar, root, d).map_err(io)?;
         }
@@ -384,23 +418,107 @@ pub(crate) fn wants_image(exporters: &[Exporter]) -> bool {
         .any(|e| matches!(e, Exporter::Image { .. } | Exporter::Oci { .. } | Exporter::Docker { .. }))
 }
 
+/// One target platform's result, for the exporters.
+pub(crate) struct Target {
+    /// `os/arch[/variant]` in a multi-platform build; `None` in a single one.
+    pub platform: Option<String>,
+    /// Its layers, bottom first.
+    pub layers: crate::snapshot::Layers,
+    /// The frontend's image config.
+    pub config: Option<Json>,
+}
+
+/// What the image exporters made: one image manifest, or (several
+/// platforms) an image index listing one manifest per platform.
+pub(crate) struct Made {
+    /// The manifest's or index's digest.
+    pub digest: String,
+    /// [`MANIFEST`] or [`INDEX`].
+    pub media_type: &'static str,
+    /// Its size.
+    pub size: usize,
+    /// The config digest (the image id) of a single image.
+    pub config_digest: Option<String>,
+    /// The images, one per platform.
+    pub images: Vec<Image>,
+}
+
+impl Made {
+    /// The platform of a single image (an index has none).
+    fn platform(&self) -> Option<&Json> {
+        match (self.media_type, self.images.as_slice()) {
+            (MANIFEST, [image]) => Some(&image.platform),
+            _ => None,
+        }
+    }
+}
+
+/// Makes the image (several platforms: each platform's and their index).
+fn make(root: &StateRoot, targets: &[Target], epoch: Option<i64>) -> Result<Made, Failure> {
+    let multi = targets.len() > 1 || targets.iter().any(|t| t.platform.is_some());
+    let mut images = Vec::with_capacity(targets.len());
+    for t in targets {
+        images.push(make_image(root, &t.layers, t.config.as_ref(), t.platform.as_deref(), epoch)?);
+    }
+    if !multi {
+        let image = images.pop().ok_or_else(|| Failure::Internal("no result to export".into()))?;
+        return Ok(Made {
+            digest: image.digest.clone(),
+            media_type: MANIFEST,
+            size: image.size,
+            config_digest: Some(image.config_digest.clone()),
+            images: vec![image],
+        });
+    }
+    let manifests: Vec<Json> = images
+        .iter()
+        .map(|i| json!({"mediaType": MANIFEST, "digest": i.digest, "size": i.size, "platform": i.platform}))
+        .collect();
+    let index = json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests});
+    let bytes = serde_json::to_vec(&index).map_err(json_err)?;
+    let digest = store_blob(root, &bytes).map_err(blob_err(root))?;
+    Ok(Made {
+        digest,
+        media_type: INDEX,
+        size: bytes.len(),
+        config_digest: None,
+        images,
+    })
+}
+
+/// A platform's folder in a multi-platform `local` or `tar` output, as
+/// buildx names it: `linux/arm64/v8` → `linux_arm64_v8`.
+fn platform_dir(platform: &str) -> String {
+    platform.replace('/', "_")
+}
+
 /// Runs the exporters on the final layers. Returns the image (if one was
 /// made) and what was written.
 pub(crate) fn export(
     root: &StateRoot,
-    layers: &[String],
-    config: Option<&Json>,
+    targets: &[Target],
     exporters: &[Exporter],
     epoch: Option<i64>,
-) -> Result<(Option<Image>, Vec<String>), SolveError> {
-    let mut image: Option<Image> = None;
+) -> Result<(Option<Made>, Vec<String>), SolveError> {
+    let mut made: Option<Made> = None;
     let mut written = Vec::new();
+    let multi = targets.iter().any(|t| t.platform.is_some());
+    if multi {
+        if let Some(e) = exporters.iter().find(|e| matches!(e, Exporter::Docker { .. })) {
+            return Err(SolveError::Export {
+                what: describe(e),
+                failure: Failure::invalid(
+                    "a docker tarball holds one platform: for several, use type=oci (an OCI layout with the index), \
+                     type=image (kiln's store, then `kiln push`) or push=true",
+                ),
+            });
+        }
+    }
     if wants_image(exporters) {
-        let made = make_image(root, layers, config, epoch).map_err(|failure| SolveError::Export {
+        made = Some(make(root, targets, epoch).map_err(|failure| SolveError::Export {
             what: "making the image".into(),
             failure,
-        })?;
-        image = Some(made);
+        })?);
     }
     for e in exporters {
         let failed = |failure: Failure| SolveError::Export {
@@ -409,45 +527,67 @@ pub(crate) fn export(
         };
         match e {
             Exporter::Image { names, .. } => {
-                if let Some(img) = &image {
-                    tag_in_store(root, img, names).map_err(failed)?;
+                if let Some(m) = &made {
+                    tag_in_store(root, m, names).map_err(failed)?;
                     written.extend(names.iter().map(|n| normalize_name(n)));
                 }
             }
             Exporter::Oci { dest, names } | Exporter::Docker { dest, names } => {
-                if let Some(img) = &image {
-                    write_image_tar(root, img, Path::new(dest), names, matches!(e, Exporter::Docker { .. })).map_err(failed)?;
+                if let Some(m) = &made {
+                    write_image_tar(root, m, Path::new(dest), names, matches!(e, Exporter::Docker { .. })).map_err(failed)?;
                     written.push(dest.clone());
                 }
             }
             Exporter::Local { dest } => {
-                let view = mount_stack(root, layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
-                let dest_path = Path::new(dest);
-                fs::create_dir_all(dest_path).map_err(|e| failed(Failure::io(Some("creating"), dest)(e)))?;
-                crate::execute::fileop::copy_tree(dest_path, &crate::execute::fileop::SourceView::Dir(view.path())).map_err(failed)?;
+                for t in targets {
+                    let dest_path = match &t.platform {
+                        Some(p) => Path::new(dest).join(platform_dir(p)),
+                        None => Path::new(dest).to_path_buf(),
+                    };
+                    let view = mount_stack(root, &t.layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
+                    fs::create_dir_all(&dest_path).map_err(|e| failed(Failure::io(Some("creating"), dest_path.display())(e)))?;
+                    crate::execute::fileop::copy_tree(&dest_path, &crate::execute::fileop::SourceView::Dir(view.path()))
+                        .map_err(failed)?;
+                }
                 if crate::rootless::in_user_namespace() {
                     // Files leave the build as the user's own, as BuildKit's
                     // client writes them: ids of the subordinate range would
                     // be files the user cannot remove.
-                    own_tree(dest_path).map_err(|e| failed(Failure::io(Some("taking ownership of"), dest)(e)))?;
+                    own_tree(Path::new(dest)).map_err(|e| failed(Failure::io(Some("taking ownership of"), dest)(e)))?;
                 }
                 written.push(dest.clone());
             }
             Exporter::Tar { dest } => {
-                let view = mount_stack(root, layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
                 let dest_path = Path::new(dest);
                 let tmp = dest_path.with_extension("kiln-tmp");
                 let writing = |e| failed(Failure::io(Some("writing"), dest)(e));
                 let f = fs::File::create(&tmp).map_err(writing)?;
-                let w = crate::snapshot::layer::write_tar(view.path(), std::io::BufWriter::with_capacity(1 << 20, f), epoch)
-                    .map_err(writing)?;
+                let mut tar = crate::snapshot::layer::tar_builder(std::io::BufWriter::with_capacity(1 << 20, f));
+                for t in targets {
+                    let view = mount_stack(root, &t.layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
+                    let prefix = match &t.platform {
+                        Some(p) => {
+                            // The platform's folder itself, then its tree in it.
+                            let mut h = tar::Header::new_gnu();
+                            h.set_entry_type(tar::EntryType::Directory);
+                            h.set_mode(0o755);
+                            h.set_size(0);
+                            h.set_mtime(epoch.unwrap_or(0).max(0) as u64);
+                            tar.append_data(&mut h, format!("{}/", platform_dir(p)), std::io::empty()).map_err(writing)?;
+                            std::path::PathBuf::from(platform_dir(p))
+                        }
+                        None => std::path::PathBuf::new(),
+                    };
+                    crate::snapshot::layer::append_tree(&mut tar, view.path(), &prefix, epoch).map_err(writing)?;
+                }
+                let w = tar.into_inner().map_err(writing)?;
                 w.into_inner().map_err(|e| writing(e.into_error()))?;
                 fs::rename(&tmp, dest_path).map_err(writing)?;
                 written.push(dest.clone());
             }
         }
     }
-    Ok((image, written))
+    Ok((made, written))
 }
 
 /// Gives everything under `dir` to this process's user, keeping modes.

@@ -75,13 +75,9 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             )),
         );
     }
-    let def_bytes = match request.definition_bytes() {
-        Ok(b) => b,
+    let (def, targets) = match load_targets(&request) {
+        Ok(t) => t,
         Err(e) => return fail(&events, SolveError::Request(e)),
-    };
-    let def = match LoadedDefinition::decode(&def_bytes) {
-        Ok(d) => d,
-        Err(e) => return fail(&events, SolveError::Request(format!("the definition cannot be used: {e}"))),
     };
     if let Some(unknown) = request
         .entitlements
@@ -103,6 +99,12 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         if let Err(msg) = execute::netns::slirp_binary() {
             return fail(&events, SolveError::Request(msg));
         }
+    }
+    if let Some(why) = schedule::step_platforms(&def)
+        .iter()
+        .find_map(|p| execute::emulate::emulation(p).err())
+    {
+        return fail(&events, SolveError::Request(why));
     }
     let missing = schedule::missing_secrets(&def, &request.secrets, &request.ssh);
     if !missing.is_empty() {
@@ -139,28 +141,32 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         exec,
         events.clone(),
     ));
-    let value = match solver.solve().await {
+    let values = match solver.solve().await {
         Ok(v) => v,
         Err(e) => {
             solver.save_checksums();
             return fail(&events, e);
         }
     };
-    let layers = match &value {
-        Some(v) => match solver.layers(v).await {
-            Ok(l) => l,
-            Err(failure) => {
-                return fail(
-                    &events,
-                    SolveError::Export {
-                        what: "the result".into(),
-                        failure,
-                    },
-                )
-            }
-        },
-        None => Arc::new(Vec::new()),
-    };
+    let mut results = Vec::with_capacity(values.len());
+    for (value, (platform, config)) in values.iter().zip(targets) {
+        let layers = match value {
+            Some(v) => match solver.layers(v).await {
+                Ok(l) => l,
+                Err(failure) => {
+                    return fail(
+                        &events,
+                        SolveError::Export {
+                            what: "the result".into(),
+                            failure,
+                        },
+                    )
+                }
+            },
+            None => Arc::new(Vec::new()),
+        };
+        results.push(export::Target { platform, layers, config });
+    }
     let mut result = SolveResult {
         executed: solver.executed.load(std::sync::atomic::Ordering::Relaxed),
         cached: solver.cached.load(std::sync::atomic::Ordering::Relaxed),
@@ -177,9 +183,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         solver.compressed().await;
         let root2 = root.clone();
         let exporters = request.exporters.clone();
-        let config = request.image_config.clone();
         let epoch = request.source_date_epoch;
-        let exported = tokio::task::spawn_blocking(move || export::export(&root2, &layers, config.as_ref(), &exporters, epoch)).await;
+        let exported = tokio::task::spawn_blocking(move || export::export(&root2, &results, &exporters, epoch)).await;
         match exported {
             Ok(Ok((image, written))) => {
                 result.exported = written;
@@ -233,7 +238,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
                         }
                     }
                     result.image_digest = Some(img.digest);
-                    result.config_digest = Some(img.config_digest);
+                    result.config_digest = img.config_digest;
                 }
             }
             Ok(Err(e)) => return fail(&events, e),
@@ -249,4 +254,32 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     }
     events.emit(Event::Result(result));
     exit::OK
+}
+
+/// The request's definition and image config for each target platform
+/// (one, with no platform, for a single-platform build), and the one graph
+/// they are solved as.
+#[allow(clippy::type_complexity)]
+fn load_targets(request: &SolveRequest) -> Result<(LoadedDefinition, Vec<(Option<String>, Option<serde_json::Value>)>), String> {
+    let decode = |bytes: Vec<u8>| LoadedDefinition::decode(&bytes).map_err(|e| format!("the definition cannot be used: {e}"));
+    if request.platforms.is_empty() {
+        let def = decode(request.definition_bytes()?)?;
+        return Ok((def, vec![(None, request.image_config.clone())]));
+    }
+    if !request.definition.is_empty() || request.image_config.is_some() {
+        return Err("a request with `platforms` carries its definitions there: `definition` and `image_config` must be empty".into());
+    }
+    let mut defs = Vec::with_capacity(request.platforms.len());
+    let mut targets: Vec<(Option<String>, Option<serde_json::Value>)> = Vec::with_capacity(request.platforms.len());
+    for p in &request.platforms {
+        if kiln_image::Platform::parse(&p.platform).is_none() {
+            return Err(format!("platform {:?} is not os/arch[/variant]", p.platform));
+        }
+        if targets.iter().any(|(q, _)| q.as_deref() == Some(p.platform.as_str())) {
+            return Err(format!("platform {} is asked for twice", p.platform));
+        }
+        defs.push(decode(p.definition_bytes()?).map_err(|e| format!("{}: {e}", p.platform))?);
+        targets.push((Some(p.platform.clone()), p.image_config.clone()));
+    }
+    Ok((LoadedDefinition::merge(defs), targets))
 }

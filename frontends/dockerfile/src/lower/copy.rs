@@ -12,7 +12,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let cmd = if c.is_add { "ADD" } else { "COPY" };
         let name = self.display_text(node, b, false);
         let link = c.link && c.chmod.is_none();
-        let pg_name = cx.prefix(&name);
+        let pg_name = cx.prefix(&name, &b.env);
         let env: &dyn Env = &b.env;
         let dest_raw = self.expand(&c.dest, env, node)?;
         let dest_raw = if dest_raw.is_empty() || dest_raw == "." {
@@ -173,7 +173,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             let group = format!("{}-{}", cx.name, cx.index);
             let copied = State::file(fop, meta.progress_group(group.clone(), pg_name.clone(), true));
             cx.index -= 1;
-            let merge_name = cx.prefix(&format!("LINK {name}"));
+            let merge_name = cx.prefix(&format!("LINK {name}"), &b.env);
             let merge_meta = Self::meta(node, merge_name, false)
                 .cap("mergeop")
                 .progress_group(group, pg_name, false);

@@ -404,6 +404,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             index: 0,
             onbuild: false,
             cmd_set: false,
+            platform: self.input.request.multi_platform.then(|| platform.clone()),
         };
         let mut b = if let Some(base) = base_stage {
             let mut b = self.stage_as_base(base)?;
@@ -491,7 +492,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         let (pinned, _) = self.resolve_image(image, platform, &def.from)?;
         let meta = VertexMeta::default()
             .describe("com.docker.dockerfile.v1.command", from_text)
-            .describe("llb.customname", cx.prefix(&format!("FROM {pinned}")))
+            .describe("llb.customname", cx.prefix(&format!("FROM {pinned}"), &EnvList::default()))
             .at(span_of(&def.from));
         let (state, config) = self.image_state(image, platform, &def.from, meta)?;
         Ok(Built {
@@ -593,7 +594,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                         timestamp: -1,
                     });
                     let fop = FileOp::default().then(&b.state, FileInput::Empty, mkdir);
-                    b.state = State::file(fop, Self::meta(node, cx.prefix(&name), false).cap("file.base"));
+                    b.state = State::file(fop, Self::meta(node, cx.prefix(&name, &b.env), false).cap("file.base"));
                     history(b, format!("WORKDIR {wd}"), false);
                 }
             }
@@ -861,23 +862,66 @@ struct StageCx {
     /// Dispatching an ONBUILD trigger of the base image.
     onbuild: bool,
     cmd_set: bool,
+    /// The stage's platform, when the build has several target platforms
+    /// (names then start with it, as BuildKit's).
+    platform: Option<Platform>,
 }
 
 impl StageCx {
-    /// BuildKit's progress name: `[stage i/N] text`, `i` padded to the width of `N`.
-    fn prefix(&mut self, text: &str) -> String {
+    /// BuildKit's progress name: `[stage i/N] text`, `i` padded to the width
+    /// of `N`; in a multi-platform build `[linux/arm64 stage i/N]`, with
+    /// `->arch` when the stage's `TARGET*` args name another platform.
+    fn prefix(&mut self, text: &str, env: &dyn Env) -> String {
         if self.total == 0 {
             return text.to_string();
         }
         self.index += 1;
         let width = self.total.to_string().len();
         let onbuild = if self.onbuild { "ONBUILD " } else { "" };
+        let platform = match &self.platform {
+            Some(p) => format!("{}{} ", p.to_string_form(), cross_target(p, env)),
+            None => String::new(),
+        };
         let name = if self.name.is_empty() {
             String::new()
         } else {
             format!("{} ", self.name)
         };
-        format!("[{name}{:>width$}/{}] {onbuild}{text}", self.index, self.total)
+        format!("[{platform}{name}{:>width$}/{}] {onbuild}{text}", self.index, self.total)
+    }
+}
+
+/// BuildKit's `->target` for a step whose `TARGETPLATFORM` (or
+/// `TARGETOS`/`TARGETARCH`/`TARGETVARIANT`) names another platform than
+/// the one it runs on: a cross-compiling stage.
+fn cross_target(base: &Platform, env: &dyn Env) -> String {
+    let target = match env.get("TARGETPLATFORM").and_then(Platform::parse) {
+        Some(p) => p,
+        None => {
+            let os = env.get("TARGETOS");
+            let arch = env.get("TARGETARCH");
+            let variant = env.get("TARGETVARIANT");
+            if os.is_none() && arch.is_none() && variant.is_none() {
+                return String::new();
+            }
+            Platform {
+                os: os.filter(|o| !o.is_empty()).unwrap_or(&base.os).to_string(),
+                architecture: arch.filter(|a| !a.is_empty()).unwrap_or(&base.architecture).to_string(),
+                variant: variant.unwrap_or("").to_string(),
+            }
+        }
+    };
+    let target = target.normalized();
+    if target.os == base.os && target.architecture != base.architecture {
+        if target.variant.is_empty() {
+            format!("->{}", target.architecture)
+        } else {
+            format!("->{}/{}", target.architecture, target.variant)
+        }
+    } else if target.os != base.os {
+        format!("->{}", target.to_string_form())
+    } else {
+        String::new()
     }
 }
 

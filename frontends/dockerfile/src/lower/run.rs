@@ -15,7 +15,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         if whole_heredoc {
             name = format!("{name} ({})", summarize_heredoc(&heredocs[0].content));
         }
-        let customname = cx.prefix(&name);
+        let customname = cx.prefix(&name, &b.env);
         let env: &dyn Env = &b.env;
         let cwd = if b.config.config.working_dir.is_empty() {
             "/".to_string()

@@ -20,6 +20,7 @@ fn the_binary_compiles_a_stepfile_over_stdio() {
         definition: b"base scratch\nfile /hello hi\\n\ncmd cat /hello\n".to_vec(),
         filename: "Stepfile".into(),
         build_platform: Platform::linux_amd64(),
+        multi_platform: false,
         ..Default::default()
     };
     let response = kiln_frontend_stdio::run(&mut to, &mut from, &request, &OfflineHost, None, |_| {}).expect("response");

@@ -4,6 +4,7 @@
 //! DiffOps compare layers ([`layers`]). Nothing here knows about cache keys.
 
 pub(crate) mod cachemount;
+pub(crate) mod emulate;
 pub(crate) mod file;
 pub(crate) mod fileop;
 pub(crate) mod layers;
@@ -177,7 +178,12 @@ impl Executor {
                     secrets: &self.secrets,
                     ssh: &self.ssh,
                 };
-                step::exec(&self.root, &self.runtime, e, &layers, &given, id, on_output)
+                let emulator = match emulate::emulation(&platform_of(op)) {
+                    Ok(emulate::Emulation::Emulator(path)) => Some(path),
+                    Ok(_) => None,
+                    Err(why) => return Err(VertexError::at(Stage::Setup, Failure::invalid(why))),
+                };
+                step::exec(&self.root, &self.runtime, e, &layers, &given, emulator, id, on_output)
                     .await
                     .map_err(|failure| {
                         let stage = if failure.exit_code().is_some() { Stage::Run } else { Stage::Setup };

@@ -191,6 +191,9 @@ pub(crate) struct Step<'a> {
     pub bundle: &'a Path,
     /// Environment added for this step only (secret env vars).
     pub extra_env: Vec<String>,
+    /// A static emulator the step's command starts through (a foreign
+    /// platform without binfmt_misc; see `emulate.rs`).
+    pub emulator: Option<PathBuf>,
     /// The container id.
     pub id: String,
 }
@@ -434,6 +437,9 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
             }
         }
     }
+    if let Some(emulator) = &step.emulator {
+        mounts.push(bind(super::emulate::EMULATOR_DEST, emulator, true));
+    }
     let dests: Vec<String> = mounts.iter().map(|m| m.destination().to_string_lossy().into_owned()).collect();
     let dest_refs: Vec<&str> = dests.iter().map(String::as_str).collect();
     let stubs = find_stubs(step.rootfs, &dest_refs);
@@ -443,7 +449,13 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     mkdir_all(&cwd_host, 0o755, None, None).map_err(Failure::io(Some("creating working directory"), &cwd))?;
 
     if let Some(process) = spec.process_mut() {
-        process.set_args(Some(meta.args.clone()));
+        let args = match &step.emulator {
+            Some(_) => std::iter::once(super::emulate::EMULATOR_DEST.to_string())
+                .chain(meta.args.iter().cloned())
+                .collect(),
+            None => meta.args.clone(),
+        };
+        process.set_args(Some(args));
         let mut env = meta.env.clone();
         if !env.iter().any(|e| e.starts_with("PATH=")) {
             env.insert(0, DEFAULT_PATH.to_string());

@@ -37,6 +37,7 @@ pub(crate) async fn exec(
     op: &pb::ExecOp,
     inputs: &[Layers],
     given: &StepSecrets<'_>,
+    emulator: Option<PathBuf>,
     id: String,
     on_output: impl FnMut(u8, &[u8]),
 ) -> Result<Vec<Option<Layers>>, Failure> {
@@ -208,6 +209,7 @@ pub(crate) async fn exec(
             mounts: step_mounts,
             bundle: &bundle,
             extra_env,
+            emulator,
             id,
         },
         on_output,

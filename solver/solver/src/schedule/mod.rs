@@ -182,18 +182,21 @@ impl Solver {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Solves the whole graph; returns the terminator's input value.
-    pub(crate) async fn solve(self: &Arc<Self>) -> Result<Option<Value>, SolveError> {
+    /// Solves the whole graph; returns the value of each of the
+    /// terminator's inputs (one per target platform), all solved at once.
+    pub(crate) async fn solve(self: &Arc<Self>) -> Result<Vec<Option<Value>>, SolveError> {
         let last = self.def.ops.last().ok_or_else(|| SolveError::Internal("empty definition".into()))?;
-        let input = last
-            .op
-            .inputs
-            .first()
-            .ok_or_else(|| SolveError::Internal("terminator has no input".into()))?;
-        let done = self.vertex(&input.digest).await?;
-        let value = done.outputs.get(input.index as usize).cloned().flatten();
+        if last.op.inputs.is_empty() {
+            return Err(SolveError::Internal("terminator has no input".into()));
+        }
+        let done = futures::future::try_join_all(last.op.inputs.iter().map(|i| self.vertex(&i.digest))).await?;
+        let values = done
+            .iter()
+            .zip(&last.op.inputs)
+            .map(|(d, i)| d.outputs.get(i.index as usize).cloned().flatten())
+            .collect();
         self.save_checksums();
-        Ok(value)
+        Ok(values)
     }
 
     /// Writes remembered checksums back to the state root.
@@ -630,6 +633,20 @@ pub(crate) fn uses_sandbox_network(def: &LoadedDefinition) -> bool {
     def.ops
         .iter()
         .any(|op| matches!(&op.op.op, Some(pb::op::Op::Exec(e)) if e.network == pb::NetMode::Unset as i32))
+}
+
+/// The platforms the definition's steps (ExecOps) run for, each once.
+pub(crate) fn step_platforms(def: &LoadedDefinition) -> Vec<kiln_image::Platform> {
+    let mut out: Vec<kiln_image::Platform> = Vec::new();
+    for op in &def.ops {
+        if matches!(op.op.op, Some(pb::op::Op::Exec(_))) {
+            let p = execute::platform_of(&op.op);
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    out
 }
 
 /// The first step that asks for a privilege `granted` does not hold

@@ -60,18 +60,31 @@ impl<W: Write> Write for HashingWriter<W> {
 /// directory's entries in name order before its subdirectories' contents.
 /// With `clamp`, no timestamp is later than it (SOURCE_DATE_EPOCH).
 pub(crate) fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io::Result<W> {
-    let stamp = |t: i64| -> u64 { clamp.map_or(t, |c| t.min(c)).max(0) as u64 };
+    let mut builder = tar_builder(out);
+    append_tree(&mut builder, dir, Path::new(""), clamp)?;
+    builder.into_inner()
+}
+
+/// A tar writer as [`write_tar`] uses it (full metadata, links kept).
+pub(crate) fn tar_builder<W: Write>(out: W) -> tar::Builder<W> {
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
     builder.follow_symlinks(false);
+    builder
+}
+
+/// Appends the tree under `dir` as [`write_tar`] writes it, each path
+/// under `prefix` (empty: at the top).
+pub(crate) fn append_tree<W: Write>(builder: &mut tar::Builder<W>, dir: &Path, prefix: &Path, clamp: Option<i64>) -> io::Result<()> {
+    let stamp = |t: i64| -> u64 { clamp.map_or(t, |c| t.min(c)).max(0) as u64 };
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
-    let mut stack: Vec<(PathBuf, PathBuf)> = vec![(dir.to_path_buf(), PathBuf::new())];
+    let mut stack: Vec<(PathBuf, PathBuf)> = vec![(dir.to_path_buf(), prefix.to_path_buf())];
     while let Some((abs, rel)) = stack.pop() {
         let mut entries: Vec<_> = fs::read_dir(&abs)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         // Reverse push so that popping visits in order, depth first.
         let mut subdirs = Vec::new();
-        if !rel.as_os_str().is_empty() && is_opaque(&abs) {
+        if rel != prefix && is_opaque(&abs) {
             let mut h = tar::Header::new_gnu();
             h.set_entry_type(tar::EntryType::Regular);
             h.set_size(0);
@@ -149,7 +162,7 @@ pub(crate) fn write_tar<W: Write>(dir: &Path, out: W, clamp: Option<i64>) -> io:
             stack.push(d);
         }
     }
-    builder.into_inner()
+    Ok(())
 }
 
 /// Layers up to this size (as a tar) are hashed before they are compressed,
