@@ -63,11 +63,14 @@ pub fn tools(test: &str, tools: &[&str]) -> bool {
 
 /// Whether a program is on PATH.
 pub fn on_path(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v '{tool}'")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    which(tool).is_some()
+}
+
+/// Where a program is on PATH.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    let out = Command::new("sh").args(["-c", &format!("command -v '{tool}'")]).output().ok()?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
 }
 
 /// Whether the tests run as root; else skips or fails.
