@@ -206,9 +206,9 @@ fn run_frontend(
         &cli_host
     };
     let response = match chosen {
-        Chosen::Builtin => kiln_dockerfile::compile(&request, host),
-        Chosen::Recipe => kiln_recipe::compile(&request, host),
-        Chosen::Native(program) => run_native(&program, &request, host, &args.context).map_err(|msg| {
+        Chosen::Builtin => kiln_dockerfile::compile(request, host),
+        Chosen::Recipe => kiln_recipe::compile(request, host),
+        Chosen::Native(program) => run_native(&program, request, host, &args.context).map_err(|msg| {
             let _ = writeln!(err, "error: frontend {}: {msg}", program.display());
             EXIT_FRONTEND
         })?,
@@ -218,7 +218,7 @@ fn run_frontend(
                 EXIT_OTHER
             })?;
             let name = file.display().to_string();
-            run_plugin(args, &name, &wasm, &request, host).map_err(|msg| {
+            run_plugin(args, &name, &wasm, request, host).map_err(|msg| {
                 let _ = writeln!(err, "error: {msg}");
                 EXIT_FRONTEND
             })?
@@ -229,7 +229,7 @@ fn run_frontend(
                 let _ = writeln!(err, "error: cannot fetch frontend plugin {reference}: {msg}");
                 EXIT_FRONTEND
             })?;
-            run_plugin(args, &reference, &wasm, &request, host).map_err(|msg| {
+            run_plugin(args, &reference, &wasm, request, host).map_err(|msg| {
                 let _ = writeln!(err, "error: {msg}");
                 EXIT_FRONTEND
             })?

@@ -83,7 +83,11 @@ fn raw(reference: &str) -> Value {
         .args(["inspect", "--raw", "--tls-verify=false", reference])
         .output()
         .expect("skopeo");
-    assert!(out.status.success(), "skopeo inspect {reference}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "skopeo inspect {reference}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("json")
 }
 
@@ -161,12 +165,22 @@ fn a_two_platform_build_makes_one_index_and_shares_the_build_platform_stage() {
     let cross: Vec<&String> = ran.iter().filter(|n| n.contains("> /cross")).collect();
     assert_eq!(cross.len(), 2, "{ran:#?}");
     assert!(cross.iter().any(|n| n.starts_with("[linux/amd64->arm64 cross 2/2]")), "{cross:?}");
-    assert!(ran.iter().any(|n| n.starts_with("[linux/arm64 stage-2 4/4] RUN uname -m")), "{ran:#?}");
+    assert!(
+        ran.iter().any(|n| n.starts_with("[linux/arm64 stage-2 4/4] RUN uname -m")),
+        "{ran:#?}"
+    );
 
     // An OCI layout whose tag names an image index of two platforms.
     let layout = s.path("layout");
     std::fs::create_dir_all(&layout).expect("layout");
-    assert!(Command::new("tar").arg("xf").arg(&oci).arg("-C").arg(&layout).status().expect("tar").success());
+    assert!(Command::new("tar")
+        .arg("xf")
+        .arg(&oci)
+        .arg("-C")
+        .arg(&layout)
+        .status()
+        .expect("tar")
+        .success());
     let top: Value = serde_json::from_str(&read(layout.join("index.json"))).expect("index.json");
     assert_eq!(top["manifests"][0]["mediaType"], "application/vnd.oci.image.index.v1+json");
     let tag = "docker.io/library/app:1";
@@ -175,11 +189,20 @@ fn a_two_platform_build_makes_one_index_and_shares_the_build_platform_stage() {
         .as_array()
         .expect("manifests")
         .iter()
-        .map(|m| format!("{}/{}", m["platform"]["os"].as_str().unwrap(), m["platform"]["architecture"].as_str().unwrap()))
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap(),
+                m["platform"]["architecture"].as_str().unwrap()
+            )
+        })
         .collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
     let metadata: Value = serde_json::from_str(&read(meta)).expect("metadata");
-    assert_eq!(metadata["containerimage.digest"], top["manifests"][0]["digest"], "the index digest is recorded");
+    assert_eq!(
+        metadata["containerimage.digest"], top["manifests"][0]["digest"],
+        "the index digest is recorded"
+    );
 
     let amd = unpack_platform(&layout, tag, "amd64", &s.path("amd64"));
     let arm = unpack_platform(&layout, tag, "arm64", &s.path("arm64"));
@@ -218,7 +241,14 @@ fn file_outputs_get_a_folder_per_platform_and_docker_is_refused_up_front() {
     s.write("Dockerfile", "FROM busybox\nRUN uname -m > /arch\n");
     let local = s.path("local");
     let out = s.build(
-        &["--platform", "linux/arm64", "--platform", "linux/amd64", "--output", &format!("type=local,dest={}", local.display())],
+        &[
+            "--platform",
+            "linux/arm64",
+            "--platform",
+            "linux/amd64",
+            "--output",
+            &format!("type=local,dest={}", local.display()),
+        ],
         &[],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -227,19 +257,37 @@ fn file_outputs_get_a_folder_per_platform_and_docker_is_refused_up_front() {
 
     let tarball = s.path("fs.tar");
     let out = s.build(
-        &["--platform", "linux/amd64,linux/arm64", "--output", &format!("type=tar,dest={}", tarball.display())],
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--output",
+            &format!("type=tar,dest={}", tarball.display()),
+        ],
         &[],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listing = Command::new("tar").arg("tf").arg(&tarball).output().expect("tar");
     let names = String::from_utf8_lossy(&listing.stdout);
-    for want in ["linux_amd64/", "linux_amd64/arch", "linux_arm64/", "linux_arm64/arch", "linux_arm64/bin/busybox"] {
+    for want in [
+        "linux_amd64/",
+        "linux_amd64/arch",
+        "linux_arm64/",
+        "linux_arm64/arch",
+        "linux_arm64/bin/busybox",
+    ] {
         assert!(names.lines().any(|l| l == want), "{want} in the tar: {names}");
     }
 
     // A docker tarball holds one platform: refused before anything runs.
     let out = s.build(
-        &["--platform", "linux/amd64,linux/arm64", "--progress", "rawjson", "--output", &format!("type=docker,dest={}", s.path("d.tar").display())],
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--progress",
+            "rawjson",
+            "--output",
+            &format!("type=docker,dest={}", s.path("d.tar").display()),
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(kiln_cli::EXIT_USAGE));
@@ -256,9 +304,23 @@ fn a_pushed_index_is_the_base_of_a_later_arm64_build() {
         return;
     }
     let registry = LocalRegistry::start(&s.path("registry"));
-    s.write("Dockerfile", "FROM busybox\nRUN uname -m > /arch && head -c 8 /dev/urandom | od -An -tx1 > /nonce\n");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\nRUN uname -m > /arch && head -c 8 /dev/urandom | od -An -tx1 > /nonce\n",
+    );
     let name = format!("{}/multi/app:1", registry.addr);
-    let out = s.build(&["--platform", "linux/amd64,linux/arm64", "-t", &name, "--push", "--progress", "plain"], &[]);
+    let out = s.build(
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-t",
+            &name,
+            "--push",
+            "--progress",
+            "plain",
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let err = String::from_utf8_lossy(&out.stderr);
     // busybox's layer differs per platform; each platform's blobs are sent once.
@@ -320,10 +382,23 @@ fn without_binfmt_the_step_starts_through_the_emulator_binary() {
         std::os::unix::fs::symlink(found, bin.join(tool)).expect("link");
     }
     let out = s.build(
-        &["--platform", "linux/arm64", "--no-cache", "--progress", "rawjson", "--output", &dest],
+        &[
+            "--platform",
+            "linux/arm64",
+            "--no-cache",
+            "--progress",
+            "rawjson",
+            "--output",
+            &dest,
+        ],
         &[("KILN_BINFMT", "ignore"), ("PATH", bin.to_str().unwrap())],
     );
-    assert_eq!(out.status.code(), Some(kiln_cli::EXIT_OTHER), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(kiln_cli::EXIT_OTHER),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("linux/arm64") && err.contains("install qemu-user-static"), "{err}");
     assert!(ran(&events(&out)).is_empty(), "nothing ran: {err}");
@@ -342,9 +417,16 @@ fn dump_llb_prints_one_definition_per_platform() {
     let text = String::from_utf8_lossy(&out.stdout);
     let sections: Vec<&str> = text.split("# platform: ").skip(1).collect();
     assert_eq!(sections.len(), 2, "{text}");
-    assert!(sections[0].starts_with("linux/amd64\n") && sections[1].starts_with("linux/arm64\n"), "normalized: {text}");
+    assert!(
+        sections[0].starts_with("linux/amd64\n") && sections[1].starts_with("linux/arm64\n"),
+        "normalized: {text}"
+    );
     for (section, arch) in sections.iter().zip(["amd64", "arm64"]) {
-        let ops: Vec<Value> = section.lines().skip(1).map(|l| serde_json::from_str(l).expect("json line")).collect();
+        let ops: Vec<Value> = section
+            .lines()
+            .skip(1)
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
         let execs: Vec<&Value> = ops.iter().filter(|o| o["Op"]["Op"]["exec"].is_object()).collect();
         assert_eq!(execs.len(), 3, "{section}");
         assert!(
@@ -353,7 +435,14 @@ fn dump_llb_prints_one_definition_per_platform() {
         );
     }
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["dump-llb", "--no-resolve", "--format", "pb", "--platform", "linux/amd64,linux/arm64"])
+        .args([
+            "dump-llb",
+            "--no-resolve",
+            "--format",
+            "pb",
+            "--platform",
+            "linux/amd64,linux/arm64",
+        ])
         .arg(&*dir)
         .output()
         .expect("kiln");

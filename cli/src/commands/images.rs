@@ -31,11 +31,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         },
         Err(_) => Value::Null,
     };
-    let _ = writeln!(
-        out,
-        "{:<50} {:<19} {:<22} {:>9}  PLATFORMS",
-        "NAME", "DIGEST", "CREATED", "SIZE"
-    );
+    let _ = writeln!(out, "{:<50} {:<19} {:<22} {:>9}  PLATFORMS", "NAME", "DIGEST", "CREATED", "SIZE");
     let read = |digest: &str| -> Option<Value> {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         std::fs::read(store.join("blobs/sha256").join(hex))
@@ -63,7 +59,10 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                     layers.insert(d.to_string(), size);
                 }
             }
-            let (os, arch) = (platform["os"].as_str().unwrap_or(""), platform["architecture"].as_str().unwrap_or(""));
+            let (os, arch) = (
+                platform["os"].as_str().unwrap_or(""),
+                platform["architecture"].as_str().unwrap_or(""),
+            );
             if !os.is_empty() && !arch.is_empty() {
                 let variant = platform["variant"].as_str().filter(|v| !v.is_empty());
                 platforms.push(match variant {

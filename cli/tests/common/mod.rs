@@ -302,7 +302,10 @@ pub fn busybox_multi_layout(dir: &Path) -> Option<String> {
 /// One busybox image's blobs in the layout at `dir` (applets as the host's
 /// busybox lists them, all links to `binary`); its manifest's digest and size.
 fn busybox_image(dir: &Path, binary: &Path, arch: &str) -> (String, usize) {
-    let list = Command::new(host_busybox()).arg("--list-full").output().expect("busybox --list-full");
+    let list = Command::new(host_busybox())
+        .arg("--list-full")
+        .output()
+        .expect("busybox --list-full");
     let mut applets: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .split_whitespace()
         .map(str::to_string)

@@ -114,7 +114,8 @@ pub(crate) fn make_image(
     }
     obj.entry("architecture")
         .or_insert_with(|| json!(wanted.as_ref().map_or("amd64", |p| p.architecture.as_str())));
-    obj.entry("os").or_insert_with(|| json!(wanted.as_ref().map_or("linux", |p| p.os.as_str())));
+    obj.entry("os")
+        .or_insert_with(|| json!(wanted.as_ref().map_or("linux", |p| p.os.as_str())));
     let diff_ids: Vec<Json> = blobs.iter().map(|b| json!(b.diff_id)).collect();
     obj.insert("rootfs".into(), json!({"type": "layers", "diff_ids": diff_ids}));
     align_history(obj, blobs.len());
@@ -546,8 +547,7 @@ pub(crate) fn export(
                     };
                     let view = mount_stack(root, &t.layers, None).map_err(|e| failed(Failure::mount("the result")(e)))?;
                     fs::create_dir_all(&dest_path).map_err(|e| failed(Failure::io(Some("creating"), dest_path.display())(e)))?;
-                    crate::execute::fileop::copy_tree(&dest_path, &crate::execute::fileop::SourceView::Dir(view.path()))
-                        .map_err(failed)?;
+                    crate::execute::fileop::copy_tree(&dest_path, &crate::execute::fileop::SourceView::Dir(view.path())).map_err(failed)?;
                 }
                 if crate::rootless::in_user_namespace() {
                     // Files leave the build as the user's own, as BuildKit's
@@ -573,7 +573,8 @@ pub(crate) fn export(
                             h.set_mode(0o755);
                             h.set_size(0);
                             h.set_mtime(epoch.unwrap_or(0).max(0) as u64);
-                            tar.append_data(&mut h, format!("{}/", platform_dir(p)), std::io::empty()).map_err(writing)?;
+                            tar.append_data(&mut h, format!("{}/", platform_dir(p)), std::io::empty())
+                                .map_err(writing)?;
                             std::path::PathBuf::from(platform_dir(p))
                         }
                         None => std::path::PathBuf::new(),

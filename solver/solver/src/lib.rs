@@ -256,11 +256,13 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     exit::OK
 }
 
+/// A target platform (`None`: the only one, unnamed) and its image config.
+type TargetSpec = (Option<String>, Option<serde_json::Value>);
+
 /// The request's definition and image config for each target platform
 /// (one, with no platform, for a single-platform build), and the one graph
 /// they are solved as.
-#[allow(clippy::type_complexity)]
-fn load_targets(request: &SolveRequest) -> Result<(LoadedDefinition, Vec<(Option<String>, Option<serde_json::Value>)>), String> {
+fn load_targets(request: &SolveRequest) -> Result<(LoadedDefinition, Vec<TargetSpec>), String> {
     let decode = |bytes: Vec<u8>| LoadedDefinition::decode(&bytes).map_err(|e| format!("the definition cannot be used: {e}"));
     if request.platforms.is_empty() {
         let def = decode(request.definition_bytes()?)?;
@@ -270,7 +272,7 @@ fn load_targets(request: &SolveRequest) -> Result<(LoadedDefinition, Vec<(Option
         return Err("a request with `platforms` carries its definitions there: `definition` and `image_config` must be empty".into());
     }
     let mut defs = Vec::with_capacity(request.platforms.len());
-    let mut targets: Vec<(Option<String>, Option<serde_json::Value>)> = Vec::with_capacity(request.platforms.len());
+    let mut targets: Vec<TargetSpec> = Vec::with_capacity(request.platforms.len());
     for p in &request.platforms {
         if kiln_image::Platform::parse(&p.platform).is_none() {
             return Err(format!("platform {:?} is not os/arch[/variant]", p.platform));

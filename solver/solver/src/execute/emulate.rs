@@ -207,7 +207,15 @@ fn is_static(path: &Path) -> bool {
     }
     let class64 = ident[4] == 2;
     let le = ident[5] == 1;
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) });
+    let u16_at = |o: usize| {
+        bytes.get(o..o + 2).map(|b| {
+            if le {
+                u16::from_le_bytes([b[0], b[1]])
+            } else {
+                u16::from_be_bytes([b[0], b[1]])
+            }
+        })
+    };
     let u32_at = |o: usize| {
         bytes.get(o..o + 4).map(|b| {
             let a = [b[0], b[1], b[2], b[3]];
@@ -259,7 +267,10 @@ mod tests {
                      mask ffffffffffffff00fffffffffffffffffeffffff\n";
         assert!(entry_matches(entry, &arm64));
         assert!(!entry_matches(entry, &amd64), "another machine");
-        assert!(!entry_matches(&entry.replace("PF", "P"), &arm64), "without F the emulator is not in the step's root");
+        assert!(
+            !entry_matches(&entry.replace("PF", "P"), &arm64),
+            "without F the emulator is not in the step's root"
+        );
         assert!(!entry_matches(&entry.replace("enabled", "disabled"), &arm64));
         assert!(!entry_matches(&entry.replace("offset 0", "offset 19"), &arm64), "past the header");
     }

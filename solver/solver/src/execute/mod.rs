@@ -183,12 +183,20 @@ impl Executor {
                     Ok(_) => None,
                     Err(why) => return Err(VertexError::at(Stage::Setup, Failure::invalid(why))),
                 };
-                step::exec(&self.root, &self.runtime, e, &layers, &given, emulator, id, on_output)
-                    .await
-                    .map_err(|failure| {
-                        let stage = if failure.exit_code().is_some() { Stage::Run } else { Stage::Setup };
-                        VertexError::at(stage, failure)
-                    })
+                step::exec(
+                    &self.root,
+                    &self.runtime,
+                    e,
+                    &layers,
+                    &given,
+                    step::Launch { id, emulator },
+                    on_output,
+                )
+                .await
+                .map_err(|failure| {
+                    let stage = if failure.exit_code().is_some() { Stage::Run } else { Stage::Setup };
+                    VertexError::at(stage, failure)
+                })
             }
             Some(Op::File(f)) => {
                 // Inputs used as a base must be layers; copy sources may stay local.

@@ -29,6 +29,14 @@ pub(crate) struct StepSecrets<'a> {
     pub ssh: &'a std::collections::BTreeMap<String, String>,
 }
 
+/// How a step's container starts.
+pub(crate) struct Launch {
+    /// The container id.
+    pub id: String,
+    /// A static emulator the command starts through (see `emulate.rs`).
+    pub emulator: Option<PathBuf>,
+}
+
 /// Runs an ExecOp. `inputs` are the op's input values (locals already turned
 /// into layers). Returns the layers of each output index.
 pub(crate) async fn exec(
@@ -37,8 +45,7 @@ pub(crate) async fn exec(
     op: &pb::ExecOp,
     inputs: &[Layers],
     given: &StepSecrets<'_>,
-    emulator: Option<PathBuf>,
-    id: String,
+    launch: Launch,
     on_output: impl FnMut(u8, &[u8]),
 ) -> Result<Vec<Option<Layers>>, Failure> {
     let meta = op.meta.as_ref().ok_or_else(|| Failure::invalid("exec op has no meta"))?;
@@ -209,8 +216,8 @@ pub(crate) async fn exec(
             mounts: step_mounts,
             bundle: &bundle,
             extra_env,
-            emulator,
-            id,
+            emulator: launch.emulator,
+            id: launch.id,
         },
         on_output,
     )
