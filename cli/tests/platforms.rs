@@ -329,6 +329,15 @@ fn a_pushed_index_is_the_base_of_a_later_arm64_build() {
     let index = raw(&format!("docker://{name}"));
     assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
     assert_eq!(index["manifests"].as_array().map(Vec::len), Some(2));
+    // `kiln push` of the stored index again: every blob is there already.
+    let again = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["push", &name, "--root"])
+        .arg(s.path("root"))
+        .output()
+        .expect("kiln push");
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let said = format!("{}{}", String::from_utf8_lossy(&again.stdout), String::from_utf8_lossy(&again.stderr));
+    assert!(said.contains("0 blobs uploaded, 6 already there"), "{said}");
 
     // A later build, on a fresh root, takes the arm64 image from the registry.
     std::fs::write(
