@@ -12,9 +12,9 @@ use std::io::Write;
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
     /// Build an image from a Dockerfile and a context.
-    Build(build::Args),
+    Build(Box<build::Args>),
     /// Compile a Dockerfile (or read a Definition) and print its LLB.
-    DumpLlb(dump_llb::Args),
+    DumpLlb(Box<dump_llb::Args>),
     /// List the images in kiln's store.
     Images(images::Args),
     /// Push an image from kiln's store to its registry.

@@ -11,10 +11,18 @@ use std::sync::OnceLock;
 
 /// kiln's state root: `--root`, else `$KILN_ROOT`, else `$XDG_DATA_HOME/kiln` or `~/.local/share/kiln`.
 pub fn state_root(flag: Option<&Path>) -> PathBuf {
-    match flag {
+    let root = match flag {
         Some(p) => p.to_path_buf(),
         None => kiln_solver_protocol::default_state_root(),
+    };
+    // Absolute, as the solver and the runtime it starts need it (`--root r`
+    // would name a path relative to each process's own directory).
+    if root.is_relative() {
+        if let Ok(cwd) = std::env::current_dir() {
+            return cwd.join(root);
+        }
     }
+    root
 }
 
 /// A host reading images from OCI layouts on this machine.

@@ -336,7 +336,11 @@ fn a_pushed_index_is_the_base_of_a_later_arm64_build() {
         .output()
         .expect("kiln push");
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-    let said = format!("{}{}", String::from_utf8_lossy(&again.stdout), String::from_utf8_lossy(&again.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&again.stdout),
+        String::from_utf8_lossy(&again.stderr)
+    );
     assert!(said.contains("0 blobs uploaded, 6 already there"), "{said}");
 
     // A later build, on a fresh root, takes the arm64 image from the registry.

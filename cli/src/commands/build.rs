@@ -48,6 +48,12 @@ pub struct Args {
     /// An SSH agent for `RUN --mount=type=ssh`: `default`, `ID=SOCKET`.
     #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
     pub ssh: Vec<String>,
+    /// Export the build's cache: `type=local,dest=DIR[,mode=min|max][,tag=T][,ignore-error=true]`; repeatable.
+    #[arg(long = "cache-to", value_name = "type=local,dest=DIR")]
+    pub cache_to: Vec<String>,
+    /// Take results from a cache: `type=local,src=DIR[,tag=T]`; repeatable.
+    #[arg(long = "cache-from", value_name = "type=local,src=DIR")]
+    pub cache_from: Vec<String>,
     /// Write the image digest and config digest here as JSON.
     #[arg(long = "metadata-file", value_name = "FILE")]
     pub metadata_file: Option<PathBuf>,
@@ -134,6 +140,81 @@ pub fn parse_ssh(spec: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((id, absolute(Path::new(&first)).to_string_lossy().into_owned()))
+}
+
+/// `key=value,…` of a `--cache-to`/`--cache-from`, with `type` taken out
+/// (a bare value with no `=` is a registry reference, as buildx reads it).
+fn cache_spec(spec: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut fields = BTreeMap::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) => fields.insert(k.trim().to_string(), v.to_string()),
+            None if !spec.contains('=') => {
+                return Err("a registry cache is not supported yet: kiln exports and imports caches as type=local (an OCI layout directory in BuildKit's format)".into())
+            }
+            None => return Err(format!("{part:?} is not key=value")),
+        };
+    }
+    let kind = fields.remove("type").unwrap_or_else(|| "registry".into());
+    if kind != "local" {
+        return Err(format!(
+            "type={kind} is not supported yet: kiln exports and imports caches as type=local (an OCI layout directory in BuildKit's format)"
+        ));
+    }
+    Ok(fields)
+}
+
+/// An absolute path from a cache spec's directory.
+fn cache_dir(dir: &str) -> String {
+    absolute(Path::new(dir)).to_string_lossy().into_owned()
+}
+
+/// `--cache-to type=local,dest=DIR[,mode=min|max][,tag=T][,ignore-error=true]`.
+pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, String> {
+    let mut f = cache_spec(spec)?;
+    let dest = f.remove("dest").ok_or("type=local needs dest=DIR")?;
+    let mode = match f.remove("mode").as_deref() {
+        None | Some("min") => kiln_solver_protocol::CacheMode::Min,
+        Some("max") => kiln_solver_protocol::CacheMode::Max,
+        Some(other) => return Err(format!("mode={other}: expected min or max")),
+    };
+    let ignore_error = match f.remove("ignore-error").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(format!("ignore-error={other}: expected true or false")),
+    };
+    let tag = f.remove("tag");
+    // Options buildx accepts that mean nothing for a local directory.
+    for ignored in [
+        "compression",
+        "compression-level",
+        "force-compression",
+        "oci-mediatypes",
+        "image-manifest",
+    ] {
+        f.remove(ignored);
+    }
+    if let Some(k) = f.keys().next() {
+        return Err(format!("unknown option {k:?}"));
+    }
+    Ok(kiln_solver_protocol::CacheExport::Local {
+        dest: cache_dir(&dest),
+        mode,
+        tag,
+        ignore_error,
+    })
+}
+
+/// `--cache-from type=local,src=DIR[,tag=T]`.
+pub fn parse_cache_from(spec: &str) -> Result<kiln_solver_protocol::CacheImport, String> {
+    let mut f = cache_spec(spec)?;
+    let src = f.remove("src").ok_or("type=local needs src=DIR")?;
+    let tag = f.remove("tag");
+    f.remove("digest");
+    if let Some(k) = f.keys().next() {
+        return Err(format!("unknown option {k:?}"));
+    }
+    Ok(kiln_solver_protocol::CacheImport::Local { src: cache_dir(&src), tag })
 }
 
 /// Parses one `--output` value into an exporter.
@@ -357,6 +438,24 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
     request.jobs = args.jobs;
     request.oci_runtime = args.oci_runtime.clone();
     request.entitlements = args.allow.clone();
+    for spec in &args.cache_to {
+        match parse_cache_to(spec) {
+            Ok(e) => request.cache_to.push(e),
+            Err(msg) => {
+                let _ = writeln!(err, "error: --cache-to {spec}: {msg}");
+                return EXIT_USAGE;
+            }
+        }
+    }
+    for spec in &args.cache_from {
+        match parse_cache_from(spec) {
+            Ok(i) => request.cache_from.push(i),
+            Err(msg) => {
+                let _ = writeln!(err, "error: --cache-from {spec}: {msg}");
+                return EXIT_USAGE;
+            }
+        }
+    }
 
     let mut renderer = Renderer::new(args.progress);
     let (tx, rx) = mpsc::channel::<(Event, String)>();

@@ -5,6 +5,7 @@
 //! client ([`registry`]).
 
 pub mod artifact;
+pub mod cacheconfig;
 pub mod document;
 pub mod layout;
 pub mod registry;

@@ -81,6 +81,57 @@ pub struct SolveRequest {
     /// When set, `definition` and `image_config` are empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub platforms: Vec<PlatformBuild>,
+    /// Where the build's cache records and layers go (`--cache-to`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_to: Vec<CacheExport>,
+    /// Caches to take results from when the state root has none (`--cache-from`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_from: Vec<CacheImport>,
+}
+
+/// How much of a build's cache an export holds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// The steps whose layers make the result.
+    #[default]
+    Min,
+    /// Every step of the build.
+    Max,
+}
+
+/// One `--cache-to` destination.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum CacheExport {
+    /// An OCI layout directory in BuildKit's cache format.
+    Local {
+        /// The directory (created if missing; blobs already there are kept).
+        dest: String,
+        /// How much to export.
+        #[serde(default)]
+        mode: CacheMode,
+        /// The tag the cache manifest gets (default `latest`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// A failed export is a warning, not a failed build.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ignore_error: bool,
+    },
+}
+
+/// One `--cache-from` source.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum CacheImport {
+    /// An OCI layout directory in BuildKit's cache format.
+    Local {
+        /// The directory.
+        src: String,
+        /// The tag of the cache manifest (default `latest`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
 }
 
 /// One target platform of a multi-platform build.
@@ -363,6 +414,8 @@ impl SolveRequest {
             source_date_epoch: None,
             entitlements: Vec::new(),
             platforms: Vec::new(),
+            cache_to: Vec::new(),
+            cache_from: Vec::new(),
         }
     }
 

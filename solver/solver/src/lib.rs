@@ -25,6 +25,7 @@ mod execute;
 mod export;
 mod fsutil;
 pub mod gc;
+mod remotecache;
 mod root;
 pub mod rootless;
 mod schedule;
@@ -129,6 +130,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(sandboxes);
     let exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
+    let imports = import_caches(&request.cache_from, &events);
     let solver = Arc::new(Solver::new(
         root.clone(),
         def,
@@ -137,6 +139,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             no_cache: request.no_cache,
             jobs: request.jobs,
             image_layers: export::wants_image(&request.exporters).then_some(request.source_date_epoch),
+            imports,
         },
         exec,
         events.clone(),
@@ -252,8 +255,94 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             done: true,
         });
     }
+    if let Err(e) = export_caches(&root, &solver, &request.cache_to, &events).await {
+        return fail(&events, e);
+    }
     events.emit(Event::Result(result));
     exit::OK
+}
+
+/// Reads each `--cache-from` source, as a progress line with its size and
+/// time; one that cannot be read is a warning (the build runs without it).
+fn import_caches(sources: &[kiln_solver_protocol::CacheImport], events: &Arc<dyn EventSink>) -> Vec<remotecache::Imported> {
+    let mut out = Vec::new();
+    for source in sources {
+        let kiln_solver_protocol::CacheImport::Local { src, tag } = source;
+        let start = std::time::Instant::now();
+        let id = format!("importing cache from {src}");
+        match remotecache::import_local(std::path::Path::new(src), tag.as_deref()) {
+            Ok(imported) => {
+                events.emit(Event::Progress {
+                    digest: None,
+                    id: format!("{id}: {} records, {} ms", imported.len(), start.elapsed().as_millis()),
+                    current: 1,
+                    total: 1,
+                    done: true,
+                });
+                out.push(imported);
+            }
+            Err(why) => events.emit(Event::Log {
+                digest: String::new(),
+                stream: 2,
+                data: format!("warning: {id}: {why}; building without it\n"),
+            }),
+        }
+    }
+    out
+}
+
+/// Writes the solve's cache to each `--cache-to` destination, as a progress
+/// line with what was written and its time; a failure fails the build
+/// unless the destination says `ignore-error=true`.
+async fn export_caches(
+    root: &Arc<root::StateRoot>,
+    solver: &Arc<Solver>,
+    destinations: &[kiln_solver_protocol::CacheExport],
+    events: &Arc<dyn EventSink>,
+) -> Result<(), SolveError> {
+    for dest in destinations {
+        let kiln_solver_protocol::CacheExport::Local {
+            dest,
+            mode,
+            tag,
+            ignore_error,
+        } = dest.clone();
+        let start = std::time::Instant::now();
+        let entries = solver.cache_entries(mode == kiln_solver_protocol::CacheMode::Max);
+        let root2 = root.clone();
+        let dir = PathBuf::from(&dest);
+        let tag = tag.unwrap_or_else(|| "latest".into());
+        let done = tokio::task::spawn_blocking(move || remotecache::export_local(&root2, &dir, &tag, &entries))
+            .await
+            .unwrap_or_else(|e| Err(Failure::Internal(format!("the cache export task ended: {e}"))));
+        match done {
+            Ok(x) => events.emit(Event::Progress {
+                digest: None,
+                id: format!(
+                    "exporting cache to {dest}: {} records, {} layers, {} bytes written, {} ms",
+                    x.records,
+                    x.layers,
+                    x.copied,
+                    start.elapsed().as_millis()
+                ),
+                current: 1,
+                total: 1,
+                done: true,
+            }),
+            Err(failure) if ignore_error => events.emit(Event::Log {
+                digest: String::new(),
+                stream: 2,
+                data: format!("warning: exporting cache to {dest}: {failure}\n"),
+            }),
+            Err(failure) => {
+                return Err(SolveError::Export {
+                    what: format!("cache type=local,dest={dest}"),
+                    failure,
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A target platform (`None`: the only one, unnamed) and its image config.

@@ -57,6 +57,8 @@ pub(crate) struct SolveOptions {
     /// The exporters want an image: compress the result's layers as soon
     /// as they are made, with timestamps clamped to this SOURCE_DATE_EPOCH.
     pub image_layers: Option<Option<i64>>,
+    /// `--cache-from` caches, asked in order when the state root has no record.
+    pub imports: Vec<crate::remotecache::Imported>,
 }
 
 /// One solve of one Definition.
@@ -233,6 +235,68 @@ impl Solver {
         })
     }
 
+    /// A result from a `--cache-from` cache, made a record of this root.
+    /// A cache that holds the key but not intact is a miss, said in a log line.
+    fn imported(&self, digest: &str, key: &str, name: &str) -> Option<cache::Record> {
+        for imported in &self.opts.imports {
+            match imported.take(&self.root, key) {
+                Ok(Some(outputs)) => {
+                    let record = cache::Record {
+                        outputs,
+                        created: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                        description: name.to_string(),
+                    };
+                    // Kept for the next build; a failure to write only costs that.
+                    let _ = cache::write_record(&self.root, key, &record);
+                    return Some(record);
+                }
+                Ok(None) => {}
+                Err(why) => self.events.emit(Event::Log {
+                    digest: digest.to_string(),
+                    stream: 2,
+                    data: format!("cache import: {why}; running the step instead\n"),
+                }),
+            }
+        }
+        None
+    }
+
+    /// The cache of this solve for `--cache-to`: each vertex's key and
+    /// outputs' layers; `all` every vertex with layers (mode=max), else
+    /// those whose layers make the results (mode=min).
+    pub(crate) fn cache_entries(&self, all: bool) -> Vec<(String, Vec<Vec<String>>)> {
+        let spine = if all {
+            HashMap::new()
+        } else {
+            result_spine(&self.def, &self.index)
+        };
+        let mut out = Vec::new();
+        for op in &self.def.ops {
+            let digest = op.digest.as_str();
+            if !all && !spine.contains_key(digest) {
+                continue;
+            }
+            let Some(Some(Ok(done))) = self.cells.get(digest).map(|c| c.get()) else {
+                continue;
+            };
+            let outputs: Option<Vec<Vec<String>>> = done
+                .outputs
+                .iter()
+                .map(|v| match v {
+                    Some(Value::Layers(l)) => Some(l.as_ref().clone()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(outputs) = outputs.filter(|o| !o.is_empty()) {
+                out.push((done.key.clone(), outputs));
+            }
+        }
+        out
+    }
+
     /// The op's display name.
     pub(crate) fn name_of(&self, digest: &str) -> String {
         if let Some(m) = self.def.metadata.get(digest) {
@@ -407,7 +471,7 @@ impl Solver {
         };
 
         if !ignore_cache {
-            let found = tokio::task::block_in_place(|| read_record(&self.root, &key));
+            let found = tokio::task::block_in_place(|| read_record(&self.root, &key).or_else(|| self.imported(digest, &key, &name)));
             if let Some(record) = found {
                 if let Some(Op::Source(s)) = &op.op {
                     if let Some(src) = pull::parse_identifier(&s.identifier) {

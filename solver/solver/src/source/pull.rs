@@ -265,43 +265,61 @@ pub(crate) async fn pull(
                 let _ = kiln_oci::record_blob_source(root.path(), &desc.digest, repo);
             }
         }
-        let layer = NewLayer::create(root).map_err(Failure::new_layer(root))?;
-        let blob_path = blob.clone();
-        let dest = layer.fs();
-        let got = tokio::task::spawn_blocking(move || -> std::io::Result<String> { unpack_layer(fs::File::open(&blob_path)?, &dest) })
-            .await
-            .map_err(|e| Failure::Internal(format!("the unpacking task ended: {e}")))?
-            .map_err(|e| src.refused(format!("unpacking layer {}: {e}", desc.digest)))?;
-        if got != diff_id {
-            return Err(src.refused(format!("layer {} unpacks to {got}, the image config says {diff_id}", desc.digest)));
-        }
         let media_type = if desc.media_type.is_empty() {
             crate::snapshot::layer::GZIP_LAYER.to_string()
         } else {
             desc.media_type.clone()
         };
-        let final_dir = root.snapshot_dir(&id);
-        match layer.commit_as(root, &id) {
-            Ok(()) => {}
-            Err(_) if final_dir.join("fs").is_dir() => {} // another solver unpacked it meanwhile
-            Err(e) => return Err(Failure::commit_layer(root)(e)),
-        }
-        write_layer_blob(
-            root,
-            &id,
-            None,
-            &LayerBlob {
-                digest: desc.digest.clone(),
-                diff_id,
-                size: desc.size.max(0) as u64,
-                media_type,
-            },
-        )
-        .map_err(Failure::io(Some("recording the blob of"), final_dir.display()))?;
+        let layer_blob = LayerBlob {
+            digest: desc.digest.clone(),
+            diff_id,
+            size: desc.size.max(0) as u64,
+            media_type,
+        };
+        tokio::task::block_in_place(|| unpack_blob(root, &layer_blob)).map_err(|e| match e {
+            Unpack::Refused(why) => src.refused(why),
+            Unpack::Failed(f) => f,
+        })?;
         progress.layer(&desc.digest, desc.size.max(0) as u64, true);
     }
     remember_tag(root, src, digest)?;
     Ok(PulledImage { layers })
+}
+
+/// Why a blob did not become a layer.
+pub(crate) enum Unpack {
+    /// The blob is not what it says (its content or diff id).
+    Refused(String),
+    /// The state root failed.
+    Failed(Failure),
+}
+
+/// Unpacks a layer blob already in the store (digest checked) into the
+/// snapshot named after it ([`layer_id_for_blob`]), checking that it
+/// unpacks to its diff id; a snapshot another solver made meanwhile is kept.
+pub(crate) fn unpack_blob(root: &StateRoot, blob: &LayerBlob) -> Result<(), Unpack> {
+    let id = layer_id_for_blob(&blob.digest);
+    let final_dir = root.snapshot_dir(&id);
+    if final_dir.join("fs").is_dir() {
+        return Ok(());
+    }
+    let layer = NewLayer::create(root).map_err(|e| Unpack::Failed(Failure::new_layer(root)(e)))?;
+    let path = root.blob_path(&blob.digest);
+    let got = fs::File::open(&path)
+        .and_then(|f| unpack_layer(f, &layer.fs()))
+        .map_err(|e| Unpack::Refused(format!("unpacking layer {}: {e}", blob.digest)))?;
+    if got != blob.diff_id {
+        return Err(Unpack::Refused(format!(
+            "layer {} unpacks to {got}, not {}",
+            blob.digest, blob.diff_id
+        )));
+    }
+    match layer.commit_as(root, &id) {
+        Ok(()) => {}
+        Err(_) if final_dir.join("fs").is_dir() => {} // another solver unpacked it meanwhile
+        Err(e) => return Err(Unpack::Failed(Failure::commit_layer(root)(e))),
+    }
+    write_layer_blob(root, &id, None, blob).map_err(|e| Unpack::Failed(Failure::io(Some("recording the blob of"), final_dir.display())(e)))
 }
 
 /// Records a registry image's tag in kiln's store, so later builds find it
@@ -324,7 +342,7 @@ fn temp(root: &StateRoot) -> impl FnOnce(std::io::Error) -> Failure + '_ {
     Failure::io(Some("making a directory in"), root.path().display())
 }
 
-fn file_digest(path: &Path) -> std::io::Result<String> {
+pub(crate) fn file_digest(path: &Path) -> std::io::Result<String> {
     let mut f = fs::File::open(path)?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h)?;

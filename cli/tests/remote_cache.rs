@@ -1,0 +1,215 @@
+//! `--cache-to`/`--cache-from` with `type=local`: a cache exported by one
+//! state root lets a fresh one run nothing (proved by random bytes), in
+//! BuildKit's format (BuildKit's own export imports cleanly); a tampered
+//! blob is a miss, never content.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "a test helper that panics fails its test with the message"
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{busybox_layout, can_build, scratch_dir, Scratch};
+use serde_json::Value;
+
+struct Setup {
+    dir: Scratch,
+}
+
+const DOCKERFILE: &str = "FROM busybox AS build
+RUN head -c 16 /dev/urandom | od -An -tx1 > /nonce
+RUN echo second > /second
+
+FROM busybox
+COPY --from=build /nonce /second /
+RUN cat /nonce > /copy && head -c 8 /dev/urandom | od -An -tx1 > /nonce2
+";
+
+impl Setup {
+    fn new(name: &str) -> Option<Setup> {
+        if !can_build() {
+            return None;
+        }
+        let dir = scratch_dir(name);
+        std::fs::create_dir_all(dir.join("ctx")).expect("ctx");
+        std::fs::write(dir.join("ctx/Dockerfile"), DOCKERFILE).expect("Dockerfile");
+        busybox_layout(&dir.join("base"));
+        Some(Setup { dir })
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// `kiln build` of `ctx` on the state root `root`, the result in `out/`.
+    fn command(&self, root: &str, out: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("build")
+            .arg("--build-context")
+            .arg(format!("busybox=oci-layout://{}", self.path("base").display()))
+            .args(["--progress", "plain", "--output"])
+            .arg(format!("type=local,dest={}", self.path(out).display()))
+            .args(args)
+            .arg(self.path("ctx"))
+            .env("KILN_ROOT", self.path(root))
+            .env("KILN_GC", "off");
+        c
+    }
+
+    fn build(&self, root: &str, out: &str, args: &[&str]) -> Output {
+        let out = self.command(root, out, args).output().expect("kiln runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+/// "N steps ran, M cached" of the summary line.
+fn counts(out: &Output) -> (u32, u32) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.starts_with("done: ")).unwrap_or_else(|| panic!("{err}"));
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(2)
+        .map(|n| n.parse().expect("number"))
+        .collect();
+    (nums[0], nums[1])
+}
+
+fn read(p: PathBuf) -> String {
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The cache config of a `type=local` cache directory.
+fn cache_config(dir: &Path) -> Value {
+    let blob = |d: &str| dir.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let index: Value = serde_json::from_str(&read(dir.join("index.json"))).expect("index");
+    assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "latest");
+    let manifest: Value = serde_json::from_str(&read(blob(index["manifests"][0]["digest"].as_str().unwrap()))).expect("manifest");
+    assert_eq!(manifest["config"]["mediaType"], "application/vnd.buildkit.cacheconfig.v0");
+    for layer in manifest["layers"].as_array().unwrap() {
+        assert!(layer["annotations"]["containerd.io/uncompressed"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")));
+        assert!(blob(layer["digest"].as_str().unwrap()).is_file());
+    }
+    serde_json::from_str(&read(blob(manifest["config"]["digest"].as_str().unwrap()))).expect("config")
+}
+
+#[test]
+fn a_fresh_root_with_the_exported_cache_runs_nothing() {
+    let Some(s) = Setup::new("cache-local") else { return };
+    let max = format!("type=local,dest={},mode=max", s.path("max").display());
+    let min = format!("type=local,dest={}", s.path("min").display());
+    let first = s.build("root1", "out1", &["--cache-to", &max, "--cache-to", &min]);
+    assert_eq!(counts(&first).0, 5, "everything ran once");
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(err.contains(&format!("exporting cache to {}: ", s.path("max").display())), "{err}");
+
+    // BuildKit's format: every step's record with mode=max, fewer with min.
+    let max_records = cache_config(&s.path("max"))["records"].as_array().unwrap().len();
+    let min_records = cache_config(&s.path("min"))["records"].as_array().unwrap().len();
+    assert!(min_records < max_records, "min {min_records}, max {max_records}");
+
+    let from = format!("type=local,src={}", s.path("max").display());
+    let again = s.build("root2", "out2", &["--cache-from", &from]);
+    assert_eq!(counts(&again), (0, 5), "{}", String::from_utf8_lossy(&again.stderr));
+    for f in ["nonce", "nonce2", "copy", "second"] {
+        assert_eq!(
+            read(s.path("out1").join(f)),
+            read(s.path("out2").join(f)),
+            "{f}: the same bytes, not a re-run"
+        );
+    }
+    // The results became the new root's own records.
+    let third = s.build("root2", "out3", &[]);
+    assert_eq!(counts(&third), (0, 5));
+
+    // Two builds exporting to one directory at once leave a valid cache.
+    let both = format!("type=local,dest={},mode=max", s.path("shared").display());
+    let a = s.command("root2", "out4", &["--cache-to", &both]).spawn().expect("spawn");
+    let b = s.command("root1", "out5", &["--cache-to", &both]).spawn().expect("spawn");
+    for child in [a, b] {
+        assert!(child.wait_with_output().expect("wait").status.success());
+    }
+    let from_shared = format!("type=local,src={}", s.path("shared").display());
+    let fourth = s.build("root3", "out6", &["--cache-from", &from_shared]);
+    assert_eq!(counts(&fourth), (0, 5));
+    assert_eq!(read(s.path("out1/nonce2")), read(s.path("out6/nonce2")));
+}
+
+#[test]
+fn a_tampered_blob_is_a_miss_and_the_step_runs() {
+    let Some(s) = Setup::new("cache-tampered") else { return };
+    let to = format!("type=local,dest={},mode=max", s.path("cache").display());
+    s.build("root1", "out1", &["--cache-to", &to]);
+    // Replace the blob of the last step's layer (the one with /nonce2).
+    let config = cache_config(&s.path("cache"));
+    let last = config["layers"].as_array().unwrap().iter().find(|l| {
+        let blob = s
+            .path("cache/blobs/sha256")
+            .join(l["blob"].as_str().unwrap().trim_start_matches("sha256:"));
+        let listing = Command::new("tar").arg("tzf").arg(&blob).output().expect("tar");
+        String::from_utf8_lossy(&listing.stdout).lines().any(|n| n == "nonce2")
+    });
+    let blob = last.expect("a layer holding nonce2")["blob"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let path = s.path("cache/blobs/sha256").join(&blob);
+    std::fs::write(&path, b"not the layer").expect("tamper");
+
+    let from = format!("type=local,src={}", s.path("cache").display());
+    let out = s.build("root2", "out2", &["--cache-from", &from]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(counts(&out), (1, 4), "only the step whose blob is bad ran: {err}");
+    assert!(err.contains("cache import:") && err.contains("running the step instead"), "{err}");
+    assert_eq!(
+        read(s.path("out1/copy")),
+        read(s.path("out2/copy")),
+        "what came from the cache is intact"
+    );
+    assert!(read(s.path("out2/nonce2")).trim().len() > 8, "the step really ran");
+}
+
+#[test]
+fn buildkits_exported_cache_imports_cleanly() {
+    let Some(cache) = kiln_test_support::shared("buildkit_cache", "conformance/buildkit-cache/local-mode-max") else {
+        return;
+    };
+    let Some(s) = Setup::new("cache-buildkit") else { return };
+    // The corpus case BuildKit exported that cache for, built against it.
+    let case = kiln_test_support::shared_dir().join("conformance/images/28-multistage-from");
+    let ctx = s.path("case");
+    assert!(Command::new("cp").arg("-r").arg(&case).arg(&ctx).status().expect("cp").success());
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("build")
+        .arg("--build-context")
+        .arg(format!("127.0.0.1:5000/busybox:latest=oci-layout://{}", s.path("base").display()))
+        .args(["--progress", "plain", "--cache-from"])
+        .arg(format!("type=local,src={}", cache.display()))
+        .arg("--output")
+        .arg(format!("type=local,dest={}", s.path("out").display()))
+        .arg(&ctx)
+        .env("KILN_ROOT", s.path("root"))
+        .env("KILN_GC", "off")
+        .output()
+        .expect("kiln");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("importing cache from") && l.contains("local-mode-max: 21 records")),
+        "it was read, all of its records: {err}"
+    );
+    assert!(!err.contains("warning") && !err.contains("cache import:"), "nothing refused: {err}");
+    let (ran, _) = counts(&out);
+    assert!(ran > 0, "BuildKit's records never match kiln's keys: the steps ran");
+    assert_eq!(read(s.path("out/by-index")), "first\n");
+    assert_eq!(read(s.path("out/derived/d")), "derived\n");
+}
