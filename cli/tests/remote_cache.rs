@@ -108,7 +108,10 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
     let first = s.build("root1", "out1", &["--cache-to", &max, "--cache-to", &min]);
     assert_eq!(counts(&first).0, 5, "everything ran once");
     let err = String::from_utf8_lossy(&first.stderr);
-    assert!(err.contains(&format!("exporting cache to {}: ", s.path("max").display())), "{err}");
+    assert!(
+        err.contains(&format!("exporting cache type=local,dest={}: ", s.path("max").display())),
+        "{err}"
+    );
 
     // BuildKit's format: every step's record with mode=max, fewer with min.
     let max_records = cache_config(&s.path("max"))["records"].as_array().unwrap().len();
@@ -212,4 +215,59 @@ fn buildkits_exported_cache_imports_cleanly() {
     assert!(ran > 0, "BuildKit's records never match kiln's keys: the steps ran");
     assert_eq!(read(s.path("out/by-index")), "first\n");
     assert_eq!(read(s.path("out/derived/d")), "derived\n");
+}
+
+#[test]
+fn a_registry_cache_serves_a_fresh_root() {
+    let Some(s) = Setup::new("cache-registry") else { return };
+    if !common::have("docker-registry") || !common::have("skopeo") {
+        return;
+    }
+    let registry = common::LocalRegistry::start(&s.path("registry"));
+    let reference = format!("{}/team/app-cache:main", registry.addr);
+    let to = format!("type=registry,ref={reference},mode=max");
+    let first = s.build("root1", "out1", &["--cache-to", &to]);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(
+        err.contains("exporting cache type=registry") && err.contains("blobs uploaded"),
+        "{err}"
+    );
+
+    // What the registry holds is BuildKit's image-manifest form of a cache.
+    let raw = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .output()
+        .expect("skopeo");
+    assert!(raw.status.success(), "{}", String::from_utf8_lossy(&raw.stderr));
+    let manifest: Value = serde_json::from_slice(&raw.stdout).expect("manifest");
+    assert_eq!(manifest["config"]["mediaType"], "application/vnd.buildkit.cacheconfig.v0");
+    assert!(manifest["layers"].as_array().is_some_and(|l| !l.is_empty()));
+
+    // A fresh root, the shorthand `--cache-from REF`: nothing runs.
+    let again = s.build("root2", "out2", &["--cache-from", &reference]);
+    assert_eq!(counts(&again), (0, 5), "{}", String::from_utf8_lossy(&again.stderr));
+    for f in ["nonce", "nonce2", "copy"] {
+        assert_eq!(read(s.path("out1").join(f)), read(s.path("out2").join(f)), "{f}");
+    }
+    // A second export sends no layer the repository has (at most a new
+    // config: the records' times are this root's).
+    let second = s.build("root2", "out3", &["--cache-to", &to]);
+    let err = String::from_utf8_lossy(&second.stderr);
+    let uploaded: u32 = err
+        .split(" blobs uploaded")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(uploaded <= 1, "{err}");
+    // A reference with no cache behind it is a warning; the build runs.
+    let missing = format!("{}/team/none:main", registry.addr);
+    let cold = s.build("root3", "out4", &["--cache-from", &missing]);
+    let err = String::from_utf8_lossy(&cold.stderr);
+    assert!(
+        err.contains("warning: importing cache from") && err.contains("building without it"),
+        "{err}"
+    );
+    assert_eq!(counts(&cold).0, 5);
 }

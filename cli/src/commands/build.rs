@@ -48,11 +48,12 @@ pub struct Args {
     /// An SSH agent for `RUN --mount=type=ssh`: `default`, `ID=SOCKET`.
     #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
     pub ssh: Vec<String>,
-    /// Export the build's cache: `type=local,dest=DIR[,mode=min|max][,tag=T][,ignore-error=true]`; repeatable.
-    #[arg(long = "cache-to", value_name = "type=local,dest=DIR")]
+    /// Export the build's cache: `type=registry,ref=REF` or `type=local,dest=DIR`,
+    /// with `mode=min|max`, `ignore-error=true`; repeatable.
+    #[arg(long = "cache-to", value_name = "type=registry,ref=REF")]
     pub cache_to: Vec<String>,
-    /// Take results from a cache: `type=local,src=DIR[,tag=T]`; repeatable.
-    #[arg(long = "cache-from", value_name = "type=local,src=DIR")]
+    /// Take results from a cache: `REF`, `type=registry,ref=REF` or `type=local,src=DIR[,tag=T]`; repeatable.
+    #[arg(long = "cache-from", value_name = "REF")]
     pub cache_from: Vec<String>,
     /// Write the image digest and config digest here as JSON.
     #[arg(long = "metadata-file", value_name = "FILE")]
@@ -142,26 +143,26 @@ pub fn parse_ssh(spec: &str) -> Result<(String, String), String> {
     Ok((id, absolute(Path::new(&first)).to_string_lossy().into_owned()))
 }
 
-/// `key=value,…` of a `--cache-to`/`--cache-from`, with `type` taken out
-/// (a bare value with no `=` is a registry reference, as buildx reads it).
-fn cache_spec(spec: &str) -> Result<BTreeMap<String, String>, String> {
+/// `key=value,…` of a `--cache-to`/`--cache-from` and its `type`
+/// (default `registry`); a bare value with no `=` is a registry reference,
+/// as buildx reads it.
+fn cache_spec(spec: &str) -> Result<(String, BTreeMap<String, String>), String> {
+    if !spec.contains('=') {
+        return Ok(("registry".into(), BTreeMap::from([("ref".to_string(), spec.to_string())])));
+    }
     let mut fields = BTreeMap::new();
     for part in spec.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('=') {
-            Some((k, v)) => fields.insert(k.trim().to_string(), v.to_string()),
-            None if !spec.contains('=') => {
-                return Err("a registry cache is not supported yet: kiln exports and imports caches as type=local (an OCI layout directory in BuildKit's format)".into())
-            }
-            None => return Err(format!("{part:?} is not key=value")),
-        };
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("{part:?} is not key=value"))?;
+        fields.insert(k.trim().to_string(), v.to_string());
     }
     let kind = fields.remove("type").unwrap_or_else(|| "registry".into());
-    if kind != "local" {
-        return Err(format!(
-            "type={kind} is not supported yet: kiln exports and imports caches as type=local (an OCI layout directory in BuildKit's format)"
-        ));
+    match kind.as_str() {
+        "local" | "registry" => Ok((kind, fields)),
+        other => Err(format!(
+            "type={other} is not supported: kiln exports and imports caches as type=local (an OCI layout directory) \
+             and type=registry, in BuildKit's format"
+        )),
     }
-    Ok(fields)
 }
 
 /// An absolute path from a cache spec's directory.
@@ -169,10 +170,17 @@ fn cache_dir(dir: &str) -> String {
     absolute(Path::new(dir)).to_string_lossy().into_owned()
 }
 
-/// `--cache-to type=local,dest=DIR[,mode=min|max][,tag=T][,ignore-error=true]`.
+/// Refuses options left over after a cache spec was read.
+fn no_more(f: &BTreeMap<String, String>) -> Result<(), String> {
+    match f.keys().next() {
+        Some(k) => Err(format!("unknown option {k:?}")),
+        None => Ok(()),
+    }
+}
+
+/// `--cache-to type=local,dest=DIR|type=registry,ref=REF [,mode=min|max][,tag=T][,ignore-error=true]`.
 pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, String> {
-    let mut f = cache_spec(spec)?;
-    let dest = f.remove("dest").ok_or("type=local needs dest=DIR")?;
+    let (kind, mut f) = cache_spec(spec)?;
     let mode = match f.remove("mode").as_deref() {
         None | Some("min") => kiln_solver_protocol::CacheMode::Min,
         Some("max") => kiln_solver_protocol::CacheMode::Max,
@@ -183,8 +191,8 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
         Some("true") => true,
         Some(other) => return Err(format!("ignore-error={other}: expected true or false")),
     };
-    let tag = f.remove("tag");
-    // Options buildx accepts that mean nothing for a local directory.
+    // Options buildx accepts that change nothing here (kiln writes gzip
+    // layers and BuildKit's image-manifest form).
     for ignored in [
         "compression",
         "compression-level",
@@ -194,9 +202,18 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
     ] {
         f.remove(ignored);
     }
-    if let Some(k) = f.keys().next() {
-        return Err(format!("unknown option {k:?}"));
+    if kind == "registry" {
+        let reference = f.remove("ref").ok_or("type=registry needs ref=REF")?;
+        no_more(&f)?;
+        return Ok(kiln_solver_protocol::CacheExport::Registry {
+            reference,
+            mode,
+            ignore_error,
+        });
     }
+    let dest = f.remove("dest").ok_or("type=local needs dest=DIR")?;
+    let tag = f.remove("tag");
+    no_more(&f)?;
     Ok(kiln_solver_protocol::CacheExport::Local {
         dest: cache_dir(&dest),
         mode,
@@ -205,15 +222,18 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
     })
 }
 
-/// `--cache-from type=local,src=DIR[,tag=T]`.
+/// `--cache-from type=local,src=DIR[,tag=T]`, `type=registry,ref=REF` or `REF`.
 pub fn parse_cache_from(spec: &str) -> Result<kiln_solver_protocol::CacheImport, String> {
-    let mut f = cache_spec(spec)?;
+    let (kind, mut f) = cache_spec(spec)?;
+    if kind == "registry" {
+        let reference = f.remove("ref").ok_or("type=registry needs ref=REF")?;
+        no_more(&f)?;
+        return Ok(kiln_solver_protocol::CacheImport::Registry { reference });
+    }
     let src = f.remove("src").ok_or("type=local needs src=DIR")?;
     let tag = f.remove("tag");
     f.remove("digest");
-    if let Some(k) = f.keys().next() {
-        return Err(format!("unknown option {k:?}"));
-    }
+    no_more(&f)?;
     Ok(kiln_solver_protocol::CacheImport::Local { src: cache_dir(&src), tag })
 }
 

@@ -118,6 +118,18 @@ pub enum CacheExport {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         ignore_error: bool,
     },
+    /// A cache manifest (BuildKit's format) pushed to a registry.
+    Registry {
+        /// Where: `registry/repository:tag`.
+        #[serde(rename = "ref")]
+        reference: String,
+        /// How much to export.
+        #[serde(default)]
+        mode: CacheMode,
+        /// A failed export is a warning, not a failed build.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ignore_error: bool,
+    },
 }
 
 /// One `--cache-from` source.
@@ -131,6 +143,12 @@ pub enum CacheImport {
         /// The tag of the cache manifest (default `latest`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<String>,
+    },
+    /// A cache manifest in a registry.
+    Registry {
+        /// Where: `registry/repository:tag`.
+        #[serde(rename = "ref")]
+        reference: String,
     },
 }
 

@@ -130,7 +130,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(sandboxes);
     let exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
-    let imports = import_caches(&request.cache_from, &events);
+    let imports = import_caches(&request.cache_from, &events).await;
     let solver = Arc::new(Solver::new(
         root.clone(),
         def,
@@ -264,13 +264,22 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
 
 /// Reads each `--cache-from` source, as a progress line with its size and
 /// time; one that cannot be read is a warning (the build runs without it).
-fn import_caches(sources: &[kiln_solver_protocol::CacheImport], events: &Arc<dyn EventSink>) -> Vec<remotecache::Imported> {
+async fn import_caches(sources: &[kiln_solver_protocol::CacheImport], events: &Arc<dyn EventSink>) -> Vec<remotecache::Imported> {
+    use kiln_solver_protocol::CacheImport;
     let mut out = Vec::new();
     for source in sources {
-        let kiln_solver_protocol::CacheImport::Local { src, tag } = source;
         let start = std::time::Instant::now();
-        let id = format!("importing cache from {src}");
-        match remotecache::import_local(std::path::Path::new(src), tag.as_deref()) {
+        let (id, read) = match source {
+            CacheImport::Local { src, tag } => (
+                format!("importing cache from {src}"),
+                remotecache::import_local(std::path::Path::new(src), tag.as_deref()),
+            ),
+            CacheImport::Registry { reference } => {
+                let full = export::normalize_name(reference);
+                (format!("importing cache from {full}"), remotecache::import_registry(&full).await)
+            }
+        };
+        match read {
             Ok(imported) => {
                 events.emit(Event::Progress {
                     digest: None,
@@ -300,29 +309,37 @@ async fn export_caches(
     destinations: &[kiln_solver_protocol::CacheExport],
     events: &Arc<dyn EventSink>,
 ) -> Result<(), SolveError> {
+    use kiln_solver_protocol::{CacheExport, CacheMode};
     for dest in destinations {
-        let kiln_solver_protocol::CacheExport::Local {
-            dest,
-            mode,
-            tag,
-            ignore_error,
-        } = dest.clone();
         let start = std::time::Instant::now();
-        let entries = solver.cache_entries(mode == kiln_solver_protocol::CacheMode::Max);
-        let root2 = root.clone();
-        let dir = PathBuf::from(&dest);
-        let tag = tag.unwrap_or_else(|| "latest".into());
-        let done = tokio::task::spawn_blocking(move || remotecache::export_local(&root2, &dir, &tag, &entries))
-            .await
-            .unwrap_or_else(|e| Err(Failure::Internal(format!("the cache export task ended: {e}"))));
+        let (mode, ignore_error) = match dest {
+            CacheExport::Local { mode, ignore_error, .. } | CacheExport::Registry { mode, ignore_error, .. } => (*mode, *ignore_error),
+        };
+        let entries = solver.cache_entries(mode == CacheMode::Max);
+        let (dest, done) = match dest.clone() {
+            CacheExport::Local { dest, tag, .. } => {
+                let root2 = root.clone();
+                let dir = PathBuf::from(&dest);
+                let tag = tag.unwrap_or_else(|| "latest".into());
+                let done = tokio::task::spawn_blocking(move || remotecache::export_local(&root2, &dir, &tag, &entries))
+                    .await
+                    .unwrap_or_else(|e| Err(Failure::Internal(format!("the cache export task ended: {e}"))));
+                (format!("type=local,dest={dest}"), done)
+            }
+            CacheExport::Registry { reference, .. } => {
+                let full = export::normalize_name(&reference);
+                let done = remotecache::export_registry(root, &full, &entries).await;
+                (format!("type=registry,ref={full}"), done)
+            }
+        };
         match done {
             Ok(x) => events.emit(Event::Progress {
                 digest: None,
                 id: format!(
-                    "exporting cache to {dest}: {} records, {} layers, {} bytes written, {} ms",
+                    "exporting cache {dest}: {} records, {} layers, {}, {} ms",
                     x.records,
                     x.layers,
-                    x.copied,
+                    x.sent,
                     start.elapsed().as_millis()
                 ),
                 current: 1,
@@ -332,11 +349,11 @@ async fn export_caches(
             Err(failure) if ignore_error => events.emit(Event::Log {
                 digest: String::new(),
                 stream: 2,
-                data: format!("warning: exporting cache to {dest}: {failure}\n"),
+                data: format!("warning: exporting cache {dest}: {failure}\n"),
             }),
             Err(failure) => {
                 return Err(SolveError::Export {
-                    what: format!("cache type=local,dest={dest}"),
+                    what: format!("cache {dest}"),
                     failure,
                 })
             }

@@ -40,10 +40,20 @@ pub(crate) fn record_digest(key: &str, output: usize) -> String {
     hash(&[KEY_SCHEME, b"record", key.as_bytes(), &(output as u64).to_le_bytes()])
 }
 
+/// Where an imported cache's blobs are.
+enum Source {
+    /// `DIR/blobs/sha256/…` of a `type=local` cache.
+    Dir(PathBuf),
+    /// The repository of a `type=registry` cache.
+    Registry {
+        reference: String,
+        client: kiln_oci::RegistryClient,
+    },
+}
+
 /// A cache read from a `--cache-from` source.
 pub(crate) struct Imported {
-    /// Where its blobs are (`DIR/blobs/sha256/…`).
-    dir: PathBuf,
+    source: Source,
     config: CacheConfig,
     /// Record index by digest.
     records: HashMap<String, usize>,
@@ -87,23 +97,72 @@ pub(crate) fn import_local(dir: &Path, tag: Option<&str>) -> Result<Imported, St
         .as_str()
         .filter(|d| cacheconfig::is_digest(d))
         .ok_or("the cache's index names no manifest digest")?;
-    let manifest: Json =
-        serde_json::from_slice(&read_verified(&blob_path(dir, digest), digest)?).map_err(|e| format!("cache manifest {digest}: {e}"))?;
-    let config = &manifest["config"];
-    if config["mediaType"].as_str() != Some(cacheconfig::MEDIA_TYPE) {
-        return Err(format!(
-            "{} is not a cache: its manifest's config is {}",
-            dir.display(),
-            config["mediaType"]
-        ));
+    let manifest = read_verified(&blob_path(dir, digest), digest)?;
+    from_manifest(Source::Dir(dir.to_path_buf()), &manifest, |config_digest| {
+        read_verified(&blob_path(dir, config_digest), config_digest)
+    })
+}
+
+/// Reads a `type=registry` cache: the manifest `reference` names (at most
+/// [`MAX_SIZE`], checked against its digest) and its cache config.
+pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String> {
+    let client = kiln_oci::RegistryClient::new(kiln_oci::Credentials::from_docker_config());
+    let (manifest, _) = client.fetch_top_manifest(reference).await.map_err(|e| e.to_string())?;
+    if manifest.len() > MAX_SIZE {
+        return Err(format!("{reference}: the cache manifest is over the {MAX_SIZE} byte limit"));
     }
-    let config_digest = config["digest"]
+    let parsed: Json = serde_json::from_slice(&manifest).map_err(|e| format!("{reference}: {e}"))?;
+    let (config_digest, config_size) = cache_config_descriptor(&parsed).map(|(d, size)| (d.to_string(), size))?;
+    if config_size > MAX_SIZE as u64 {
+        return Err(format!("{reference}: the cache config is over the {MAX_SIZE} byte limit"));
+    }
+    let tmp = std::env::temp_dir().join(format!(
+        "kiln-cache-config-{}-{}",
+        std::process::id(),
+        crate::snapshot::new_layer_id()
+    ));
+    let fetched = client.fetch_blob(reference, &config_digest, config_size as i64, &tmp).await;
+    let config = fetched
+        .map_err(|e| e.to_string())
+        .and_then(|()| read_verified(&tmp, &config_digest));
+    let _ = fs::remove_file(&tmp);
+    let config = config?;
+    from_manifest(
+        Source::Registry {
+            reference: reference.to_string(),
+            client,
+        },
+        &manifest,
+        |_| Ok(config),
+    )
+}
+
+/// The cache config's descriptor in a cache manifest: its config (BuildKit's
+/// image-manifest form), or the index entry of the config's media type
+/// (BuildKit's older form: an index of the layers and the config).
+fn cache_config_descriptor(manifest: &Json) -> Result<(&str, u64), String> {
+    let is_config = |d: &&Json| d["mediaType"].as_str() == Some(cacheconfig::MEDIA_TYPE);
+    let desc = if manifest["config"].is_object() {
+        Some(&manifest["config"]).filter(is_config)
+    } else {
+        manifest["manifests"].as_array().and_then(|m| m.iter().find(is_config))
+    }
+    .ok_or("not a cache: it has no config of type application/vnd.buildkit.cacheconfig.v0")?;
+    let digest = desc["digest"]
         .as_str()
         .filter(|d| cacheconfig::is_digest(d))
-        .ok_or("the cache manifest names no config digest")?;
-    let config = CacheConfig::parse(&read_verified(&blob_path(dir, config_digest), config_digest)?)?;
+        .ok_or("the cache config has no digest")?;
+    Ok((digest, desc["size"].as_u64().unwrap_or(0)))
+}
+
+/// An import from its manifest's bytes; `config` reads the config blob.
+fn from_manifest(source: Source, manifest: &[u8], config: impl FnOnce(&str) -> Result<Vec<u8>, String>) -> Result<Imported, String> {
+    let manifest: Json = serde_json::from_slice(manifest).map_err(|e| format!("the cache manifest: {e}"))?;
+    let (config_digest, _) = cache_config_descriptor(&manifest)?;
+    let config = CacheConfig::parse(&config(config_digest)?)?;
     let mut blobs = HashMap::new();
-    for l in manifest["layers"].as_array().into_iter().flatten() {
+    let listed = manifest["layers"].as_array().or(manifest["manifests"].as_array());
+    for l in listed.into_iter().flatten() {
         let (Some(d), Some(diff_id)) = (l["digest"].as_str(), l["annotations"]["containerd.io/uncompressed"].as_str()) else {
             continue;
         };
@@ -125,7 +184,7 @@ pub(crate) fn import_local(dir: &Path, tag: Option<&str>) -> Result<Imported, St
         .map(|(i, r)| (r.digest.clone(), i))
         .collect();
     Ok(Imported {
-        dir: dir.to_path_buf(),
+        source,
         config,
         records,
         blobs,
@@ -187,17 +246,26 @@ impl Imported {
         if dest.is_file() {
             return Ok(());
         }
-        let src = blob_path(&self.dir, &blob.digest);
         let tmp = root.temp_dir().map_err(|e| e.to_string())?;
         let part = tmp.join("blob");
-        let copied = fs::copy(&src, &part)
-            .map_err(|e| format!("{}: {e}", src.display()))
-            .and_then(|_| pull::file_digest(&part).map_err(|e| e.to_string()));
-        let result = match copied {
-            Ok(actual) if actual == blob.digest => fs::rename(&part, &dest).map_err(|e| format!("{}: {e}", dest.display())),
-            Ok(actual) => Err(format!("cache blob {} has digest {actual}", blob.digest)),
-            Err(e) => Err(e),
+        let copied = match &self.source {
+            Source::Dir(dir) => {
+                let src = blob_path(dir, &blob.digest);
+                fs::copy(&src, &part).map(|_| ()).map_err(|e| format!("{}: {e}", src.display()))
+            }
+            Source::Registry { reference, client } => tokio::runtime::Handle::current()
+                .block_on(client.fetch_blob(reference, &blob.digest, blob.size as i64, &part))
+                .map_err(|e| e.to_string()),
         };
+        let result = copied
+            .and_then(|()| pull::file_digest(&part).map_err(|e| e.to_string()))
+            .and_then(|actual| {
+                if actual == blob.digest {
+                    fs::rename(&part, &dest).map_err(|e| format!("{}: {e}", dest.display()))
+                } else {
+                    Err(format!("cache blob {} has digest {actual}", blob.digest))
+                }
+            });
         let _ = fs::remove_dir_all(&tmp);
         result
     }
@@ -209,13 +277,23 @@ pub(crate) struct Exported {
     pub records: usize,
     /// Layer blobs listed.
     pub layers: usize,
-    /// Bytes of blobs copied (blobs already there not counted).
-    pub copied: u64,
+    /// What was sent: bytes written, or blobs uploaded and found there.
+    pub sent: String,
 }
 
-/// Writes the cache of `entries` (each vertex's key and its outputs' layer
-/// ids) to `dest` as an OCI layout tagged `tag`.
-pub(crate) fn export_local(root: &StateRoot, dest: &Path, tag: &str, entries: &[(String, Vec<Vec<String>>)]) -> Result<Exported, Failure> {
+/// A cache made from a solve, ready to be written.
+struct Built {
+    config: Vec<u8>,
+    manifest: Vec<u8>,
+    /// The layer blobs it lists (in the state root's store).
+    blobs: Vec<LayerBlob>,
+    records: usize,
+    layers: usize,
+}
+
+/// The cache config and manifest of `entries` (each vertex's key and its
+/// outputs' layer ids); the config blob is stored in the state root.
+fn build(root: &StateRoot, entries: &[(String, Vec<Vec<String>>)]) -> Result<Built, Failure> {
     let mut config = CacheConfig::default();
     let mut layer_index: HashMap<(String, i64), i64> = HashMap::new();
     let mut blobs: Vec<LayerBlob> = Vec::new();
@@ -262,30 +340,9 @@ pub(crate) fn export_local(root: &StateRoot, dest: &Path, tag: &str, entries: &[
             });
         }
     }
-    let io = |what: &'static str, path: &Path| Failure::io(Some(what), path.display().to_string());
-    let blob_dir = dest.join("blobs/sha256");
-    fs::create_dir_all(&blob_dir).map_err(|e| io("creating", &blob_dir)(e))?;
-    let mut copied = 0u64;
-    for b in &blobs {
-        let target = blob_path(dest, &b.digest);
-        if target.is_file() {
-            continue;
-        }
-        let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
-        fs::copy(root.blob_path(&b.digest), &tmp).map_err(|e| io("copying a layer to", &tmp)(e))?;
-        fs::rename(&tmp, &target).map_err(|e| io("writing", &target)(e))?;
-        copied += b.size;
-    }
-    let put = |bytes: &[u8]| -> Result<String, Failure> {
-        let digest = crate::export::sha(bytes);
-        let target = blob_path(dest, &digest);
-        if !target.is_file() {
-            write_atomic(&target, bytes, false).map_err(|e| io("writing", &target)(e))?;
-        }
-        Ok(digest)
-    };
     let config_bytes = serde_json::to_vec(&config).map_err(|e| Failure::Internal(format!("the cache config: {e}")))?;
-    let config_digest = put(&config_bytes)?;
+    let config_digest = crate::export::store_blob(root, &config_bytes)
+        .map_err(|e| Failure::io(Some("storing the cache config in"), root.store().display().to_string())(e))?;
     let layers: Vec<Json> = blobs
         .iter()
         .map(|b| {
@@ -303,7 +360,44 @@ pub(crate) fn export_local(root: &StateRoot, dest: &Path, tag: &str, entries: &[
         "config": {"mediaType": cacheconfig::MEDIA_TYPE, "digest": config_digest, "size": config_bytes.len()},
         "layers": layers,
     });
-    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| Failure::Internal(format!("the cache manifest: {e}")))?;
+    let manifest = serde_json::to_vec(&manifest).map_err(|e| Failure::Internal(format!("the cache manifest: {e}")))?;
+    Ok(Built {
+        config: config_bytes,
+        manifest,
+        blobs,
+        records: config.records.len(),
+        layers: config.layers.len(),
+    })
+}
+
+/// Writes the cache of `entries` (each vertex's key and its outputs' layer
+/// ids) to `dest` as an OCI layout tagged `tag`.
+pub(crate) fn export_local(root: &StateRoot, dest: &Path, tag: &str, entries: &[(String, Vec<Vec<String>>)]) -> Result<Exported, Failure> {
+    let built = build(root, entries)?;
+    let io = |what: &'static str, path: &Path| Failure::io(Some(what), path.display().to_string());
+    let blob_dir = dest.join("blobs/sha256");
+    fs::create_dir_all(&blob_dir).map_err(|e| io("creating", &blob_dir)(e))?;
+    let mut copied = 0u64;
+    for b in &built.blobs {
+        let target = blob_path(dest, &b.digest);
+        if target.is_file() {
+            continue;
+        }
+        let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
+        fs::copy(root.blob_path(&b.digest), &tmp).map_err(|e| io("copying a layer to", &tmp)(e))?;
+        fs::rename(&tmp, &target).map_err(|e| io("writing", &target)(e))?;
+        copied += b.size;
+    }
+    let put = |bytes: &[u8]| -> Result<String, Failure> {
+        let digest = crate::export::sha(bytes);
+        let target = blob_path(dest, &digest);
+        if !target.is_file() {
+            write_atomic(&target, bytes, false).map_err(|e| io("writing", &target)(e))?;
+        }
+        Ok(digest)
+    };
+    put(&built.config)?;
+    let manifest_bytes = built.manifest;
     let manifest_digest = put(&manifest_bytes)?;
     let index = json!({
         "schemaVersion": 2,
@@ -321,8 +415,52 @@ pub(crate) fn export_local(root: &StateRoot, dest: &Path, tag: &str, entries: &[
     let index_bytes = serde_json::to_vec(&index).map_err(|e| Failure::Internal(format!("the cache index: {e}")))?;
     write_atomic(&index_path, &index_bytes, true).map_err(|e| io("writing", &index_path)(e))?;
     Ok(Exported {
-        records: config.records.len(),
-        layers: config.layers.len(),
-        copied,
+        records: built.records,
+        layers: built.layers,
+        sent: format!("{copied} bytes written"),
+    })
+}
+
+/// Pushes the cache of `entries` to `reference` (blobs the repository has
+/// are not sent again, blobs pulled from another repository of the same
+/// registry are mounted; the manifest last, under the reference's tag).
+pub(crate) async fn export_registry(
+    root: &StateRoot,
+    reference: &str,
+    entries: &[(String, Vec<Vec<String>>)],
+) -> Result<Exported, Failure> {
+    let built = tokio::task::block_in_place(|| build(root, entries))?;
+    let config_digest = crate::export::sha(&built.config);
+    let mut blobs: Vec<kiln_oci::PushBlob> = built
+        .blobs
+        .iter()
+        .map(|b| kiln_oci::PushBlob {
+            digest: b.digest.clone(),
+            path: root.blob_path(&b.digest),
+            size: b.size,
+            source: kiln_oci::blob_source(root.path(), &b.digest),
+        })
+        .collect();
+    blobs.push(kiln_oci::PushBlob {
+        path: root.blob_path(&config_digest),
+        digest: config_digest,
+        size: built.config.len() as u64,
+        source: None,
+    });
+    let client = kiln_oci::RegistryClient::new(kiln_oci::Credentials::from_docker_config());
+    let report = client
+        .push(reference, &blobs, &built.manifest, crate::export::MANIFEST)
+        .await
+        .map_err(|e| Failure::Registry {
+            image: reference.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(Exported {
+        records: built.records,
+        layers: built.layers,
+        sent: format!(
+            "{} blobs uploaded, {} already there, {} mounted",
+            report.uploaded, report.existing, report.mounted
+        ),
     })
 }
