@@ -271,3 +271,39 @@ fn a_registry_cache_serves_a_fresh_root() {
     );
     assert_eq!(counts(&cold).0, 5);
 }
+
+#[test]
+fn cache_mounts_travel_with_cache_mounts_true() {
+    let Some(s) = Setup::new("cache-mounts") else { return };
+    // The step keeps a random "download" in its cache mount; the build arg
+    // makes it re-run on the fresh root, where it finds the mount's contents.
+    std::fs::write(
+        s.path("ctx/Dockerfile"),
+        "FROM busybox\nARG V\nRUN --mount=type=cache,id=pkgs,target=/var/cache/pkgs \
+         echo $V && (test -f /var/cache/pkgs/blob || head -c 16 /dev/urandom | od -An -tx1 > /var/cache/pkgs/blob) \
+         && cp /var/cache/pkgs/blob /seen\n",
+    )
+    .expect("Dockerfile");
+    let with = format!("type=local,dest={},mode=max,cache-mounts=true", s.path("with").display());
+    let without = format!("type=local,dest={},mode=max", s.path("without").display());
+    s.build(
+        "root1",
+        "out1",
+        &["--build-arg", "V=1", "--cache-to", &with, "--cache-to", &without],
+    );
+    let first = read(s.path("out1/seen"));
+
+    let from = format!("type=local,src={}", s.path("with").display());
+    let out = s.build("root2", "out2", &["--build-arg", "V=2", "--cache-from", &from]);
+    assert_eq!(counts(&out).0, 1, "the step re-ran: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        read(s.path("out2/seen")),
+        first,
+        "the fresh root's cache mount held the first build's contents"
+    );
+
+    // Without cache-mounts=true the mount starts empty on a fresh root.
+    let from = format!("type=local,src={}", s.path("without").display());
+    s.build("root3", "out3", &["--build-arg", "V=2", "--cache-from", &from]);
+    assert_ne!(read(s.path("out3/seen")), first);
+}

@@ -49,7 +49,7 @@ pub struct Args {
     #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
     pub ssh: Vec<String>,
     /// Export the build's cache: `type=registry,ref=REF` or `type=local,dest=DIR`,
-    /// with `mode=min|max`, `ignore-error=true`; repeatable.
+    /// with `mode=min|max`, `ignore-error=true`, `cache-mounts=true` (the cache mounts' contents too); repeatable.
     #[arg(long = "cache-to", value_name = "type=registry,ref=REF")]
     pub cache_to: Vec<String>,
     /// Take results from a cache: `REF`, `type=registry,ref=REF` or `type=local,src=DIR[,tag=T]`; repeatable.
@@ -178,7 +178,7 @@ fn no_more(f: &BTreeMap<String, String>) -> Result<(), String> {
     }
 }
 
-/// `--cache-to type=local,dest=DIR|type=registry,ref=REF [,mode=min|max][,tag=T][,ignore-error=true]`.
+/// `--cache-to type=local,dest=DIR|type=registry,ref=REF [,mode=min|max][,tag=T][,ignore-error=true][,cache-mounts=true]`.
 pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, String> {
     let (kind, mut f) = cache_spec(spec)?;
     let mode = match f.remove("mode").as_deref() {
@@ -190,6 +190,11 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
         None | Some("false") => false,
         Some("true") => true,
         Some(other) => return Err(format!("ignore-error={other}: expected true or false")),
+    };
+    let cache_mounts = match f.remove("cache-mounts").as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(format!("cache-mounts={other}: expected true or false")),
     };
     // Options buildx accepts that change nothing here (kiln writes gzip
     // layers and BuildKit's image-manifest form).
@@ -209,6 +214,7 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
             reference,
             mode,
             ignore_error,
+            cache_mounts,
         });
     }
     let dest = f.remove("dest").ok_or("type=local needs dest=DIR")?;
@@ -219,6 +225,7 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
         mode,
         tag,
         ignore_error,
+        cache_mounts,
     })
 }
 

@@ -117,6 +117,10 @@ pub enum CacheExport {
         /// A failed export is a warning, not a failed build.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         ignore_error: bool,
+        /// Also the contents of the build's cache mounts, by id, which a
+        /// `cache_from` of this cache seeds on a root that has none.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cache_mounts: bool,
     },
     /// A cache manifest (BuildKit's format) pushed to a registry.
     Registry {
@@ -129,6 +133,10 @@ pub enum CacheExport {
         /// A failed export is a warning, not a failed build.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         ignore_error: bool,
+        /// Also the contents of the build's cache mounts, by id, which a
+        /// `cache_from` of this cache seeds on a root that has none.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        cache_mounts: bool,
     },
 }
 

@@ -128,9 +128,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     // However the solve ends (done, failed, cancelled), its unused networks go.
     let _close = CloseOnDrop(sandboxes.clone());
     let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(sandboxes);
-    let exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
+    let mut exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
-    let imports = import_caches(&request.cache_from, &events).await;
+    let imports = Arc::new(import_caches(&request.cache_from, &events).await);
+    exec.imports = imports.clone();
     let solver = Arc::new(Solver::new(
         root.clone(),
         def,
@@ -312,26 +313,55 @@ async fn export_caches(
     use kiln_solver_protocol::{CacheExport, CacheMode};
     for dest in destinations {
         let start = std::time::Instant::now();
-        let (mode, ignore_error) = match dest {
-            CacheExport::Local { mode, ignore_error, .. } | CacheExport::Registry { mode, ignore_error, .. } => (*mode, *ignore_error),
+        let (mode, ignore_error, with_mounts) = match dest {
+            CacheExport::Local {
+                mode,
+                ignore_error,
+                cache_mounts,
+                ..
+            }
+            | CacheExport::Registry {
+                mode,
+                ignore_error,
+                cache_mounts,
+                ..
+            } => (*mode, *ignore_error, *cache_mounts),
         };
         let entries = solver.cache_entries(mode == CacheMode::Max);
+        // The cache mounts this build used that exist, held while packed.
+        let mut held = Vec::new();
+        if with_mounts {
+            for id in solver.cache_mount_ids() {
+                match execute::cachemount::existing(root, &id) {
+                    Ok(Some(acquired)) => held.push((id, acquired)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(SolveError::Export {
+                            what: format!("cache mount {id:?}"),
+                            failure: Failure::io(Some("locking"), &id)(e),
+                        })
+                    }
+                }
+            }
+        }
+        let mounts: Vec<(String, PathBuf)> = held.iter().map(|(id, a)| (id.clone(), a.dir.clone())).collect();
         let (dest, done) = match dest.clone() {
             CacheExport::Local { dest, tag, .. } => {
                 let root2 = root.clone();
                 let dir = PathBuf::from(&dest);
                 let tag = tag.unwrap_or_else(|| "latest".into());
-                let done = tokio::task::spawn_blocking(move || remotecache::export_local(&root2, &dir, &tag, &entries))
+                let done = tokio::task::spawn_blocking(move || remotecache::export_local(&root2, &dir, &tag, &entries, &mounts))
                     .await
                     .unwrap_or_else(|e| Err(Failure::Internal(format!("the cache export task ended: {e}"))));
                 (format!("type=local,dest={dest}"), done)
             }
             CacheExport::Registry { reference, .. } => {
                 let full = export::normalize_name(&reference);
-                let done = remotecache::export_registry(root, &full, &entries).await;
+                let done = remotecache::export_registry(root, &full, &entries, &mounts).await;
                 (format!("type=registry,ref={full}"), done)
             }
         };
+        drop(held);
         match done {
             Ok(x) => events.emit(Event::Progress {
                 digest: None,

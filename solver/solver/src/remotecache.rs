@@ -51,6 +51,11 @@ enum Source {
     },
 }
 
+/// The record digest of a cache mount's contents (`cache-mounts=true`).
+pub(crate) fn cache_mount_digest(id: &str) -> String {
+    hash(&[KEY_SCHEME, b"cache-mount", id.as_bytes()])
+}
+
 /// A cache read from a `--cache-from` source.
 pub(crate) struct Imported {
     source: Source,
@@ -240,6 +245,34 @@ impl Imported {
         Ok(Some(ids))
     }
 
+    /// Fills the new directory `dest` of the cache mount `id` with the
+    /// contents this cache holds for it (blob checked as any). `false`:
+    /// it holds none.
+    pub(crate) fn restore_mount(&self, root: &StateRoot, id: &str, dest: &Path) -> Result<bool, String> {
+        let Some(&i) = self.records.get(&cache_mount_digest(id)) else {
+            return Ok(false);
+        };
+        let Some(result) = self.config.records[i].results.first() else {
+            return Ok(false);
+        };
+        let chain = self.config.chain(usize::try_from(result.layer).map_err(|e| e.to_string())?)?;
+        let [layer] = chain.as_slice() else {
+            return Err(format!("the cache mount {id:?} is not one layer"));
+        };
+        let blob = self
+            .blobs
+            .get(&layer.blob)
+            .ok_or_else(|| format!("the cache mount {id:?} has no diff id"))?;
+        self.copy_in(root, blob)?;
+        let got = fs::File::open(root.blob_path(&blob.digest))
+            .and_then(|f| crate::snapshot::layer::unpack_layer(f, dest))
+            .map_err(|e| format!("unpacking the cache mount {id:?}: {e}"))?;
+        if got != blob.diff_id {
+            return Err(format!("the cache mount {id:?} unpacks to {got}, not {}", blob.diff_id));
+        }
+        Ok(true)
+    }
+
     /// Copies a blob into the state root's store, checking its digest.
     fn copy_in(&self, root: &StateRoot, blob: &LayerBlob) -> Result<(), String> {
         let dest = root.blob_path(&blob.digest);
@@ -293,7 +326,7 @@ struct Built {
 
 /// The cache config and manifest of `entries` (each vertex's key and its
 /// outputs' layer ids); the config blob is stored in the state root.
-fn build(root: &StateRoot, entries: &[(String, Vec<Vec<String>>)]) -> Result<Built, Failure> {
+fn build(root: &StateRoot, entries: &[(String, Vec<Vec<String>>)], mounts: &[(String, PathBuf)]) -> Result<Built, Failure> {
     let mut config = CacheConfig::default();
     let mut layer_index: HashMap<(String, i64), i64> = HashMap::new();
     let mut blobs: Vec<LayerBlob> = Vec::new();
@@ -340,6 +373,32 @@ fn build(root: &StateRoot, entries: &[(String, Vec<Vec<String>>)]) -> Result<Bui
             });
         }
     }
+    // Cache mounts: each directory's contents as one layer of its own.
+    for (id, dir) in mounts {
+        let blob = crate::snapshot::layer::export_layer(root, dir, None).map_err(Failure::io(Some("packing the cache mount"), id))?;
+        let created = crate::export::now_rfc3339();
+        config.layers.push(CacheLayer {
+            blob: blob.digest.clone(),
+            parent: -1,
+            annotations: Some(LayerAnnotations {
+                media_type: blob.media_type.clone(),
+                diff_id: blob.diff_id.clone(),
+                size: blob.size as i64,
+                created_at: created.clone(),
+            }),
+        });
+        config.records.push(CacheRecord {
+            results: vec![CacheResult {
+                layer: config.layers.len() as i64 - 1,
+                created_at: created,
+            }],
+            digest: cache_mount_digest(id),
+            ..Default::default()
+        });
+        if !blobs.iter().any(|b| b.digest == blob.digest) {
+            blobs.push(blob);
+        }
+    }
     let config_bytes = serde_json::to_vec(&config).map_err(|e| Failure::Internal(format!("the cache config: {e}")))?;
     let config_digest = crate::export::store_blob(root, &config_bytes)
         .map_err(|e| Failure::io(Some("storing the cache config in"), root.store().display().to_string())(e))?;
@@ -372,8 +431,14 @@ fn build(root: &StateRoot, entries: &[(String, Vec<Vec<String>>)]) -> Result<Bui
 
 /// Writes the cache of `entries` (each vertex's key and its outputs' layer
 /// ids) to `dest` as an OCI layout tagged `tag`.
-pub(crate) fn export_local(root: &StateRoot, dest: &Path, tag: &str, entries: &[(String, Vec<Vec<String>>)]) -> Result<Exported, Failure> {
-    let built = build(root, entries)?;
+pub(crate) fn export_local(
+    root: &StateRoot,
+    dest: &Path,
+    tag: &str,
+    entries: &[(String, Vec<Vec<String>>)],
+    mounts: &[(String, PathBuf)],
+) -> Result<Exported, Failure> {
+    let built = build(root, entries, mounts)?;
     let io = |what: &'static str, path: &Path| Failure::io(Some(what), path.display().to_string());
     let blob_dir = dest.join("blobs/sha256");
     fs::create_dir_all(&blob_dir).map_err(|e| io("creating", &blob_dir)(e))?;
@@ -428,8 +493,9 @@ pub(crate) async fn export_registry(
     root: &StateRoot,
     reference: &str,
     entries: &[(String, Vec<Vec<String>>)],
+    mounts: &[(String, PathBuf)],
 ) -> Result<Exported, Failure> {
-    let built = tokio::task::block_in_place(|| build(root, entries))?;
+    let built = tokio::task::block_in_place(|| build(root, entries, mounts))?;
     let config_digest = crate::export::sha(&built.config);
     let mut blobs: Vec<kiln_oci::PushBlob> = built
         .blobs

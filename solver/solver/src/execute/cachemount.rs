@@ -37,6 +37,7 @@ pub(crate) fn acquire(
     id: &str,
     sharing: i32,
     seed: Option<&(crate::snapshot::Layers, String)>,
+    restore: &dyn Fn(&Path) -> bool,
 ) -> std::io::Result<Acquired> {
     let base = root.path().join("cache-mounts");
     fs::create_dir_all(&base)?;
@@ -47,7 +48,7 @@ pub(crate) fn acquire(
         } else {
             base.join(format!("{name}-{n}"))
         };
-        ensure(root, &entry, seed)?;
+        ensure(root, &entry, seed, if n == 0 { restore } else { &|_| false })?;
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -73,15 +74,49 @@ pub(crate) fn acquire(
     Err(std::io::Error::other("no cache directory available"))
 }
 
-/// Creates `entry/data` (seeded) unless it exists.
-fn ensure(root: &StateRoot, entry: &Path, seed: Option<&(crate::snapshot::Layers, String)>) -> std::io::Result<()> {
+/// The directory of cache mount `id` if it exists, held with a shared lock
+/// (for an export of its contents; a `locked` step holding it is waited for).
+pub(crate) fn existing(root: &StateRoot, id: &str) -> std::io::Result<Option<Acquired>> {
+    let entry = root
+        .path()
+        .join("cache-mounts")
+        .join(hex::encode(&Sha256::digest(id.as_bytes())[..16]));
+    if !entry.join("data").is_dir() {
+        return Ok(None);
+    }
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(entry.join("lock"))?;
+    rustix::fs::flock(&lock, FlockOperation::LockShared)?;
+    Ok(Some(Acquired {
+        dir: entry.join("data"),
+        _lock: lock,
+    }))
+}
+
+/// Creates `entry/data` unless it exists: filled by `restore` (contents
+/// from an imported cache) when it can, else seeded.
+fn ensure(
+    root: &StateRoot,
+    entry: &Path,
+    seed: Option<&(crate::snapshot::Layers, String)>,
+    restore: &dyn Fn(&Path) -> bool,
+) -> std::io::Result<()> {
     if entry.join("data").is_dir() {
         return Ok(());
     }
     let tmp = root.temp_dir()?;
     let data = tmp.join("data");
     fs::create_dir(&data)?;
-    if let Some((layers, selector)) = seed {
+    let restored = restore(&data) || {
+        // A failed restore may have left part of a tree.
+        remove_all(&data)?;
+        fs::create_dir(&data)?;
+        false
+    };
+    if let (false, Some((layers, selector))) = (restored, seed) {
         let view = mount_stack(root, layers, None)?;
         let src = crate::fsutil::resolve_in_root(view.path(), if selector.is_empty() { "/" } else { selector }, true)?;
         if src.is_dir() {

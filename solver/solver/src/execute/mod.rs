@@ -49,6 +49,8 @@ pub(crate) struct Executor {
     events: Arc<dyn EventSink>,
     /// Checksums of local sources' files, by directory.
     checksums: Mutex<HashMap<PathBuf, Arc<ChecksumCache>>>,
+    /// `--cache-from` caches (for cache mount contents).
+    pub(crate) imports: Arc<Vec<crate::remotecache::Imported>>,
 }
 
 /// The platform an op runs for (linux/amd64 when it names none).
@@ -80,6 +82,7 @@ impl Executor {
             ssh,
             events,
             checksums: Mutex::new(HashMap::new()),
+            imports: Arc::new(Vec::new()),
         }
     }
 
@@ -174,9 +177,20 @@ impl Executor {
                     });
                 };
                 let id = format!("kiln-{}", self.root.unique());
+                let warn_events = self.events.clone();
+                let warn_digest = digest.to_string();
+                let warn = move |message: &str| {
+                    warn_events.emit(Event::Log {
+                        digest: warn_digest.clone(),
+                        stream: 2,
+                        data: format!("{message}\n"),
+                    })
+                };
                 let given = step::StepSecrets {
                     secrets: &self.secrets,
                     ssh: &self.ssh,
+                    imports: &self.imports,
+                    warn: &warn,
                 };
                 let emulator = match emulate::emulation(&platform_of(op)) {
                     Ok(emulate::Emulation::Emulator(path)) => Some(path),

@@ -3,7 +3,7 @@
 //! mounts committed as the op's outputs.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_llb::pb;
@@ -27,6 +27,10 @@ pub(crate) struct StepSecrets<'a> {
     pub secrets: &'a kiln_solver_protocol::Secrets,
     /// SSH agent sockets by id.
     pub ssh: &'a std::collections::BTreeMap<String, String>,
+    /// `--cache-from` caches, which may hold a cache mount's contents.
+    pub imports: &'a [crate::remotecache::Imported],
+    /// Reports a warning on the step's log.
+    pub warn: &'a (dyn Fn(&str) + Send + Sync),
 }
 
 /// How a step's container starts.
@@ -90,8 +94,19 @@ pub(crate) async fn exec(
             } else {
                 None
             };
-            let acquired = tokio::task::block_in_place(|| crate::execute::cachemount::acquire(root, &cache_id, opt.sharing, seed.as_ref()))
-                .map_err(Failure::io(Some("cache mount"), &cache_id))?;
+            // On a root that has no such cache yet, an imported cache may hold its contents.
+            let restore = |dir: &Path| {
+                given.imports.iter().any(|i| match i.restore_mount(root, &cache_id, dir) {
+                    Ok(done) => done,
+                    Err(why) => {
+                        (given.warn)(&format!("cache import: {why}; the cache mount starts empty"));
+                        false
+                    }
+                })
+            };
+            let acquired =
+                tokio::task::block_in_place(|| crate::execute::cachemount::acquire(root, &cache_id, opt.sharing, seed.as_ref(), &restore))
+                    .map_err(Failure::io(Some("cache mount"), &cache_id))?;
             step_mounts.push(StepMount::Bind {
                 dest: m.dest.clone(),
                 source: acquired.dir.clone(),

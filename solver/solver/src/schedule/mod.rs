@@ -58,7 +58,7 @@ pub(crate) struct SolveOptions {
     /// as they are made, with timestamps clamped to this SOURCE_DATE_EPOCH.
     pub image_layers: Option<Option<i64>>,
     /// `--cache-from` caches, asked in order when the state root has no record.
-    pub imports: Vec<crate::remotecache::Imported>,
+    pub imports: Arc<Vec<crate::remotecache::Imported>>,
 }
 
 /// One solve of one Definition.
@@ -238,7 +238,7 @@ impl Solver {
     /// A result from a `--cache-from` cache, made a record of this root.
     /// A cache that holds the key but not intact is a miss, said in a log line.
     fn imported(&self, digest: &str, key: &str, name: &str) -> Option<cache::Record> {
-        for imported in &self.opts.imports {
+        for imported in self.opts.imports.iter() {
             match imported.take(&self.root, key) {
                 Ok(Some(outputs)) => {
                     let record = cache::Record {
@@ -262,6 +262,11 @@ impl Solver {
             }
         }
         None
+    }
+
+    /// The ids of this solve's cache mounts.
+    pub(crate) fn cache_mount_ids(&self) -> Vec<String> {
+        cache_mount_ids(&self.def)
     }
 
     /// The cache of this solve for `--cache-to`: each vertex's key and
@@ -697,6 +702,25 @@ pub(crate) fn uses_sandbox_network(def: &LoadedDefinition) -> bool {
     def.ops
         .iter()
         .any(|op| matches!(&op.op.op, Some(pb::op::Op::Exec(e)) if e.network == pb::NetMode::Unset as i32))
+}
+
+/// The ids of the definition's cache mounts (a mount's target when it names
+/// no id), each once.
+pub(crate) fn cache_mount_ids(def: &LoadedDefinition) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for op in &def.ops {
+        let Some(pb::op::Op::Exec(e)) = &op.op.op else { continue };
+        for m in e.mounts.iter().filter(|m| m.mount_type == pb::MountType::Cache as i32) {
+            let id = match &m.cache_opt {
+                Some(c) if !c.id.is_empty() => c.id.clone(),
+                _ => m.dest.clone(),
+            };
+            if !out.contains(&id) {
+                out.push(id);
+            }
+        }
+    }
+    out
 }
 
 /// The platforms the definition's steps (ExecOps) run for, each once.
