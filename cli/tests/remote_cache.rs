@@ -245,11 +245,19 @@ fn a_registry_cache_serves_a_fresh_root() {
     assert!(manifest["layers"].as_array().is_some_and(|l| !l.is_empty()));
 
     // A fresh root, the shorthand `--cache-from REF`: nothing runs.
-    let again = s.build("root2", "out2", &["--cache-from", &reference]);
+    let image = format!("{}/team/app:1", registry.addr);
+    let again = s.build("root2", "out2", &["--cache-from", &reference, "-t", &image, "--push"]);
     assert_eq!(counts(&again), (0, 5), "{}", String::from_utf8_lossy(&again.stderr));
     for f in ["nonce", "nonce2", "copy"] {
         assert_eq!(read(s.path("out1").join(f)), read(s.path("out2").join(f)), "{f}");
     }
+    // Pushing the result to another repository mounts the layers the cache
+    // repository has: only the image's config is uploaded.
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains(&format!("pushing {image}: 1 uploaded, 0 already there, 3 mounted")),
+        "{err}"
+    );
     // A second export sends no layer the repository has (at most a new
     // config: the records' times are this root's).
     let second = s.build("root2", "out3", &["--cache-to", &to]);
@@ -306,4 +314,34 @@ fn cache_mounts_travel_with_cache_mounts_true() {
     let from = format!("type=local,src={}", s.path("without").display());
     s.build("root3", "out3", &["--build-arg", "V=2", "--cache-from", &from]);
     assert_ne!(read(s.path("out3/seen")), first);
+}
+
+#[test]
+fn an_image_pushed_with_an_inline_cache_is_its_own_cache() {
+    let Some(s) = Setup::new("cache-inline") else { return };
+    if !common::have("docker-registry") || !common::have("skopeo") {
+        return;
+    }
+    let registry = common::LocalRegistry::start(&s.path("registry"));
+    std::fs::write(
+        s.path("ctx/Dockerfile"),
+        "FROM busybox\nRUN head -c 16 /dev/urandom | od -An -tx1 > /nonce\nRUN cat /nonce > /copy && echo more > /more\n",
+    )
+    .expect("Dockerfile");
+    let name = format!("{}/team/app:1", registry.addr);
+    s.build("root1", "out1", &["-t", &name, "--push", "--cache-to", "type=inline"]);
+
+    // The pushed image's config carries BuildKit's inline cache field.
+    let config = Command::new("skopeo")
+        .args(["inspect", "--config", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{name}"))
+        .output()
+        .expect("skopeo");
+    assert!(config.status.success(), "{}", String::from_utf8_lossy(&config.stderr));
+    let config: Value = serde_json::from_slice(&config.stdout).expect("config");
+    assert!(config["moby.buildkit.cache.v0"].as_str().is_some_and(|c| !c.is_empty()), "{config}");
+
+    let again = s.build("root2", "out2", &["--cache-from", &name]);
+    assert_eq!(counts(&again), (0, 3), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(read(s.path("out1/nonce")), read(s.path("out2/nonce")));
 }

@@ -157,7 +157,7 @@ fn cache_spec(spec: &str) -> Result<(String, BTreeMap<String, String>), String> 
     }
     let kind = fields.remove("type").unwrap_or_else(|| "registry".into());
     match kind.as_str() {
-        "local" | "registry" => Ok((kind, fields)),
+        "local" | "registry" | "inline" => Ok((kind, fields)),
         other => Err(format!(
             "type={other} is not supported: kiln exports and imports caches as type=local (an OCI layout directory) \
              and type=registry, in BuildKit's format"
@@ -207,6 +207,10 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
     ] {
         f.remove(ignored);
     }
+    if kind == "inline" {
+        no_more(&f)?;
+        return Ok(kiln_solver_protocol::CacheExport::Inline {});
+    }
     if kind == "registry" {
         let reference = f.remove("ref").ok_or("type=registry needs ref=REF")?;
         no_more(&f)?;
@@ -232,6 +236,9 @@ pub fn parse_cache_to(spec: &str) -> Result<kiln_solver_protocol::CacheExport, S
 /// `--cache-from type=local,src=DIR[,tag=T]`, `type=registry,ref=REF` or `REF`.
 pub fn parse_cache_from(spec: &str) -> Result<kiln_solver_protocol::CacheImport, String> {
     let (kind, mut f) = cache_spec(spec)?;
+    if kind == "inline" {
+        return Err("type=inline is a --cache-to: to import an image's inline cache, give its reference (--cache-from REF)".into());
+    }
     if kind == "registry" {
         let reference = f.remove("ref").ok_or("type=registry needs ref=REF")?;
         no_more(&f)?;

@@ -122,6 +122,10 @@ pub enum CacheExport {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         cache_mounts: bool,
     },
+    /// The records of the result's steps inside the image's config
+    /// (`moby.buildkit.cache.v0`, as BuildKit's inline cache), so the
+    /// pushed image is its own cache.
+    Inline {},
     /// A cache manifest (BuildKit's format) pushed to a registry.
     Registry {
         /// Where: `registry/repository:tag`.

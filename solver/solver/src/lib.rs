@@ -171,6 +171,22 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         };
         results.push(export::Target { platform, layers, config });
     }
+    if request
+        .cache_to
+        .iter()
+        .any(|c| matches!(c, kiln_solver_protocol::CacheExport::Inline {}))
+    {
+        // BuildKit's inline cache: the result's records in each image's config.
+        let entries = solver.cache_entries(false);
+        for t in &mut results {
+            if let Some(records) = remotecache::inline_records(&entries, &t.layers) {
+                let config = t.config.get_or_insert_with(|| serde_json::json!({}));
+                if let Some(obj) = config.as_object_mut() {
+                    obj.insert("moby.buildkit.cache.v0".into(), serde_json::Value::String(records));
+                }
+            }
+        }
+    }
     let mut result = SolveResult {
         executed: solver.executed.load(std::sync::atomic::Ordering::Relaxed),
         cached: solver.cached.load(std::sync::atomic::Ordering::Relaxed),
@@ -312,6 +328,9 @@ async fn export_caches(
 ) -> Result<(), SolveError> {
     use kiln_solver_protocol::{CacheExport, CacheMode};
     for dest in destinations {
+        if matches!(dest, CacheExport::Inline {}) {
+            continue; // in the image's config (see `run`)
+        }
         let start = std::time::Instant::now();
         let (mode, ignore_error, with_mounts) = match dest {
             CacheExport::Local {
@@ -326,6 +345,7 @@ async fn export_caches(
                 cache_mounts,
                 ..
             } => (*mode, *ignore_error, *cache_mounts),
+            CacheExport::Inline {} => continue,
         };
         let entries = solver.cache_entries(mode == CacheMode::Max);
         // The cache mounts this build used that exist, held while packed.
@@ -360,6 +380,7 @@ async fn export_caches(
                 let done = remotecache::export_registry(root, &full, &entries, &mounts).await;
                 (format!("type=registry,ref={full}"), done)
             }
+            CacheExport::Inline {} => continue,
         };
         drop(held);
         match done {

@@ -116,7 +116,58 @@ pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String>
     if manifest.len() > MAX_SIZE {
         return Err(format!("{reference}: the cache manifest is over the {MAX_SIZE} byte limit"));
     }
-    let parsed: Json = serde_json::from_slice(&manifest).map_err(|e| format!("{reference}: {e}"))?;
+    let mut parsed: Json = serde_json::from_slice(&manifest).map_err(|e| format!("{reference}: {e}"))?;
+    if cache_config_descriptor(&parsed).is_err() {
+        // An image: its inline cache, if it has one (of an index, the
+        // manifest of this machine's platform).
+        if let Some(entries) = parsed["manifests"].as_array() {
+            let host = kiln_image::Platform::host();
+            let entry = entries
+                .iter()
+                .find(|m| m["platform"]["architecture"].as_str() == Some(host.architecture.as_str()))
+                .or(entries.first())
+                .and_then(|m| m["digest"].as_str())
+                .ok_or_else(|| format!("{reference}: an empty index"))?;
+            let bytes = client.fetch_manifest(reference, entry).await.map_err(|e| e.to_string())?;
+            parsed = serde_json::from_slice(&bytes).map_err(|e| format!("{reference}: {e}"))?;
+        }
+        let config_desc = &parsed["config"];
+        let digest = config_desc["digest"]
+            .as_str()
+            .filter(|d| cacheconfig::is_digest(d))
+            .ok_or_else(|| format!("{reference} is neither a cache nor an image"))?;
+        let size = config_desc["size"].as_u64().unwrap_or(0);
+        if size > MAX_SIZE as u64 {
+            return Err(format!("{reference}: the image config is over the {MAX_SIZE} byte limit"));
+        }
+        let tmp = std::env::temp_dir().join(format!(
+            "kiln-image-config-{}-{}",
+            std::process::id(),
+            crate::snapshot::new_layer_id()
+        ));
+        let fetched = client.fetch_blob(reference, digest, size as i64, &tmp).await;
+        let image_config = fetched.map_err(|e| e.to_string()).and_then(|()| read_verified(&tmp, digest));
+        let _ = fs::remove_file(&tmp);
+        let image_config: Json = serde_json::from_slice(&image_config?).map_err(|e| format!("{reference}: {e}"))?;
+        let (config, blobs) = inline_cache(&parsed, &image_config)?
+            .ok_or_else(|| format!("{reference} is an image without an inline cache (build it with --cache-to type=inline)"))?;
+        let records = config
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.digest.is_empty())
+            .map(|(i, r)| (r.digest.clone(), i))
+            .collect();
+        return Ok(Imported {
+            source: Source::Registry {
+                reference: reference.to_string(),
+                client,
+            },
+            config,
+            records,
+            blobs,
+        });
+    }
     let (config_digest, config_size) = cache_config_descriptor(&parsed).map(|(d, size)| (d.to_string(), size))?;
     if config_size > MAX_SIZE as u64 {
         return Err(format!("{reference}: the cache config is over the {MAX_SIZE} byte limit"));
@@ -140,6 +191,71 @@ pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String>
         &manifest,
         |_| Ok(config),
     )
+}
+
+/// BuildKit's inline cache of an image: its config's
+/// `moby.buildkit.cache.v0` (base64 of the JSON of the records, whose
+/// result layers index the image's layers), as a cache over the image's
+/// layer blobs. `Ok(None)`: the image has none.
+fn inline_cache(manifest: &Json, image_config: &Json) -> Result<Option<(CacheConfig, HashMap<String, LayerBlob>)>, String> {
+    use base64::Engine as _;
+    let Some(encoded) = image_config["moby.buildkit.cache.v0"].as_str() else {
+        return Ok(None);
+    };
+    let records = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| format!("the inline cache is not base64: {e}"))?;
+    let records: Json = serde_json::from_slice(&records).map_err(|e| format!("the inline cache: {e}"))?;
+    let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
+    let diff_ids = image_config["rootfs"]["diff_ids"].as_array().cloned().unwrap_or_default();
+    if layers.len() != diff_ids.len() {
+        return Err("the image's config and manifest list different numbers of layers".into());
+    }
+    let mut blobs = HashMap::new();
+    let mut chain = Vec::new();
+    for (i, (l, diff_id)) in layers.iter().zip(&diff_ids).enumerate() {
+        let (Some(d), Some(diff_id)) = (l["digest"].as_str(), diff_id.as_str()) else {
+            return Err("an image layer has no digest or diff id".into());
+        };
+        chain.push(json!({"blob": d, "parent": i as i64 - 1}));
+        blobs.insert(
+            d.to_string(),
+            LayerBlob {
+                digest: d.to_string(),
+                diff_id: diff_id.to_string(),
+                size: l["size"].as_u64().unwrap_or(0),
+                media_type: l["mediaType"].as_str().unwrap_or(crate::snapshot::layer::GZIP_LAYER).to_string(),
+            },
+        );
+    }
+    let config = json!({"layers": chain, "records": records});
+    let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
+    Ok(Some((CacheConfig::parse(&bytes)?, blobs)))
+}
+
+/// The inline cache (`moby.buildkit.cache.v0`) for an image of `layers`:
+/// the records of `entries` whose output is a bottom part of the image's
+/// layers, each result the index of its top layer in the image.
+pub(crate) fn inline_records(entries: &[(String, Vec<Vec<String>>)], layers: &[String]) -> Option<String> {
+    use base64::Engine as _;
+    let mut records = Vec::new();
+    for (key, outputs) in entries {
+        for (n, chain) in outputs.iter().enumerate() {
+            if chain.is_empty() || chain.len() > layers.len() || chain[..] != layers[..chain.len()] {
+                continue;
+            }
+            records.push(CacheRecord {
+                results: vec![CacheResult {
+                    layer: chain.len() as i64 - 1,
+                    created_at: crate::export::now_rfc3339(),
+                }],
+                digest: record_digest(key, n),
+                ..Default::default()
+            });
+        }
+    }
+    let bytes = serde_json::to_vec(&records).ok()?;
+    (!records.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
 /// The cache config's descriptor in a cache manifest: its config (BuildKit's
@@ -290,6 +406,16 @@ impl Imported {
                 .block_on(client.fetch_blob(reference, &blob.digest, blob.size as i64, &part))
                 .map_err(|e| e.to_string()),
         };
+        if let (Ok(()), Source::Registry { reference, .. }) = (&copied, &self.source) {
+            // A push of the result to another repository of that registry
+            // mounts the blob from the cache's instead of uploading it.
+            let repo = reference.split('@').next().unwrap_or(reference);
+            let repo = match repo.rsplit_once(':') {
+                Some((name, tag)) if !tag.contains('/') => name,
+                _ => repo,
+            };
+            let _ = kiln_oci::record_blob_source(root.path(), &blob.digest, repo);
+        }
         let result = copied
             .and_then(|()| pull::file_digest(&part).map_err(|e| e.to_string()))
             .and_then(|actual| {
