@@ -193,11 +193,14 @@ pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String>
     )
 }
 
+/// Each blob's diff id, size and media type, by digest.
+type BlobInfo = HashMap<String, LayerBlob>;
+
 /// BuildKit's inline cache of an image: its config's
 /// `moby.buildkit.cache.v0` (base64 of the JSON of the records, whose
 /// result layers index the image's layers), as a cache over the image's
 /// layer blobs. `Ok(None)`: the image has none.
-fn inline_cache(manifest: &Json, image_config: &Json) -> Result<Option<(CacheConfig, HashMap<String, LayerBlob>)>, String> {
+fn inline_cache(manifest: &Json, image_config: &Json) -> Result<Option<(CacheConfig, BlobInfo)>, String> {
     use base64::Engine as _;
     let Some(encoded) = image_config["moby.buildkit.cache.v0"].as_str() else {
         return Ok(None);
