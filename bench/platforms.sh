@@ -8,8 +8,9 @@
 # `crossparallel`, the same with `FROM --platform=$BUILDPLATFORM` stages (the
 # cross-compiling pattern: the 8 steps are the same for both platforms).
 # Prints the medians (s), the two-platform time against the sum and the max
-# of the single-platform ones, and the share of the two-platform build's
-# steps that ran once for both platforms.
+# of the single-platform ones and against the two run at once as two
+# processes, and the share of the two-platform build's steps that ran once
+# for both platforms.
 # usage: bench/platforms.sh [-r RUNS] [-c "CASES"]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,6 +43,14 @@ for c in $CASES; do
     hyperfine --shell=bash --style=none --runs "$RUNS" --export-json "$out/$c.$p.json" \
       --prepare "rm -rf $out/root-$p" \
       "KILN_GC=off KILN_ROOT=$out/root-$p $kiln build ${kargs[*]} --platform $plat $out/$c >/dev/null 2>&1" >/dev/null
+    if [ $p = both ]; then
+      # The two single-platform builds run at once, as two processes on
+      # roots of their own: what the two-platform build must not exceed.
+      hyperfine --shell=bash --style=none --runs "$RUNS" --export-json "$out/$c.concurrent.json" \
+        --prepare "rm -rf $out/root-c1 $out/root-c2" \
+        "(KILN_GC=off KILN_ROOT=$out/root-c1 $kiln build ${kargs[*]} --platform linux/amd64 $out/$c >/dev/null 2>&1 & \
+          KILN_GC=off KILN_ROOT=$out/root-c2 $kiln build ${kargs[*]} --platform linux/arm64 $out/$c >/dev/null 2>&1 & wait)" >/dev/null
+    fi
     # Steps that ran, from one more cold build's summary line.
     rm -rf "$out/root-$p"
     KILN_GC=off KILN_ROOT=$out/root-$p $kiln build "${kargs[@]}" --platform $plat "$out/$c" 2>&1 \
@@ -51,13 +60,14 @@ done
 python3 - "$out" $CASES <<'PY'
 import json, sys
 out, cases = sys.argv[1], sys.argv[2:]
-print(f"{'cold build':<14}{'amd64 s':>9}{'arm64 s':>9}{'both s':>9}{'/sum':>7}{'/max':>7}{'ran':>11}{'shared':>8}")
+print(f"{'cold build':<14}{'amd64 s':>9}{'arm64 s':>9}{'both s':>9}{'/sum':>7}{'/max':>7}{'2 procs s':>10}{'/2 procs':>9}{'ran':>11}{'shared':>8}")
 for c in cases:
-    med = {p: json.load(open(f"{out}/{c}.{p}.json"))["results"][0]["median"] for p in ("amd64", "arm64", "both")}
+    med = {p: json.load(open(f"{out}/{c}.{p}.json"))["results"][0]["median"] for p in ("amd64", "arm64", "both", "concurrent")}
     ran = {p: int(open(f"{out}/{c}.{p}.ran").read().strip() or 0) for p in ("amd64", "arm64", "both")}
     once = ran["amd64"] + ran["arm64"] - ran["both"]
     print(f"{c:<14}{med['amd64']:>9.2f}{med['arm64']:>9.2f}{med['both']:>9.2f}"
           f"{med['both'] / (med['amd64'] + med['arm64']):>6.2f}x{med['both'] / max(med['amd64'], med['arm64']):>6.2f}x"
+          f"{med['concurrent']:>10.2f}{med['both'] / med['concurrent']:>8.2f}x"
           f"{ran['amd64']:>3}+{ran['arm64']:>2}>{ran['both']:>3}{once / ran['both']:>8.0%}")
 PY
 echo "raw results: $out"
