@@ -179,7 +179,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         // BuildKit's inline cache: the result's records in each image's config.
         let entries = solver.cache_entries(false);
         for t in &mut results {
-            if let Some(records) = remotecache::inline_records(&entries, &t.layers) {
+            if let Some(records) = remotecache::inline_records(&entries, &t.layers, request.source_date_epoch) {
                 let config = t.config.get_or_insert_with(|| serde_json::json!({}));
                 if let Some(obj) = config.as_object_mut() {
                     obj.insert("moby.buildkit.cache.v0".into(), serde_json::Value::String(records));

@@ -13,8 +13,15 @@
 //! kiln record digest: a cache BuildKit wrote imports cleanly and simply
 //! never matches, and BuildKit reads kiln's as records it never matches.
 //!
+//! Also: `cache-mounts=true` adds one layer and record per cache mount id
+//! ([`cache_mount_digest`]), which fills a cache mount a root does not
+//! have yet; `type=inline` puts the result's records in the image config
+//! (`moby.buildkit.cache.v0`: base64 of the records, results indexing the
+//! image's layers), read back when `--cache-from` names an image.
+//!
 //! # Safety
-//! The manifest and config are read only up to [`MAX_SIZE`] and checked
+//! A cache is trusted as a base image is: whoever can write it decides what
+//! a hit contains. Within that, the manifest and config are read only up to [`MAX_SIZE`] and checked
 //! against their digests; every blob is checked against its digest when
 //! copied in and against its diff id when unpacked. A blob that fails is a
 //! miss for the vertex that needed it, never content of another.
@@ -239,7 +246,8 @@ fn inline_cache(manifest: &Json, image_config: &Json) -> Result<Option<(CacheCon
 /// The inline cache (`moby.buildkit.cache.v0`) for an image of `layers`:
 /// the records of `entries` whose output is a bottom part of the image's
 /// layers, each result the index of its top layer in the image.
-pub(crate) fn inline_records(entries: &[(String, Vec<Vec<String>>)], layers: &[String]) -> Option<String> {
+/// Record times are `epoch` when set (SOURCE_DATE_EPOCH: the config stays reproducible).
+pub(crate) fn inline_records(entries: &[(String, Vec<Vec<String>>)], layers: &[String], epoch: Option<i64>) -> Option<String> {
     use base64::Engine as _;
     let mut records = Vec::new();
     for (key, outputs) in entries {
@@ -250,7 +258,7 @@ pub(crate) fn inline_records(entries: &[(String, Vec<Vec<String>>)], layers: &[S
             records.push(CacheRecord {
                 results: vec![CacheResult {
                     layer: chain.len() as i64 - 1,
-                    created_at: crate::export::now_rfc3339(),
+                    created_at: epoch.map_or_else(crate::export::now_rfc3339, crate::export::rfc3339),
                 }],
                 digest: record_digest(key, n),
                 ..Default::default()
