@@ -53,26 +53,29 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         },
     };
     if args.format == Format::Pb {
-        return match out.write_all(&bytes) {
-            Ok(()) => EXIT_OK,
-            Err(e) => {
-                let _ = writeln!(err, "error: {e}");
-                EXIT_OTHER
-            }
-        };
+        return write_out(&bytes, out, err);
     }
-    let def = match LoadedDefinition::decode(&bytes) {
-        Ok(d) => d,
+    match render(args.format, &bytes) {
+        Ok(text) => write_out(text.as_bytes(), out, err),
         Err(e) => {
             let _ = writeln!(err, "error: {e}");
-            return EXIT_OTHER;
+            EXIT_OTHER
         }
-    };
-    let text = match args.format {
+    }
+}
+
+/// A marshalled Definition as `format` (json lines or dot).
+fn render(format: Format, bytes: &[u8]) -> Result<String, kiln_llb::DefinitionError> {
+    let def = LoadedDefinition::decode(bytes)?;
+    Ok(match format {
         Format::Dot => kiln_llb::dot::to_dot(&def),
         _ => def.to_json_lines(),
-    };
-    match out.write_all(text.as_bytes()) {
+    })
+}
+
+/// Writes the command's output; a failed write is an error and exit 3.
+fn write_out(bytes: &[u8], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
+    match out.write_all(bytes) {
         Ok(()) => EXIT_OK,
         Err(e) => {
             let _ = writeln!(err, "error: {e}");
@@ -91,27 +94,17 @@ fn dump_platforms(args: &Args, compiled: &crate::frontend::Compiled, out: &mut d
     }
     let mut text = String::new();
     for t in &compiled.targets {
-        let def = match LoadedDefinition::decode(&t.definition) {
-            Ok(d) => d,
+        let platform = t.platform.as_ref().map(|p| p.to_string_form()).unwrap_or_default();
+        text.push_str(&format!("# platform: {platform}\n"));
+        match render(args.format, &t.definition) {
+            Ok(one) => text.push_str(&one),
             Err(e) => {
                 let _ = writeln!(err, "error: {e}");
                 return EXIT_OTHER;
             }
-        };
-        let platform = t.platform.as_ref().map(|p| p.to_string_form()).unwrap_or_default();
-        text.push_str(&format!("# platform: {platform}\n"));
-        text.push_str(&match args.format {
-            Format::Dot => kiln_llb::dot::to_dot(&def),
-            _ => def.to_json_lines(),
-        });
-    }
-    match out.write_all(text.as_bytes()) {
-        Ok(()) => EXIT_OK,
-        Err(e) => {
-            let _ = writeln!(err, "error: {e}");
-            EXIT_OTHER
         }
     }
+    write_out(text.as_bytes(), out, err)
 }
 
 fn read_input(input: &str) -> std::io::Result<Vec<u8>> {

@@ -144,52 +144,18 @@ pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String>
             .filter(|d| cacheconfig::is_digest(d))
             .ok_or_else(|| format!("{reference} is neither a cache nor an image"))?;
         let size = config_desc["size"].as_u64().unwrap_or(0);
-        if size > MAX_SIZE as u64 {
-            return Err(format!("{reference}: the image config is over the {MAX_SIZE} byte limit"));
-        }
-        let tmp = std::env::temp_dir().join(format!(
-            "kiln-image-config-{}-{}",
-            std::process::id(),
-            crate::snapshot::new_layer_id()
-        ));
-        let fetched = client.fetch_blob(reference, digest, size as i64, &tmp).await;
-        let image_config = fetched.map_err(|e| e.to_string()).and_then(|()| read_verified(&tmp, digest));
-        let _ = fs::remove_file(&tmp);
-        let image_config: Json = serde_json::from_slice(&image_config?).map_err(|e| format!("{reference}: {e}"))?;
+        let image_config = fetch_small(&client, reference, digest, size, "image config").await?;
+        let image_config: Json = serde_json::from_slice(&image_config).map_err(|e| format!("{reference}: {e}"))?;
         let (config, blobs) = inline_cache(&parsed, &image_config)?
             .ok_or_else(|| format!("{reference} is an image without an inline cache (build it with --cache-to type=inline)"))?;
-        let records = config
-            .records
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| !r.digest.is_empty())
-            .map(|(i, r)| (r.digest.clone(), i))
-            .collect();
-        return Ok(Imported {
-            source: Source::Registry {
-                reference: reference.to_string(),
-                client,
-            },
-            config,
-            records,
-            blobs,
-        });
+        let source = Source::Registry {
+            reference: reference.to_string(),
+            client,
+        };
+        return Ok(Imported::new(source, config, blobs));
     }
-    let (config_digest, config_size) = cache_config_descriptor(&parsed).map(|(d, size)| (d.to_string(), size))?;
-    if config_size > MAX_SIZE as u64 {
-        return Err(format!("{reference}: the cache config is over the {MAX_SIZE} byte limit"));
-    }
-    let tmp = std::env::temp_dir().join(format!(
-        "kiln-cache-config-{}-{}",
-        std::process::id(),
-        crate::snapshot::new_layer_id()
-    ));
-    let fetched = client.fetch_blob(reference, &config_digest, config_size as i64, &tmp).await;
-    let config = fetched
-        .map_err(|e| e.to_string())
-        .and_then(|()| read_verified(&tmp, &config_digest));
-    let _ = fs::remove_file(&tmp);
-    let config = config?;
+    let (config_digest, config_size) = cache_config_descriptor(&parsed)?;
+    let config = fetch_small(&client, reference, config_digest, config_size, "cache config").await?;
     from_manifest(
         Source::Registry {
             reference: reference.to_string(),
@@ -228,15 +194,7 @@ fn inline_cache(manifest: &Json, image_config: &Json) -> Result<Option<(CacheCon
             return Err("an image layer has no digest or diff id".into());
         };
         chain.push(json!({"blob": d, "parent": i as i64 - 1}));
-        blobs.insert(
-            d.to_string(),
-            LayerBlob {
-                digest: d.to_string(),
-                diff_id: diff_id.to_string(),
-                size: l["size"].as_u64().unwrap_or(0),
-                media_type: l["mediaType"].as_str().unwrap_or(crate::snapshot::layer::GZIP_LAYER).to_string(),
-            },
-        );
+        blobs.insert(d.to_string(), layer_of(l, d, diff_id));
     }
     let config = json!({"layers": chain, "records": records});
     let bytes = serde_json::to_vec(&config).map_err(|e| e.to_string())?;
@@ -269,6 +227,19 @@ pub(crate) fn inline_records(entries: &[(String, Vec<Vec<String>>)], layers: &[S
     (!records.is_empty()).then(|| base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
+/// A config blob of `reference`'s repository (`what`, for messages): at
+/// most [`MAX_SIZE`] as its descriptor says and as read, checked against its digest.
+async fn fetch_small(client: &kiln_oci::RegistryClient, reference: &str, digest: &str, size: u64, what: &str) -> Result<Vec<u8>, String> {
+    if size > MAX_SIZE as u64 {
+        return Err(format!("{reference}: the {what} is over the {MAX_SIZE} byte limit"));
+    }
+    let tmp = std::env::temp_dir().join(format!("kiln-config-{}-{}", std::process::id(), crate::snapshot::new_layer_id()));
+    let fetched = client.fetch_blob(reference, digest, size as i64, &tmp).await;
+    let bytes = fetched.map_err(|e| e.to_string()).and_then(|()| read_verified(&tmp, digest));
+    let _ = fs::remove_file(&tmp);
+    bytes
+}
+
 /// The cache config's descriptor in a cache manifest: its config (BuildKit's
 /// image-manifest form), or the index entry of the config's media type
 /// (BuildKit's older form: an index of the layers and the config).
@@ -287,6 +258,16 @@ fn cache_config_descriptor(manifest: &Json) -> Result<(&str, u64), String> {
     Ok((digest, desc["size"].as_u64().unwrap_or(0)))
 }
 
+/// A layer descriptor (`l`, whose digest is `digest`) with its diff id.
+fn layer_of(l: &Json, digest: &str, diff_id: &str) -> LayerBlob {
+    LayerBlob {
+        digest: digest.to_string(),
+        diff_id: diff_id.to_string(),
+        size: l["size"].as_u64().unwrap_or(0),
+        media_type: l["mediaType"].as_str().unwrap_or(crate::snapshot::layer::GZIP_LAYER).to_string(),
+    }
+}
+
 /// An import from its manifest's bytes; `config` reads the config blob.
 fn from_manifest(source: Source, manifest: &[u8], config: impl FnOnce(&str) -> Result<Vec<u8>, String>) -> Result<Imported, String> {
     let manifest: Json = serde_json::from_slice(manifest).map_err(|e| format!("the cache manifest: {e}"))?;
@@ -298,32 +279,29 @@ fn from_manifest(source: Source, manifest: &[u8], config: impl FnOnce(&str) -> R
         let (Some(d), Some(diff_id)) = (l["digest"].as_str(), l["annotations"]["containerd.io/uncompressed"].as_str()) else {
             continue;
         };
-        blobs.insert(
-            d.to_string(),
-            LayerBlob {
-                digest: d.to_string(),
-                diff_id: diff_id.to_string(),
-                size: l["size"].as_u64().unwrap_or(0),
-                media_type: l["mediaType"].as_str().unwrap_or(crate::snapshot::layer::GZIP_LAYER).to_string(),
-            },
-        );
+        blobs.insert(d.to_string(), layer_of(l, d, diff_id));
     }
-    let records = config
-        .records
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| !r.digest.is_empty())
-        .map(|(i, r)| (r.digest.clone(), i))
-        .collect();
-    Ok(Imported {
-        source,
-        config,
-        records,
-        blobs,
-    })
+    Ok(Imported::new(source, config, blobs))
 }
 
 impl Imported {
+    /// An import of `config`, its records found by digest.
+    fn new(source: Source, config: CacheConfig, blobs: BlobInfo) -> Imported {
+        let records = config
+            .records
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.digest.is_empty())
+            .map(|(i, r)| (r.digest.clone(), i))
+            .collect();
+        Imported {
+            source,
+            config,
+            records,
+            blobs,
+        }
+    }
+
     /// The records this cache holds (for progress).
     pub(crate) fn len(&self) -> usize {
         self.records.len()
@@ -420,12 +398,7 @@ impl Imported {
         if let (Ok(()), Source::Registry { reference, .. }) = (&copied, &self.source) {
             // A push of the result to another repository of that registry
             // mounts the blob from the cache's instead of uploading it.
-            let repo = reference.split('@').next().unwrap_or(reference);
-            let repo = match repo.rsplit_once(':') {
-                Some((name, tag)) if !tag.contains('/') => name,
-                _ => repo,
-            };
-            let _ = kiln_oci::record_blob_source(root.path(), &blob.digest, repo);
+            let _ = kiln_oci::record_blob_source(root.path(), &blob.digest, pull::repository_of(reference));
         }
         let result = copied
             .and_then(|()| pull::file_digest(&part).map_err(|e| e.to_string()))

@@ -41,7 +41,7 @@ pub(crate) fn acquire(
 ) -> std::io::Result<Acquired> {
     let base = root.path().join("cache-mounts");
     fs::create_dir_all(&base)?;
-    let name = hex::encode(&Sha256::digest(id.as_bytes())[..16]);
+    let name = entry_name(id);
     for n in 0.. {
         let entry = if n == 0 {
             base.join(&name)
@@ -74,13 +74,15 @@ pub(crate) fn acquire(
     Err(std::io::Error::other("no cache directory available"))
 }
 
+/// The name of cache mount `id`'s first directory under `ROOT/cache-mounts/`.
+fn entry_name(id: &str) -> String {
+    hex::encode(&Sha256::digest(id.as_bytes())[..16])
+}
+
 /// The directory of cache mount `id` if it exists, held with a shared lock
 /// (for an export of its contents; a `locked` step holding it is waited for).
 pub(crate) fn existing(root: &StateRoot, id: &str) -> std::io::Result<Option<Acquired>> {
-    let entry = root
-        .path()
-        .join("cache-mounts")
-        .join(hex::encode(&Sha256::digest(id.as_bytes())[..16]));
+    let entry = root.path().join("cache-mounts").join(entry_name(id));
     if !entry.join("data").is_dir() {
         return Ok(None);
     }

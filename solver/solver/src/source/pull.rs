@@ -257,12 +257,7 @@ pub(crate) async fn pull(
             fs::rename(&part, &blob).map_err(Failure::io(Some("storing"), blob.display()))?;
             let _ = fs::remove_dir_all(&tmp);
             if let ImageLocation::Registry(r) = &src.location {
-                let repo = r.split('@').next().unwrap_or(r);
-                let repo = match repo.rsplit_once(':') {
-                    Some((name, tag)) if !tag.contains('/') => name,
-                    _ => repo,
-                };
-                let _ = kiln_oci::record_blob_source(root.path(), &desc.digest, repo);
+                let _ = kiln_oci::record_blob_source(root.path(), &desc.digest, repository_of(r));
             }
         }
         let media_type = if desc.media_type.is_empty() {
@@ -284,6 +279,15 @@ pub(crate) async fn pull(
     }
     remember_tag(root, src, digest)?;
     Ok(PulledImage { layers })
+}
+
+/// `registry/repository` of a reference, its tag and digest dropped.
+pub(crate) fn repository_of(reference: &str) -> &str {
+    let repo = reference.split('@').next().unwrap_or(reference);
+    match repo.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => name,
+        _ => repo,
+    }
 }
 
 /// Why a blob did not become a layer.
