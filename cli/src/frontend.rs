@@ -105,12 +105,17 @@ pub fn target_platforms(args: &FrontendArgs) -> Result<Vec<Platform>, String> {
     Ok(out)
 }
 
+/// The definition file: `-f`, else CONTEXT/Dockerfile.
+pub fn definition_path(args: &FrontendArgs) -> PathBuf {
+    args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"))
+}
+
 /// Reads the Dockerfile and `.dockerignore`, runs the frontend once per
 /// target platform, renders its diagnostics on `err` (the first platform's;
 /// another's only when it has errors); returns what it compiled or an exit code.
 /// `no_resolve` is the command's `--no-resolve` (None: it has no such flag).
 pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Write) -> Result<Compiled, i32> {
-    let path = args.file.clone().unwrap_or_else(|| args.context.join("Dockerfile"));
+    let path = definition_path(args);
     let definition = std::fs::read(&path).map_err(|e| {
         let _ = writeln!(err, "error: cannot read Dockerfile {}: {e}", path.display());
         EXIT_OTHER

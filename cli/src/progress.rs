@@ -46,6 +46,8 @@ struct Vertex {
     duration: Option<Duration>,
     cached: bool,
     failed: bool,
+    /// Why it ran (`--explain`), as shown.
+    why: Option<String>,
     tail: VecDeque<String>,
     partial: String,
 }
@@ -126,6 +128,11 @@ impl Renderer {
             .unwrap_or_default()
     }
 
+    /// The resolved mode (never `Auto`).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
     /// The name of a step.
     pub fn name_of(&self, digest: &str) -> Option<String> {
         self.vertices.get(digest).map(|v| v.name.clone())
@@ -142,14 +149,35 @@ impl Renderer {
             self.ended = true;
         }
         match ev {
-            Event::VertexStarted { digest, name, .. } => {
+            Event::VertexStarted { digest, name, explain, .. } => {
+                // Plain output numbers its steps; the live view names them.
+                let why = explain
+                    .as_ref()
+                    .map(|e| match e.because_of.as_ref().and_then(|up| self.vertices.get(up)) {
+                        Some(u) => {
+                            let upstream = if plain {
+                                format!("because of step #{}", u.number)
+                            } else {
+                                format!("because {} re-ran", u.name)
+                            };
+                            match e.besides_upstream() {
+                                Some(rest) => format!("{upstream}; {rest}"),
+                                None => upstream,
+                            }
+                        }
+                        None => e.reason.clone(),
+                    });
                 let now = self.clock.now();
                 let v = self.vertex(digest);
                 v.name = name.clone();
                 v.started = Some(now);
+                v.why = why.clone();
                 let n = v.number;
                 if plain {
                     let _ = writeln!(out, "#{n} {name}");
+                    if let Some(why) = why {
+                        let _ = writeln!(out, "#{n} ran: {why}");
+                    }
                 }
             }
             Event::VertexCached { digest, name, .. } => {
@@ -278,6 +306,9 @@ impl Renderer {
             };
             let name: String = v.name.chars().take(100).collect();
             lines.push(format!(" => {name:<60} {status}"));
+            if let Some(why) = &v.why {
+                lines.push(format!(" => => ran: {why}"));
+            }
             if v.duration.is_none() || v.failed {
                 for l in v.tail.iter() {
                     let l: String = l.chars().take(120).collect();

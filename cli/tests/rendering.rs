@@ -16,7 +16,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use kiln_cli::progress::{Clock, Mode, Renderer};
-use kiln_solver_protocol::{Event, FailureStage, RecordUsage, SolveResult, Usage};
+use kiln_solver_protocol::{Event, Explanation, FailureStage, RecordUsage, SolveResult, Usage};
 
 /// A clock that moves 70 ms each time it is read.
 struct Steps(Rc<Cell<u64>>);
@@ -41,6 +41,7 @@ fn events() -> Vec<Event> {
             digest: d(2),
             name: "[build 1/3] FROM docker.io/library/busybox:latest".into(),
             at_ms: 1,
+            explain: None,
         },
         Event::Progress {
             digest: Some(d(2)),
@@ -58,6 +59,10 @@ fn events() -> Vec<Event> {
             digest: d(3),
             name: "[build 2/3] RUN make".into(),
             at_ms: 91,
+            explain: Some(Explanation {
+                reason: "context files changed: Makefile, src/main.c".into(),
+                because_of: None,
+            }),
         },
         Event::Log {
             digest: d(3),
@@ -78,6 +83,10 @@ fn events() -> Vec<Event> {
             digest: d(4),
             name: "[build 3/3] RUN make test".into(),
             at_ms: 1392,
+            explain: Some(Explanation {
+                reason: Explanation::UPSTREAM.into(),
+                because_of: Some(d(3)),
+            }),
         },
         Event::Log {
             digest: d(4),

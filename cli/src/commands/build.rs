@@ -33,6 +33,14 @@ pub struct Args {
     /// Run BuildKit's Dockerfile checks and build nothing: exit 1 when any rule finds something.
     #[arg(long)]
     pub check: bool,
+    /// Say why each step that ran missed the cache, against the last build
+    /// of the same definition file and target in this state root.
+    #[arg(long)]
+    pub explain: bool,
+    /// When a RUN step fails: `shell` opens a shell in its filesystem (on a
+    /// terminal); `keep=DIR` leaves that filesystem at DIR with a script to enter it.
+    #[arg(long = "on-error", value_name = "shell|keep=DIR")]
+    pub on_error: Option<String>,
     /// At most N RUN steps at once (default: no cap).
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
@@ -469,6 +477,19 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         }
     };
     request.no_cache = args.no_cache;
+    request.build = Some(kiln_solver_protocol::BuildInfo {
+        definition: absolute(&crate::frontend::definition_path(&args.frontend))
+            .to_string_lossy()
+            .into_owned(),
+        target: args.frontend.target.clone(),
+        build_args: args
+            .frontend
+            .build_args
+            .iter()
+            .map(|a| a.split_once('=').map(|(k, _)| k).unwrap_or(a).to_string())
+            .collect(),
+        explain: args.explain,
+    });
     request.jobs = args.jobs;
     request.oci_runtime = args.oci_runtime.clone();
     request.entitlements = args.allow.clone();
@@ -590,6 +611,11 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             if load_tar.is_some() {
                 wrote.push("the image into Docker (docker load)".into());
             }
+            if renderer.mode() == Mode::Tty {
+                if let Some(line) = critical_line(&r.critical_path) {
+                    let _ = writeln!(err, "{line}");
+                }
+            }
             let _ = writeln!(
                 err,
                 "done: {} steps ran, {} cached{}",
@@ -617,6 +643,22 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             EXIT_OTHER
         }
     }
+}
+
+/// One line on the critical path: its length and its slowest step.
+pub fn critical_line(path: &[kiln_solver_protocol::PathStep]) -> Option<String> {
+    let slowest = path.iter().max_by_key(|s| s.duration_ms)?;
+    if slowest.duration_ms == 0 {
+        return None;
+    }
+    let total: u64 = path.iter().map(|s| s.duration_ms).sum();
+    Some(format!(
+        "critical path: {} steps, {:.1}s; slowest: {} ({:.1}s)",
+        path.len(),
+        total as f64 / 1000.0,
+        slowest.name,
+        slowest.duration_ms as f64 / 1000.0
+    ))
 }
 
 /// `SOURCE_DATE_EPOCH` from `--build-arg` or the environment.

@@ -9,6 +9,8 @@
 //! the environment for the default state root); both the
 //! CLI and the solver depend on this crate, never on each other.
 
+pub mod history;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -87,6 +89,64 @@ pub struct SolveRequest {
     /// Caches to take results from when the state root has none (`--cache-from`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cache_from: Vec<CacheImport>,
+    /// What the build is, for the state root's build history and for
+    /// explaining cache misses; without it the build is not remembered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildInfo>,
+    /// Keep the filesystem of a step that fails (`--on-error=keep=DIR`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_failed: Option<String>,
+}
+
+/// What the CLI says of a build: where its definition came from. Builds of
+/// the same definition file and target are compared with each other.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BuildInfo {
+    /// The definition file (an absolute path).
+    pub definition: String,
+    /// The target stage, if one was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Names of the build args given (never their values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub build_args: Vec<String>,
+    /// Put each cache miss's reason in its `vertex_started` event.
+    #[serde(default)]
+    pub explain: bool,
+}
+
+/// Why a step ran instead of coming from the cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// One line: what changed since the last build of the same definition
+    /// and target (names only, never values).
+    pub reason: String,
+    /// The upstream step that re-ran and made this one re-run (its digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub because_of: Option<String>,
+}
+
+impl Explanation {
+    /// The reason's first clause when an upstream step re-ran (`because_of`).
+    pub const UPSTREAM: &'static str = "an upstream step re-ran";
+
+    /// The reason without the upstream clause (what else changed), if any.
+    pub fn besides_upstream(&self) -> Option<&str> {
+        let rest = self.reason.strip_prefix(Self::UPSTREAM).unwrap_or(&self.reason);
+        let rest = rest.trim_start_matches("; ");
+        (!rest.is_empty()).then_some(rest)
+    }
+}
+
+/// One step of a build's critical path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PathStep {
+    /// The op digest.
+    pub digest: String,
+    /// Its name.
+    pub name: String,
+    /// How long it took (0 when cached).
+    pub duration_ms: u64,
 }
 
 /// How much of a build's cache an export holds.
@@ -299,6 +359,9 @@ pub enum Event {
         name: String,
         /// Milliseconds since the solve began.
         at_ms: u64,
+        /// Why it was not found in the cache (when the request asks to explain).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        explain: Option<Explanation>,
     },
     /// A vertex's result was found in the cache; it will not run.
     VertexCached {
@@ -424,6 +487,12 @@ pub struct SolveResult {
     pub executed: u32,
     /// Vertices found in the cache.
     pub cached: u32,
+    /// The build's id in the state root's history (`kiln history show ID`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_id: Option<String>,
+    /// The chain of steps that decided the build's wall time, first to last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub critical_path: Vec<PathStep>,
 }
 
 impl SolveRequest {
@@ -446,6 +515,8 @@ impl SolveRequest {
             platforms: Vec::new(),
             cache_to: Vec::new(),
             cache_from: Vec::new(),
+            build: None,
+            keep_failed: None,
         }
     }
 

@@ -25,6 +25,7 @@ mod execute;
 mod export;
 mod fsutil;
 pub mod gc;
+mod history;
 mod remotecache;
 mod root;
 pub mod rootless;
@@ -132,7 +133,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let imports = Arc::new(import_caches(&request.cache_from, &events).await);
     exec.imports = imports.clone();
-    let solver = Arc::new(Solver::new(
+    let mut solver = Solver::new(
         root.clone(),
         def,
         SolveOptions {
@@ -144,12 +145,54 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
         },
         exec,
         events.clone(),
-    ));
+    );
+    solver.history = request.build.clone().map(|info| {
+        let platforms = request.platforms.iter().map(|p| p.platform.clone()).collect();
+        Arc::new(history::Recorder::new(&root, info, platforms))
+    });
+    let solver = Arc::new(solver);
+    let started = std::time::Instant::now();
+    let outcome = solve_and_export(&request, &root, &solver, targets, &events).await;
+    let (history_id, critical_path) = match &solver.history {
+        Some(h) => {
+            let (digest, error) = match &outcome {
+                Ok(r) => (r.image_digest.clone(), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let counted = |n: &std::sync::atomic::AtomicU32| n.load(std::sync::atomic::Ordering::Relaxed);
+            let h = h.clone();
+            let (ran, cached) = (counted(&solver.executed), counted(&solver.cached));
+            let took = started.elapsed().as_millis() as u64;
+            tokio::task::spawn_blocking(move || h.write(took, ran, cached, digest, error))
+                .await
+                .unwrap_or_default()
+        }
+        None => (None, Vec::new()),
+    };
+    match outcome {
+        Ok(mut result) => {
+            result.history_id = history_id;
+            result.critical_path = critical_path;
+            events.emit(Event::Result(result));
+            exit::OK
+        }
+        Err(e) => fail(&events, e),
+    }
+}
+
+/// Solves the graph, exports the result and the cache.
+async fn solve_and_export(
+    request: &SolveRequest,
+    root: &Arc<root::StateRoot>,
+    solver: &Arc<Solver>,
+    targets: Vec<TargetSpec>,
+    events: &Arc<dyn EventSink>,
+) -> Result<SolveResult, SolveError> {
     let values = match solver.solve().await {
         Ok(v) => v,
         Err(e) => {
             solver.save_checksums();
-            return fail(&events, e);
+            return Err(e);
         }
     };
     let mut results = Vec::with_capacity(values.len());
@@ -158,13 +201,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             Some(v) => match solver.layers(v).await {
                 Ok(l) => l,
                 Err(failure) => {
-                    return fail(
-                        &events,
-                        SolveError::Export {
-                            what: "the result".into(),
-                            failure,
-                        },
-                    )
+                    return Err(SolveError::Export {
+                        what: "the result".into(),
+                        failure,
+                    })
                 }
             },
             None => Arc::new(Vec::new()),
@@ -247,13 +287,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
                                     image: full.clone(),
                                     message: e.to_string(),
                                 };
-                                return fail(
-                                    &events,
-                                    SolveError::Export {
-                                        what: "push".into(),
-                                        failure,
-                                    },
-                                );
+                                return Err(SolveError::Export {
+                                    what: "push".into(),
+                                    failure,
+                                });
                             }
                         }
                     }
@@ -261,8 +298,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
                     result.config_digest = img.config_digest;
                 }
             }
-            Ok(Err(e)) => return fail(&events, e),
-            Err(e) => return fail(&events, SolveError::Internal(format!("the export task ended: {e}"))),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(SolveError::Internal(format!("the export task ended: {e}"))),
         }
         events.emit(Event::Progress {
             digest: None,
@@ -272,11 +309,8 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             done: true,
         });
     }
-    if let Err(e) = export_caches(&root, &solver, &request.cache_to, &events).await {
-        return fail(&events, e);
-    }
-    events.emit(Event::Result(result));
-    exit::OK
+    export_caches(root, solver, &request.cache_to, events).await?;
+    Ok(result)
 }
 
 /// Reads each `--cache-from` source, as a progress line with its size and

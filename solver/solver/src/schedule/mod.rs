@@ -23,11 +23,13 @@ use self::background::{in_background, lock};
 use crate::cache::{self, read_record, write_record, LocalRead, Record};
 use crate::error::{Failure, SolveError, Stage, VertexError};
 use crate::execute::{self, Executor, Value};
+use crate::history::{self, InputReads, Recorder};
 use crate::root::StateRoot;
 use crate::snapshot::contentsum::{stack_sums, Selector};
 use crate::snapshot::Layers;
 use crate::source::context::LocalSource;
 use crate::source::pull;
+use kiln_solver_protocol::history::StepStatus;
 
 /// Where events go.
 pub trait EventSink: Send + Sync {
@@ -82,6 +84,8 @@ pub(crate) struct Solver {
     pub executed: AtomicU32,
     /// Vertices found in the cache.
     pub cached: AtomicU32,
+    /// The build's history and cache-miss explanations, when the request says what the build is.
+    pub history: Option<Arc<Recorder>>,
 }
 
 /// Each op's position in the definition, by digest.
@@ -177,6 +181,7 @@ impl Solver {
             compressing: Mutex::new(Vec::new()),
             executed: AtomicU32::new(0),
             cached: AtomicU32::new(0),
+            history: None,
         }
     }
 
@@ -342,18 +347,25 @@ impl Solver {
     /// paths for a FileOp that only copies from it, else all it includes.
     /// Another vertex's output contributes the content the consumer reads
     /// of it when it only reads ([`content_selectors`]), else its key.
-    fn dependency_key(&self, op: &pb::Op, input_idx: usize, done: &Done, value: Option<&Value>, index: i64) -> Result<String, Failure> {
+    fn dependency_key(
+        &self,
+        op: &pb::Op,
+        input_idx: usize,
+        done: &Done,
+        value: Option<&Value>,
+        index: i64,
+    ) -> Result<(String, Option<InputReads>), Failure> {
         let local = match value {
             Some(Value::Local(local)) => local,
             Some(Value::Layers(layers)) => {
                 let Some(selectors) = content_selectors(op, input_idx as i64) else {
-                    return Ok(cache::input_contribution(&done.key, index));
+                    return Ok((cache::input_contribution(&done.key, index), None));
                 };
                 let sums = tokio::task::block_in_place(|| stack_sums(&self.root, layers, &selectors))
                     .map_err(Failure::io(Some("checksum of"), self.name_of(&op.inputs[input_idx].digest)))?;
-                return Ok(cache::content_read_key(&selectors, &sums));
+                return Ok((cache::content_read_key(&selectors, &sums), None));
             }
-            None => return Ok(cache::input_contribution(&done.key, index)),
+            None => return Ok((cache::input_contribution(&done.key, index), None)),
         };
         let checksums = self.exec.checksum_cache(&local.dir);
         let selectors = copy_selectors(op, input_idx as i64);
@@ -388,7 +400,15 @@ impl Solver {
                 }
             }
         })?;
-        Ok(cache::local_read_key(&done.key, &reads))
+        let key = cache::local_read_key(&done.key, &reads);
+        Ok((
+            key,
+            Some(InputReads {
+                source: local.clone(),
+                cache: checksums,
+                reads,
+            }),
+        ))
     }
 
     async fn compute(self: &Arc<Self>, digest: &str) -> Result<Arc<Done>, SolveError> {
@@ -437,6 +457,7 @@ impl Solver {
                     digest: digest.to_string(),
                     name: name.clone(),
                     at_ms: at,
+                    explain: None,
                 });
                 self.events.emit(Event::VertexCompleted {
                     digest: digest.to_string(),
@@ -444,6 +465,17 @@ impl Solver {
                     duration_ms: 0,
                 });
                 let key = cache::local_source_key(&self.def.ops[idx].bytes);
+                if let Some(h) = &self.history {
+                    let draft = history::Draft {
+                        digest: digest.to_string(),
+                        name: name.clone(),
+                        location: None,
+                        key: key.clone(),
+                        parts: BTreeMap::new(),
+                        inputs: Vec::new(),
+                    };
+                    h.add(draft, StepStatus::Local, at, 0, None);
+                }
                 return Ok(Arc::new(Done {
                     key,
                     outputs: vec![Some(Value::Local(source))],
@@ -453,27 +485,49 @@ impl Solver {
         }
 
         // The key: the op with each input replaced by what it contributes.
-        let key = {
-            let mut keyed = op.clone();
-            for (i, input) in op.inputs.iter().enumerate() {
-                let dep = self
-                    .dependency_key(op, i, &inputs[i], values[i].as_ref(), input.index)
-                    .map_err(fail_at(Stage::Cache))?;
-                keyed.inputs[i].digest = dep;
-                keyed.inputs[i].index = 0;
+        let mut reads: Vec<InputReads> = Vec::new();
+        let mut contributions: Vec<String> = Vec::with_capacity(op.inputs.len());
+        let mut keyed = op.clone();
+        for (i, input) in op.inputs.iter().enumerate() {
+            let (dep, read) = self
+                .dependency_key(op, i, &inputs[i], values[i].as_ref(), input.index)
+                .map_err(fail_at(Stage::Cache))?;
+            keyed.inputs[i].digest = dep.clone();
+            keyed.inputs[i].index = 0;
+            contributions.push(dep);
+            reads.extend(read);
+        }
+        let mut pinned = String::new();
+        if let Some(Op::Source(s)) = &op.op {
+            if let Some(src) = pull::parse_identifier(&s.identifier) {
+                // Unpinned images are pinned now: the key is the content.
+                pinned = pull::pin(&self.exec.registry, &src, &execute::platform_of(op))
+                    .await
+                    .map_err(fail_at(Stage::Source))?;
             }
-            let mut extra: Vec<u8> = Vec::new();
-            if let Some(Op::Source(s)) = &op.op {
-                if let Some(src) = pull::parse_identifier(&s.identifier) {
-                    // Unpinned images are pinned now: the key is the content.
-                    let pinned = pull::pin(&self.exec.registry, &src, &execute::platform_of(op))
-                        .await
-                        .map_err(fail_at(Stage::Source))?;
-                    extra.extend_from_slice(pinned.as_bytes());
-                }
+        }
+        let key = cache::vertex_key(&keyed, pinned.as_bytes());
+        let draft = self.history.as_ref().map(|_| {
+            let mut parts = history::op_parts(op, &pinned);
+            let mut read_iter = reads.iter();
+            for (i, dep) in contributions.iter().enumerate() {
+                let is_local = matches!(values[i], Some(Value::Local(_)));
+                let r = if is_local {
+                    read_iter.next().map(|r| r.reads.as_slice())
+                } else {
+                    None
+                };
+                history::input_parts(&mut parts, i, dep, r.unwrap_or_default());
             }
-            cache::vertex_key(&keyed, &extra)
-        };
+            history::Draft {
+                digest: digest.to_string(),
+                name: name.clone(),
+                location: history::location(&self.def, digest),
+                key: key.clone(),
+                parts,
+                inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
+            }
+        });
 
         if !ignore_cache {
             let found = tokio::task::block_in_place(|| read_record(&self.root, &key).or_else(|| self.imported(digest, &key, &name)));
@@ -486,15 +540,33 @@ impl Solver {
                     }
                 }
                 self.cached.fetch_add(1, Ordering::Relaxed);
+                let at_ms = self.now_ms();
+                if let (Some(h), Some(draft)) = (&self.history, draft) {
+                    h.add(draft, StepStatus::Cached, at_ms, 0, None);
+                }
                 self.events.emit(Event::VertexCached {
                     digest: digest.to_string(),
                     name,
-                    at_ms: self.now_ms(),
+                    at_ms,
                 });
                 let outputs = record.outputs.into_iter().map(|l| Some(Value::Layers(Arc::new(l)))).collect();
                 return Ok(Arc::new(Done { key, outputs, ran: false }));
             }
         }
+        // Why it runs, said before it waits for a slot.
+        let explained = match (&self.history, &draft) {
+            (Some(h), Some(draft)) => {
+                let flag = if self.opts.no_cache {
+                    Some("--no-cache")
+                } else if ignore_cache {
+                    Some("no-cache is set for this step")
+                } else {
+                    None
+                };
+                Some(tokio::task::block_in_place(|| h.explain(draft, flag, &reads)))
+            }
+            _ => None,
+        };
 
         if matches!(op.op, Some(Op::Exec(_))) {
             // The first step to run makes the runtime's sealed copy while the
@@ -506,6 +578,7 @@ impl Solver {
             self.exec.runtime.prepare_networks();
         }
         // A capped ExecOp waits for its turn before it counts as started.
+        let waiting = Instant::now();
         let _permit = match (&op.op, &self.exec_slots) {
             (Some(Op::Exec(_)), Some(s)) => Some(
                 s.acquire()
@@ -514,11 +587,18 @@ impl Solver {
             ),
             _ => None,
         };
+        let queued_ms = waiting.elapsed().as_millis() as u64;
         let started = Instant::now();
+        let at_ms = self.now_ms();
+        let shown = explained.clone().filter(|_| self.history.as_ref().is_some_and(|h| h.explains()));
+        if let (Some(h), Some(draft)) = (&self.history, draft) {
+            h.add(draft, StepStatus::Ran, at_ms, queued_ms, explained);
+        }
         self.events.emit(Event::VertexStarted {
             digest: digest.to_string(),
             name: name.clone(),
-            at_ms: self.now_ms(),
+            at_ms,
+            explain: shown,
         });
         let made_ahead = ahead.and_then(|a| values.first().and_then(|base| base.as_ref()).and_then(|base| a.settle(base)));
         let result = match made_ahead {
@@ -542,6 +622,9 @@ impl Solver {
                 tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
                     .map_err(|e| fail_at(Stage::Cache)(Failure::io(Some("writing the cache record"), &key)(e)))?;
                 self.executed.fetch_add(1, Ordering::Relaxed);
+                if let Some(h) = &self.history {
+                    h.finish(digest, StepStatus::Ran, duration_ms);
+                }
                 self.compress_ahead(digest, &outputs, &inputs);
                 self.events.emit(Event::VertexCompleted {
                     digest: digest.to_string(),
@@ -555,6 +638,9 @@ impl Solver {
                 }))
             }
             Err(error) => {
+                if let Some(h) = &self.history {
+                    h.finish(digest, StepStatus::Failed, duration_ms);
+                }
                 self.events.emit(Event::VertexFailed {
                     digest: digest.to_string(),
                     at_ms: self.now_ms(),

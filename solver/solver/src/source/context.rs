@@ -246,6 +246,41 @@ impl LocalSource {
         Ok(h.finalize().into())
     }
 
+    /// Every node `src` selects, with its checksum (directories by mode
+    /// only): what an explanation compares to name the files that changed.
+    pub(crate) fn manifest(&self, cache: &ChecksumCache, src: &str, wildcards: bool) -> io::Result<Vec<(String, Sum)>> {
+        let mut out = Vec::new();
+        let mut todo: Vec<(String, bool)> = Vec::new();
+        for rel in self.select(src, wildcards)? {
+            let whole = self.filter.takes_all_below(&rel);
+            todo.push((rel, whole));
+        }
+        while let Some((rel, whole)) = todo.pop() {
+            let abs = self.dir.join(&rel);
+            let meta = fs::symlink_metadata(&abs)?;
+            if !meta.is_dir() {
+                out.push((rel.clone(), self.node_sum(cache, &abs, &rel, &meta, true, false)?));
+                continue;
+            }
+            out.push((
+                format!("{rel}/"),
+                Sha256::digest(format!("d {:o}", meta.permissions().mode())).into(),
+            ));
+            for e in fs::read_dir(&abs)? {
+                let e = e?;
+                let child = join_rel(&rel, &e.file_name().to_string_lossy());
+                let is_dir = e.file_type()?.is_dir();
+                let take = whole || if is_dir { self.may_enter(&child) } else { self.includes(&child) };
+                if take {
+                    let child_whole = whole || self.filter.takes_all_below(&child);
+                    todo.push((child, child_whole));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     fn tree_sum(&self, cache: &ChecksumCache, rel: &str) -> io::Result<Sum> {
         let abs = self.dir.join(rel);
         let meta = fs::symlink_metadata(&abs)?;
