@@ -3,6 +3,7 @@
 pub mod build;
 pub mod du;
 pub mod dump_llb;
+pub mod history;
 pub mod images;
 pub mod push;
 
@@ -23,6 +24,8 @@ pub enum Command {
     Du(du::DuArgs),
     /// Remove cache records, least recently used first.
     Prune(du::PruneArgs),
+    /// List the builds of this state root, or show one (`history show ID`).
+    History(history::Args),
 }
 
 /// Bytes as `docker images` shows sizes (1000-based: `1.2MB`).
@@ -50,5 +53,6 @@ pub fn execute(command: Command, out: &mut dyn Write, err: &mut dyn Write) -> i3
         Command::Push(args) => push::run(&args, out, err),
         Command::Du(args) => du::du(&args, out, err),
         Command::Prune(args) => du::prune(&args, out, err),
+        Command::History(args) => history::run(&args, out, err),
     }
 }

@@ -10,78 +10,11 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{busybox_layout, can_build, children_of, host_address, processes_with, scratch_dir, serve, umoci_unpack};
+use common::{can_build, children_of, host_address, processes_with, serve, umoci_unpack, Setup};
 use serde_json::Value;
-
-/// A test's directories: `ctx/` (the context), `root/` (kiln's state root), `base/` (the fixture).
-struct Setup {
-    dir: common::Scratch,
-}
-
-impl Setup {
-    fn new(name: &str) -> Setup {
-        let dir = scratch_dir(name);
-        std::fs::create_dir_all(dir.join("ctx")).expect("ctx");
-        busybox_layout(&dir.join("base"));
-        Setup { dir }
-    }
-
-    fn ctx(&self) -> PathBuf {
-        self.dir.join("ctx")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.join("root")
-    }
-
-    fn write(&self, rel: &str, content: &str) {
-        let p = self.ctx().join(rel);
-        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-        std::fs::write(p, content).expect("write");
-    }
-
-    fn base_arg(&self) -> String {
-        format!("busybox=oci-layout://{}", self.dir.join("base").display())
-    }
-
-    /// `kiln build --build-context busybox=… ARGS ctx`.
-    fn build(&self, args: &[&str]) -> Output {
-        self.build_env(args, &[])
-    }
-
-    /// `build` with extra environment variables.
-    fn build_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let base = self.base_arg();
-        let mut all: Vec<&str> = vec!["build", "--build-context", &base];
-        all.extend_from_slice(args);
-        let ctx = self.ctx();
-        let ctx = ctx.to_str().expect("utf8");
-        all.push(ctx);
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .env("KILN_GC", "off")
-            .args(&all)
-            .current_dir(&self.dir)
-            .env("KILN_ROOT", self.root())
-            .envs(env.iter().copied())
-            .output()
-            .expect("kiln runs")
-    }
-
-    /// Builds with rawjson progress; returns the events.
-    fn build_events(&self, args: &[&str]) -> (Output, Vec<Value>) {
-        let mut a = vec!["--progress", "rawjson"];
-        a.extend_from_slice(args);
-        let out = self.build(&a);
-        let events = String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect();
-        (out, events)
-    }
-}
 
 fn ok(out: &Output) {
     assert!(

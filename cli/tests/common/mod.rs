@@ -809,3 +809,76 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         after.split_whitespace().nth(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid)
     })
 }
+
+/// A test's directories: `ctx/` (the context), `root/` (kiln's state root), `base/` (the fixture).
+pub struct Setup {
+    /// The scratch directory holding all three.
+    pub dir: Scratch,
+}
+
+impl Setup {
+    /// A fresh setup for the test `name`.
+    pub fn new(name: &str) -> Setup {
+        let dir = scratch_dir(name);
+        std::fs::create_dir_all(dir.join("ctx")).expect("ctx");
+        busybox_layout(&dir.join("base"));
+        Setup { dir }
+    }
+
+    /// `ctx/`.
+    pub fn ctx(&self) -> PathBuf {
+        self.dir.join("ctx")
+    }
+
+    /// `root/`.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// Writes a context file.
+    pub fn write(&self, rel: &str, content: &str) {
+        let p = self.ctx().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, content).expect("write");
+    }
+
+    /// The `--build-context` value naming the fixture `busybox`.
+    pub fn base_arg(&self) -> String {
+        format!("busybox=oci-layout://{}", self.dir.join("base").display())
+    }
+
+    /// `kiln build --build-context busybox=… ARGS ctx`.
+    pub fn build(&self, args: &[&str]) -> Output {
+        self.build_env(args, &[])
+    }
+
+    /// `build` with extra environment variables.
+    pub fn build_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let base = self.base_arg();
+        let mut all: Vec<&str> = vec!["build", "--build-context", &base];
+        all.extend_from_slice(args);
+        let ctx = self.ctx();
+        let ctx = ctx.to_str().expect("utf8");
+        all.push(ctx);
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_GC", "off")
+            .args(&all)
+            .current_dir(&self.dir)
+            .env("KILN_ROOT", self.root())
+            .envs(env.iter().copied())
+            .output()
+            .expect("kiln runs")
+    }
+
+    /// Builds with rawjson progress; returns the events.
+    pub fn build_events(&self, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
+        let mut a = vec!["--progress", "rawjson"];
+        a.extend_from_slice(args);
+        let out = self.build(&a);
+        let events = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .collect();
+        (out, events)
+    }
+}
