@@ -1,4 +1,4 @@
-//! `kiln build --explain` and `kiln history`: real builds (runc, overlayfs)
+//! `kiln build --explain`, `kiln history` and `--on-error`: real builds (runc, overlayfs)
 //! on kiln's busybox fixture, then what the explanations and the history say.
 #![allow(
     clippy::expect_used,
@@ -247,4 +247,140 @@ fn history_lists_builds_and_shows_the_critical_path_and_waits() {
     let record: Value = serde_json::from_slice(&json.stdout).expect("json");
     assert_eq!(record["ran"], 0);
     assert!(kiln_in(&s, &["history", "show", "nope"]).status.code() != Some(0));
+}
+
+const FAILING: &str = r#"FROM busybox
+ENV GREETING=hello
+WORKDIR /work
+RUN --mount=type=cache,target=/cache --mount=type=secret,id=s,env=TOKEN --mount=type=bind,source=data,target=/data \
+    echo partial > /work/made && cp /data/x /work/seen && touch /cache/by-step && exit 3
+"#;
+
+/// A context whose last step writes, then fails; returns the secret's file.
+fn failing_setup(name: &str) -> (Setup, String) {
+    let s = Setup::new(name);
+    s.write("Dockerfile", FAILING);
+    s.write("data/x", "from the context\n");
+    let secret = s.dir.join("secret");
+    std::fs::write(&secret, "secret-value-zzz").unwrap();
+    (s, format!("id=s,src={}", secret.display()))
+}
+
+/// Runs `command` on a pseudo-terminal (util-linux `script`), typing `input` after `delay`.
+fn on_terminal(command: &str, input: &str, delay: u64) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script runs");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_string();
+    let typist = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(delay));
+        for line in input.lines() {
+            let _ = writeln!(stdin, "{line}");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    });
+    let out = child.wait_with_output().expect("script ends");
+    typist.join().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn on_error_keep_leaves_what_the_failed_step_wrote_and_a_bundle_to_enter() {
+    if !can_build() || !kiln_test_support::tool(&common::current_test(), "script") {
+        return;
+    }
+    let (s, secret) = failing_setup("on-error-keep");
+    let kept = s.dir.join("kept");
+    let keep = format!("--on-error=keep={}", kept.display());
+    let out = s.build(&["--secret", &secret, &keep]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a step failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("the failed step is kept at {}", kept.display())),
+        "{stderr}"
+    );
+
+    // What the step wrote before failing, on its base.
+    let rootfs = kept.join("rootfs");
+    assert_eq!(std::fs::read_to_string(rootfs.join("work/made")).unwrap(), "partial\n");
+    assert_eq!(std::fs::read_to_string(rootfs.join("work/seen")).unwrap(), "from the context\n");
+    assert!(rootfs.join("bin/busybox").is_file(), "the base is there too");
+    // Its runtime config: a shell with the step's env, user and cwd; no secret.
+    let config: Value = serde_json::from_slice(&std::fs::read(kept.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["process"]["cwd"], "/work");
+    assert_eq!(config["process"]["terminal"], true);
+    let env = config["process"]["env"].to_string();
+    assert!(env.contains("GREETING=hello"), "{env}");
+    let everything = String::from_utf8_lossy(&std::fs::read(kept.join("config.json")).unwrap()).into_owned();
+    assert!(
+        !everything.contains("TOKEN") && !everything.contains("secret-value"),
+        "{everything}"
+    );
+    let cache = config["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == "/cache")
+        .expect("the cache mount is kept");
+    assert!(cache["options"].as_array().unwrap().iter().any(|o| o == "ro"), "{cache}");
+
+    // Entering it: the step's files, env, working directory and mounts.
+    let entered = on_terminal(
+        &kept.join("enter.sh").display().to_string(),
+        "cat /work/made; echo G=$GREETING; pwd; cat /data/x; touch /cache/x || echo cache-read-only; exit",
+        2,
+    );
+    for expected in ["partial", "G=hello", "/work", "from the context", "cache-read-only"] {
+        assert!(entered.contains(expected), "{expected:?} not in:\n{entered}");
+    }
+
+    // A directory that holds something is refused before anything runs.
+    let again = s.build(&["--secret", &secret, &keep]);
+    assert_eq!(again.status.code(), Some(2), "{}", String::from_utf8_lossy(&again.stderr));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
+}
+
+#[test]
+fn on_error_shell_opens_a_shell_in_the_failed_step() {
+    if !can_build() || !kiln_test_support::tool(&common::current_test(), "script") {
+        return;
+    }
+    let (s, secret) = failing_setup("on-error-shell");
+    // Without a terminal: a usage error naming what to use instead.
+    let out = s.build(&["--secret", &secret, "--on-error=shell"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--on-error=keep=DIR"));
+
+    let command = format!(
+        "env KILN_ROOT={} KILN_GC=off {} build --progress plain --build-context {} --secret {secret} --on-error=shell {}",
+        s.root().display(),
+        env!("CARGO_BIN_EXE_kiln"),
+        s.base_arg(),
+        s.ctx().display()
+    );
+    let session = on_terminal(&command, "cat /work/made; echo T=$TOKEN; id -u; exit", 4);
+    assert!(session.contains("opening a shell in the failed step"), "{session}");
+    assert!(session.contains("partial"), "{session}");
+    assert!(
+        session.contains("T=\r\n") || session.contains("T=\n"),
+        "no secret env in the shell: {session}"
+    );
+    assert!(!session.contains("secret-value"), "{session}");
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("kiln-shell-"))
+        .collect();
+    assert!(leftovers.is_empty(), "the shell's directory is removed: {leftovers:?}");
 }

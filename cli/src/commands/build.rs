@@ -339,6 +339,13 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         let _ = writeln!(err, "error: {msg}");
         return EXIT_USAGE;
     }
+    let on_error = match args.on_error.as_deref().map(parse_on_error).transpose() {
+        Ok(o) => o,
+        Err(msg) => {
+            let _ = writeln!(err, "error: --on-error: {msg}");
+            return EXIT_USAGE;
+        }
+    };
     let mut exporters = Vec::new();
     for o in &args.outputs {
         match parse_output(o, &args.tags) {
@@ -491,6 +498,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         explain: args.explain,
     });
     request.jobs = args.jobs;
+    request.keep_failed = on_error.as_ref().map(|o| o.dir().to_string_lossy().into_owned());
     request.oci_runtime = args.oci_runtime.clone();
     request.entitlements = args.allow.clone();
     for spec in &args.cache_to {
@@ -572,6 +580,9 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
             (_, None) => "this step failed".to_string(),
         };
         report_failure(&compiled, &message, digest.as_deref(), name, &tail, &label, err);
+        if let Some(o) = &on_error {
+            o.after_failure(args.oci_runtime.as_deref().unwrap_or("runc"), err);
+        }
         return if kind == ErrorKind::Vertex { EXIT_STEP } else { EXIT_OTHER };
     }
     match result {
@@ -641,6 +652,82 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
                 }
             );
             EXIT_OTHER
+        }
+    }
+}
+
+/// What `--on-error` asks for.
+#[derive(Debug)]
+pub enum OnError {
+    /// A shell in the failed step, from a directory removed afterwards.
+    Shell(PathBuf),
+    /// The failed step's filesystem left at this directory.
+    Keep(PathBuf),
+}
+
+/// Parses `--on-error=shell|keep=DIR`, checking up front what each needs.
+pub fn parse_on_error(spec: &str) -> Result<OnError, String> {
+    if spec == "shell" {
+        if !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            return Err("shell needs a terminal on stdin; without one (CI), use --on-error=keep=DIR".into());
+        }
+        if !rustix::process::geteuid().is_root() {
+            return Err("shell runs the step's runtime, which needs root; use --on-error=keep=DIR to keep its files".into());
+        }
+        return Ok(OnError::Shell(
+            std::env::temp_dir().join(format!("kiln-shell-{}", std::process::id())),
+        ));
+    }
+    let Some(dir) = spec.strip_prefix("keep=").filter(|d| !d.is_empty()) else {
+        return Err(format!("{spec:?}: expected shell or keep=DIR"));
+    };
+    let dir = absolute(Path::new(dir));
+    if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(format!("{} is not empty; name a new directory", dir.display()));
+    }
+    Ok(OnError::Keep(dir))
+}
+
+impl OnError {
+    /// The directory the solver keeps the failed step in.
+    pub fn dir(&self) -> &Path {
+        match self {
+            OnError::Shell(d) | OnError::Keep(d) => d,
+        }
+    }
+
+    /// After a failed build: say how to enter the kept step, or enter it.
+    fn after_failure(&self, runtime: &str, err: &mut dyn Write) {
+        let dir = self.dir();
+        if !dir.join("config.json").is_file() {
+            let _ = writeln!(err, "note: --on-error: no RUN step failed, so there is no step to enter");
+            return;
+        }
+        match self {
+            OnError::Keep(_) => {
+                let _ = writeln!(
+                    err,
+                    "the failed step is kept at {}: enter it with {}/enter.sh (as root); nothing of it is in the cache",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            OnError::Shell(_) => {
+                let _ = writeln!(
+                    err,
+                    "opening a shell in the failed step (its files, mounts, environment, user and working directory); exit to end"
+                );
+                let status = std::process::Command::new(runtime)
+                    .arg("run")
+                    .arg("--bundle")
+                    .arg(dir)
+                    .arg(format!("kiln-shell-{}", std::process::id()))
+                    .status();
+                if let Err(e) = status {
+                    let _ = writeln!(err, "error: {runtime}: {e}");
+                }
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }

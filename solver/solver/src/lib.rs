@@ -133,6 +133,10 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let imports = Arc::new(import_caches(&request.cache_from, &events).await);
     exec.imports = imports.clone();
+    exec.keep_failed = request
+        .keep_failed
+        .as_ref()
+        .map(|d| Arc::new(execute::keep::KeepFailed::new(PathBuf::from(d))));
     let mut solver = Solver::new(
         root.clone(),
         def,

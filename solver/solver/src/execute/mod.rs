@@ -7,6 +7,7 @@ pub(crate) mod cachemount;
 pub(crate) mod emulate;
 pub(crate) mod file;
 pub(crate) mod fileop;
+pub(crate) mod keep;
 pub(crate) mod layers;
 pub(crate) mod netns;
 pub(crate) mod runc;
@@ -51,6 +52,8 @@ pub(crate) struct Executor {
     checksums: Mutex<HashMap<PathBuf, Arc<ChecksumCache>>>,
     /// `--cache-from` caches (for cache mount contents).
     pub(crate) imports: Arc<Vec<crate::remotecache::Imported>>,
+    /// `--on-error=keep=DIR`: where the first failed RUN step goes.
+    pub(crate) keep_failed: Option<Arc<keep::KeepFailed>>,
 }
 
 /// The platform an op runs for (linux/amd64 when it names none).
@@ -83,6 +86,7 @@ impl Executor {
             events,
             checksums: Mutex::new(HashMap::new()),
             imports: Arc::new(Vec::new()),
+            keep_failed: None,
         }
     }
 
@@ -203,7 +207,12 @@ impl Executor {
                     e,
                     &layers,
                     &given,
-                    step::Launch { id, emulator },
+                    step::Launch {
+                        id,
+                        emulator,
+                        keep: self.keep_failed.clone(),
+                        say: &warn,
+                    },
                     on_output,
                 )
                 .await

@@ -34,11 +34,15 @@ pub(crate) struct StepSecrets<'a> {
 }
 
 /// How a step's container starts.
-pub(crate) struct Launch {
+pub(crate) struct Launch<'a> {
     /// The container id.
     pub id: String,
     /// A static emulator the command starts through (see `emulate.rs`).
     pub emulator: Option<PathBuf>,
+    /// Where to keep the step's filesystem if it fails (`--on-error=keep`).
+    pub keep: Option<Arc<super::keep::KeepFailed>>,
+    /// Reports a line on the step's log.
+    pub say: &'a (dyn Fn(&str) + Send + Sync),
 }
 
 /// Runs an ExecOp. `inputs` are the op's input values (locals already turned
@@ -49,7 +53,7 @@ pub(crate) async fn exec(
     op: &pb::ExecOp,
     inputs: &[Layers],
     given: &StepSecrets<'_>,
-    launch: Launch,
+    launch: Launch<'_>,
     on_output: impl FnMut(u8, &[u8]),
 ) -> Result<Vec<Option<Layers>>, Failure> {
     let meta = op.meta.as_ref().ok_or_else(|| Failure::invalid("exec op has no meta"))?;
@@ -215,6 +219,12 @@ pub(crate) async fn exec(
         });
     }
     let rootfs = rootfs.ok_or_else(|| setup("exec op has no root mount".into()))?;
+    // What a kept failure must leave out or bind read-only.
+    let mut private: Vec<PathBuf> = secret_fs.iter().map(|f| f.path().to_path_buf()).collect();
+    private.extend(given.ssh.values().map(PathBuf::from));
+    let caches: Vec<PathBuf> = cache_locks.iter().map(|c| c.dir.clone()).collect();
+    let kept_mounts = launch.keep.as_ref().map(|_| step_mounts.clone());
+    let private_env = extra_env.clone();
     let bundle = match &secret_fs {
         Some(fs_) => fs_.path().join("bundle"),
         None => root
@@ -237,6 +247,26 @@ pub(crate) async fn exec(
         on_output,
     )
     .await;
+    if let (Err(Failure::Exit { .. }), Some(keep), Some(mounts)) = (&result, &launch.keep, &kept_mounts) {
+        if keep.claim() {
+            let failed = super::keep::Failed {
+                bundle: &bundle,
+                rootfs: &rootfs,
+                mounts,
+                private: &private,
+                caches: &caches,
+                private_env: &private_env,
+            };
+            let id = format!("kiln-kept-{}", std::process::id());
+            match tokio::task::block_in_place(|| super::keep::save(&keep.dir, &id, &failed)) {
+                Ok(enter) => (launch.say)(&format!(
+                    "the failed step's filesystem is kept at {}; enter it with: {enter}",
+                    keep.dir.display()
+                )),
+                Err(why) => (launch.say)(&format!("--on-error=keep: {why}")),
+            }
+        }
+    }
     let _ = fs::remove_dir_all(&bundle);
     if let Some(s) = secret_fs {
         s.unmount().map_err(Failure::unmount("the secrets tmpfs"))?;
