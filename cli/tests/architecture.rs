@@ -122,9 +122,10 @@ fn host_triple() -> String {
 const ALLOWED: &[(&str, &[&str])] = &[
     ("kiln-llb", &[]),
     ("kiln-image", &["kiln-llb"]),
+    ("kiln-patterns", &[]),
     ("kiln-test-support", &[]),
     ("kiln-frontend", &["kiln-llb", "kiln-image"]),
-    ("kiln-dockerfile", &["kiln-llb", "kiln-image", "kiln-frontend"]),
+    ("kiln-dockerfile", &["kiln-llb", "kiln-image", "kiln-frontend", "kiln-patterns"]),
     ("kiln-recipe", &["kiln-llb", "kiln-image", "kiln-frontend", "kiln-dockerfile"]),
     ("kiln-frontend-stdio", &["kiln-llb", "kiln-image", "kiln-frontend"]),
     ("kiln-frontend-dockerfile", &["kiln-frontend-stdio", "kiln-dockerfile"]),
@@ -134,13 +135,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("kiln-frontend-steps", &["kiln-guest"]),
     ("kiln-oci", &["kiln-image"]),
     ("kiln-solver-protocol", &[]),
-    ("kiln-solver", &["kiln-llb", "kiln-image", "kiln-oci", "kiln-solver-protocol"]),
+    (
+        "kiln-solver",
+        &["kiln-llb", "kiln-image", "kiln-patterns", "kiln-oci", "kiln-solver-protocol"],
+    ),
 ];
 
 /// Crates that do no IO: they may not link these, even indirectly.
 const PURE: &[&str] = &[
     "kiln-llb",
     "kiln-image",
+    "kiln-patterns",
     "kiln-frontend",
     "kiln-dockerfile",
     "kiln-recipe",

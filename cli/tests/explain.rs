@@ -163,6 +163,12 @@ fn explain_names_the_changed_files_and_build_args_and_never_a_value() {
     ok(&warm);
     let warm_text = String::from_utf8_lossy(&warm.stderr);
     assert!(!warm_text.contains("ran:"), "{warm_text}");
+    // The last build found every step cached: what a step's key was made
+    // of is read from its cache record.
+    s.write("req.txt", "requests==3\n");
+    let after_warm = ran(&build("v-two-222", "secret-value-bbb", &[]));
+    assert_eq!(reason_of(&after_warm, "req.txt"), "context files changed: req.txt");
+
     let forced = ran(&build("v-two-222", "secret-value-bbb", &["--no-cache"]));
     assert!(forced.iter().all(|(_, e)| e["reason"] == "--no-cache"), "{forced:?}");
 

@@ -484,7 +484,9 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         }
     };
     request.no_cache = args.no_cache;
-    request.build = Some(kiln_solver_protocol::BuildInfo {
+    // KILN_HISTORY=off: no history kept (and nothing to compare --explain with).
+    let remember = args.explain || std::env::var("KILN_HISTORY").map_or(true, |v| v != "off");
+    request.build = remember.then(|| kiln_solver_protocol::BuildInfo {
         definition: absolute(&crate::frontend::definition_path(&args.frontend))
             .to_string_lossy()
             .into_owned(),

@@ -35,7 +35,7 @@ pub struct Config {
     pub skip: HashSet<String>,
     /// `error=true`: findings are errors.
     pub error: bool,
-    /// `experimental=…` (accepted; no experimental rule is checked here).
+    /// `experimental=A,B` or `all`: experimental rules to run (InvalidDefinitionDescription).
     pub experimental: HashSet<String>,
 }
 
@@ -104,6 +104,9 @@ pub fn description(rule: &str) -> &'static str {
         "InvalidDefaultArgInFrom" => "Default value for global ARG results in an empty or invalid base image name",
         "RedundantTargetPlatform" => "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the default behavior",
         "FromPlatformFlagConstDisallowed" => "FROM --platform flag should not use a constant value",
+        "InvalidDefinitionDescription" => {
+            "Comment for build stage or argument should follow the format: `# <arg/stage name> <description>`. If this is not intended to be a description comment, add an empty line or comment between the instruction and the comment."
+        }
         "ExposeInvalidFormat" => {
             "IP address and host-port mapping should not be used in EXPOSE instruction. This will become an error in a future release"
         }
@@ -172,6 +175,27 @@ pub fn check(ast: &Ast, config: &Config) -> Vec<Finding> {
                 "Maintainer instruction is deprecated in favor of using label".into(),
                 &n.span,
             );
+        }
+        // Experimental: a comment right above a named FROM or an ARG describes it.
+        let experimental = config.experimental.contains("all") || config.experimental.contains("InvalidDefinitionDescription");
+        if let (true, Some(last)) = (experimental, n.comments.last()) {
+            let keys: Vec<&str> = match keyword.as_str() {
+                "from" if n.args.len() >= 3 => vec![n.args[2].as_str()],
+                "arg" => n.args.iter().map(|d| d.split_once('=').map_or(d.as_str(), |(k, _)| k)).collect(),
+                _ => Vec::new(),
+            };
+            let first_word = last.split(' ').next().unwrap_or("");
+            if !keys.is_empty() && !keys.contains(&first_word) {
+                let example = if keys.len() > 1 { "<arg_key>" } else { keys[0] };
+                add(
+                    "InvalidDefinitionDescription",
+                    format!(
+                        "Comment for {} should follow the format: `# {example} <description>`",
+                        keyword.to_uppercase()
+                    ),
+                    &n.span,
+                );
+            }
         }
         if first_from.is_some_and(|f| i >= f) {
             let wrong = if majority_lower && !is_lower(&n.keyword) {
@@ -498,6 +522,34 @@ mod tests {
         assert_eq!(
             rules("FROM busybox AS build\nWORKDIR /src\nENV A=b\nCMD [\"sh\"]\nFROM build\nRUN true\n"),
             vec![]
+        );
+    }
+
+    #[test]
+    fn definition_descriptions_are_checked_only_when_asked_for() {
+        // BuildKit's own test file for the experimental rule.
+        let src = "# bar this is the bar\nARG foo=bar\n# BasE this is the BasE image\nFROM scratch AS base\n\
+                   # definitely a bad comment\nARG version=latest\n# definitely a bad comment\nARG foo=baz bar=qux baz=quux\n\
+                   # good this is good\nARG good\n#\nARG after_reset\n# comment for something else\nCOPY a b\n";
+        let (ast, _) = crate::parser::parse(src);
+        assert!(
+            rules(src).iter().all(|(r, _)| *r != "InvalidDefinitionDescription"),
+            "experimental: off by default"
+        );
+        let on = parse_config("experimental=InvalidDefinitionDescription").unwrap_or_default();
+        let found: Vec<String> = check(&ast, &on)
+            .into_iter()
+            .filter(|f| f.rule == "InvalidDefinitionDescription")
+            .map(|f| f.message)
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "Comment for ARG should follow the format: `# foo <description>`",
+                "Comment for FROM should follow the format: `# base <description>`",
+                "Comment for ARG should follow the format: `# version <description>`",
+                "Comment for ARG should follow the format: `# <arg_key> <description>`",
+            ]
         );
     }
 

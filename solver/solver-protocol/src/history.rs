@@ -82,7 +82,8 @@ pub struct StepRecord {
     pub inputs: Vec<String>,
     /// The parts its key is made of, by name: short hashes, or readable
     /// values for what is not secret (an image reference, a pinned digest).
-    #[serde(default)]
+    /// Kept for steps that ran (a cached step's are in its cache record).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub parts: BTreeMap<String, String>,
     /// Why it ran instead of coming from the cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]

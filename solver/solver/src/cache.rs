@@ -137,6 +137,15 @@ pub(crate) struct Record {
     /// The op that made it (its name), for `kiln du`.
     #[serde(default)]
     pub(crate) description: String,
+    /// The parts of its key, by name, for `--explain` (`history.rs`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(crate) parts: std::collections::BTreeMap<String, String>,
+}
+
+/// The key parts a record remembers, read without touching the record.
+pub(crate) fn record_parts(root: &StateRoot, key: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    let bytes = fs::read(root.record_path(key)).ok()?;
+    serde_json::from_slice::<Record>(&bytes).ok().map(|r| r.parts)
 }
 
 /// Reads a cache record; a missing or damaged record is a miss, and a record

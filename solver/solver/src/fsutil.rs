@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::source::context::join_rel;
-use crate::source::pattern::{clean_rel, glob_match, has_wildcards};
+use kiln_patterns::{clean_rel, glob_match, has_wildcards};
 
 /// Resolves the container path `p` inside `root`: symlinks are followed as
 /// if `root` were `/` (absolute targets and `..` stay inside), the last

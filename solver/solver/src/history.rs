@@ -14,6 +14,11 @@
 //! explanation can say which files changed. A manifest is written only
 //! for a step that runs, so a warm build writes none.
 //!
+//! The parts are computed only for a step that runs, kept in its build
+//! record and its cache record (a cached step's are read from the cache
+//! record of its key when an explanation needs them), so a warm build
+//! computes and writes none.
+//!
 //! The build itself is written to `history/ID.json` when it ends
 //! ([`Recorder::write`]); the newest [`KEEP_BUILDS`] are kept.
 
@@ -141,11 +146,13 @@ pub(crate) struct Draft {
 
 /// Remembers one build's steps and explains its cache misses.
 pub(crate) struct Recorder {
+    root: Arc<StateRoot>,
     dir: PathBuf,
     info: BuildInfo,
     platforms: Vec<String>,
     started: u64,
-    previous: Option<Previous>,
+    /// Read at the first miss: a warm build never parses it.
+    previous: std::sync::OnceLock<Option<Previous>>,
     steps: Mutex<(Vec<StepRecord>, HashMap<String, usize>)>,
 }
 
@@ -177,12 +184,25 @@ pub(crate) fn read_build(dir: &std::path::Path, id: &str) -> Option<BuildRecord>
 impl Recorder {
     /// A recorder for a build of `root`, with the last build of the same
     /// definition and target to compare with.
-    pub(crate) fn new(root: &StateRoot, info: BuildInfo, platforms: Vec<String>) -> Recorder {
-        let dir = root.path().join(DIR);
-        let previous = fs::read_to_string(last_file(&dir, &info))
-            .ok()
-            .and_then(|id| read_build(&dir, id.trim()))
-            .map(|record| {
+    pub(crate) fn new(root: Arc<StateRoot>, info: BuildInfo, platforms: Vec<String>) -> Recorder {
+        Recorder {
+            dir: root.path().join(DIR),
+            root,
+            info,
+            platforms,
+            started: now_secs(),
+            previous: std::sync::OnceLock::new(),
+            steps: Mutex::new((Vec::new(), HashMap::new())),
+        }
+    }
+
+    /// The last build of the same definition and target, read once.
+    fn previous(&self) -> Option<&Previous> {
+        self.previous
+            .get_or_init(|| {
+                let record = fs::read_to_string(last_file(&self.dir, &self.info))
+                    .ok()
+                    .and_then(|id| read_build(&self.dir, id.trim()))?;
                 let mut by_digest = HashMap::new();
                 let mut by_name = HashMap::new();
                 let mut by_location = HashMap::new();
@@ -193,21 +213,14 @@ impl Recorder {
                         by_location.entry(l.clone()).or_insert(i);
                     }
                 }
-                Previous {
+                Some(Previous {
                     record,
                     by_digest,
                     by_name,
                     by_location,
-                }
-            });
-        Recorder {
-            dir,
-            info,
-            platforms,
-            started: now_secs(),
-            previous,
-            steps: Mutex::new((Vec::new(), HashMap::new())),
-        }
+                })
+            })
+            .as_ref()
     }
 
     /// Whether misses are explained in events.
@@ -260,7 +273,7 @@ impl Recorder {
         if let Some(flag) = no_cache {
             return plain(flag);
         }
-        let Some(previous) = &self.previous else {
+        let Some(previous) = self.previous() else {
             return plain("not built here before");
         };
         let Some(before) = previous.find(&draft.digest, &draft.name, draft.location.as_deref()) else {
@@ -272,7 +285,8 @@ impl Recorder {
         if before.key == draft.key {
             return plain("its cached result is gone (pruned, or the last build stopped before storing it)");
         }
-        let own = self.own_changes(&draft.parts, &before.parts);
+        let before_parts = self.parts_of(before);
+        let own = self.own_changes(&draft.parts, &before_parts);
         if !own.is_empty() {
             return plain(&own.join("; "));
         }
@@ -281,13 +295,13 @@ impl Recorder {
         let mut because_of = None;
         for (i, input) in draft.inputs.iter().enumerate() {
             let part = format!("input:{i}");
-            if draft.parts.get(&part) == before.parts.get(&part) {
+            if draft.parts.get(&part) == before_parts.get(&part) {
                 continue;
             }
             let prefix = format!("read:{i}:");
             let now_reads: BTreeMap<&str, &str> = reads_of(&draft.parts, &prefix);
             if !now_reads.is_empty() {
-                let then_reads = reads_of(&before.parts, &prefix);
+                let then_reads = reads_of(&before_parts, &prefix);
                 said.push(self.context_changes(&now_reads, &then_reads));
                 continue;
             }
@@ -304,7 +318,7 @@ impl Recorder {
             // A cached input with another key than last time: say what changed in it.
             let why = previous
                 .find(&upstream.digest, &upstream.name, upstream.location.as_deref())
-                .map(|b| self.own_changes(&upstream.parts, &b.parts))
+                .map(|b| self.own_changes(&self.parts_of(upstream), &self.parts_of(b)))
                 .unwrap_or_default();
             said.push(if why.is_empty() {
                 format!("its input {} is another result than last time", upstream.name)
@@ -322,6 +336,14 @@ impl Recorder {
             reason: said.join("; "),
             because_of,
         }
+    }
+
+    /// A step's key parts: kept with it when it ran, else in its cache record.
+    fn parts_of(&self, step: &StepRecord) -> BTreeMap<String, String> {
+        if !step.parts.is_empty() {
+            return step.parts.clone();
+        }
+        crate::cache::record_parts(&self.root, &step.key).unwrap_or_default()
     }
 
     /// What differs in a step's own parts (not its inputs), said by name.
@@ -510,7 +532,10 @@ impl Recorder {
             write_atomic(&self.dir.join(format!("{id}.json")), &bytes, false).ok()?;
             write_atomic(&last_file(&self.dir, &self.info), id.as_bytes(), false).ok()
         });
-        self.trim();
+        // Trimming lists two directories: done on about one build in 16.
+        if id.ends_with('0') {
+            self.trim();
+        }
         (written.map(|_| id), path)
     }
 

@@ -152,7 +152,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     );
     solver.history = request.build.clone().map(|info| {
         let platforms = request.platforms.iter().map(|p| p.platform.clone()).collect();
-        Arc::new(history::Recorder::new(&root, info, platforms))
+        Arc::new(history::Recorder::new(root.clone(), info, platforms))
     });
     let solver = Arc::new(solver);
     let started = std::time::Instant::now();
@@ -167,9 +167,7 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
             let h = h.clone();
             let (ran, cached) = (counted(&solver.executed), counted(&solver.cached));
             let took = started.elapsed().as_millis() as u64;
-            tokio::task::spawn_blocking(move || h.write(took, ran, cached, digest, error))
-                .await
-                .unwrap_or_default()
+            tokio::task::block_in_place(move || h.write(took, ran, cached, digest, error))
         }
         None => (None, Vec::new()),
     };

@@ -13,7 +13,7 @@ use crate::error::Failure;
 use crate::fsutil::{lchown, lookup_id, lookup_user, matches_in_dir, mkdir_all, resolve_in_root, Owner};
 use crate::snapshot::layer::set_mtime_nofollow;
 use crate::source::context::{join_rel, LocalSource};
-use crate::source::pattern::{clean_rel, has_wildcards, Filter};
+use kiln_patterns::{clean_rel, has_wildcards, Filter};
 
 /// Where a copy reads from.
 pub(crate) enum SourceView<'a> {
@@ -356,7 +356,7 @@ pub(crate) fn copy(dest_root: &Path, src: &SourceView, a: &pb::FileActionCopy) -
         owner: owner.or(src.owner_override()),
         mode,
         time,
-        filter: Filter::new(&a.include_patterns, &a.exclude_patterns)?,
+        filter: Filter::new(&a.include_patterns, &a.exclude_patterns).map_err(|e| Failure::invalid(e.to_string()))?,
         replace: a.always_replace_existing_dest_paths,
         links: HashMap::new(),
         pending: Vec::new(),

@@ -127,6 +127,7 @@ impl Executor {
                         outputs: vec![vec![id.clone()]],
                         created: 0,
                         description: format!("local://{}", local.name),
+                        parts: Default::default(),
                     };
                     write_record(&root, &key, &record).map_err(Failure::io(Some("writing the cache record of"), local.dir.display()))?;
                     Ok(Arc::new(vec![id]))

@@ -253,6 +253,7 @@ impl Solver {
                             .map(|d| d.as_secs())
                             .unwrap_or(0),
                         description: name.to_string(),
+                        parts: Default::default(),
                     };
                     // Kept for the next build; a failure to write only costs that.
                     let _ = cache::write_record(&self.root, key, &record);
@@ -507,7 +508,16 @@ impl Solver {
             }
         }
         let key = cache::vertex_key(&keyed, pinned.as_bytes());
-        let draft = self.history.as_ref().map(|_| {
+        // What the history remembers of this step; its key's parts only if it runs.
+        let mut draft = self.history.as_ref().map(|_| history::Draft {
+            digest: digest.to_string(),
+            name: name.clone(),
+            location: history::location(&self.def, digest),
+            key: key.clone(),
+            parts: BTreeMap::new(),
+            inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
+        });
+        let parts_of = || {
             let mut parts = history::op_parts(op, &pinned);
             let mut read_iter = reads.iter();
             for (i, dep) in contributions.iter().enumerate() {
@@ -519,15 +529,8 @@ impl Solver {
                 };
                 history::input_parts(&mut parts, i, dep, r.unwrap_or_default());
             }
-            history::Draft {
-                digest: digest.to_string(),
-                name: name.clone(),
-                location: history::location(&self.def, digest),
-                key: key.clone(),
-                parts,
-                inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
-            }
-        });
+            parts
+        };
 
         if !ignore_cache {
             let found = tokio::task::block_in_place(|| read_record(&self.root, &key).or_else(|| self.imported(digest, &key, &name)));
@@ -554,6 +557,10 @@ impl Solver {
             }
         }
         // Why it runs, said before it waits for a slot.
+        if let Some(d) = &mut draft {
+            d.parts = parts_of();
+        }
+        let parts = draft.as_ref().map(|d| d.parts.clone()).unwrap_or_default();
         let explained = match (&self.history, &draft) {
             (Some(h), Some(draft)) => {
                 let flag = if self.opts.no_cache {
@@ -618,6 +625,7 @@ impl Solver {
                         .map(|d| d.as_secs())
                         .unwrap_or(0),
                     description: name,
+                    parts,
                 };
                 tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
                     .map_err(|e| fail_at(Stage::Cache)(Failure::io(Some("writing the cache record"), &key)(e)))?;

@@ -21,7 +21,7 @@ use crate::fsutil::{matches_in_dir, resolve_in_root, xattrs};
 use crate::root::{write_atomic, StateRoot};
 use crate::snapshot::{empty_dir, mount_stack};
 use crate::source::context::{join_rel, Sum};
-use crate::source::pattern::{clean_rel, has_wildcards};
+use kiln_patterns::{clean_rel, has_wildcards};
 
 /// Version of the sum's format; part of every remembered sum's name.
 const SUM_SCHEME: &[u8] = b"kiln-stack-sum-v1";

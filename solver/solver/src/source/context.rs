@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::Failure;
 use crate::root::{write_atomic, StateRoot};
-use crate::source::pattern::{clean_rel, glob_match, has_wildcards, Filter};
+use kiln_patterns::{clean_rel, glob_match, has_wildcards, Filter};
 
 /// A 32-byte content checksum.
 pub(crate) type Sum = [u8; 32];
@@ -181,7 +181,7 @@ impl LocalSource {
         Ok(LocalSource {
             name: name.to_string(),
             dir,
-            filter: Filter::new(&inc, &exclude)?,
+            filter: Filter::new(&inc, &exclude).map_err(|e| Failure::invalid(e.to_string()))?,
         })
     }
 

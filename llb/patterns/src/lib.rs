@@ -1,11 +1,16 @@
 //! Path patterns: `.dockerignore`-style matchers (moby's patternmatcher
 //! semantics: `*`, `?`, `[…]`, `**`, `!` exceptions, last match wins, a
 //! pattern matching a parent directory matches what is inside) and Go's
-//! `filepath.Match` for COPY wildcards.
+//! `filepath.Match` for COPY wildcards. Shared by the solver (what a local
+//! source offers, what a copy takes) and the Dockerfile checks
+//! (CopyIgnoredFile). **Invariant:** no IO.
 
 use regex::Regex;
 
-use crate::error::Failure;
+/// A pattern that cannot be compiled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid pattern {0:?}")]
+pub struct InvalidPattern(pub String);
 
 /// One compiled pattern.
 #[derive(Debug, Clone)]
@@ -18,7 +23,7 @@ struct Pattern {
 
 /// A list of patterns, applied in order.
 #[derive(Debug, Clone)]
-pub(crate) struct Matcher {
+pub struct Matcher {
     patterns: Vec<Pattern>,
 }
 
@@ -89,7 +94,7 @@ fn glob_regex(glob: &str, double_star: bool) -> Option<Regex> {
 }
 
 /// Cleans a pattern or path as Go's `filepath.Clean`, without a leading `/`.
-pub(crate) fn clean_rel(p: &str) -> String {
+pub fn clean_rel(p: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     for part in p.split('/') {
         match part {
@@ -105,7 +110,7 @@ pub(crate) fn clean_rel(p: &str) -> String {
 
 impl Matcher {
     /// Compiles patterns; invalid ones are reported.
-    pub(crate) fn new(patterns: &[String]) -> Result<Matcher, Failure> {
+    pub fn new(patterns: &[String]) -> Result<Matcher, InvalidPattern> {
         let mut out = Vec::new();
         for raw in patterns {
             let raw = raw.trim();
@@ -120,7 +125,7 @@ impl Matcher {
             if cleaned.is_empty() {
                 continue;
             }
-            let regex = glob_regex(&cleaned, true).ok_or_else(|| Failure::invalid(format!("invalid pattern {raw:?}")))?;
+            let regex = glob_regex(&cleaned, true).ok_or_else(|| InvalidPattern(raw.to_string()))?;
             out.push(Pattern {
                 regex,
                 exclusion,
@@ -131,18 +136,23 @@ impl Matcher {
     }
 
     /// Whether there are no patterns.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.patterns.is_empty()
     }
 
+    /// The patterns as given (cleaned), `!` kept, in order.
+    pub fn patterns(&self) -> impl Iterator<Item = (bool, String)> + '_ {
+        self.patterns.iter().map(|p| (p.exclusion, p.parts.join("/")))
+    }
+
     /// Whether any pattern is an `!exception`.
-    pub(crate) fn has_exceptions(&self) -> bool {
+    pub fn has_exceptions(&self) -> bool {
         self.patterns.iter().any(|p| p.exclusion)
     }
 
     /// Whether `rel` (clean, relative) or one of its parents matches, the
     /// last matching pattern deciding.
-    pub(crate) fn matches(&self, rel: &str) -> bool {
+    pub fn matches(&self, rel: &str) -> bool {
         let mut matched = false;
         for p in &self.patterns {
             if p.exclusion != matched {
@@ -169,7 +179,7 @@ impl Matcher {
 
     /// Whether the directory `rel` could contain a path some non-exclusion
     /// pattern matches (so a walk limited to these patterns must enter it).
-    pub(crate) fn may_contain_match(&self, rel: &str) -> bool {
+    pub fn may_contain_match(&self, rel: &str) -> bool {
         let dir: Vec<&str> = if rel.is_empty() { Vec::new() } else { rel.split('/').collect() };
         self.patterns.iter().filter(|p| !p.exclusion).any(|p| {
             for (i, d) in dir.iter().enumerate() {
@@ -191,14 +201,14 @@ impl Matcher {
 /// Include and exclude patterns together: what a local source offers and
 /// what a copy takes (`COPY --parents`/`--exclude`).
 #[derive(Debug, Default)]
-pub(crate) struct Filter {
+pub struct Filter {
     include: Option<Matcher>,
     exclude: Option<Matcher>,
 }
 
 impl Filter {
     /// A filter of `include` patterns (none: everything) minus `exclude` ones.
-    pub(crate) fn new(include: &[String], exclude: &[String]) -> Result<Filter, Failure> {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Filter, InvalidPattern> {
         let matcher = |p: &[String]| if p.is_empty() { Ok(None) } else { Matcher::new(p).map(Some) };
         Ok(Filter {
             include: matcher(include)?,
@@ -207,7 +217,7 @@ impl Filter {
     }
 
     /// Whether the relative path is taken (the root always is).
-    pub(crate) fn includes(&self, rel: &str) -> bool {
+    pub fn includes(&self, rel: &str) -> bool {
         if rel.is_empty() {
             return true;
         }
@@ -219,7 +229,7 @@ impl Filter {
 
     /// Whether a walk must enter the directory `rel`: it or something below
     /// may be taken (an excluded directory may hold `!exception` paths).
-    pub(crate) fn may_enter(&self, rel: &str) -> bool {
+    pub fn may_enter(&self, rel: &str) -> bool {
         if rel.is_empty() {
             return true;
         }
@@ -233,7 +243,7 @@ impl Filter {
     }
 
     /// Whether everything below `rel` is taken, so no pattern needs checking there.
-    pub(crate) fn takes_all_below(&self, rel: &str) -> bool {
+    pub fn takes_all_below(&self, rel: &str) -> bool {
         self.exclude.is_none()
             && self
                 .include
@@ -243,12 +253,12 @@ impl Filter {
 }
 
 /// Go's `filepath.Match`: `*` and `?` do not cross `/`.
-pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
+pub fn glob_match(pattern: &str, name: &str) -> bool {
     glob_regex(pattern, false).is_some_and(|r| r.is_match(name))
 }
 
 /// Whether a string has glob metacharacters.
-pub(crate) fn has_wildcards(s: &str) -> bool {
+pub fn has_wildcards(s: &str) -> bool {
     s.contains(['*', '?', '[', '\\'])
 }
 
