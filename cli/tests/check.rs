@@ -163,3 +163,92 @@ fn the_from_rules_read_the_global_args() {
     let out = kiln(&["build", "--check", "--build-arg", "BASE_IMAGE=busybox", "."], &dir);
     assert!(stderr(&out).contains("check complete, 4 warnings found."), "{}", stderr(&out));
 }
+
+#[test]
+fn the_rules_that_read_the_context_the_stage_environment_and_the_base() {
+    let dir = scratch_dir("check-context-env");
+    std::fs::write(dir.join(".dockerignore"), "secret.txt\nbuild/\n").expect(".dockerignore");
+    write(
+        &dir,
+        "# check=experimental=InvalidDefinitionDescription\n\
+         FROM scratch\n\
+         ARG DECLARED\n\
+         ENV GREETING=hi\n\
+         ENV A=$UNDEFINED_X B=$GREETNG C=$DECLARED D=$PATH\n\
+         WORKDIR /$NOPE\n\
+         COPY secret.txt /\n\
+         ADD build/out /\n\
+         COPY ok.txt /\n\
+         # the version to build\n\
+         ARG VERSION=1\n\
+         # VERSION2 is described\n\
+         ARG VERSION2=1\n",
+    );
+    let out = kiln(&["build", "--check", "."], &dir);
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for (rule, message, line) in [
+        ("UndefinedVar", "Usage of undefined variable '$UNDEFINED_X'", 5),
+        (
+            "UndefinedVar",
+            "Usage of undefined variable '$GREETNG' (did you mean $GREETING?)",
+            5,
+        ),
+        ("UndefinedVar", "Usage of undefined variable '$NOPE'", 6),
+        (
+            "CopyIgnoredFile",
+            "Attempting to Copy file \"secret.txt\" that is excluded by .dockerignore",
+            7,
+        ),
+        (
+            "CopyIgnoredFile",
+            "Attempting to Add file \"build/out\" that is excluded by .dockerignore",
+            8,
+        ),
+        (
+            "InvalidDefinitionDescription",
+            "Comment for ARG should follow the format: `# VERSION <description>`",
+            11,
+        ),
+    ] {
+        let head = format!("kiln::check::{rule}\n\n  ⚠ {message}\n");
+        let at = text.find(&head).unwrap_or_else(|| panic!("{rule}: {message}:\n{text}"));
+        let next = text[at + head.len()..].lines().next().unwrap_or("");
+        assert_eq!(
+            next.trim_start(),
+            format!("╭─[Dockerfile:{line}:1]"),
+            "{rule} at line {line}:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("check complete, 6 warnings found."),
+        "a declared ARG, PATH, a copied file not ignored and a described ARG pass: {text}"
+    );
+    // With an `!` exception BuildKit cannot tell statically: CopyIgnoredFile is off.
+    std::fs::write(dir.join(".dockerignore"), "secret.txt\nbuild/\n!build/keep\n").expect(".dockerignore");
+    let out = kiln(&["build", "--check", "."], &dir);
+    assert!(!stderr(&out).contains("CopyIgnoredFile"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_base_image_of_another_platform_is_named() {
+    if !kiln_test_support::tool(&common::current_test(), "busybox") {
+        return;
+    }
+    let dir = scratch_dir("check-base-platform");
+    common::busybox_layout(&dir.join("base"));
+    write(&dir, "FROM busybox\nRUN true\n");
+    let base = format!("busybox=oci-layout://{}", dir.join("base").display());
+    // The fixture has only linux/amd64.
+    let out = kiln(&["dump-llb", "--build-context", &base, "--platform", "linux/arm64", "."], &dir);
+    let text = stderr(&out);
+    assert!(
+        text.contains(
+            "kiln::check::InvalidBaseImagePlatform\n\n  ⚠ Base image busybox was pulled with platform \"linux/amd64\", \
+             expected \"linux/arm64\" for current build\n   ╭─[Dockerfile:1:1]"
+        ),
+        "{text}"
+    );
+    let out = kiln(&["dump-llb", "--build-context", &base, "."], &dir);
+    assert!(!stderr(&out).contains("InvalidBaseImagePlatform"), "{}", stderr(&out));
+}

@@ -73,6 +73,7 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
         let mut builtin = lower::platform_args("TARGET", &target);
         builtin.extend(lower::platform_args("BUILD", &request.build_platform));
         report(lint::check_from(&program, &request.build_args, &builtin), &mut response);
+        report(lint::check_copy_ignored(&program, &request.ignore_patterns), &mut response);
         response.diagnostics.sort_by_key(|d| d.offset);
     }
     if response.has_errors() {
@@ -85,8 +86,10 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
         language: "Dockerfile".into(),
         definition: None,
     };
-    let lowered = lower_program(&program, request, host, info);
+    let (lowered, findings) = lower_program_checked(&program, request, host, info);
+    report(findings, &mut response);
     response.diagnostics.extend(lowered.diagnostics);
+    response.diagnostics.sort_by_key(|d| d.offset);
     response.definition = lowered.definition;
     response.image_config = lowered.image_config;
     response
@@ -96,12 +99,25 @@ pub fn compile(request: &Request, host: &dyn Host) -> Response {
 /// the IR ([`ir`]), to LLB and the image config. `info` names the definition
 /// file in the source map; diagnostics point into `request.filename`.
 pub fn lower_program(program: &ir::Program, request: &Request, host: &dyn Host, info: pb::SourceInfo) -> Response {
+    lower_program_checked(program, request, host, info).0
+}
+
+/// [`lower_program`], with the Dockerfile check findings only lowering can
+/// make (UndefinedVar, InvalidBaseImagePlatform) for the caller to report.
+pub fn lower_program_checked(
+    program: &ir::Program,
+    request: &Request,
+    host: &dyn Host,
+    info: pb::SourceInfo,
+) -> (Response, Vec<lint::Finding>) {
     let mut response = Response::default();
+    let mut findings = Vec::new();
     let input = lower::LowerInput { program, request, host };
     match lower::lower(&input) {
         Ok(lowered) => {
             response.definition = Some(lowered.state.marshal(vec![info]));
             response.image_config = Some(lowered.config);
+            findings = lowered.findings;
         }
         Err(errors) => {
             for (code, message, span) in errors {
@@ -111,5 +127,5 @@ pub fn lower_program(program: &ir::Program, request: &Request, host: &dyn Host, 
             }
         }
     }
-    response
+    (response, findings)
 }

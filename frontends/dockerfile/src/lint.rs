@@ -6,10 +6,10 @@
 //! argument `BUILDKIT_DOCKERFILE_CHECK`.
 //!
 //! Rules that need a stage's dispatch state (CMD, ENTRYPOINT, WORKDIR, ENV,
-//! LABEL, ARG, EXPOSE) are checked in every stage, as `--check` does. Not
-//! here yet: UndefinedVar, CopyIgnoredFile, InvalidBaseImagePlatform (they
-//! need the lowering's environment, the context or the base image) and the
-//! experimental InvalidDefinitionDescription.
+//! LABEL, ARG, EXPOSE) are checked in every stage, as `--check` does.
+//! [`check_copy_ignored`] reads the `.dockerignore` patterns. UndefinedVar
+//! and InvalidBaseImagePlatform need the lowering's environment and the
+//! base image: the lowering reports them (`lower/`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -104,6 +104,9 @@ pub fn description(rule: &str) -> &'static str {
         "InvalidDefaultArgInFrom" => "Default value for global ARG results in an empty or invalid base image name",
         "RedundantTargetPlatform" => "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the default behavior",
         "FromPlatformFlagConstDisallowed" => "FROM --platform flag should not use a constant value",
+        "UndefinedVar" => "Variables should be defined before their use",
+        "InvalidBaseImagePlatform" => "Base image platform does not match expected target platform",
+        "CopyIgnoredFile" => "Attempting to Copy file that is excluded by .dockerignore",
         "InvalidDefinitionDescription" => {
             "Comment for build stage or argument should follow the format: `# <arg/stage name> <description>`. If this is not intended to be a description comment, add an empty line or comment between the instruction and the comment."
         }
@@ -347,9 +350,57 @@ pub fn check(ast: &Ast, config: &Config) -> Vec<Finding> {
     out
 }
 
+/// CopyIgnoredFile: a COPY or ADD from the build context of a path the
+/// `.dockerignore` patterns exclude (it would not be there to copy). As
+/// BuildKit, not checked when the patterns have `!` exceptions, and the
+/// context root (`.`) only counts as excluded under `*`, `**` or `**/*`.
+/// Sources written with variables are not checked.
+pub fn check_copy_ignored(program: &crate::ir::Program, ignore_patterns: &[String]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let Ok(matcher) = kiln_patterns::Matcher::new(ignore_patterns) else {
+        return out;
+    };
+    if matcher.is_empty() || matcher.has_exceptions() {
+        return out;
+    }
+    let root_ignored = matcher
+        .patterns()
+        .any(|(exclusion, p)| !exclusion && matches!(p.as_str(), "*" | "**" | "**/*"));
+    for stage in &program.stages {
+        for (at, instruction) in &stage.instructions {
+            let crate::ir::Instruction::Copy(c) = instruction else { continue };
+            if c.from.is_some() {
+                continue;
+            }
+            for src in &c.sources {
+                let remote = src.contains("://") || src.starts_with("git@");
+                if remote || src.contains('$') {
+                    continue;
+                }
+                let clean = kiln_patterns::clean_rel(src);
+                if clean.is_empty() && !root_ignored {
+                    continue;
+                }
+                if matcher.matches(&clean) {
+                    let shown = if clean.is_empty() { ".".to_string() } else { clean };
+                    out.push(Finding {
+                        rule: "CopyIgnoredFile",
+                        message: format!(
+                            "Attempting to {} file {shown:?} that is excluded by .dockerignore",
+                            if c.is_add { "Add" } else { "Copy" }
+                        ),
+                        span: at.span.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
 /// BuildKit's `suggest.Search`: the closest option under edit distance 3
 /// (case-sensitive), none for an exact match.
-fn suggest(value: &str, options: &[&str]) -> Option<String> {
+pub(crate) fn suggest(value: &str, options: &[&str]) -> Option<String> {
     let mut best: Option<(usize, &str)> = None;
     for opt in options {
         if *opt == value {

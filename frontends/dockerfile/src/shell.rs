@@ -8,6 +8,23 @@ use regex::Regex;
 pub trait Env {
     /// The value of `name`, if set.
     fn get(&self, name: &str) -> Option<&str>;
+
+    /// Whether words expanded with this environment are checked for
+    /// variables never set (the UndefinedVar check; a build stage's
+    /// environment is, the global ARGs of FROM are not).
+    fn checks_undefined(&self) -> bool {
+        false
+    }
+
+    /// Whether `name` was declared (an `ARG` without a value counts).
+    fn declared(&self, _name: &str) -> bool {
+        false
+    }
+
+    /// Every name set, for a did-you-mean.
+    fn names(&self) -> Vec<&str> {
+        Vec::new()
+    }
 }
 
 impl Env for [(String, String)] {

@@ -101,7 +101,13 @@ fn deep_inputs_compile_without_overflowing_the_stack() {
     let nested = format!("FROM scratch\nENV A={}y{}\n", "${X:-".repeat(10_000), "}".repeat(10_000));
     for (name, text) in [("chain", chain), ("stages", stages), ("nested", nested)] {
         let response = kiln_dockerfile::compile(&request(text.into_bytes()), &OfflineHost);
-        assert!(response.diagnostics.is_empty(), "{name}: {:?}", response.diagnostics.first());
+        // Only check warnings (`${X:-…}` uses X, never set: UndefinedVar, as in BuildKit).
+        let not_checks: Vec<_> = response
+            .diagnostics
+            .iter()
+            .filter(|d| !d.code.starts_with(kiln_dockerfile::LINT))
+            .collect();
+        assert!(not_checks.is_empty(), "{name}: {:?}", not_checks.first());
         assert!(response.definition.is_some(), "{name}");
     }
 }

@@ -57,6 +57,8 @@ pub struct Lowered {
     pub state: State,
     /// The result image config.
     pub config: ImageConfig,
+    /// Dockerfile check findings of the stages lowered.
+    pub findings: Vec<crate::lint::Finding>,
 }
 
 #[derive(Clone)]
@@ -112,6 +114,7 @@ pub fn lower(input: &LowerInput<'_>) -> Result<Lowered, Vec<LowerError>> {
     Ok(Lowered {
         state: built.state,
         config: built.config,
+        findings: lowerer.findings.take(),
     })
 }
 
@@ -126,6 +129,8 @@ struct Lowerer<'a, 'b> {
     images: HashMap<String, (String, ImageConfig)>,
     /// Errors of instructions that were skipped so the rest could be checked.
     errors: Vec<LowerError>,
+    /// Check findings only lowering can make (UndefinedVar, InvalidBaseImagePlatform).
+    findings: std::cell::RefCell<Vec<crate::lint::Finding>>,
     /// For each stage, how many stages name it in FROM and are still to be lowered.
     base_uses: Vec<usize>,
 }
@@ -163,6 +168,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             meta_env,
             images: HashMap::new(),
             errors: Vec::new(),
+            findings: std::cell::RefCell::new(Vec::new()),
             base_uses: base_uses(&input.program.stages),
         }
     }
@@ -223,10 +229,38 @@ impl<'a, 'b> Lowerer<'a, 'b> {
     }
 
     fn expand(&self, word: &str, env: &dyn Env, node: &Located) -> Result<String, LowerError> {
-        self.lexer()
+        let processed = self
+            .lexer()
             .process_word(word, env)
-            .map(|p| p.result)
-            .map_err(|e| ("expansion", e.0, node.span_of(word)))
+            .map_err(|e| ("expansion", e.0, node.span_of(word)))?;
+        if env.checks_undefined() {
+            self.report_undefined(&processed.unmatched, env, node);
+        }
+        Ok(processed.result)
+    }
+
+    /// UndefinedVar, as BuildKit: a variable a word used that is neither set
+    /// nor declared by an ARG (BuildKit's SBOM scan arguments excepted).
+    fn report_undefined(&self, unmatched: &[String], env: &dyn Env, node: &Located) {
+        const NOT_ENV: [&str; 2] = ["BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"];
+        for var in unmatched {
+            if env.declared(var) || NOT_ENV.contains(&var.as_str()) {
+                continue;
+            }
+            let names = env.names();
+            let hint = crate::lint::suggest(var, &names)
+                .map(|s| format!(" (did you mean ${s}?)"))
+                .unwrap_or_default();
+            let finding = crate::lint::Finding {
+                rule: "UndefinedVar",
+                message: format!("Usage of undefined variable '${var}'{hint}"),
+                span: node.span.clone(),
+            };
+            let mut findings = self.findings.borrow_mut();
+            if !findings.contains(&finding) {
+                findings.push(finding);
+            }
+        }
     }
 
     /// A typed flag's value: as typed when the IR was built, else its word
@@ -495,10 +529,28 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             .describe("llb.customname", cx.prefix(&format!("FROM {pinned}"), &EnvList::default()))
             .at(span_of(&def.from));
         let (state, config) = self.image_state(image, platform, &def.from, meta)?;
+        // InvalidBaseImagePlatform: the image the host resolved is for another platform.
+        if !config.os.is_empty() && (config.os != platform.os || config.architecture != platform.architecture) {
+            let actual = Platform {
+                os: config.os.clone(),
+                architecture: config.architecture.clone(),
+                variant: config.variant.clone(),
+            };
+            self.findings.borrow_mut().push(crate::lint::Finding {
+                rule: "InvalidBaseImagePlatform",
+                message: format!(
+                    "Base image {image} was pulled with platform {:?}, expected {:?} for current build",
+                    actual.to_string_form(),
+                    platform.to_string_form()
+                ),
+                span: def.from.span.clone(),
+            });
+        }
+        let unknown_base = config.os.is_empty();
         Ok(Built {
             state,
             config,
-            env: EnvList::default(),
+            env: EnvList(Vec::new(), BTreeSet::new(), unknown_base),
             platform: platform.clone(),
         })
     }
@@ -551,6 +603,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                     values.push((k, value));
                 }
                 for (k, value) in values {
+                    b.env.declare(k);
                     if let Some(v) = value {
                         b.env.set(k, &v);
                     }
@@ -631,7 +684,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             }
             Instruction::Expose(ports) => {
                 for p in ports {
-                    let p = self.expand(p, &b.env, node)?;
+                    let p = self.expand(p, &b.env.vars(), node)?;
                     for key in exposed_ports(&p).map_err(|m| ("invalid_port", m, node.span_of(&p)))? {
                         b.config.config.exposed_ports.insert(key, serde_json::json!({}));
                     }
@@ -809,10 +862,23 @@ impl<'a, 'b> Lowerer<'a, 'b> {
 /// The build state's environment as BuildKit keeps it: ENV and ARG values in
 /// the order they were last set (setting a key again moves it to the end).
 /// RUN sees it, and instructions expand their words with it.
+/// The second field: the ARG names declared (with or without a value); the
+/// third: the base image's environment is unknown (not resolved, as under
+/// `--check` offline), so no variable can be called undefined.
 #[derive(Clone, Default, Debug)]
-struct EnvList(Vec<(String, String)>);
+struct EnvList(Vec<(String, String)>, BTreeSet<String>, bool);
 
 impl EnvList {
+    /// The variables alone, to expand a word without the UndefinedVar check
+    /// (EXPOSE, as BuildKit).
+    fn vars(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    fn declare(&mut self, key: &str) {
+        self.1.insert(key.to_string());
+    }
+
     fn set(&mut self, key: &str, value: &str) {
         self.0.retain(|(k, _)| k != key);
         self.0.push((key.to_string(), value.to_string()));
@@ -827,6 +893,18 @@ impl EnvList {
 impl Env for EnvList {
     fn get(&self, name: &str) -> Option<&str> {
         Env::get(self.0.as_slice(), name)
+    }
+
+    fn checks_undefined(&self) -> bool {
+        !self.2
+    }
+
+    fn declared(&self, name: &str) -> bool {
+        self.1.contains(name)
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
     }
 }
 
