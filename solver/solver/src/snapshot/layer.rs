@@ -268,6 +268,11 @@ fn compress_layer(root: &StateRoot, dir: &Path, clamp: Option<i64>) -> io::Resul
 /// Unpacks an OCI layer tarball (gzip or plain) into a layer directory,
 /// turning `.wh.` entries into overlayfs whiteouts. Returns its diff id.
 pub(crate) fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<String> {
+    unpack_counting(compressed, dest).map(|(diff_id, _)| diff_id)
+}
+
+/// [`unpack_layer`], also saying how many entries took the fast path.
+fn unpack_counting<R: Read>(compressed: R, dest: &Path) -> io::Result<(String, usize)> {
     let mut reader = io::BufReader::with_capacity(1 << 16, compressed);
     let head = {
         use io::BufRead;
@@ -289,11 +294,16 @@ pub(crate) fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<St
     archive.set_unpack_xattrs(true);
     archive.set_overwrite(true);
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
+    let mut fast = FastUnpack::new(dest);
+    let mut fast_entries = 0;
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(hidden) = name.strip_prefix(".wh.").filter(|h| !h.starts_with(".wh.")) {
+            fast.forget(&parent.join(hidden));
+        }
         if name == ".wh..wh..opq" {
             let d = safe_join(dest, &parent)?;
             fs::create_dir_all(&d)?;
@@ -326,14 +336,204 @@ pub(crate) fn unpack_layer<R: Read>(compressed: R, dest: &Path) -> io::Result<St
         ) {
             return Err(e);
         }
-        entry.unpack_in(dest)?;
+        if fast.unpack(&mut entry, &path)? {
+            fast_entries += 1;
+        } else {
+            entry.unpack_in(dest)?;
+            fast.forget(&path);
+        }
     }
     // Drain what the tar reader left (padding) so the digest covers it all.
     io::copy(&mut hashing, &mut io::sink())?;
     for (d, t) in dir_times.into_iter().rev() {
         set_mtime_nofollow(&d, t, 0)?;
     }
-    Ok(format!("sha256:{}", hex::encode(hashing.hash.finalize())))
+    Ok((format!("sha256:{}", hex::encode(hashing.hash.finalize())), fast_entries))
+}
+
+/// What this unpack made at a path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    Dir,
+    File,
+    Other,
+}
+
+/// The common entries (directories, regular files, symlinks, hard links
+/// to files of this layer) unpacked without the tar crate's per-component
+/// checks: into a directory that was empty, every parent of an entry is a
+/// directory this unpack made, so nothing can be written through a
+/// symlink. Anything else (devices, fifos, a parent this unpack did not
+/// make as a directory, a directory that was not empty) is left to
+/// `Entry::unpack_in`, which checks every component.
+struct FastUnpack<'a> {
+    dest: &'a Path,
+    /// None: the destination was not empty, so nothing is fast.
+    made: Option<HashMap<PathBuf, Made>>,
+    buf: Vec<u8>,
+}
+
+impl<'a> FastUnpack<'a> {
+    fn new(dest: &'a Path) -> FastUnpack<'a> {
+        let empty = fs::read_dir(dest).is_ok_and(|mut d| d.next().is_none());
+        FastUnpack {
+            dest,
+            made: empty.then(HashMap::new),
+            buf: vec![0; 1 << 16],
+        }
+    }
+
+    /// Something else touched `rel`: not known any more (what was below it
+    /// is unreachable: every use checks the whole chain of parents).
+    fn forget(&mut self, rel: &Path) {
+        if let Some(made) = &mut self.made {
+            let clean: PathBuf = rel.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect();
+            made.remove(&clean);
+        }
+    }
+
+    /// Unpacks `entry` at `rel`; false when it is not a common entry (the
+    /// caller unpacks it the careful way).
+    fn unpack<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, rel: &Path) -> io::Result<bool> {
+        let Some(made) = &mut self.made else { return Ok(false) };
+        let mut clean = PathBuf::new();
+        for c in rel.components() {
+            match c {
+                std::path::Component::Normal(p) => clean.push(p),
+                std::path::Component::CurDir => {}
+                _ => return Ok(false),
+            }
+        }
+        if clean.as_os_str().is_empty() {
+            return Ok(false);
+        }
+        let header = entry.header();
+        let kind = header.entry_type();
+        let fast_kind = kind.is_dir() || kind.is_file() || kind.is_symlink() || kind.is_hard_link();
+        if !fast_kind {
+            return Ok(false);
+        }
+        // Every parent: a directory this unpack made, or missing (made now).
+        let mut parent = PathBuf::new();
+        let parents: Vec<&std::ffi::OsStr> = clean.iter().collect();
+        for p in &parents[..parents.len() - 1] {
+            parent.push(p);
+            match made.get(&parent) {
+                Some(Made::Dir) => {}
+                Some(_) => return Ok(false),
+                None => match fs::create_dir(self.dest.join(&parent)) {
+                    Ok(()) => {
+                        made.insert(parent.clone(), Made::Dir);
+                    }
+                    Err(_) => return Ok(false),
+                },
+            }
+        }
+        let target = self.dest.join(&clean);
+        match made.get(&clean) {
+            None => {}
+            Some(Made::Dir) if kind.is_dir() => {}
+            Some(Made::Dir) => return Ok(false),
+            Some(_) => fs::remove_file(&target)?,
+        }
+        let mode = header.mode()? & 0o7777;
+        let owner = crate::fsutil::Owner {
+            uid: header.uid()?.try_into().unwrap_or(u32::MAX),
+            gid: header.gid()?.try_into().unwrap_or(u32::MAX),
+        };
+        // As the tar crate: an mtime of 0 becomes 1 (some tools mistake 0 for unset).
+        let mtime = (header.mtime()? as i64).max(1);
+        let xattrs = pax_xattrs(entry)?;
+        use std::os::unix::fs::PermissionsExt;
+        if kind.is_dir() {
+            if made.get(&clean).is_none() {
+                fs::create_dir(&target)?;
+            }
+            // Owner and mode as the tar crate sets them (not xattrs, which it
+            // sets on files only); the time is set at the end, with the others'.
+            crate::fsutil::lchown(&target, owner)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+            made.insert(clean, Made::Dir);
+            return Ok(true);
+        }
+        if kind.is_symlink() {
+            if !xattrs.is_empty() {
+                return Ok(false);
+            }
+            let Some(link) = entry.link_name()? else { return Ok(false) };
+            std::os::unix::fs::symlink(&link, &target)?;
+            crate::fsutil::lchown(&target, owner)?;
+            set_mtime_nofollow(&target, mtime, 0)?;
+            made.insert(clean, Made::Other);
+            return Ok(true);
+        }
+        if kind.is_hard_link() {
+            let Some(link) = entry.link_name()? else { return Ok(false) };
+            let mut source = PathBuf::new();
+            for c in link.components() {
+                match c {
+                    std::path::Component::Normal(p) => source.push(p),
+                    std::path::Component::CurDir | std::path::Component::RootDir => {}
+                    _ => return Ok(false),
+                }
+            }
+            let parents_made = source
+                .ancestors()
+                .skip(1)
+                .filter(|a| !a.as_os_str().is_empty())
+                .all(|a| made.get(a) == Some(&Made::Dir));
+            if made.get(&source) != Some(&Made::File) || !parents_made {
+                return Ok(false);
+            }
+            fs::hard_link(self.dest.join(&source), &target)?;
+            made.insert(clean, Made::File);
+            return Ok(true);
+        }
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&target)?;
+        loop {
+            let n = entry.read(&mut self.buf)?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&self.buf[..n])?;
+        }
+        // Owner first: a chown clears setuid bits and file capabilities.
+        rustix::fs::fchown(
+            &file,
+            Some(rustix::process::Uid::from_raw(owner.uid)),
+            Some(rustix::process::Gid::from_raw(owner.gid)),
+        )?;
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
+        for (k, v) in &xattrs {
+            rustix::fs::fsetxattr(&file, k.as_str(), v, rustix::fs::XattrFlags::empty())?;
+        }
+        let ts = rustix::fs::Timespec { tv_sec: mtime, tv_nsec: 0 };
+        rustix::fs::futimens(
+            &file,
+            &rustix::fs::Timestamps {
+                last_access: ts,
+                last_modification: ts,
+            },
+        )?;
+        made.insert(clean, Made::File);
+        Ok(true)
+    }
+}
+
+/// The `SCHILY.xattr.*` PAX records of an entry.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(exts) = entry.pax_extensions()? {
+        for e in exts {
+            let e = e?;
+            if let Ok(key) = e.key() {
+                if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                    out.push((name.to_string(), e.value_bytes().to_vec()));
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 struct HashingReader<R: Read> {
@@ -487,5 +687,133 @@ mod tests {
         assert_eq!(fs::read(dest.path().join("d/f")).expect("read"), b"hello");
         assert!(is_whiteout(&fs::symlink_metadata(dest.path().join("gone")).expect("stat")));
         assert_eq!(fs::read_link(dest.path().join("link")).expect("readlink"), Path::new("d/f"));
+    }
+
+    /// A tar of every kind of entry, written entry by entry.
+    fn every_kind_tar() -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |path: &str,
+                       kind: tar::EntryType,
+                       mode: u32,
+                       owner: (u64, u64),
+                       link: Option<&str>,
+                       data: &[u8],
+                       xattr: Option<(&str, &[u8])>| {
+            if let Some((k, v)) = xattr {
+                let key = format!("SCHILY.xattr.{k}");
+                b.append_pax_extensions([(key.as_str(), v)]).expect("pax");
+            }
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_uid(owner.0);
+            h.set_gid(owner.1);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).expect("link name");
+            }
+            b.append_data(&mut h, path, data).expect("append");
+        };
+        use tar::EntryType as T;
+        add("etc/", T::Directory, 0o755, (0, 0), None, b"", None);
+        add("etc/passwd", T::Regular, 0o644, (0, 0), None, b"root:x:0:0\n", None);
+        add(
+            "usr/bin/ping",
+            T::Regular,
+            0o4755,
+            (0, 0),
+            None,
+            b"ping",
+            Some(("security.capability", &CAP_NET_RAW_EP)),
+        );
+        add("usr/bin/ping6", T::Link, 0o4755, (0, 0), Some("usr/bin/ping"), b"", None);
+        add("usr/bin/sh", T::Symlink, 0o777, (0, 0), Some("busybox"), b"", None);
+        add("home/app/", T::Directory, 0o2750, (1000, 1000), None, b"", None);
+        add("home/app/notes", T::Regular, 0o600, (1000, 1000), None, b"v1", None);
+        add("home/app/notes", T::Regular, 0o640, (1000, 1000), None, b"v2, replaced", None);
+        add("tmp/", T::Directory, 0o1777, (0, 0), None, b"", None);
+        add("run/fifo", T::Fifo, 0o600, (0, 0), None, b"", None);
+        add("var/.wh.cache", T::Regular, 0o600, (0, 0), None, b"", None);
+        add("opt/.wh..wh..opq", T::Regular, 0o600, (0, 0), None, b"", None);
+        add("opt/tool", T::Regular, 0o755, (5, 6), None, b"tool", None);
+        b.into_inner().expect("tar")
+    }
+
+    /// Everything about each path below `dir`: kind, mode, owner, size, link, content, xattrs, mtime.
+    fn describe(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+            let e = e.expect("walk");
+            let m = fs::symlink_metadata(e.path()).expect("stat");
+            let rel = e.path().strip_prefix(dir).expect("rel").display().to_string();
+            let content = if m.is_file() {
+                hex::encode(Sha256::digest(fs::read(e.path()).expect("read")))
+            } else {
+                String::new()
+            };
+            let link = fs::read_link(e.path()).map(|l| l.display().to_string()).unwrap_or_default();
+            let mut xattrs = crate::fsutil::xattrs(e.path()).unwrap_or_default();
+            xattrs.sort();
+            let mtime = if m.is_dir() { 0 } else { m.mtime() };
+            out.push(format!(
+                "{rel} {:o} {}:{} {} {link} {content} {xattrs:?} {mtime} {}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.len(),
+                m.nlink()
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn the_fast_unpack_makes_what_the_careful_one_makes() {
+        let tar = every_kind_tar();
+        let fast = tempfile::tempdir().expect("tmp");
+        let (id_fast, n_fast) = unpack_counting(tar.as_slice(), fast.path()).expect("fast unpack");
+        // A destination that is not empty takes the careful path for every entry.
+        let careful = tempfile::tempdir().expect("tmp");
+        fs::write(careful.path().join("marker"), b"").expect("marker");
+        let (id_careful, n_careful) = unpack_counting(tar.as_slice(), careful.path()).expect("careful unpack");
+        // Slow: the fifo, and opt/tool (its parent was made by the opaque whiteout, not as an entry).
+        assert_eq!((n_fast, n_careful), (9, 0));
+        assert_eq!(id_fast, id_careful);
+        fs::remove_file(careful.path().join("marker")).expect("marker");
+        let (a, b) = (describe(fast.path()), describe(careful.path()));
+        assert_eq!(a, b);
+        assert!(
+            a.iter().any(|l| l.starts_with("usr/bin/ping 104755 0:0")),
+            "setuid kept after the chown: {a:?}"
+        );
+        assert!(a.iter().any(|l| l.contains("security.capability")), "{a:?}");
+        assert!(a.iter().any(|l| l.starts_with("home/app 42750 1000:1000")), "{a:?}");
+    }
+
+    #[test]
+    fn the_fast_unpack_never_writes_through_a_symlink_or_out_of_its_root() {
+        let outside = tempfile::tempdir().expect("tmp");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        h.set_link_name(outside.path()).expect("link");
+        b.append_data(&mut h, "escape", &b""[..]).expect("append");
+        let mut f = tar::Header::new_gnu();
+        f.set_entry_type(tar::EntryType::Regular);
+        f.set_size(3);
+        f.set_mode(0o644);
+        b.append_data(&mut f, "escape/pwned", &b"bad"[..]).expect("append");
+        let mut l = tar::Header::new_gnu();
+        l.set_entry_type(tar::EntryType::Link);
+        l.set_size(0);
+        l.set_link_name("escape/pwned").expect("link");
+        b.append_data(&mut l, "hard", &b""[..]).expect("append");
+        let tar = b.into_inner().expect("tar");
+        let dest = tempfile::tempdir().expect("tmp");
+        let _ = unpack_layer(tar.as_slice(), dest.path());
+        assert!(!outside.path().join("pwned").exists(), "a file was written through the symlink");
     }
 }
