@@ -907,6 +907,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_critical_path_line_names_the_slowest_step() {
+        let step = |name: &str, ms: u64| kiln_solver_protocol::PathStep {
+            digest: format!("sha256:{name}"),
+            name: name.into(),
+            duration_ms: ms,
+        };
+        let path = [
+            step("FROM busybox", 40),
+            step("[s3 2/2] RUN sleep 1", 1070),
+            step("COPY --from=s3", 5),
+        ];
+        assert_eq!(
+            critical_line(&path).as_deref(),
+            Some("critical path: 3 steps, 1.1s; slowest: [s3 2/2] RUN sleep 1 (1.1s)")
+        );
+        assert_eq!(critical_line(&[step("all cached", 0)]), None, "nothing ran: no line");
+        assert_eq!(critical_line(&[]), None);
+    }
+
+    #[test]
     fn outputs_parse_like_buildx() {
         let tags = vec!["app:1".to_string()];
         assert_eq!(

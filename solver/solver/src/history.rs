@@ -6,8 +6,10 @@
 //! A step that misses the cache is compared, part by part, with the same
 //! step of the last build of the same definition file and target
 //! ([`Recorder::explain`]); the first difference is its reason. Parts are
-//! short hashes, never values: an explanation names a changed build arg,
-//! not what it was or became.
+//! short hashes keyed with the state root's own random salt
+//! (`history/salt`), never values: an explanation names a changed build
+//! arg, not what it was or became, and a hash in the root cannot be tried
+//! against guesses of a value without the salt.
 //!
 //! Context paths a missed step reads get a manifest (path and checksum of
 //! every file below) under `history/reads/`, by checksum, so the next
@@ -39,7 +41,7 @@ use crate::source::context::{ChecksumCache, LocalSource};
 
 /// How many builds the history keeps.
 pub(crate) const KEEP_BUILDS: usize = 200;
-/// How many read manifests are kept (the least recently used go first).
+/// How many read manifests are kept (the oldest go first).
 const KEEP_MANIFESTS: usize = 1000;
 /// A history file larger than this is not read.
 const MAX_RECORD: u64 = 64 << 20;
@@ -50,8 +52,33 @@ fn short(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
 
-/// The parts of a step's own op (not its inputs), by name.
-pub(crate) fn op_parts(op: &pb::Op, pinned: &str) -> BTreeMap<String, String> {
+/// The state root's salt for part hashes, made on first use.
+fn salt_of(dir: &std::path::Path) -> [u8; 32] {
+    let path = dir.join("salt");
+    if let Ok(bytes) = fs::read(&path) {
+        if let Ok(salt) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return salt;
+        }
+    }
+    let salt: [u8; 32] = rand::random();
+    if fs::create_dir_all(dir).is_ok() {
+        let _ = write_atomic(&path, &salt, false);
+    }
+    // A concurrent first build may have written its own: use the one that stayed.
+    fs::read(&path)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+        .unwrap_or(salt)
+}
+
+/// The parts of a step's own op (not its inputs), by name, hashed with `salt`.
+pub(crate) fn op_parts(op: &pb::Op, pinned: &str, salt: &[u8; 32]) -> BTreeMap<String, String> {
+    let short = |bytes: &[u8]| -> String {
+        let mut h = Sha256::new();
+        h.update(salt);
+        h.update(bytes);
+        hex::encode(&h.finalize()[..8])
+    };
     let mut parts = BTreeMap::new();
     let mut bare = op.clone();
     bare.inputs.clear();
@@ -153,6 +180,8 @@ pub(crate) struct Recorder {
     started: u64,
     /// Read at the first miss: a warm build never parses it.
     previous: std::sync::OnceLock<Option<Previous>>,
+    /// The root's salt, read at the first miss.
+    salt: std::sync::OnceLock<[u8; 32]>,
     steps: Mutex<(Vec<StepRecord>, HashMap<String, usize>)>,
 }
 
@@ -192,8 +221,14 @@ impl Recorder {
             platforms,
             started: now_secs(),
             previous: std::sync::OnceLock::new(),
+            salt: std::sync::OnceLock::new(),
             steps: Mutex::new((Vec::new(), HashMap::new())),
         }
+    }
+
+    /// The salt part hashes are keyed with.
+    pub(crate) fn salt(&self) -> &[u8; 32] {
+        self.salt.get_or_init(|| salt_of(&self.dir))
     }
 
     /// The last build of the same definition and target, read once.
@@ -286,6 +321,10 @@ impl Recorder {
             return plain("its cached result is gone (pruned, or the last build stopped before storing it)");
         }
         let before_parts = self.parts_of(before);
+        if before_parts.is_empty() {
+            // Its last result came from a cache import, or its record was pruned.
+            return plain("its key changed; what it was made of last time is no longer in this state root");
+        }
         let own = self.own_changes(&draft.parts, &before_parts);
         if !own.is_empty() {
             return plain(&own.join("; "));
@@ -318,7 +357,9 @@ impl Recorder {
             // A cached input with another key than last time: say what changed in it.
             let why = previous
                 .find(&upstream.digest, &upstream.name, upstream.location.as_deref())
-                .map(|b| self.own_changes(&self.parts_of(upstream), &self.parts_of(b)))
+                .map(|b| (self.parts_of(upstream), self.parts_of(b)))
+                .filter(|(now, then)| !now.is_empty() && !then.is_empty())
+                .map(|(now, then)| self.own_changes(&now, &then))
                 .unwrap_or_default();
             said.push(if why.is_empty() {
                 format!("its input {} is another result than last time", upstream.name)

@@ -517,8 +517,8 @@ impl Solver {
             parts: BTreeMap::new(),
             inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
         });
-        let parts_of = || {
-            let mut parts = history::op_parts(op, &pinned);
+        let parts_of = |salt: &[u8; 32]| {
+            let mut parts = history::op_parts(op, &pinned, salt);
             let mut read_iter = reads.iter();
             for (i, dep) in contributions.iter().enumerate() {
                 let is_local = matches!(values[i], Some(Value::Local(_)));
@@ -557,8 +557,8 @@ impl Solver {
             }
         }
         // Why it runs, said before it waits for a slot.
-        if let Some(d) = &mut draft {
-            d.parts = parts_of();
+        if let (Some(d), Some(h)) = (&mut draft, &self.history) {
+            d.parts = parts_of(h.salt());
         }
         let parts = draft.as_ref().map(|d| d.parts.clone()).unwrap_or_default();
         let explained = match (&self.history, &draft) {
