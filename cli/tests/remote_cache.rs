@@ -128,9 +128,23 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
             "{f}: the same bytes, not a re-run"
         );
     }
+    // Layers no step mounted were not unpacked: the build stage's, whose
+    // files only the (cached) copy read.
+    let lazy: Vec<PathBuf> = std::fs::read_dir(s.path("root2/snapshots"))
+        .expect("snapshots")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("layer.json").is_file() && !p.join("fs").exists())
+        .collect();
+    assert!(lazy.len() >= 2, "the build stage's two layers are still blobs: {lazy:?}");
     // The results became the new root's own records.
     let third = s.build("root2", "out3", &[]);
     assert_eq!(counts(&third), (0, 5));
+    // Mounting them unpacks them: the build stage's own result, exported.
+    let stage = s.build("root2", "out-stage", &["--target", "build"]);
+    assert_eq!(counts(&stage), (0, 3), "{}", String::from_utf8_lossy(&stage.stderr));
+    assert_eq!(read(s.path("out1/nonce")), read(s.path("out-stage/nonce")));
+    assert!(lazy.iter().all(|p| p.join("fs").is_dir()), "unpacked when exported");
 
     // Two builds exporting to one directory at once leave a valid cache.
     let both = format!("type=local,dest={},mode=max", s.path("shared").display());

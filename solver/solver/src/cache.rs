@@ -154,7 +154,7 @@ pub(crate) fn read_record(root: &StateRoot, key: &str) -> Option<Record> {
     let path = root.record_path(key);
     let bytes = fs::read(&path).ok()?;
     let record: Record = serde_json::from_slice(&bytes).ok()?;
-    if record.outputs.iter().flatten().all(|id| root.snapshot_dir(id).join("fs").is_dir()) {
+    if record.outputs.iter().flatten().all(|id| crate::snapshot::layer_present(root, id)) {
         // Its last use, for least-recently-used pruning.
         if let Ok(f) = fs::OpenOptions::new().write(true).open(&path) {
             let _ = f.set_modified(std::time::SystemTime::now());

@@ -329,8 +329,9 @@ impl Imported {
     }
 
     /// The vertex keyed `key` from this cache: its blobs copied into the
-    /// state root (each checked against its digest), unpacked (each checked
-    /// against its diff id), as each output's layer ids. `None`: a miss
+    /// state root (each checked against its digest) and adopted as layers,
+    /// unpacked only when a step mounts them (each checked against its diff
+    /// id then), as each output's layer ids. `None`: a miss
     /// (not there, or not intact: the reason is returned beside).
     pub(crate) fn take(&self, root: &StateRoot, key: &str) -> Result<Option<Vec<Vec<String>>>, String> {
         let Some(outputs) = self.outputs(key) else { return Ok(None) };
@@ -339,10 +340,8 @@ impl Imported {
             let mut layer_ids = Vec::with_capacity(chain.len());
             for blob in chain {
                 self.copy_in(root, &blob)?;
-                pull::unpack_blob(root, &blob).map_err(|e| match e {
-                    pull::Unpack::Refused(why) => why,
-                    pull::Unpack::Failed(f) => f.to_string(),
-                })?;
+                // Unpacked (and its diff id checked) when a step mounts it.
+                pull::adopt_blob(root, &blob).map_err(|e| format!("adopting layer {}: {e}", blob.digest))?;
                 layer_ids.push(pull::layer_id_for_blob(&blob.digest));
             }
             ids.push(layer_ids);

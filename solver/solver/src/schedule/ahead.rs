@@ -89,6 +89,10 @@ pub(crate) struct CopyAhead {
 /// the copy fails there (it is then made, and fails, the ordinary way).
 pub(crate) fn copy(root: &Arc<StateRoot>, op: &pb::Op, dests: &[PathBuf], prefix: Layers, sources: &[Value]) -> Option<CopyAhead> {
     let Some(pb::op::Op::File(f)) = &op.op else { return None };
+    // Layers adopted lazily from a cache must be on disk to be looked at.
+    if prefix.iter().any(|id| crate::snapshot::ensure_files(root, id).is_err()) {
+        return None;
+    }
     let through_symlink = dests
         .iter()
         .flat_map(|d| with_parents(d))
@@ -138,6 +142,9 @@ impl CopyAhead {
     pub(crate) fn settle(mut self, base: &Value) -> Option<Vec<Option<Layers>>> {
         let Value::Layers(real) = base else { return None };
         let between = real.strip_prefix(self.prefix.as_slice())?;
+        if between.iter().any(|id| crate::snapshot::ensure_files(&self.root, id).is_err()) {
+            return None;
+        }
         let untouched = between.iter().all(|id| {
             let fs = layer_fs(&self.root, id);
             self.watched

@@ -445,9 +445,16 @@ impl<'a> FastUnpack<'a> {
         let mtime = (header.mtime()? as i64).max(1);
         let xattrs = pax_xattrs(entry)?;
         use std::os::unix::fs::PermissionsExt;
+        // Something this unpack did not make is there (a whiteout, a parent
+        // made by one): the careful path replaces it as the tar crate does.
+        let exists = |e: &io::Error| e.kind() == io::ErrorKind::AlreadyExists;
         if kind.is_dir() {
             if made.get(&clean).is_none() {
-                fs::create_dir(&target)?;
+                match fs::create_dir(&target) {
+                    Ok(()) => {}
+                    Err(e) if exists(&e) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
             }
             // Owner and mode as the tar crate sets them (not xattrs, which it
             // sets on files only); the time is set at the end, with the others'.
@@ -461,7 +468,11 @@ impl<'a> FastUnpack<'a> {
                 return Ok(false);
             }
             let Some(link) = entry.link_name()? else { return Ok(false) };
-            std::os::unix::fs::symlink(&link, &target)?;
+            match std::os::unix::fs::symlink(&link, &target) {
+                Ok(()) => {}
+                Err(e) if exists(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
             crate::fsutil::lchown(&target, owner)?;
             set_mtime_nofollow(&target, mtime, 0)?;
             made.insert(clean, Made::Other);
@@ -485,11 +496,19 @@ impl<'a> FastUnpack<'a> {
             if made.get(&source) != Some(&Made::File) || !parents_made {
                 return Ok(false);
             }
-            fs::hard_link(self.dest.join(&source), &target)?;
+            match fs::hard_link(self.dest.join(&source), &target) {
+                Ok(()) => {}
+                Err(e) if exists(&e) => return Ok(false),
+                Err(e) => return Err(e),
+            }
             made.insert(clean, Made::File);
             return Ok(true);
         }
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&target)?;
+        let mut file = match fs::OpenOptions::new().write(true).create_new(true).open(&target) {
+            Ok(f) => f,
+            Err(e) if exists(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         loop {
             let n = entry.read(&mut self.buf)?;
             if n == 0 {
@@ -737,6 +756,11 @@ mod tests {
         add("var/.wh.cache", T::Regular, 0o600, (0, 0), None, b"", None);
         add("opt/.wh..wh..opq", T::Regular, 0o600, (0, 0), None, b"", None);
         add("opt/tool", T::Regular, 0o755, (5, 6), None, b"tool", None);
+        // A path whited out and then added again; an opaque marker before its directory's entry.
+        add("srv/.wh.data", T::Regular, 0o600, (0, 0), None, b"", None);
+        add("srv/data", T::Regular, 0o644, (0, 0), None, b"new", None);
+        add("lib/.wh..wh..opq", T::Regular, 0o600, (0, 0), None, b"", None);
+        add("lib/", T::Directory, 0o700, (0, 0), None, b"", None);
         b.into_inner().expect("tar")
     }
 

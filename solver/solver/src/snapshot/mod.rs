@@ -49,6 +49,27 @@ pub(crate) fn layer_fs(root: &StateRoot, id: &str) -> PathBuf {
     root.snapshot_dir(id).join("fs")
 }
 
+/// Whether a layer is there: its files, or (adopted lazily from a cache)
+/// its blob, to be unpacked when something mounts it.
+pub(crate) fn layer_present(root: &StateRoot, id: &str) -> bool {
+    layer_fs(root, id).is_dir() || (id.starts_with("blob-") && read_layer_blob(root, id, None).is_some())
+}
+
+/// Makes sure a layer's files are on disk: a layer adopted lazily
+/// ([`crate::source::pull::adopt_blob`]) is unpacked now, its diff id checked.
+pub(crate) fn ensure_files(root: &StateRoot, id: &str) -> std::io::Result<()> {
+    if layer_fs(root, id).is_dir() {
+        return Ok(());
+    }
+    let blob = read_layer_blob(root, id, None)
+        .filter(|_| id.starts_with("blob-"))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("layer {id} is gone from the state root")))?;
+    crate::source::pull::unpack_blob(root, &blob).map_err(|e| match e {
+        crate::source::pull::Unpack::Refused(why) => std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+        crate::source::pull::Unpack::Failed(f) => std::io::Error::other(f.to_string()),
+    })
+}
+
 /// When a layer was made (seconds since the epoch), 0 if unknown.
 pub(crate) fn layer_created(root: &StateRoot, id: &str) -> i64 {
     fs::read_to_string(root.snapshot_dir(id).join("created"))
@@ -253,6 +274,9 @@ fn copy_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> 
 /// Mounts `layers` (bottom first) with overlayfs, read-only, or writable
 /// into `upper` when given; where overlayfs cannot be mounted, a copy.
 pub(crate) fn mount_stack(root: &StateRoot, layers: &[String], upper: Option<&NewLayer>) -> std::io::Result<Mounted> {
+    for id in layers {
+        ensure_files(root, id)?;
+    }
     if use_copies() {
         return copy_stack(root, layers, upper);
     }

@@ -318,12 +318,40 @@ pub(crate) fn unpack_blob(root: &StateRoot, blob: &LayerBlob) -> Result<(), Unpa
             blob.digest, blob.diff_id
         )));
     }
+    if final_dir.is_dir() {
+        // Adopted lazily before ([`adopt_blob`]): its files go in now.
+        return match fs::rename(layer.fs(), final_dir.join("fs")) {
+            Ok(()) => Ok(()),
+            Err(_) if final_dir.join("fs").is_dir() => Ok(()), // another solver unpacked it meanwhile
+            Err(e) => Err(Unpack::Failed(Failure::commit_layer(root)(e))),
+        };
+    }
     match layer.commit_as(root, &id) {
         Ok(()) => {}
         Err(_) if final_dir.join("fs").is_dir() => {} // another solver unpacked it meanwhile
         Err(e) => return Err(Unpack::Failed(Failure::commit_layer(root)(e))),
     }
     write_layer_blob(root, &id, None, blob).map_err(|e| Unpack::Failed(Failure::io(Some("recording the blob of"), final_dir.display())(e)))
+}
+
+/// Makes a layer of a blob already in the store (digest checked) without
+/// unpacking it: its snapshot holds the blob's record and no files until
+/// something mounts it ([`crate::snapshot::ensure_files`] unpacks it then,
+/// checking its diff id). A cache hit whose layers no step reads, only the
+/// exporter, is never unpacked.
+pub(crate) fn adopt_blob(root: &StateRoot, blob: &LayerBlob) -> std::io::Result<()> {
+    let id = layer_id_for_blob(&blob.digest);
+    let dir = root.snapshot_dir(&id);
+    if dir.join("fs").is_dir() || crate::snapshot::read_layer_blob(root, &id, None).is_some() {
+        return Ok(());
+    }
+    fs::create_dir_all(&dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    fs::write(dir.join("created"), now.to_string())?;
+    write_layer_blob(root, &id, None, blob)
 }
 
 /// Records a registry image's tag in kiln's store, so later builds find it
