@@ -56,6 +56,9 @@ fn layer_size(root: &Path, id: &str) -> u64 {
     if let Some(n) = fs::read_to_string(dir.join("size")).ok().and_then(|s| s.trim().parse().ok()) {
         return n;
     }
+    if !dir.join("fs").is_dir() {
+        return 0; // a layer adopted from a cache, not unpacked yet: only its blob
+    }
     let n = tree_size(&dir.join("fs"));
     let _ = fs::write(dir.join("size"), n.to_string());
     n
