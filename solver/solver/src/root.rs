@@ -5,7 +5,8 @@
 //! ROOT/lock                  shared flock held by every solve (GC takes it exclusively)
 //! ROOT/store/                OCI image layout: every blob, and the image store's index.json
 //! ROOT/store.lock            exclusive flock around index.json updates
-//! ROOT/snapshots/ID/fs       one layer's files, overlayfs-style (whiteouts are 0:0 char devices)
+//! ROOT/snapshots/ID/fs       one layer's files, overlayfs-style (whiteouts are 0:0 char devices);
+//!                            absent for a layer adopted from a cache until something mounts it
 //! ROOT/snapshots/ID/layer.json   its compressed blob's digest and diff id, once exported
 //! ROOT/cache/KEY.json        cache record: a vertex result's layers
 //! ROOT/context/NAME.sums     remembered checksums of build-context files
