@@ -13,18 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{can_build, children_of, host_address, processes_with, serve, umoci_unpack, Setup};
+use common::{can_build, children_of, host_address, ok, processes_with, serve, umoci_unpack, Setup};
 use serde_json::Value;
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "kiln build failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn count(events: &[Value], kind: &str) -> usize {
     events.iter().filter(|e| e["type"] == kind).count()

@@ -10,18 +10,8 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{can_build, Setup};
+use common::{can_build, ok, Setup};
 use serde_json::Value;
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "kiln failed ({:?}):\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The steps that ran, by name, with their explanation event field.
 fn ran(events: &[Value]) -> Vec<(String, Value)> {
@@ -123,18 +113,23 @@ fn explain_names_the_changed_files_and_build_args_and_never_a_value() {
     // plain progress says it under the step.
     std::fs::remove_file(s.ctx().join("app/util.py")).unwrap();
     s.write("app/new.py", "y = 2\n");
-    let out = s.build(&[
-        "--explain",
-        "--progress",
-        "plain",
-        "--build-arg",
-        "VERSION=v-two-222",
-        "--build-arg",
-        "TOKEN=arg-value-kept-quiet",
-        "--secret",
-        &format!("id=tok,src={}", secret_file.display()),
-    ]);
-    ok(&out);
+    let secret_arg = format!("id=tok,src={}", secret_file.display());
+    let plain = || {
+        let out = s.build(&[
+            "--explain",
+            "--progress",
+            "plain",
+            "--build-arg",
+            "VERSION=v-two-222",
+            "--build-arg",
+            "TOKEN=arg-value-kept-quiet",
+            "--secret",
+            &secret_arg,
+        ]);
+        ok(&out);
+        out
+    };
+    let out = plain();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
         text.contains("ran: context files appeared: app/new.py; vanished: app/util.py"),
@@ -149,18 +144,7 @@ fn explain_names_the_changed_files_and_build_args_and_never_a_value() {
     assert!(text.contains(&format!("ran: because of step {copy_step}")), "{text}");
 
     // Nothing changed: nothing runs, nothing is explained; --no-cache says so.
-    let warm = s.build(&[
-        "--explain",
-        "--progress",
-        "plain",
-        "--build-arg",
-        "VERSION=v-two-222",
-        "--build-arg",
-        "TOKEN=arg-value-kept-quiet",
-        "--secret",
-        &format!("id=tok,src={}", secret_file.display()),
-    ]);
-    ok(&warm);
+    let warm = plain();
     let warm_text = String::from_utf8_lossy(&warm.stderr);
     assert!(!warm_text.contains("ran:"), "{warm_text}");
     // The last build found every step cached: what a step's key was made

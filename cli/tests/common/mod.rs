@@ -882,3 +882,14 @@ impl Setup {
         (out, events)
     }
 }
+
+/// Fails the test with kiln's output unless it succeeded.
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "kiln failed ({:?}):\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
