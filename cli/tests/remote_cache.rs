@@ -117,6 +117,20 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
     let max_records = cache_config(&s.path("max"))["records"].as_array().unwrap().len();
     let min_records = cache_config(&s.path("min"))["records"].as_array().unwrap().len();
     assert!(min_records < max_records, "min {min_records}, max {max_records}");
+    // mode=min holds the result's steps only, found by their definition
+    // keys: a fresh root runs nothing, and the build stage it copies from
+    // is neither run nor fetched (BuildKit's mode=min on a multi-stage build).
+    let from_min = format!("type=local,src={}", s.path("min").display());
+    let min_build = s.build("root4", "out7", &["--cache-from", &from_min]);
+    let err = String::from_utf8_lossy(&min_build.stderr);
+    assert_eq!(counts(&min_build), (0, 3), "{err}");
+    assert!(
+        !err.contains("RUN head -c 16") && !err.contains("RUN echo second"),
+        "the build stage's steps are not needed: {err}"
+    );
+    for f in ["nonce", "nonce2", "copy", "second"] {
+        assert_eq!(read(s.path("out1").join(f)), read(s.path("out7").join(f)), "{f}");
+    }
 
     let from = format!("type=local,src={}", s.path("max").display());
     let again = s.build("root2", "out2", &["--cache-from", &from]);
@@ -128,9 +142,20 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
             "{f}: the same bytes, not a re-run"
         );
     }
-    // The results became the new root's own records.
+    // The results became the new root's own records. The build stage's
+    // layers were never fetched: the copy was found by its definition key,
+    // so nothing read them. Without the cache they are not there, and
+    // neither needed nor shown (BuildKit's lazy cache results).
     let third = s.build("root2", "out3", &[]);
-    assert_eq!(counts(&third), (0, 5));
+    assert_eq!(counts(&third), (0, 3), "{}", String::from_utf8_lossy(&third.stderr));
+    assert_eq!(read(s.path("out1/nonce2")), read(s.path("out3/nonce2")));
+    let cache_layers = layer_blobs(&s.path("max"));
+    let fetched: Vec<&String> = cache_layers
+        .iter()
+        .filter(|d| s.path("root2/store/blobs/sha256").join(d.trim_start_matches("sha256:")).is_file())
+        .collect();
+    assert_eq!(cache_layers.len(), 5, "base, two build-stage steps, the copy, the last step");
+    assert_eq!(fetched.len(), 3, "only the result's layers were fetched: {fetched:?}");
 
     // Two builds exporting to one directory at once leave a valid cache.
     let both = format!("type=local,dest={},mode=max", s.path("shared").display());
@@ -143,6 +168,16 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
     let fourth = s.build("root3", "out6", &["--cache-from", &from_shared]);
     assert_eq!(counts(&fourth), (0, 5));
     assert_eq!(read(s.path("out1/nonce2")), read(s.path("out6/nonce2")));
+}
+
+/// The layer blobs a `type=local` cache lists.
+fn layer_blobs(dir: &Path) -> Vec<String> {
+    cache_config(dir)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["blob"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Snapshots of `root` that hold a blob and no files yet.
@@ -295,6 +330,18 @@ fn a_registry_cache_serves_a_fresh_root() {
     for f in ["nonce", "nonce2", "copy"] {
         assert_eq!(read(s.path("out1").join(f)), read(s.path("out2").join(f)), "{f}");
     }
+    // Downloaded: the result's layers only, not the build stage's.
+    let listed: Vec<&str> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap())
+        .collect();
+    let fetched = listed
+        .iter()
+        .filter(|d| s.path("root2/store/blobs/sha256").join(d.trim_start_matches("sha256:")).is_file())
+        .count();
+    assert_eq!((listed.len(), fetched), (5, 3), "{listed:?}");
     // Pushing the result to another repository mounts the layers the cache
     // repository has: only the image's config is uploaded.
     let err = String::from_utf8_lossy(&again.stderr);

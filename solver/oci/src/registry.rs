@@ -298,6 +298,20 @@ impl RegistryClient {
     /// mounting those another repository of the same registry has), then
     /// its manifest under `reference`'s tag.
     pub async fn push(&self, reference: &str, blobs: &[PushBlob], manifest: &[u8], media_type: &str) -> Result<PushReport, RegistryError> {
+        self.push_with(reference, blobs, manifest, media_type, &|_| Ok(())).await
+    }
+
+    /// [`Self::push`], calling `before_upload` for each blob the registry
+    /// neither has nor could mount, before its file is read (to fetch a blob
+    /// that is not on disk yet).
+    pub async fn push_with(
+        &self,
+        reference: &str,
+        blobs: &[PushBlob],
+        manifest: &[u8],
+        media_type: &str,
+        before_upload: &(dyn Fn(&PushBlob) -> Result<(), String> + Sync),
+    ) -> Result<PushReport, RegistryError> {
         let (parsed, registry, client, auth) = self.connect(reference)?;
         let fetch = fetch_error(&registry);
         client
@@ -324,6 +338,7 @@ impl RegistryClient {
                     }
                 }
             }
+            before_upload(blob).map_err(RegistryError::Invalid)?;
             let file = tokio::fs::File::open(&blob.path)
                 .await
                 .map_err(|e| RegistryError::Invalid(format!("{}: {e}", blob.path.display())))?;

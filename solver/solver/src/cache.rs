@@ -30,6 +30,17 @@
 //!    ([`local_source_key`]) and no record; materialized as a layer (the
 //!    result itself is the context) it is keyed by its directory and checksum
 //!    ([`materialized_local_key`]).
+//! 6. A vertex also has a *definition key*: rule 2 with every input that is
+//!    not a local source contributing its own definition key instead of its
+//!    key or content (a local source as in rule 3). It is known before any
+//!    input has a result, so a vertex whose result is recorded under it is
+//!    taken without computing, fetching or running its inputs (BuildKit's
+//!    keys from definitions), and a cache exported with `mode=min` covers a
+//!    multi-stage build without the stages the result only copies from. It
+//!    is stricter than the key (any change upstream changes it), so it
+//!    never finds a result the key would not; a result is recorded under
+//!    both when they differ. A vertex or input that ignores the cache has
+//!    none.
 //!
 //! # Records
 //! A record names, for a key, the layer stack of each output
@@ -140,6 +151,10 @@ pub(crate) struct Record {
     /// The parts of its key, by name, for `--explain` (`history.rs`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub(crate) parts: std::collections::BTreeMap<String, String>,
+    /// Of a record kept under a definition key (rule 6): the key its result
+    /// has under rules 2–3, which the vertex's consumers build on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<String>,
 }
 
 /// The key parts a record remembers, read without touching the record.

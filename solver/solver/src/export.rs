@@ -47,10 +47,13 @@ pub(crate) fn store_blob(root: &StateRoot, bytes: &[u8]) -> std::io::Result<Stri
     Ok(d)
 }
 
-/// The compressed blobs of the layers, making those not made before
-/// (several at once).
+/// The compressed blobs of the layers in the store, making those not made
+/// before and fetching those a cache offered (several at once).
 pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64>) -> Result<Vec<LayerBlob>, Failure> {
-    let mut out: Vec<Option<LayerBlob>> = layers.iter().map(|id| read_layer_blob(root, id, epoch)).collect();
+    let mut out: Vec<Option<LayerBlob>> = layers
+        .iter()
+        .map(|id| read_layer_blob(root, id, epoch).filter(|b| root.blob_is_local(&b.digest)))
+        .collect();
     let missing: Vec<usize> = (0..layers.len()).filter(|i| out[*i].is_none()).collect();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -63,7 +66,11 @@ pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64
             s.spawn(|| loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&i) = missing.get(k) else { break };
-                let r = layer_blob(root, &layers[i], epoch);
+                let r = layer_blob(root, &layers[i], epoch).and_then(|b| {
+                    root.fetch_blob(&b.digest)
+                        .map_err(Failure::io(Some("fetching layer"), &b.digest))
+                        .map(|()| b)
+                });
                 if let Ok(mut v) = results.lock() {
                     v.push((i, r));
                 }
@@ -81,7 +88,8 @@ pub(crate) fn layer_blobs(root: &StateRoot, layers: &[String], epoch: Option<i64
         .collect()
 }
 
-/// The compressed blob of one layer, made and remembered if it was not.
+/// The compressed blob of one layer, made and remembered if it was not
+/// (one a cache offered is not fetched here).
 pub(crate) fn layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Result<LayerBlob, Failure> {
     if let Some(b) = read_layer_blob(root, id, epoch) {
         return Ok(b);

@@ -82,7 +82,8 @@ fn read_records(root: &Path) -> Vec<(String, Record, u64)> {
 /// What the root holds.
 pub fn usage(root: &Path) -> Usage {
     let mut records = read_records(root);
-    records.sort_by_key(|(_, r, _)| r.created);
+    // A record kept under a definition key (an alias) never owns a layer.
+    records.sort_by_key(|(_, r, _)| (r.key.is_some(), r.created));
     let mut owner: HashMap<String, usize> = HashMap::new();
     for (i, (_, r, _)) in records.iter().enumerate() {
         for id in r.outputs.iter().flatten() {
@@ -96,6 +97,7 @@ pub fn usage(root: &Path) -> Usage {
     let mut list: Vec<RecordUsage> = records
         .iter()
         .zip(sizes)
+        .filter(|((_, r, _), _)| r.key.is_none())
         .map(|((key, r, used), size)| RecordUsage {
             key: format!("sha256:{key}"),
             description: r.description.clone(),

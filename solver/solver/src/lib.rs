@@ -36,6 +36,7 @@ mod source;
 pub use root::StateRoot;
 pub use schedule::{wait_for_background_work, EventSink};
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -128,35 +129,55 @@ pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventS
     let sandboxes = execute::netns::Sandboxes::new(root.clone());
     // However the solve ends (done, failed, cancelled), its unused networks go.
     let _close = CloseOnDrop(sandboxes.clone());
-    let runtime = execute::runc::Runtime::new(runtime_bin, root.runtime_state()).with_sandboxes(sandboxes);
-    let mut exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
-    let locals = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
+    let locals: BTreeMap<String, PathBuf> = request.locals.iter().map(|(k, v)| (k.clone(), PathBuf::from(v))).collect();
     let imports = Arc::new(import_caches(&request.cache_from, &events).await);
-    exec.imports = imports.clone();
-    exec.keep_failed = request
+    let keep_failed = request
         .keep_failed
         .as_ref()
         .map(|d| Arc::new(execute::keep::KeepFailed::new(PathBuf::from(d))));
-    let mut solver = Solver::new(
-        root.clone(),
-        def,
-        SolveOptions {
-            locals,
-            no_cache: request.no_cache,
-            jobs: request.jobs,
-            image_layers: export::wants_image(&request.exporters).then_some(request.source_date_epoch),
-            imports,
-        },
-        exec,
-        events.clone(),
-    );
-    solver.history = request.build.clone().map(|info| {
-        let platforms = request.platforms.iter().map(|p| p.platform.clone()).collect();
-        Arc::new(history::Recorder::new(root.clone(), info, platforms))
-    });
-    let solver = Arc::new(solver);
-    let started = std::time::Instant::now();
-    let outcome = solve_and_export(&request, &root, &solver, targets, &events).await;
+    let mut attempts = 0;
+    let (solver, outcome, started) = loop {
+        let runtime = execute::runc::Runtime::new(runtime_bin.clone(), root.runtime_state()).with_sandboxes(sandboxes.clone());
+        let mut exec = execute::Executor::new(root.clone(), runtime, request.secrets.clone(), request.ssh.clone(), events.clone());
+        exec.imports = imports.clone();
+        exec.keep_failed = keep_failed.clone();
+        let mut solver = Solver::new(
+            root.clone(),
+            def.clone(),
+            SolveOptions {
+                locals: locals.clone(),
+                no_cache: request.no_cache,
+                jobs: request.jobs,
+                image_layers: export::wants_image(&request.exporters).then_some(request.source_date_epoch),
+                imports: imports.clone(),
+            },
+            exec,
+            events.clone(),
+        );
+        solver.history = request.build.clone().map(|info| {
+            let platforms = request.platforms.iter().map(|p| p.platform.clone()).collect();
+            Arc::new(history::Recorder::new(root.clone(), info, platforms))
+        });
+        let solver = Arc::new(solver);
+        let started = std::time::Instant::now();
+        let damaged = root.damaged_count();
+        let outcome = solve_and_export(&request, &root, &solver, targets.clone(), &events).await;
+        attempts += 1;
+        // A cache hit's layer that fails to fetch when something needs it
+        // (damaged, truncated, unreachable) makes that hit a miss: solve
+        // again, running what the damaged layers held (bounded: each retry
+        // needs a layer that had not failed before).
+        match &outcome {
+            Err(e) if root.damaged_count() > damaged && attempts < 8 => {
+                events.emit(Event::Log {
+                    digest: String::new(),
+                    stream: 2,
+                    data: format!("cache import: {e}; running the steps it held instead\n"),
+                });
+            }
+            _ => break (solver, outcome, started),
+        }
+    };
     let (history_id, critical_path) = match &solver.history {
         Some(h) => {
             let (digest, error) = match &outcome {

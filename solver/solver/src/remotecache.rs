@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use kiln_oci::cacheconfig::{self, CacheConfig, CacheLayer, CacheRecord, CacheResult, LayerAnnotations, MAX_SIZE};
 use serde_json::{json, Value as Json};
@@ -55,6 +56,8 @@ enum Source {
     Registry {
         reference: String,
         client: kiln_oci::RegistryClient,
+        /// The runtime its fetches run on (from whichever thread needs a blob).
+        runtime: tokio::runtime::Handle,
     },
 }
 
@@ -65,7 +68,7 @@ pub(crate) fn cache_mount_digest(id: &str) -> String {
 
 /// A cache read from a `--cache-from` source.
 pub(crate) struct Imported {
-    source: Source,
+    source: Arc<Source>,
     config: CacheConfig,
     /// Record index by digest.
     records: HashMap<String, usize>,
@@ -151,6 +154,7 @@ pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String>
         let source = Source::Registry {
             reference: reference.to_string(),
             client,
+            runtime: tokio::runtime::Handle::current(),
         };
         return Ok(Imported::new(source, config, blobs));
     }
@@ -160,6 +164,7 @@ pub(crate) async fn import_registry(reference: &str) -> Result<Imported, String>
         Source::Registry {
             reference: reference.to_string(),
             client,
+            runtime: tokio::runtime::Handle::current(),
         },
         &manifest,
         |_| Ok(config),
@@ -295,7 +300,7 @@ impl Imported {
             .map(|(i, r)| (r.digest.clone(), i))
             .collect();
         Imported {
-            source,
+            source: Arc::new(source),
             config,
             records,
             blobs,
@@ -328,19 +333,37 @@ impl Imported {
         (!outputs.is_empty()).then_some(outputs)
     }
 
-    /// The vertex keyed `key` from this cache: its blobs copied into the
-    /// state root (each checked against its digest) and adopted as layers,
-    /// unpacked only when a step mounts them (each checked against its diff
-    /// id then), as each output's layer ids. `None`: a miss
-    /// (not there, or not intact: the reason is returned beside).
+    /// Whether this cache holds every output of the vertex keyed `key`.
+    pub(crate) fn holds(&self, key: &str) -> bool {
+        self.outputs(key).is_some()
+    }
+
+    /// The vertex keyed `key` from this cache, as each output's layer ids:
+    /// its layers adopted without their blobs, which the state root fetches
+    /// (each checked against its digest) only when something reads them —
+    /// a step mounting a layer (its diff id checked as it is unpacked), an
+    /// image or cache exporter. A result no later step or exporter reads is
+    /// never downloaded. `None`: a miss (not there, or not intact: the
+    /// reason is returned beside).
     pub(crate) fn take(&self, root: &StateRoot, key: &str) -> Result<Option<Vec<Vec<String>>>, String> {
         let Some(outputs) = self.outputs(key) else { return Ok(None) };
         let mut ids = Vec::with_capacity(outputs.len());
         for chain in outputs {
             let mut layer_ids = Vec::with_capacity(chain.len());
             for blob in chain {
-                self.copy_in(root, &blob)?;
-                // Unpacked (and its diff id checked) when a step mounts it.
+                if root.is_damaged(&blob.digest) {
+                    return Err(format!("layer {} of this cache failed to fetch before", blob.digest));
+                }
+                if !root.blob_is_local(&blob.digest) {
+                    if let Source::Registry { reference, .. } = self.source.as_ref() {
+                        // A push to another repository of that registry
+                        // mounts the blob from the cache's instead of uploading it.
+                        let _ = kiln_oci::record_blob_source(root.path(), &blob.digest, pull::repository_of(reference));
+                    }
+                    let source = self.source.clone();
+                    let wanted = blob.clone();
+                    root.offer_blob(&blob.digest, Arc::new(move |root: &StateRoot| fetch(&source, root, &wanted)));
+                }
                 pull::adopt_blob(root, &blob).map_err(|e| format!("adopting layer {}: {e}", blob.digest))?;
                 layer_ids.push(pull::layer_id_for_blob(&blob.digest));
             }
@@ -367,7 +390,7 @@ impl Imported {
             .blobs
             .get(&layer.blob)
             .ok_or_else(|| format!("the cache mount {id:?} has no diff id"))?;
-        self.copy_in(root, blob)?;
+        fetch(&self.source, root, blob)?;
         let got = fs::File::open(root.blob_path(&blob.digest))
             .and_then(|f| crate::snapshot::layer::unpack_layer(f, dest))
             .map_err(|e| format!("unpacking the cache mount {id:?}: {e}"))?;
@@ -377,40 +400,44 @@ impl Imported {
         Ok(true)
     }
 
-    /// Copies a blob into the state root's store, checking its digest.
-    fn copy_in(&self, root: &StateRoot, blob: &LayerBlob) -> Result<(), String> {
-        let dest = root.blob_path(&blob.digest);
-        if dest.is_file() {
-            return Ok(());
-        }
-        let tmp = root.temp_dir().map_err(|e| e.to_string())?;
-        let part = tmp.join("blob");
-        let copied = match &self.source {
-            Source::Dir(dir) => {
-                let src = blob_path(dir, &blob.digest);
-                fs::copy(&src, &part).map(|_| ()).map_err(|e| format!("{}: {e}", src.display()))
-            }
-            Source::Registry { reference, client } => tokio::runtime::Handle::current()
-                .block_on(client.fetch_blob(reference, &blob.digest, blob.size as i64, &part))
-                .map_err(|e| e.to_string()),
-        };
-        if let (Ok(()), Source::Registry { reference, .. }) = (&copied, &self.source) {
-            // A push of the result to another repository of that registry
-            // mounts the blob from the cache's instead of uploading it.
-            let _ = kiln_oci::record_blob_source(root.path(), &blob.digest, pull::repository_of(reference));
-        }
-        let result = copied
-            .and_then(|()| pull::file_digest(&part).map_err(|e| e.to_string()))
-            .and_then(|actual| {
-                if actual == blob.digest {
-                    fs::rename(&part, &dest).map_err(|e| format!("{}: {e}", dest.display()))
-                } else {
-                    Err(format!("cache blob {} has digest {actual}", blob.digest))
-                }
-            });
-        let _ = fs::remove_dir_all(&tmp);
-        result
+}
+
+/// Copies a blob of a cache into the state root's store, checking its digest.
+fn fetch(source: &Source, root: &StateRoot, blob: &LayerBlob) -> Result<(), String> {
+    let dest = root.blob_path(&blob.digest);
+    if dest.is_file() {
+        return Ok(());
     }
+    let tmp = root.temp_dir().map_err(|e| e.to_string())?;
+    let part = tmp.join("blob");
+    let copied = match source {
+        Source::Dir(dir) => {
+            let src = blob_path(dir, &blob.digest);
+            fs::copy(&src, &part).map(|_| ()).map_err(|e| format!("{}: {e}", src.display()))
+        }
+        // On a thread of its own: whoever needs the blob may be on the runtime.
+        Source::Registry {
+            reference,
+            client,
+            runtime,
+        } => std::thread::scope(|s| {
+            s.spawn(|| runtime.block_on(client.fetch_blob(reference, &blob.digest, blob.size as i64, &part)))
+                .join()
+                .map_err(|_| "the blob fetch panicked".to_string())?
+                .map_err(|e| e.to_string())
+        }),
+    };
+    let result = copied
+        .and_then(|()| pull::file_digest(&part).map_err(|e| e.to_string()))
+        .and_then(|actual| {
+            if actual == blob.digest {
+                fs::rename(&part, &dest).map_err(|e| format!("{}: {e}", dest.display()))
+            } else {
+                Err(format!("cache blob {} has digest {actual}", blob.digest))
+            }
+        });
+    let _ = fs::remove_dir_all(&tmp);
+    result
 }
 
 /// What an export wrote.
@@ -557,6 +584,7 @@ pub(crate) fn export_local(
         if target.is_file() {
             continue;
         }
+        root.fetch_blob(&b.digest).map_err(Failure::io(Some("fetching layer"), &b.digest))?;
         let tmp = target.with_extension(format!("tmp-{}", std::process::id()));
         fs::copy(root.blob_path(&b.digest), &tmp).map_err(|e| io("copying a layer to", &tmp)(e))?;
         fs::rename(&tmp, &target).map_err(|e| io("writing", &target)(e))?;
@@ -623,8 +651,11 @@ pub(crate) async fn export_registry(
         source: None,
     });
     let client = kiln_oci::RegistryClient::new(kiln_oci::Credentials::from_docker_config());
+    // A layer a cache offered and this solve never read is fetched only if
+    // the registry has it nowhere to mount from.
+    let fetch = |b: &kiln_oci::PushBlob| tokio::task::block_in_place(|| root.fetch_blob(&b.digest)).map_err(|e| e.to_string());
     let report = client
-        .push(reference, &blobs, &built.manifest, crate::export::MANIFEST)
+        .push_with(reference, &blobs, &built.manifest, crate::export::MANIFEST, &fetch)
         .await
         .map_err(|e| Failure::Registry {
             image: reference.to_string(),

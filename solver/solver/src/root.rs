@@ -24,16 +24,35 @@
 
 use std::fs;
 use std::io::Write;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::FlockOperation;
+
+/// Fetches one blob into the store (checked against its digest), for a
+/// blob this solve may use but has not downloaded ([`StateRoot::offer_blob`]).
+pub(crate) type FetchBlob = dyn Fn(&StateRoot) -> Result<(), String> + Send + Sync;
+
+/// A blob offered by a cache: how to fetch it, and a lock so one fetch runs.
+struct Offered {
+    fetch: Arc<FetchBlob>,
+    once: Mutex<()>,
+}
 
 /// The opened state root, holding the shared build lock.
 pub struct StateRoot {
     path: PathBuf,
     _lock: fs::File,
     counter: AtomicU64,
+    /// Blobs this process may fetch when something reads them (a
+    /// `--cache-from` hit's layers); known to this process only, so a
+    /// later solve never relies on a cache it was not given.
+    offered: Mutex<HashMap<String, Arc<Offered>>>,
+    /// Offered blobs whose fetch failed (damaged, truncated, unreachable):
+    /// no longer offered, and a miss for any cache that lists them.
+    damaged: Mutex<HashSet<String>>,
 }
 
 impl StateRoot {
@@ -57,6 +76,8 @@ impl StateRoot {
             path: path.to_path_buf(),
             _lock: lock,
             counter: AtomicU64::new(0),
+            offered: Mutex::new(HashMap::new()),
+            damaged: Mutex::new(HashSet::new()),
         };
         root.recover(runtime);
         Ok(root)
@@ -76,6 +97,64 @@ impl StateRoot {
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         self.path.join("store/blobs/sha256").join(hex)
+    }
+
+    /// Offers a blob this process can fetch when it is read ([`Self::fetch_blob`]).
+    pub(crate) fn offer_blob(&self, digest: &str, fetch: Arc<FetchBlob>) {
+        if let Ok(mut offered) = self.offered.lock() {
+            offered.entry(digest.to_string()).or_insert_with(|| {
+                Arc::new(Offered {
+                    fetch,
+                    once: Mutex::new(()),
+                })
+            });
+        }
+    }
+
+    /// Whether the blob is in the store or can be fetched into it.
+    pub(crate) fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).is_file() || self.offered.lock().is_ok_and(|o| o.contains_key(digest))
+    }
+
+    /// Whether the blob is in the store now (not only offered).
+    pub(crate) fn blob_is_local(&self, digest: &str) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Makes sure a blob is in the store, fetching an offered one now (one
+    /// fetch per blob, however many ask at once).
+    pub(crate) fn fetch_blob(&self, digest: &str) -> std::io::Result<()> {
+        if self.blob_path(digest).is_file() {
+            return Ok(());
+        }
+        let offered = self.offered.lock().ok().and_then(|o| o.get(digest).cloned());
+        let Some(offered) = offered else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("blob {digest} is not in the state root"),
+            ));
+        };
+        let _one = offered.once.lock().map_err(|_| std::io::Error::other("a blob fetch panicked"))?;
+        if self.blob_path(digest).is_file() {
+            return Ok(());
+        }
+        (offered.fetch)(self).map_err(|why| {
+            if let (Ok(mut offered), Ok(mut damaged)) = (self.offered.lock(), self.damaged.lock()) {
+                offered.remove(digest);
+                damaged.insert(digest.to_string());
+            }
+            std::io::Error::other(why)
+        })
+    }
+
+    /// Whether fetching this offered blob failed in this process.
+    pub(crate) fn is_damaged(&self, digest: &str) -> bool {
+        self.damaged.lock().is_ok_and(|d| d.contains(digest))
+    }
+
+    /// How many offered blobs failed to fetch in this process.
+    pub(crate) fn damaged_count(&self) -> usize {
+        self.damaged.lock().map_or(0, |d| d.len())
     }
 
     /// `ROOT/snapshots/ID`.

@@ -128,6 +128,7 @@ impl Executor {
                         created: 0,
                         description: format!("local://{}", local.name),
                         parts: Default::default(),
+                        key: None,
                     };
                     write_record(&root, &key, &record).map_err(Failure::io(Some("writing the cache record of"), local.dir.display()))?;
                     Ok(Arc::new(vec![id]))

@@ -42,10 +42,23 @@ pub trait EventSink: Send + Sync {
 pub(crate) struct Done {
     /// The cache key.
     pub key: String,
+    /// Its definition key ([`DefKey`]), when it has one that differs from `key`.
+    pub def_key: Option<String>,
     /// Outputs by index.
     pub outputs: Vec<Option<Value>>,
     /// It ran in this solve (it was not found in the cache).
     pub ran: bool,
+}
+
+/// A vertex's definition key (`cache.rs` rule 6): its key with every
+/// input that is not a local source contributing its own definition key,
+/// so it is known before any input has a result.
+#[derive(Debug, Clone)]
+struct DefKey {
+    /// `None`: the vertex or one of its inputs ignores the cache.
+    key: Option<String>,
+    /// The digest an image source is pinned to.
+    pinned: String,
 }
 
 /// Options of one solve.
@@ -69,6 +82,7 @@ pub(crate) struct Solver {
     def: LoadedDefinition,
     index: HashMap<String, usize>,
     cells: HashMap<String, OnceCell<Result<Arc<Done>, SolveError>>>,
+    def_keys: HashMap<String, OnceCell<Result<DefKey, SolveError>>>,
     opts: SolveOptions,
     exec_slots: Option<Semaphore>,
     /// Runs the ops that are not found in the cache.
@@ -80,6 +94,8 @@ pub(crate) struct Solver {
     result_layers: HashMap<String, i64>,
     /// Layers being compressed ahead of the export.
     compressing: Mutex<Vec<tokio::task::JoinHandle<Option<()>>>>,
+    /// Vertices whose cache import failed, said once each.
+    import_warned: Mutex<std::collections::HashSet<String>>,
     /// Vertices that ran.
     pub executed: AtomicU32,
     /// Vertices found in the cache.
@@ -160,6 +176,7 @@ impl Solver {
     ) -> Solver {
         let index = op_index(&def);
         let cells = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
+        let def_keys = def.ops.iter().map(|o| (o.digest.as_str().to_string(), OnceCell::new())).collect();
         let exec_slots = opts.jobs.map(|n| Semaphore::new(n.max(1)));
         let result_layers = if opts.image_layers.is_some() {
             result_spine(&def, &index)
@@ -171,6 +188,7 @@ impl Solver {
             def,
             index,
             cells,
+            def_keys,
             opts,
             exec_slots,
             exec,
@@ -179,6 +197,7 @@ impl Solver {
             locals: Mutex::new(HashMap::new()),
             result_layers,
             compressing: Mutex::new(Vec::new()),
+            import_warned: Mutex::new(Default::default()),
             executed: AtomicU32::new(0),
             cached: AtomicU32::new(0),
             history: None,
@@ -240,6 +259,174 @@ impl Solver {
         })
     }
 
+    /// A vertex's definition key, computed once: from its op and its
+    /// inputs' definition keys (a local source's: what the vertex reads of
+    /// it), never from their results, so nothing runs or is fetched for it.
+    fn def_key<'a>(self: &'a Arc<Self>, digest: &'a str) -> BoxFuture<'a, Result<DefKey, SolveError>> {
+        Box::pin(async move {
+            let cell = self
+                .def_keys
+                .get(digest)
+                .ok_or_else(|| SolveError::Internal(format!("unknown vertex {digest}")))?;
+            cell.get_or_init(|| self.compute_def_key(digest)).await.clone()
+        })
+    }
+
+    async fn compute_def_key(self: &Arc<Self>, digest: &str) -> Result<DefKey, SolveError> {
+        let idx = *self
+            .index
+            .get(digest)
+            .ok_or_else(|| SolveError::Internal(format!("unknown vertex {digest}")))?;
+        let op = &self.def.ops[idx].op;
+        let fail_at = |stage: Stage| {
+            move |failure: Failure| SolveError::Vertex {
+                digest: digest.to_string(),
+                error: VertexError::at(stage, failure),
+            }
+        };
+        let usable = !self.ignores_cache(digest);
+        let none = DefKey {
+            key: None,
+            pinned: String::new(),
+        };
+        if let Some(pb::op::Op::Source(s)) = &op.op {
+            if s.identifier.starts_with("local://") {
+                return Ok(none); // its consumers' keys cover what they read of it
+            }
+            let mut pinned = String::new();
+            if let Some(src) = pull::parse_identifier(&s.identifier) {
+                // Unpinned images are pinned now: the key is the content.
+                pinned = pull::pin(&self.exec.registry, &src, &execute::platform_of(op))
+                    .await
+                    .map_err(fail_at(Stage::Source))?;
+            }
+            let key = cache::vertex_key(op, pinned.as_bytes());
+            return Ok(DefKey {
+                key: usable.then_some(key),
+                pinned,
+            });
+        }
+        let inputs = try_join_all(op.inputs.iter().map(|input| async move {
+            if self.is_local_source(&input.digest) {
+                return Ok(None);
+            }
+            self.def_key(&input.digest).await.map(Some)
+        }))
+        .await?;
+        let mut keyed = op.clone();
+        for (i, (input, def)) in op.inputs.iter().zip(inputs).enumerate() {
+            let contribution = match def {
+                Some(DefKey { key: Some(k), .. }) => cache::input_contribution(&k, input.index),
+                Some(DefKey { key: None, .. }) => return Ok(none),
+                None => {
+                    let done = self.vertex(&input.digest).await?;
+                    let value = done.outputs.get(input.index as usize).cloned().flatten();
+                    self.dependency_key(op, i, &done, value.as_ref(), input.index)
+                        .map_err(fail_at(Stage::Cache))?
+                        .0
+                }
+            };
+            keyed.inputs[i].digest = contribution;
+            keyed.inputs[i].index = 0;
+        }
+        Ok(DefKey {
+            key: usable.then(|| cache::vertex_key(&keyed, b"")),
+            pinned: String::new(),
+        })
+    }
+
+    /// The op is `local://…`.
+    fn is_local_source(&self, digest: &str) -> bool {
+        self.index.get(digest).is_some_and(|&i| {
+            matches!(&self.def.ops[i].op.op, Some(pb::op::Op::Source(s)) if s.identifier.starts_with("local://"))
+        })
+    }
+
+    /// `--no-cache`, or the vertex's own no-cache flag.
+    fn ignores_cache(&self, digest: &str) -> bool {
+        self.opts.no_cache || self.def.metadata.get(digest).is_some_and(|m| m.ignore_cache)
+    }
+
+    /// The record of `key`: this root's, else a `--cache-from` cache's.
+    fn find(&self, digest: &str, key: &str, name: &str) -> Option<Record> {
+        read_record(&self.root, key).or_else(|| self.imported(digest, key, name))
+    }
+
+    /// Whether a vertex not computed yet would be found in a cache by its
+    /// definition key (a local source always is: it is used in place).
+    async fn would_hit(self: &Arc<Self>, digest: &str) -> bool {
+        if self.cells.get(digest).is_none_or(|c| c.initialized()) {
+            return false;
+        }
+        if self.is_local_source(digest) {
+            return true;
+        }
+        let Ok(DefKey { key: Some(key), .. }) = self.def_key(digest).await else {
+            return false;
+        };
+        tokio::task::block_in_place(|| read_record(&self.root, &key).is_some() || self.opts.imports.iter().any(|i| i.holds(&key)))
+    }
+
+    /// After a vertex was found by its definition key: its inputs that a
+    /// cache also holds are shown as cached (as a build that walks every
+    /// step shows them); the others are not needed and neither run nor load.
+    async fn show_cached_inputs(self: &Arc<Self>, op: &pb::Op) {
+        let mut digests: Vec<&str> = op.inputs.iter().map(|i| i.digest.as_str()).collect();
+        digests.sort_unstable();
+        digests.dedup();
+        futures::future::join_all(digests.into_iter().map(|d| async move {
+            if self.would_hit(d).await {
+                // A failure here belongs to whoever needs the vertex's result.
+                let _ = self.vertex(d).await;
+            }
+        }))
+        .await;
+    }
+
+    /// Also keeps a result under its definition key when that differs,
+    /// so the next build finds it without its inputs' results.
+    fn alias(&self, def_key: &str, key: &str, record: &Record) {
+        if def_key == key || self.root.record_path(def_key).is_file() {
+            return;
+        }
+        let alias = Record {
+            key: Some(key.to_string()),
+            parts: Default::default(),
+            ..record.clone()
+        };
+        // Only a shortcut: a failure to write costs the next build a few checksums.
+        let _ = write_record(&self.root, def_key, &alias);
+    }
+
+    /// A vertex found in a cache: shown as cached and kept in the history.
+    fn hit(&self, digest: &str, op: &pb::Op, name: String, key: String, def_key: Option<String>, record: Record) -> Arc<Done> {
+        self.cached.fetch_add(1, Ordering::Relaxed);
+        let at_ms = self.now_ms();
+        if let Some(h) = &self.history {
+            let draft = history::Draft {
+                digest: digest.to_string(),
+                name: name.clone(),
+                location: history::location(&self.def, digest),
+                key: key.clone(),
+                parts: BTreeMap::new(),
+                inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
+            };
+            h.add(draft, StepStatus::Cached, at_ms, 0, None);
+        }
+        self.events.emit(Event::VertexCached {
+            digest: digest.to_string(),
+            name,
+            at_ms,
+        });
+        let outputs = record.outputs.into_iter().map(|l| Some(Value::Layers(Arc::new(l)))).collect();
+        Arc::new(Done {
+            def_key: def_key.filter(|d| *d != key),
+            key,
+            outputs,
+            ran: false,
+        })
+    }
+
     /// A result from a `--cache-from` cache, made a record of this root.
     /// A cache that holds the key but not intact is a miss, said in a log line.
     fn imported(&self, digest: &str, key: &str, name: &str) -> Option<cache::Record> {
@@ -254,12 +441,15 @@ impl Solver {
                             .unwrap_or(0),
                         description: name.to_string(),
                         parts: Default::default(),
+                        key: None,
                     };
                     // Kept for the next build; a failure to write only costs that.
                     let _ = cache::write_record(&self.root, key, &record);
                     return Some(record);
                 }
                 Ok(None) => {}
+                // Said once per vertex (it is asked by both its keys).
+                Err(_) if !lock(&self.import_warned).insert(digest.to_string()) => {}
                 Err(why) => self.events.emit(Event::Log {
                     digest: digest.to_string(),
                     stream: 2,
@@ -302,6 +492,9 @@ impl Solver {
                 })
                 .collect();
             if let Some(outputs) = outputs.filter(|o| !o.is_empty()) {
+                if let Some(def_key) = &done.def_key {
+                    out.push((def_key.clone(), outputs.clone()));
+                }
                 out.push((done.key.clone(), outputs));
             }
         }
@@ -418,6 +611,19 @@ impl Solver {
             .get(digest)
             .ok_or_else(|| SolveError::Internal(format!("unknown vertex {digest}")))?;
         let op = &self.def.ops[idx].op;
+        use pb::op::Op;
+        if !matches!(op.op, Some(Op::Source(_))) {
+            // Found by its definition key: its inputs' results are not needed.
+            let def = self.def_key(digest).await?;
+            if let Some(def_key) = def.key {
+                let name = self.name_of(digest);
+                if let Some(record) = tokio::task::block_in_place(|| self.find(digest, &def_key, &name)) {
+                    self.show_cached_inputs(op).await;
+                    let key = record.key.clone().unwrap_or_else(|| def_key.clone());
+                    return Ok(self.hit(digest, op, name, key, Some(def_key), record));
+                }
+            }
+        }
         let (inputs, ahead) = match ahead::plan(op) {
             Some(dests) => self.inputs_copying_ahead(op, &dests).await?,
             None => (try_join_all(op.inputs.iter().map(|i| self.vertex(&i.digest))).await?, None),
@@ -440,9 +646,8 @@ impl Solver {
             values.push(v);
         }
         let name = self.name_of(digest);
-        let ignore_cache = self.opts.no_cache || self.def.metadata.get(digest).is_some_and(|m| m.ignore_cache);
+        let ignore_cache = self.ignores_cache(digest);
 
-        use pb::op::Op;
         // Local sources are used in place: no key from content here, no record.
         if let Some(Op::Source(s)) = &op.op {
             if let Some(local_name) = s.identifier.strip_prefix("local://") {
@@ -479,6 +684,7 @@ impl Solver {
                 }
                 return Ok(Arc::new(Done {
                     key,
+                    def_key: None,
                     outputs: vec![Some(Value::Local(source))],
                     ran: false,
                 }));
@@ -498,16 +704,10 @@ impl Solver {
             contributions.push(dep);
             reads.extend(read);
         }
-        let mut pinned = String::new();
-        if let Some(Op::Source(s)) = &op.op {
-            if let Some(src) = pull::parse_identifier(&s.identifier) {
-                // Unpinned images are pinned now: the key is the content.
-                pinned = pull::pin(&self.exec.registry, &src, &execute::platform_of(op))
-                    .await
-                    .map_err(fail_at(Stage::Source))?;
-            }
-        }
+        let def = self.def_key(digest).await?;
+        let pinned = def.pinned;
         let key = cache::vertex_key(&keyed, pinned.as_bytes());
+        let def_key = def.key.filter(|d| *d != key);
         // What the history remembers of this step; its key's parts only if it runs.
         let mut draft = self.history.as_ref().map(|_| history::Draft {
             digest: digest.to_string(),
@@ -533,7 +733,7 @@ impl Solver {
         };
 
         if !ignore_cache {
-            let found = tokio::task::block_in_place(|| read_record(&self.root, &key).or_else(|| self.imported(digest, &key, &name)));
+            let found = tokio::task::block_in_place(|| self.find(digest, &key, &name));
             if let Some(record) = found {
                 if let Some(Op::Source(s)) = &op.op {
                     if let Some(src) = pull::parse_identifier(&s.identifier) {
@@ -542,18 +742,10 @@ impl Solver {
                         }
                     }
                 }
-                self.cached.fetch_add(1, Ordering::Relaxed);
-                let at_ms = self.now_ms();
-                if let (Some(h), Some(draft)) = (&self.history, draft) {
-                    h.add(draft, StepStatus::Cached, at_ms, 0, None);
+                if let Some(d) = &def_key {
+                    tokio::task::block_in_place(|| self.alias(d, &key, &record));
                 }
-                self.events.emit(Event::VertexCached {
-                    digest: digest.to_string(),
-                    name,
-                    at_ms,
-                });
-                let outputs = record.outputs.into_iter().map(|l| Some(Value::Layers(Arc::new(l)))).collect();
-                return Ok(Arc::new(Done { key, outputs, ran: false }));
+                return Ok(self.hit(digest, op, name, key, def_key, record));
             }
         }
         // Why it runs, said before it waits for a slot.
@@ -626,9 +818,13 @@ impl Solver {
                         .unwrap_or(0),
                     description: name,
                     parts,
+                    key: None,
                 };
                 tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
                     .map_err(|e| fail_at(Stage::Cache)(Failure::io(Some("writing the cache record"), &key)(e)))?;
+                if let Some(d) = &def_key {
+                    tokio::task::block_in_place(|| self.alias(d, &key, &record));
+                }
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 if let Some(h) = &self.history {
                     h.finish(digest, StepStatus::Ran, duration_ms);
@@ -641,6 +837,7 @@ impl Solver {
                 });
                 Ok(Arc::new(Done {
                     key,
+                    def_key,
                     outputs: outputs.into_iter().map(|o| o.map(Value::Layers)).collect(),
                     ran: true,
                 }))

@@ -87,11 +87,13 @@ fn blob_file(root: &StateRoot, id: &str, epoch: Option<i64>) -> PathBuf {
     }
 }
 
-/// The layer's blob, if exported before (for this SOURCE_DATE_EPOCH).
+/// The layer's blob, if exported before (for this SOURCE_DATE_EPOCH): in
+/// the store, or offered by a cache this solve may fetch it from (whoever
+/// reads its bytes calls [`StateRoot::fetch_blob`] first).
 pub(crate) fn read_layer_blob(root: &StateRoot, id: &str, epoch: Option<i64>) -> Option<LayerBlob> {
     let bytes = fs::read(blob_file(root, id, epoch)).ok()?;
     let blob: LayerBlob = serde_json::from_slice(&bytes).ok()?;
-    root.blob_path(&blob.digest).is_file().then_some(blob)
+    root.has_blob(&blob.digest).then_some(blob)
 }
 
 /// Remembers a layer's blob.

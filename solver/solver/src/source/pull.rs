@@ -307,6 +307,8 @@ pub(crate) fn unpack_blob(root: &StateRoot, blob: &LayerBlob) -> Result<(), Unpa
     if final_dir.join("fs").is_dir() {
         return Ok(());
     }
+    root.fetch_blob(&blob.digest)
+        .map_err(|e| Unpack::Refused(format!("fetching layer {}: {e}", blob.digest)))?;
     let layer = NewLayer::create(root).map_err(|e| Unpack::Failed(Failure::new_layer(root)(e)))?;
     let path = root.blob_path(&blob.digest);
     let got = fs::File::open(&path)
