@@ -166,7 +166,9 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
     }
     let from_shared = format!("type=local,src={}", s.path("shared").display());
     let fourth = s.build("root3", "out6", &["--cache-from", &from_shared]);
-    assert_eq!(counts(&fourth), (0, 5));
+    // root2 knows only the result's steps (it never fetched the build
+    // stage): whichever export came last, nothing runs.
+    assert_eq!(counts(&fourth).0, 0);
     assert_eq!(read(s.path("out1/nonce2")), read(s.path("out6/nonce2")));
 }
 
