@@ -399,7 +399,6 @@ impl Imported {
         }
         Ok(true)
     }
-
 }
 
 /// Copies a blob of a cache into the state root's store, checking its digest.

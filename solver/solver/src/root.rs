@@ -22,9 +22,9 @@
 //! `tmp/`, `mnt/` and runtime entries tagged with its pid, which the next
 //! solver removes.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

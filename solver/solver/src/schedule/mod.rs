@@ -337,9 +337,9 @@ impl Solver {
 
     /// The op is `local://…`.
     fn is_local_source(&self, digest: &str) -> bool {
-        self.index.get(digest).is_some_and(|&i| {
-            matches!(&self.def.ops[i].op.op, Some(pb::op::Op::Source(s)) if s.identifier.starts_with("local://"))
-        })
+        self.index
+            .get(digest)
+            .is_some_and(|&i| matches!(&self.def.ops[i].op.op, Some(pb::op::Op::Source(s)) if s.identifier.starts_with("local://")))
     }
 
     /// `--no-cache`, or the vertex's own no-cache flag.
