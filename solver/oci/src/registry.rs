@@ -6,7 +6,7 @@
 //! digest of what it points to (an index or a manifest, as BuildKit pins), and
 //! the platform's manifest and config are fetched by digest and verified.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use kiln_image::{ImageConfig, Platform};
@@ -138,25 +138,38 @@ pub fn is_loopback(registry: &str) -> bool {
 /// A registry client for image config resolution.
 pub struct RegistryClient {
     credentials: Credentials,
+    /// One HTTP client per registry: making one reads every system root
+    /// certificate (~10 ms), and a client keeps its connections and tokens.
+    clients: std::sync::Mutex<HashMap<String, Client>>,
 }
 
 impl RegistryClient {
     /// A client using the given credentials.
     pub fn new(credentials: Credentials) -> RegistryClient {
-        RegistryClient { credentials }
+        RegistryClient {
+            credentials,
+            clients: Default::default(),
+        }
     }
 
+    /// The HTTP client for a registry, made at its first use.
     fn client_for(&self, registry: &str) -> Client {
-        let protocol = if is_loopback(registry) {
-            ClientProtocol::HttpsExcept(vec![registry.to_string()])
-        } else {
-            ClientProtocol::Https
+        let make = || {
+            let protocol = if is_loopback(registry) {
+                ClientProtocol::HttpsExcept(vec![registry.to_string()])
+            } else {
+                ClientProtocol::Https
+            };
+            Client::new(ClientConfig {
+                protocol,
+                platform_resolver: None,
+                ..Default::default()
+            })
         };
-        Client::new(ClientConfig {
-            protocol,
-            platform_resolver: None,
-            ..Default::default()
-        })
+        match self.clients.lock() {
+            Ok(mut clients) => clients.entry(registry.to_string()).or_insert_with(make).clone(),
+            Err(_) => make(),
+        }
     }
 
     /// Resolves `reference` (normalized, e.g. `docker.io/library/alpine:3.20`)
