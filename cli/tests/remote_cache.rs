@@ -156,6 +156,9 @@ fn a_fresh_root_with_the_exported_cache_runs_nothing() {
         .collect();
     assert_eq!(cache_layers.len(), 5, "base, two build-stage steps, the copy, the last step");
     assert_eq!(fetched.len(), 3, "only the result's layers were fetched: {fetched:?}");
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("5 layers ("), "the import says what it lists: {said}");
+    assert!(said.contains("cache layers fetched: 3 ("), "and what was fetched: {said}");
 
     // Two builds exporting to one directory at once leave a valid cache.
     let both = format!("type=local,dest={},mode=max", s.path("shared").display());

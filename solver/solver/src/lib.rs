@@ -333,7 +333,27 @@ async fn solve_and_export(
         });
     }
     export_caches(root, solver, &request.cache_to, events).await?;
+    if !request.cache_from.is_empty() {
+        let (n, bytes) = root.fetched();
+        events.emit(Event::Progress {
+            digest: None,
+            id: format!("cache layers fetched: {n} ({})", size(bytes)),
+            current: 1,
+            total: 1,
+            done: true,
+        });
+    }
     Ok(result)
+}
+
+/// A byte count for people: `1.2 MB`.
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1_000_000_000 => format!("{:.1} GB", b as f64 / 1e9),
+        b if b >= 1_000_000 => format!("{:.1} MB", b as f64 / 1e6),
+        b if b >= 1_000 => format!("{:.1} kB", b as f64 / 1e3),
+        b => format!("{b} B"),
+    }
 }
 
 /// Reads each `--cache-from` source, as a progress line with its size and
@@ -357,7 +377,13 @@ async fn import_caches(sources: &[kiln_solver_protocol::CacheImport], events: &A
             Ok(imported) => {
                 events.emit(Event::Progress {
                     digest: None,
-                    id: format!("{id}: {} records, {} ms", imported.len(), start.elapsed().as_millis()),
+                    id: format!(
+                        "{id}: {} records, {} layers ({}), {} ms; layers are fetched when needed",
+                        imported.len(),
+                        imported.layers().0,
+                        size(imported.layers().1),
+                        start.elapsed().as_millis()
+                    ),
                     current: 1,
                     total: 1,
                     done: true,

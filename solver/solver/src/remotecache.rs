@@ -312,6 +312,11 @@ impl Imported {
         self.records.len()
     }
 
+    /// The layers this cache lists and their total size (for progress).
+    pub(crate) fn layers(&self) -> (usize, u64) {
+        (self.blobs.len(), self.blobs.values().map(|b| b.size).sum())
+    }
+
     /// The blobs of each output of the vertex keyed `key`, bottom first, if
     /// the cache holds them all (a record for output 0, 1, … until none).
     fn outputs(&self, key: &str) -> Option<Vec<Vec<LayerBlob>>> {

@@ -53,6 +53,8 @@ pub struct StateRoot {
     /// Offered blobs whose fetch failed (damaged, truncated, unreachable):
     /// no longer offered, and a miss for any cache that lists them.
     damaged: Mutex<HashSet<String>>,
+    /// Offered blobs fetched so far: how many, how many bytes.
+    fetched: (AtomicU64, AtomicU64),
 }
 
 impl StateRoot {
@@ -78,6 +80,7 @@ impl StateRoot {
             counter: AtomicU64::new(0),
             offered: Mutex::new(HashMap::new()),
             damaged: Mutex::new(HashSet::new()),
+            fetched: (AtomicU64::new(0), AtomicU64::new(0)),
         };
         root.recover(runtime);
         Ok(root)
@@ -138,13 +141,24 @@ impl StateRoot {
         if self.blob_path(digest).is_file() {
             return Ok(());
         }
-        (offered.fetch)(self).map_err(|why| {
-            if let (Ok(mut offered), Ok(mut damaged)) = (self.offered.lock(), self.damaged.lock()) {
-                offered.remove(digest);
-                damaged.insert(digest.to_string());
-            }
-            std::io::Error::other(why)
-        })
+        (offered.fetch)(self)
+            .map(|()| {
+                let size = fs::metadata(self.blob_path(digest)).map_or(0, |m| m.len());
+                self.fetched.0.fetch_add(1, Ordering::Relaxed);
+                self.fetched.1.fetch_add(size, Ordering::Relaxed);
+            })
+            .map_err(|why| {
+                if let (Ok(mut offered), Ok(mut damaged)) = (self.offered.lock(), self.damaged.lock()) {
+                    offered.remove(digest);
+                    damaged.insert(digest.to_string());
+                }
+                std::io::Error::other(why)
+            })
+    }
+
+    /// Offered blobs fetched so far: how many, and their bytes.
+    pub(crate) fn fetched(&self) -> (u64, u64) {
+        (self.fetched.0.load(Ordering::Relaxed), self.fetched.1.load(Ordering::Relaxed))
     }
 
     /// Whether fetching this offered blob failed in this process.
