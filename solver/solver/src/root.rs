@@ -309,6 +309,9 @@ impl Drop for StateRoot {
     /// The last holder is gone (a finished or cancelled solve): whatever of
     /// this process is still under `tmp/` and `mnt/` is leftover work.
     fn drop(&mut self) {
+        if self.counter.load(Ordering::Relaxed) == 0 {
+            return; // this process made nothing under tmp/ or mnt/
+        }
         let me = std::process::id().to_string();
         self.sweep(None, |name| name.split('-').next() == Some(me.as_str()));
     }

@@ -27,7 +27,7 @@ use crate::root::StateRoot;
 /// slirp4netns's DNS forwarder, for a step whose host only names loopback resolvers.
 pub(crate) const SLIRP_DNS: &str = "10.0.2.3";
 
-/// How many namespaces are kept ready.
+/// At most this many namespaces are ready or being made at once.
 const READY: usize = 2;
 
 /// The program that connects a sandbox to the outside.
@@ -178,6 +178,10 @@ struct Pool {
     ready: Vec<Sandbox>,
     /// Namespaces being made by background threads.
     making: usize,
+    /// Steps about to run that will take one ([`Sandboxes::announce`]) and
+    /// have not yet: nothing is made beyond them, so a build that runs one
+    /// step makes one namespace.
+    wanted: usize,
     /// The solve is over: nothing more is made, what is made is removed.
     closed: bool,
 }
@@ -192,15 +196,25 @@ impl Sandboxes {
         })
     }
 
-    /// Starts making namespaces in the background until [`READY`] are ready
-    /// or on their way.
-    pub(crate) fn fill(self: &Arc<Self>) {
+    /// A step that will take a namespace is about to run: one is started
+    /// for it in the background.
+    pub(crate) fn announce(self: &Arc<Self>) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.wanted += 1;
+        }
+        self.fill();
+    }
+
+    /// Starts making namespaces in the background for the steps announced
+    /// and not yet served, at most [`READY`] ready or on their way.
+    fn fill(self: &Arc<Self>) {
         let Ok(slirp) = slirp_binary() else { return };
         let Ok(mut pool) = self.pool.lock() else { return };
         if pool.closed {
             return;
         }
-        for _ in pool.ready.len() + pool.making..READY {
+        let target = pool.wanted.min(READY);
+        for _ in pool.ready.len() + pool.making..target {
             pool.making += 1;
             let me = self.clone();
             let slirp = slirp.clone();
@@ -249,10 +263,11 @@ impl Sandboxes {
     }
 
     /// A ready namespace (one on its way is waited for; made now if none
-    /// is), and another started.
+    /// is), and another started if more steps are announced.
     pub(crate) fn take(self: &Arc<Self>) -> Result<Sandbox, Failure> {
         let slirp = slirp_binary().map_err(Failure::invalid)?;
         let ready = self.pool.lock().ok().and_then(|mut pool| {
+            pool.wanted = pool.wanted.saturating_sub(1);
             let deadline = Instant::now() + Duration::from_secs(10);
             while pool.ready.is_empty() && pool.making > 0 {
                 let left = deadline.saturating_duration_since(Instant::now());

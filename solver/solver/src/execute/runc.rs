@@ -103,10 +103,11 @@ impl Runtime {
         self
     }
 
-    /// Starts making the steps' networks, so the first step need not wait.
+    /// A step in the default network mode is about to run: its network is
+    /// made while it waits for its turn and mounts its root.
     pub(crate) fn prepare_networks(&self) {
         if let Some(pool) = &self.sandboxes {
-            pool.fill();
+            pool.announce();
         }
     }
 

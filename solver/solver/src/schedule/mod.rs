@@ -94,6 +94,8 @@ pub(crate) struct Solver {
     result_layers: HashMap<String, i64>,
     /// Layers being compressed ahead of the export.
     compressing: Mutex<Vec<tokio::task::JoinHandle<Option<()>>>>,
+    /// Records [`Self::would_hit`] read, by key, for the vertex's own lookup.
+    peeked: Mutex<HashMap<String, Record>>,
     /// Vertices whose cache import failed, said once each.
     import_warned: Mutex<std::collections::HashSet<String>>,
     /// Vertices that ran.
@@ -198,6 +200,7 @@ impl Solver {
             result_layers,
             compressing: Mutex::new(Vec::new()),
             import_warned: Mutex::new(Default::default()),
+            peeked: Mutex::new(HashMap::new()),
             executed: AtomicU32::new(0),
             cached: AtomicU32::new(0),
             history: None,
@@ -347,8 +350,12 @@ impl Solver {
         self.opts.no_cache || self.def.metadata.get(digest).is_some_and(|m| m.ignore_cache)
     }
 
-    /// The record of `key`: this root's, else a `--cache-from` cache's.
+    /// The record of `key`: this root's (read already by [`Self::would_hit`],
+    /// or now), else a `--cache-from` cache's.
     fn find(&self, digest: &str, key: &str, name: &str) -> Option<Record> {
+        if let Some(record) = lock(&self.peeked).remove(key) {
+            return Some(record);
+        }
         read_record(&self.root, key).or_else(|| self.imported(digest, key, name))
     }
 
@@ -364,7 +371,13 @@ impl Solver {
         let Ok(DefKey { key: Some(key), .. }) = self.def_key(digest).await else {
             return false;
         };
-        tokio::task::block_in_place(|| read_record(&self.root, &key).is_some() || self.opts.imports.iter().any(|i| i.holds(&key)))
+        tokio::task::block_in_place(|| match read_record(&self.root, &key) {
+            Some(record) => {
+                lock(&self.peeked).insert(key, record);
+                true
+            }
+            None => self.opts.imports.iter().any(|i| i.holds(&key)),
+        })
     }
 
     /// After a vertex was found by its definition key: its inputs that a
