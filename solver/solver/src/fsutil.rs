@@ -285,7 +285,7 @@ pub(crate) fn xattrs(path: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
     for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let Ok(name) = std::str::from_utf8(name) else { continue };
-        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+        if crate::snapshot::layer::OVERLAY_XATTR_PREFIXES.iter().any(|p| name.starts_with(p)) {
             continue;
         }
         let len = match rustix::fs::lgetxattr_query(path, name) {

@@ -249,7 +249,8 @@ pub fn run_inside() -> Result<i32, RootlessError> {
 /// Waits for the inner process to enter its namespace, then maps its ids.
 fn map_child(plan: &Plan, pid: u32, from_inner: OwnedFd) -> Result<(), RootlessError> {
     let mut said = Vec::new();
-    std::fs::File::from(from_inner).read_to_end(&mut said)?;
+    // One status byte and at most a sentence.
+    std::fs::File::from(from_inner).take(4096).read_to_end(&mut said)?;
     match said.first() {
         Some(b'u') => {}
         Some(b'e') => return Err(RootlessError::Disabled(String::from_utf8_lossy(&said[1..]).into_owned())),

@@ -16,8 +16,12 @@ use crate::snapshot::LayerBlob;
 /// OCI media type of a gzip layer.
 pub(crate) const GZIP_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
-/// overlayfs's opaque-directory marker, as root and as mounted with
-/// `userxattr` in a user namespace (rootless).
+/// The namespaces of overlayfs's own extended attributes, as root and as
+/// mounted with `userxattr` in a user namespace (rootless): they describe
+/// the layer, not a file, and never enter an image.
+pub(crate) const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
+
+/// overlayfs's opaque-directory marker, in the same two namespaces.
 const OPAQUE_XATTRS: [&str; 2] = ["trusted.overlay.opaque", "user.overlay.opaque"];
 
 /// The opaque marker this process's overlayfs mounts read.
@@ -386,8 +390,7 @@ impl<'a> FastUnpack<'a> {
     /// Something else touched `rel`: not known any more (what was below it
     /// is unreachable: every use checks the whole chain of parents).
     fn forget(&mut self, rel: &Path) {
-        if let Some(made) = &mut self.made {
-            let clean: PathBuf = rel.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect();
+        if let (Some(made), Some(clean)) = (&mut self.made, clean_relative(rel)) {
             made.remove(&clean);
         }
     }
@@ -396,17 +399,9 @@ impl<'a> FastUnpack<'a> {
     /// caller unpacks it the careful way).
     fn unpack<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, rel: &Path) -> io::Result<bool> {
         let Some(made) = &mut self.made else { return Ok(false) };
-        let mut clean = PathBuf::new();
-        for c in rel.components() {
-            match c {
-                std::path::Component::Normal(p) => clean.push(p),
-                std::path::Component::CurDir => {}
-                _ => return Ok(false),
-            }
-        }
-        if clean.as_os_str().is_empty() {
+        let Some(clean) = clean_relative(rel).filter(|c| !c.as_os_str().is_empty()) else {
             return Ok(false);
-        }
+        };
         let header = entry.header();
         let kind = header.entry_type();
         let fast_kind = kind.is_dir() || kind.is_file() || kind.is_symlink() || kind.is_hard_link();
@@ -480,14 +475,7 @@ impl<'a> FastUnpack<'a> {
         }
         if kind.is_hard_link() {
             let Some(link) = entry.link_name()? else { return Ok(false) };
-            let mut source = PathBuf::new();
-            for c in link.components() {
-                match c {
-                    std::path::Component::Normal(p) => source.push(p),
-                    std::path::Component::CurDir | std::path::Component::RootDir => {}
-                    _ => return Ok(false),
-                }
-            }
+            let Some(source) = clean_relative(&link) else { return Ok(false) };
             let parents_made = source
                 .ancestors()
                 .skip(1)
@@ -568,17 +556,31 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// `base/rel` with `..` and absolute parts refused.
-fn safe_join(base: &Path, rel: &Path) -> io::Result<PathBuf> {
-    let mut out = base.to_path_buf();
+/// A layer entry's path relative to the layer's root (`/` and `.` parts
+/// dropped); `None` when it has a `..` part.
+fn clean_relative(rel: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
     for c in rel.components() {
         match c {
             std::path::Component::Normal(p) => out.push(p),
             std::path::Component::CurDir | std::path::Component::RootDir => {}
-            _ => return Err(io::Error::other(format!("layer entry escapes its root: {}", rel.display()))),
+            _ => return None,
         }
     }
-    Ok(out)
+    Some(out)
+}
+
+/// `base/rel` with `..` parts refused.
+fn safe_join(base: &Path, rel: &Path) -> io::Result<PathBuf> {
+    clean_relative(rel)
+        .map(|clean| {
+            if clean.as_os_str().is_empty() {
+                base.to_path_buf()
+            } else {
+                base.join(clean)
+            }
+        })
+        .ok_or_else(|| io::Error::other(format!("layer entry escapes its root: {}", rel.display())))
 }
 
 /// Sets a path's mtime (and atime) without following a final symlink. A
