@@ -411,20 +411,24 @@ impl Solver {
         let _ = write_record(&self.root, def_key, &alias);
     }
 
+    /// What the history keeps of a step (its key's parts are added if it runs).
+    fn draft(&self, digest: &str, op: &pb::Op, name: &str, key: &str) -> history::Draft {
+        history::Draft {
+            digest: digest.to_string(),
+            name: name.to_string(),
+            location: history::location(&self.def, digest),
+            key: key.to_string(),
+            parts: BTreeMap::new(),
+            inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
+        }
+    }
+
     /// A vertex found in a cache: shown as cached and kept in the history.
     fn hit(&self, digest: &str, op: &pb::Op, name: String, key: String, def_key: Option<String>, record: Record) -> Arc<Done> {
         self.cached.fetch_add(1, Ordering::Relaxed);
         let at_ms = self.now_ms();
         if let Some(h) = &self.history {
-            let draft = history::Draft {
-                digest: digest.to_string(),
-                name: name.clone(),
-                location: history::location(&self.def, digest),
-                key: key.clone(),
-                parts: BTreeMap::new(),
-                inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
-            };
-            h.add(draft, StepStatus::Cached, at_ms, 0, None);
+            h.add(self.draft(digest, op, &name, &key), StepStatus::Cached, at_ms, 0, None);
         }
         self.events.emit(Event::VertexCached {
             digest: digest.to_string(),
@@ -722,14 +726,7 @@ impl Solver {
         let key = cache::vertex_key(&keyed, pinned.as_bytes());
         let def_key = def.key.filter(|d| *d != key);
         // What the history remembers of this step; its key's parts only if it runs.
-        let mut draft = self.history.as_ref().map(|_| history::Draft {
-            digest: digest.to_string(),
-            name: name.clone(),
-            location: history::location(&self.def, digest),
-            key: key.clone(),
-            parts: BTreeMap::new(),
-            inputs: op.inputs.iter().map(|i| i.digest.to_string()).collect(),
-        });
+        let mut draft = self.history.as_ref().map(|_| self.draft(digest, op, &name, &key));
         let parts_of = |salt: &[u8; 32]| {
             let mut parts = history::op_parts(op, &pinned, salt);
             let mut read_iter = reads.iter();
