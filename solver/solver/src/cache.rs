@@ -39,8 +39,13 @@
 //!    multi-stage build without the stages the result only copies from. It
 //!    is stricter than the key (any change upstream changes it), so it
 //!    never finds a result the key would not; a result is recorded under
-//!    both when they differ. A vertex or input that ignores the cache has
-//!    none.
+//!    both when they differ; the one under the definition key names the
+//!    key (`Record::key`), which its consumers' keys build on. A result
+//!    another root exported is found by either (a cache exports both); taken
+//!    by its definition key, it carries no key of rule 2–3, so consumers
+//!    build on the definition key (on that root, a later change upstream
+//!    that leaves the content alike re-runs them once). A vertex or input
+//!    that ignores the cache has none.
 //!
 //! # Records
 //! A record names, for a key, the layer stack of each output
