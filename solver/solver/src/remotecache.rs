@@ -338,9 +338,11 @@ impl Imported {
         (!outputs.is_empty()).then_some(outputs)
     }
 
-    /// Whether this cache holds every output of the vertex keyed `key`.
-    pub(crate) fn holds(&self, key: &str) -> bool {
-        self.outputs(key).is_some()
+    /// Whether this cache holds every output of the vertex keyed `key`,
+    /// none of their layers known to be damaged.
+    pub(crate) fn holds(&self, root: &StateRoot, key: &str) -> bool {
+        self.outputs(key)
+            .is_some_and(|outputs| !outputs.iter().flatten().any(|b| root.is_damaged(&b.digest)))
     }
 
     /// The vertex keyed `key` from this cache, as each output's layer ids:

@@ -376,7 +376,7 @@ impl Solver {
                 lock(&self.peeked).insert(key, record);
                 true
             }
-            None => self.opts.imports.iter().any(|i| i.holds(&key)),
+            None => self.opts.imports.iter().any(|i| i.holds(&self.root, &key)),
         })
     }
 
