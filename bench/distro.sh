@@ -81,19 +81,5 @@ for c in $cases; do
 done
 # Leave the lab as up.sh made it: the base in dockerd.
 [ "$PEERS" = 1 ] && $DOCKER pull -q $BASE >/dev/null
-python3 - "$out" "$cases" "$MODES" <<'PY'
-import json, os, sys
-out, cases, modes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
-def med(c, b, m):
-    p = f"{out}/{c}.{b}.{m}.json"
-    if not os.path.exists(p): return None
-    return json.load(open(p))["results"][0]["median"]
-print(f"\n{'case':<10} {'mode':<6} {'kiln s':>8} {'BuildKit s':>11} {'ratio':>7}")
-for c in cases:
-    for m in modes:
-        k, b = med(c, "kiln", m), med(c, "bk", m)
-        if k is None: continue
-        ratio = f"{k/b:.2f}x" if b else "-"
-        print(f"{c:<10} {m:<6} {k:>8.3f} {(f'{b:.3f}' if b else '-'):>11} {ratio:>7}")
-PY
+python3 "$here/bench/ratios.py" "$out" "$cases" "$MODES"
 echo "raw results: $out"

@@ -60,20 +60,5 @@ for c in $CASES; do
   done
   /usr/bin/time -f "%M" -o "$out/$c.rss" bash -c "$(cmd kiln cold $c)"
 done
-python3 - "$out" "$CASES" "$MODES" <<'PY'
-import json, os, sys
-out, cases, modes = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
-def med(c, b, m):
-    p = f"{out}/{c}.{b}.{m}.json"
-    if not os.path.exists(p): return None
-    return json.load(open(p))["results"][0]["median"]
-print(f"\n{'case':<10} {'mode':<6} {'kiln s':>8} {'BuildKit s':>11} {'ratio':>7}")
-for c in cases:
-    for m in modes:
-        k, b = med(c, "kiln", m), med(c, "bk", m)
-        ratio = f"{k/b:.2f}x" if k and b else "-"
-        print(f"{c:<10} {m:<6} {k:>8.3f} {(f'{b:.3f}' if b else '-'):>11} {ratio:>7}")
-    rss = open(f"{out}/{c}.rss").read().strip()
-    print(f"{c:<10} peak RSS of the build's largest process: {int(rss)/1024:.1f} MiB")
-PY
+python3 "$here/bench/ratios.py" "$out" "$CASES" "$MODES"
 echo "raw results: $out"

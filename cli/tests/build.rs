@@ -31,17 +31,9 @@ fn ran(events: &[Value]) -> Vec<String> {
 }
 
 fn layer_entries(layout: &Path) -> Vec<Vec<String>> {
-    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
-    let mdig = index["manifests"][0]["digest"].as_str().expect("digest").to_string();
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let manifest: Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).expect("manifest")).expect("json");
-    manifest["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| {
-            let f = std::fs::File::open(blob(l["digest"].as_str().expect("digest"))).expect("layer");
-            let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    common::layout_layers(layout, "")
+        .into_iter()
+        .map(|mut ar| {
             ar.entries()
                 .expect("entries")
                 .map(|e| e.expect("entry").path().expect("path").to_string_lossy().into_owned())

@@ -127,25 +127,9 @@ type Layer = HashMap<String, Entry>;
 type Entry = (tar::EntryType, Option<String>, HashMap<String, Vec<u8>>);
 
 fn layers(layout: &Path, name: &str) -> Vec<Layer> {
-    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
-    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
-    let mdig = index["manifests"]
-        .as_array()
-        .expect("manifests")
-        .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
-        .or_else(|| index["manifests"].get(0))
-        .and_then(|m| m["digest"].as_str())
-        .expect("manifest digest")
-        .to_string();
-    let manifest: Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).expect("manifest")).expect("json");
-    manifest["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| {
-            let f = std::fs::File::open(blob(l["digest"].as_str().expect("digest"))).expect("layer");
-            let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    common::layout_layers(layout, name)
+        .into_iter()
+        .map(|mut ar| {
             let mut out = Layer::new();
             for e in ar.entries().expect("entries") {
                 let mut e = e.expect("entry");

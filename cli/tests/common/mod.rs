@@ -893,3 +893,29 @@ pub fn ok(out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The layer tars of the image `name` in an OCI layout (its first image
+/// when no entry has that name), bottom first, ready to read.
+pub fn layout_layers(layout: &Path, name: &str) -> Vec<tar::Archive<flate2::read::GzDecoder<std::fs::File>>> {
+    let blob = |d: &str| layout.join("blobs/sha256").join(d.trim_start_matches("sha256:"));
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index")).expect("json");
+    let mdig = index["manifests"]
+        .as_array()
+        .expect("manifests")
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == name)
+        .or_else(|| index["manifests"].get(0))
+        .and_then(|m| m["digest"].as_str())
+        .expect("manifest digest")
+        .to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(&mdig)).expect("manifest")).expect("json");
+    manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            let f = std::fs::File::open(blob(l["digest"].as_str().expect("digest"))).expect("layer");
+            tar::Archive::new(flate2::read::GzDecoder::new(f))
+        })
+        .collect()
+}
