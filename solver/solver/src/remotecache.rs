@@ -19,12 +19,20 @@
 //! (`moby.buildkit.cache.v0`: base64 of the records, results indexing the
 //! image's layers), read back when `--cache-from` names an image.
 //!
+//! # Lazy blobs
+//! A hit takes no blob: its layers are adopted and the state root is
+//! offered how to fetch each ([`crate::root::StateRoot::offer_blob`]); a
+//! blob is downloaded when something reads it (a mount, the image
+//! exporter, a cache export), so a result nothing reads is never fetched.
+//!
 //! # Safety
 //! A cache is trusted as a base image is: whoever can write it decides what
-//! a hit contains. Within that, the manifest and config are read only up to [`MAX_SIZE`] and checked
-//! against their digests; every blob is checked against its digest when
-//! copied in and against its diff id when unpacked. A blob that fails is a
-//! miss for the vertex that needed it, never content of another.
+//! a hit contains. Within that, the manifest and config are refused over
+//! [`MAX_SIZE`] and checked against their digests; every blob is checked
+//! against its digest when fetched and against its diff id when unpacked.
+//! A blob that fails is a miss for the vertex that needed it (when it was
+//! needed after the vertex was taken, the solve runs again without it),
+//! never content of another.
 //! Exports write blobs by temp and rename, `index.json` last, so two
 //! builds exporting to one directory leave a valid cache (the last one's).
 
