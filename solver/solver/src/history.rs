@@ -48,8 +48,17 @@ const MAX_RECORD: u64 = 64 << 20;
 /// Paths an explanation lists before it counts the rest.
 const SHOWN_PATHS: usize = 3;
 
+/// A short hash of a part that is itself a hash (an input's key).
 fn short(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+/// A short hash of a part that may hold a value, keyed with the root's salt.
+fn salted(salt: &[u8; 32], bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(bytes);
+    hex::encode(&h.finalize()[..8])
 }
 
 /// The state root's salt for part hashes, made on first use.
@@ -73,35 +82,30 @@ fn salt_of(dir: &std::path::Path) -> [u8; 32] {
 
 /// The parts of a step's own op (not its inputs), by name, hashed with `salt`.
 pub(crate) fn op_parts(op: &pb::Op, pinned: &str, salt: &[u8; 32]) -> BTreeMap<String, String> {
-    let short = |bytes: &[u8]| -> String {
-        let mut h = Sha256::new();
-        h.update(salt);
-        h.update(bytes);
-        hex::encode(&h.finalize()[..8])
-    };
+    let part = |bytes: &[u8]| salted(salt, bytes);
     let mut parts = BTreeMap::new();
     let mut bare = op.clone();
     bare.inputs.clear();
-    parts.insert("op".to_string(), short(&marshal_op(&bare)));
+    parts.insert("op".to_string(), part(&marshal_op(&bare)));
     use pb::op::Op;
     match &op.op {
         Some(Op::Exec(e)) => {
             if let Some(m) = &e.meta {
-                parts.insert("command".into(), short(m.args.join("\0").as_bytes()));
+                parts.insert("command".into(), part(m.args.join("\0").as_bytes()));
                 for kv in &m.env {
                     let (name, value) = kv.split_once('=').unwrap_or((kv, ""));
-                    parts.insert(format!("env:{name}"), short(value.as_bytes()));
+                    parts.insert(format!("env:{name}"), part(value.as_bytes()));
                 }
-                parts.insert("cwd".into(), short(m.cwd.as_bytes()));
-                parts.insert("user".into(), short(m.user.as_bytes()));
+                parts.insert("cwd".into(), part(m.cwd.as_bytes()));
+                parts.insert("user".into(), part(m.user.as_bytes()));
             }
             let mut mounts = e.mounts.clone();
             for m in &mut mounts {
                 m.input = 0; // which input backs it is the inputs' part
             }
-            parts.insert("mounts".into(), short(format!("{mounts:?}").as_bytes()));
-            parts.insert("network".into(), short(&e.network.to_le_bytes()));
-            parts.insert("security".into(), short(&e.security.to_le_bytes()));
+            parts.insert("mounts".into(), part(format!("{mounts:?}").as_bytes()));
+            parts.insert("network".into(), part(&e.network.to_le_bytes()));
+            parts.insert("security".into(), part(&e.security.to_le_bytes()));
         }
         Some(Op::Source(s)) => {
             parts.insert("source".into(), s.identifier.clone());
@@ -110,7 +114,7 @@ pub(crate) fn op_parts(op: &pb::Op, pinned: &str, salt: &[u8; 32]) -> BTreeMap<S
             }
         }
         Some(Op::File(f)) => {
-            parts.insert("actions".into(), short(format!("{:?}", f.actions).as_bytes()));
+            parts.insert("actions".into(), part(format!("{:?}", f.actions).as_bytes()));
         }
         _ => {}
     }

@@ -550,7 +550,10 @@ impl<'a, 'b> Lowerer<'a, 'b> {
         Ok(Built {
             state,
             config,
-            env: EnvList(Vec::new(), BTreeSet::new(), unknown_base),
+            env: EnvList {
+                unknown_base,
+                ..EnvList::default()
+            },
             platform: platform.clone(),
         })
     }
@@ -862,49 +865,54 @@ impl<'a, 'b> Lowerer<'a, 'b> {
 /// The build state's environment as BuildKit keeps it: ENV and ARG values in
 /// the order they were last set (setting a key again moves it to the end).
 /// RUN sees it, and instructions expand their words with it.
-/// The second field: the ARG names declared (with or without a value); the
-/// third: the base image's environment is unknown (not resolved, as under
-/// `--check` offline), so no variable can be called undefined.
 #[derive(Clone, Default, Debug)]
-struct EnvList(Vec<(String, String)>, BTreeSet<String>, bool);
+struct EnvList {
+    /// `KEY`, value pairs.
+    vars: Vec<(String, String)>,
+    /// The ARG names declared (with or without a value).
+    declared: BTreeSet<String>,
+    /// The base image's environment is unknown (not resolved, as under
+    /// `--check` offline), so no variable can be called undefined.
+    unknown_base: bool,
+}
 
 impl EnvList {
     /// The variables alone, to expand a word without the UndefinedVar check
     /// (EXPOSE, as BuildKit).
     fn vars(&self) -> &[(String, String)] {
-        &self.0
+        &self.vars
     }
 
     fn declare(&mut self, key: &str) {
-        self.1.insert(key.to_string());
+        self.declared.insert(key.to_string());
     }
 
     fn set(&mut self, key: &str, value: &str) {
-        self.0.retain(|(k, _)| k != key);
-        self.0.push((key.to_string(), value.to_string()));
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.to_string(), value.to_string()));
     }
 
     /// `KEY=value` entries, for an ExecOp.
     fn to_array(&self) -> Vec<String> {
-        self.0.iter().map(|(k, v)| format!("{k}={v}")).collect()
+        self.vars.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 }
 
 impl Env for EnvList {
     fn get(&self, name: &str) -> Option<&str> {
-        Env::get(self.0.as_slice(), name)
+        Env::get(self.vars.as_slice(), name)
     }
 
     fn checks_undefined(&self) -> bool {
-        !self.2
+        !self.unknown_base
     }
 
     fn declared(&self, name: &str) -> bool {
-        self.1.contains(name)
+        self.declared.contains(name)
     }
 
     fn names(&self) -> Vec<&str> {
-        self.0.iter().map(|(k, _)| k.as_str()).collect()
+        self.vars.iter().map(|(k, _)| k.as_str()).collect()
     }
 }
 

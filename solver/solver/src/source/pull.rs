@@ -336,11 +336,11 @@ pub(crate) fn unpack_blob(root: &StateRoot, blob: &LayerBlob) -> Result<(), Unpa
     write_layer_blob(root, &id, None, blob).map_err(|e| Unpack::Failed(Failure::io(Some("recording the blob of"), final_dir.display())(e)))
 }
 
-/// Makes a layer of a blob already in the store (digest checked) without
+/// Makes a layer of a blob in the store or offered by a cache, without
 /// unpacking it: its snapshot holds the blob's record and no files until
-/// something mounts it ([`crate::snapshot::ensure_files`] unpacks it then,
-/// checking its diff id). A cache hit whose layers no step reads, only the
-/// exporter, is never unpacked.
+/// something mounts it ([`crate::snapshot::ensure_files`] fetches the blob
+/// if needed and unpacks it then, checking digest and diff id). A cache
+/// hit whose layers no step reads, only the exporter, is never unpacked.
 pub(crate) fn adopt_blob(root: &StateRoot, blob: &LayerBlob) -> std::io::Result<()> {
     let id = layer_id_for_blob(&blob.digest);
     let dir = root.snapshot_dir(&id);
