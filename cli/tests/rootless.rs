@@ -130,7 +130,7 @@ fn a_rootless_build_makes_the_image_a_root_build_makes() {
           && mkfifo /out/fifo && chown -R 1234:1234 /out && chown 200000:150000 /out/a && chmod 4755 /out/a && chmod 2775 /out/keep\n\
          RUN rm -rf /out/gone /out/keep && mkdir /out/gone && echo new > /out/gone/n && rm /bin/vi\n\
          RUN --mount=type=cache,target=/cache,id=shared echo filled > /cache/f\n\
-         RUN --mount=type=cache,target=/cache,id=shared cp /cache/f /out/from-cache && ls -ln /cache > /out/cache-owners\n\
+         RUN --mount=type=cache,target=/cache,id=shared cp /cache/f /out/from-cache && stat -c '%u:%g %a %s %n' /cache /cache/f > /out/cache-owners\n\
          RUN --mount=type=secret,id=tok wc -c < /run/secrets/tok > /out/secret-bytes\n\
          RUN nc -w 2 127.0.0.1 {private} </dev/null > /out/loopback 2>&1; nc -w 5 {host_ip} {public} </dev/null > /out/outside 2>&1; \\\n\
              tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /out/ifaces; true\n\
