@@ -1,5 +1,11 @@
 //! `kiln-solver [--root DIR]`: one solve request on stdin, events on stdout.
 //! See solver/PROTOCOL.md.
+//!
+//! It uses the system allocator: a warm build is mostly process start and
+//! exit, where mimalloc's arena set-up and per-thread heaps cost ~400 page
+//! faults (about 1 ms, an eighth of a warm build), and the cold benches
+//! (bench/solver.sh: copyheavy, bigctx, parallel, deepchain) ran no faster
+//! with it.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -8,10 +14,6 @@ use std::sync::{Arc, Mutex};
 use kiln_solver::EventSink;
 use kiln_solver_protocol::{ErrorKind, Event};
 use tokio::signal::unix::SignalKind;
-
-/// Hashing a big context and walking layers allocate a lot; mimalloc is faster at it.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Writes each event as one line on stdout, flushed at once.
 struct Stdout(Mutex<std::io::Stdout>);
