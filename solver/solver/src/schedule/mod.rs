@@ -106,6 +106,14 @@ pub(crate) struct Solver {
     pub history: Option<Arc<Recorder>>,
 }
 
+/// Runs a few small reads or writes of the state root's own files (a cache
+/// record, a remembered tag) on the calling worker. `block_in_place` hands
+/// the worker's queue to another thread, starting one when none is idle,
+/// which costs more than such I/O: a warm build started ten threads for it.
+fn small_io<T>(io: impl FnOnce() -> T) -> T {
+    io()
+}
+
 /// Each op's position in the definition, by digest.
 fn op_index(def: &LoadedDefinition) -> HashMap<String, usize> {
     def.ops
@@ -371,7 +379,7 @@ impl Solver {
         let Ok(DefKey { key: Some(key), .. }) = self.def_key(digest).await else {
             return false;
         };
-        tokio::task::block_in_place(|| match read_record(&self.root, &key) {
+        small_io(|| match read_record(&self.root, &key) {
             Some(record) => {
                 lock(&self.peeked).insert(key, record);
                 true
@@ -634,7 +642,7 @@ impl Solver {
             let def = self.def_key(digest).await?;
             if let Some(def_key) = def.key {
                 let name = self.name_of(digest);
-                if let Some(record) = tokio::task::block_in_place(|| self.find(digest, &def_key, &name)) {
+                if let Some(record) = small_io(|| self.find(digest, &def_key, &name)) {
                     self.show_cached_inputs(op).await;
                     let key = record.key.clone().unwrap_or_else(|| def_key.clone());
                     return Ok(self.hit(digest, op, name, key, Some(def_key), record));
@@ -743,17 +751,17 @@ impl Solver {
         };
 
         if !ignore_cache {
-            let found = tokio::task::block_in_place(|| self.find(digest, &key, &name));
+            let found = small_io(|| self.find(digest, &key, &name));
             if let Some(record) = found {
                 if let Some(Op::Source(s)) = &op.op {
                     if let Some(src) = pull::parse_identifier(&s.identifier) {
                         if let Some(d) = &src.digest {
-                            let _ = tokio::task::block_in_place(|| pull::remember_tag(&self.root, &src, d));
+                            let _ = small_io(|| pull::remember_tag(&self.root, &src, d));
                         }
                     }
                 }
                 if let Some(d) = &def_key {
-                    tokio::task::block_in_place(|| self.alias(d, &key, &record));
+                    small_io(|| self.alias(d, &key, &record));
                 }
                 return Ok(self.hit(digest, op, name, key, def_key, record));
             }
@@ -830,10 +838,10 @@ impl Solver {
                     parts,
                     key: None,
                 };
-                tokio::task::block_in_place(|| write_record(&self.root, &key, &record))
+                small_io(|| write_record(&self.root, &key, &record))
                     .map_err(|e| fail_at(Stage::Cache)(Failure::io(Some("writing the cache record"), &key)(e)))?;
                 if let Some(d) = &def_key {
-                    tokio::task::block_in_place(|| self.alias(d, &key, &record));
+                    small_io(|| self.alias(d, &key, &record));
                 }
                 self.executed.fetch_add(1, Ordering::Relaxed);
                 if let Some(h) = &self.history {
