@@ -196,18 +196,19 @@ mod tests {
     #[test]
     fn the_line_index_renders_what_miette_renders_from_the_whole_text() {
         // First and last lines, a span over several lines, an empty line,
-        // CRLF endings and no newline at the end.
+        // CRLF endings, lone CRs, no newline at the end, multi-byte text.
         let texts = [
             "FROM busybox\nRUN echo one \\\n  two\n\nCOPY a b\nCMD [\"sh\"]",
             "FROM busybox\r\nRUN true\r\n\r\nENV A=1\r\n",
             "X",
             "FROM a\rRUN b\rRUN c\nRUN d\r",
+            "FROM é\nRUN echo ü ∂ \\\n  ß\nCMD x",
         ];
         for text in texts {
             for offset in 0..text.len() {
                 for length in [0, 1, 5, 20] {
                     let length = length.min(text.len() - offset);
-                    if !text.is_char_boundary(offset + length) {
+                    if !text.is_char_boundary(offset) || !text.is_char_boundary(offset + length) {
                         continue;
                     }
                     let diag = Diagnostic::error("kiln::test", "message", "Dockerfile", offset..offset + length);

@@ -2,8 +2,8 @@
 //! See solver/PROTOCOL.md.
 //!
 //! It uses the system allocator: a warm build is mostly process start and
-//! exit, where mimalloc's arena set-up and per-thread heaps cost ~400 page
-//! faults (about 1 ms, an eighth of a warm build), and the cold benches
+//! exit, where mimalloc's arena set-up and per-thread heaps cost ~200 page
+//! faults and about 1 ms (a ninth of a warm build), and the cold benches
 //! (bench/solver.sh: copyheavy, bigctx, parallel, deepchain) ran no faster
 //! with it.
 
