@@ -6,7 +6,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kiln_frontend::{ImageConfig, OfflineHost, Platform, Request};
-use prost::Message;
 
 use crate::host::CliHost;
 use crate::plugins::PluginCache;
@@ -152,7 +151,7 @@ pub fn compile(args: &FrontendArgs, no_resolve: Option<bool>, err: &mut dyn Writ
         let target = match response.definition {
             Some(def) if !response.has_errors() => Target {
                 platform,
-                definition: def.encode_to_vec(),
+                definition: kiln_llb::marshal::encode_definition(&def),
                 image_config: response.image_config,
             },
             _ => return Err(EXIT_FRONTEND),

@@ -82,10 +82,20 @@ impl VertexMeta {
 
     /// The `OpMetadata` this describes.
     pub fn to_metadata(&self) -> pb::OpMetadata {
+        // A handful of entries each: inserted, as collecting into a BTreeMap
+        // first gathers and sorts a Vec.
+        let mut description = BTreeMap::new();
+        for (k, v) in &self.description {
+            description.insert(k.to_string(), v.clone());
+        }
+        let mut caps = BTreeMap::new();
+        for c in &self.caps {
+            caps.insert(c.to_string(), true);
+        }
         pb::OpMetadata {
             ignore_cache: self.ignore_cache,
-            description: self.description.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
-            caps: self.caps.iter().map(|c| (c.to_string(), true)).collect(),
+            description,
+            caps,
             progress_group: self.progress_group.clone(),
             ..Default::default()
         }
@@ -591,38 +601,65 @@ impl State {
         if m.any_ignore_cache {
             caps.insert("meta.ignorecache".to_string(), true);
         }
-        m.metadata.insert(
-            digest.to_string(),
+        let mut def = pb::Definition {
+            def: Vec::with_capacity(m.ops.len() + 1),
+            metadata: BTreeMap::new(),
+            source: None,
+        };
+        let mut metadata = Vec::with_capacity(m.ops.len() + 1);
+        let mut locations = Vec::new();
+        for op in m.ops {
+            def.def.push(op.bytes);
+            let key = op.digest.into_string();
+            if !op.locations.is_empty() {
+                locations.push((key.clone(), pb::Locations { locations: op.locations }));
+            }
+            metadata.push((key, op.metadata));
+        }
+        // The terminator is its own op even if an identical one was marshalled.
+        metadata.retain(|(k, _)| k != digest.as_str());
+        metadata.push((
+            digest.into_string(),
             pb::OpMetadata {
                 caps,
                 ..Default::default()
             },
-        );
-        m.defs.push(bytes);
-        let source = if m.locations.is_empty() && infos.is_empty() {
-            None
-        } else {
-            Some(pb::Source {
-                locations: m.locations,
+        ));
+        def.def.push(bytes);
+        // Built from sorted, distinct keys: one pass, no per-entry rebalancing.
+        metadata.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        locations.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        def.metadata = metadata.into_iter().collect();
+        if !locations.is_empty() || !infos.is_empty() {
+            def.source = Some(pb::Source {
+                locations: locations.into_iter().collect(),
                 infos,
-            })
-        };
-        pb::Definition {
-            def: m.defs,
-            metadata: m.metadata,
-            source,
+            });
         }
+        def
     }
 }
 
+/// Walks a graph into a Definition. Each distinct op is one entry of
+/// `ops`; the digest-keyed maps are built once at the end from sorted
+/// entries, not grown an insertion at a time.
 #[derive(Default)]
 struct Marshaller {
-    memo: HashMap<usize, Digest>,
-    defs: Vec<Vec<u8>>,
-    metadata: BTreeMap<String, pb::OpMetadata>,
-    locations: BTreeMap<String, pb::Locations>,
+    /// Vertex (by address) to the index of its op in `ops`.
+    memo: HashMap<usize, usize>,
+    /// Digest to the index of its op in `ops`, to merge duplicates.
+    by_digest: HashMap<Digest, usize>,
+    ops: Vec<Marshalled>,
     any_description: bool,
     any_ignore_cache: bool,
+}
+
+/// One distinct op: its bytes, digest, merged metadata and source locations.
+struct Marshalled {
+    digest: Digest,
+    bytes: Vec<u8>,
+    metadata: pb::OpMetadata,
+    locations: Vec<pb::Location>,
 }
 
 impl Marshaller {
@@ -646,7 +683,10 @@ impl Marshaller {
                 self.emit(vertex);
             }
         }
-        self.memo.get(&key(root)).cloned().unwrap_or_else(|| Digest::from_string(""))
+        self.memo
+            .get(&key(root))
+            .map(|&i| self.ops[i].digest.clone())
+            .unwrap_or_else(|| Digest::from_string(""))
     }
 
     /// Marshals one vertex whose inputs are all marshalled.
@@ -659,7 +699,7 @@ impl Marshaller {
                 digest: self
                     .memo
                     .get(&(Arc::as_ptr(&i.vertex) as usize))
-                    .map(|d| d.to_string())
+                    .map(|&op| self.ops[op].digest.to_string())
                     .unwrap_or_default(),
                 index: i.index,
             })
@@ -679,39 +719,47 @@ impl Marshaller {
             _ => marshal_op_with_inputs(&vertex.op, &inputs),
         };
         let digest = digest_of(&bytes);
-        self.memo.insert(key, digest.clone());
         let meta = &vertex.meta;
         self.any_description |= !meta.description.is_empty();
         self.any_ignore_cache |= meta.ignore_cache;
         // Vertices with the same digest are one op; their metadata is merged, later
         // descriptions winning and capabilities adding up, as BuildKit merges it.
-        match self.metadata.get_mut(digest.as_str()) {
-            Some(existing) => merge_metadata(existing, meta.to_metadata()),
-            None => {
-                self.defs.push(bytes);
-                self.metadata.insert(digest.to_string(), meta.to_metadata());
+        let index = match self.by_digest.get(&digest) {
+            Some(&i) => {
+                merge_metadata(&mut self.ops[i].metadata, meta.to_metadata());
+                i
             }
-        }
-        if !vertex.meta.locations.is_empty() {
-            let entry = self.locations.entry(digest.to_string()).or_default();
-            for span in &vertex.meta.locations {
-                let range = pb::Range {
-                    start: Some(pb::Position {
-                        line: span.start_line,
-                        character: 0,
-                    }),
-                    end: Some(pb::Position {
-                        line: span.end_line,
-                        character: 0,
-                    }),
-                };
-                let loc = pb::Location {
-                    source_index: span.source_index,
-                    ranges: vec![range],
-                };
-                if !entry.locations.contains(&loc) {
-                    entry.locations.push(loc);
-                }
+            None => {
+                let i = self.ops.len();
+                self.by_digest.insert(digest.clone(), i);
+                self.ops.push(Marshalled {
+                    digest,
+                    bytes,
+                    metadata: meta.to_metadata(),
+                    locations: Vec::new(),
+                });
+                i
+            }
+        };
+        self.memo.insert(key, index);
+        let locations = &mut self.ops[index].locations;
+        for span in &meta.locations {
+            let range = pb::Range {
+                start: Some(pb::Position {
+                    line: span.start_line,
+                    character: 0,
+                }),
+                end: Some(pb::Position {
+                    line: span.end_line,
+                    character: 0,
+                }),
+            };
+            let loc = pb::Location {
+                source_index: span.source_index,
+                ranges: vec![range],
+            };
+            if !locations.contains(&loc) {
+                locations.push(loc);
             }
         }
     }

@@ -27,6 +27,11 @@ impl Digest {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The `sha256:<hex>` text, owned.
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 impl fmt::Display for Digest {
@@ -60,7 +65,31 @@ pub fn marshal_op(op: &pb::Op) -> Vec<u8> {
 /// so a graph builder need not copy an op to fill in its input digests.
 pub fn marshal_op_with_inputs(op: &pb::Op, inputs: &[pb::Input]) -> Vec<u8> {
     use pb::op::Op as O;
-    let mut buf = Vec::with_capacity(256);
+    use prost::encoding::message::encoded_len;
+    // The exact size up front: definitions keep these bytes, so no growth
+    // copies and no slack.
+    let source = match &op.op {
+        Some(O::Source(v)) => Some(marshal_source(v)),
+        _ => None,
+    };
+    let body = match &op.op {
+        Some(O::Exec(v)) => encoded_len(2, v),
+        Some(O::Source(_)) => {
+            let len = source.as_ref().map_or(0, Vec::len);
+            1 + encoded_len_varint(len as u64) + len
+        }
+        Some(O::File(v)) => encoded_len(4, v),
+        Some(O::Build(v)) => encoded_len(5, v),
+        Some(O::Merge(v)) => encoded_len(6, v),
+        Some(O::Diff(v)) => encoded_len(7, v),
+        Some(O::Passthrough(v)) => encoded_len(8, v),
+        None => 0,
+    };
+    let size = inputs.iter().map(|i| encoded_len(1, i)).sum::<usize>()
+        + op.platform.as_ref().map_or(0, |p| encoded_len(10, p))
+        + op.constraints.as_ref().map_or(0, |c| encoded_len(11, c))
+        + body;
+    let mut buf = Vec::with_capacity(size);
     for input in inputs {
         prost::encoding::message::encode(1, input, &mut buf);
     }
@@ -72,8 +101,8 @@ pub fn marshal_op_with_inputs(op: &pb::Op, inputs: &[pb::Input]) -> Vec<u8> {
     }
     match &op.op {
         Some(O::Exec(v)) => prost::encoding::message::encode(2, v, &mut buf),
-        Some(O::Source(v)) => {
-            let body = marshal_source(v);
+        Some(O::Source(_)) => {
+            let body = source.unwrap_or_default();
             encode_key(3, WireType::LengthDelimited, &mut buf);
             encode_varint(body.len() as u64, &mut buf);
             buf.extend_from_slice(&body);
@@ -85,8 +114,64 @@ pub fn marshal_op_with_inputs(op: &pb::Op, inputs: &[pb::Input]) -> Vec<u8> {
         Some(O::Passthrough(v)) => prost::encoding::message::encode(8, v, &mut buf),
         None => {}
     }
-    // Definitions keep these bytes; do not keep the growth slack too.
-    buf.shrink_to_fit();
+    debug_assert_eq!(buf.len(), size);
+    buf
+}
+
+/// Encodes a Definition exactly as `prost::Message::encode_to_vec` does, but
+/// sizes each op's metadata once: prost's map codec measures every value
+/// again for its entry and once more for the value itself.
+pub fn encode_definition(def: &pb::Definition) -> Vec<u8> {
+    use prost::encoding::{key_len, string};
+    use prost::Message as _;
+    let empty = pb::OpMetadata::default();
+    // (key bytes on the wire, value length or None when prost skips it).
+    let entries: Vec<(usize, Option<usize>)> = def
+        .metadata
+        .iter()
+        .map(|(k, v)| {
+            let key = if k.is_empty() { 0 } else { string::encoded_len(1, k) };
+            let value = (*v != empty).then(|| v.encoded_len());
+            (key, value)
+        })
+        .collect();
+    let entry_len = |&(key, value): &(usize, Option<usize>)| key + value.map_or(0, |len| key_len(2) + encoded_len_varint(len as u64) + len);
+    let source_len = def.source.as_ref().map(|s| s.encoded_len());
+    let size = def
+        .def
+        .iter()
+        .map(|d| key_len(1) + encoded_len_varint(d.len() as u64) + d.len())
+        .sum::<usize>()
+        + entries
+            .iter()
+            .map(|e| {
+                let len = entry_len(e);
+                key_len(2) + encoded_len_varint(len as u64) + len
+            })
+            .sum::<usize>()
+        + source_len.map_or(0, |len| key_len(3) + encoded_len_varint(len as u64) + len);
+    let mut buf = Vec::with_capacity(size);
+    for d in &def.def {
+        prost::encoding::bytes::encode(1, d, &mut buf);
+    }
+    for ((k, v), e) in def.metadata.iter().zip(&entries) {
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(entry_len(e) as u64, &mut buf);
+        if e.0 > 0 {
+            string::encode(1, k, &mut buf);
+        }
+        if let Some(len) = e.1 {
+            encode_key(2, WireType::LengthDelimited, &mut buf);
+            encode_varint(len as u64, &mut buf);
+            v.encode_raw(&mut buf);
+        }
+    }
+    if let (Some(source), Some(len)) = (&def.source, source_len) {
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(len as u64, &mut buf);
+        source.encode_raw(&mut buf);
+    }
+    debug_assert_eq!(buf.len(), size);
     buf
 }
 
@@ -118,6 +203,48 @@ fn encode_string_map(tag: u32, map: &BTreeMap<String, String>, buf: &mut Vec<u8>
 mod tests {
     use super::*;
     use prost::Message;
+
+    #[test]
+    fn definitions_encode_as_prost_does() {
+        let mut metadata = BTreeMap::new();
+        let mut description = BTreeMap::new();
+        description.insert("llb.customname".to_string(), "[1/2] RUN x".to_string());
+        let mut caps = BTreeMap::new();
+        caps.insert("exec.meta.base".to_string(), true);
+        metadata.insert(
+            "sha256:aa".to_string(),
+            pb::OpMetadata {
+                description,
+                caps,
+                ignore_cache: true,
+                ..Default::default()
+            },
+        );
+        // prost leaves out a default value and an empty key in a map entry.
+        metadata.insert("sha256:bb".to_string(), pb::OpMetadata::default());
+        metadata.insert(String::new(), pb::OpMetadata::default());
+        let mut locations = BTreeMap::new();
+        locations.insert("sha256:aa".to_string(), pb::Locations::default());
+        let with_source = pb::Definition {
+            def: vec![vec![1, 2, 3], Vec::new(), vec![7; 300]],
+            metadata,
+            source: Some(pb::Source {
+                locations,
+                infos: vec![pb::SourceInfo {
+                    filename: "Dockerfile".into(),
+                    data: b"FROM scratch\n".to_vec(),
+                    ..Default::default()
+                }],
+            }),
+        };
+        let mut without_source = with_source.clone();
+        without_source.source = None;
+        for def in [with_source, without_source, pb::Definition::default()] {
+            let ours = encode_definition(&def);
+            assert_eq!(ours, def.encode_to_vec());
+            assert_eq!(pb::Definition::decode(ours.as_slice()).expect("decodes"), def);
+        }
+    }
 
     #[test]
     fn empty_attr_values_are_written() {

@@ -270,7 +270,7 @@ pub fn serve(input: &mut dyn BufRead, output: &mut dyn Write, compile: impl Fn(&
     line(
         host.output.into_inner(),
         &FromFrontend::Response {
-            definition: r.definition.as_ref().map(|d| b64(&d.encode_to_vec())),
+            definition: r.definition.as_ref().map(|d| b64(&kiln_llb::marshal::encode_definition(d))),
             image_config: r.image_config.map(Box::new),
             diagnostics: r.diagnostics,
         },

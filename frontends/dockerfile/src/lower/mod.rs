@@ -894,7 +894,17 @@ impl EnvList {
 
     /// `KEY=value` entries, for an ExecOp.
     fn to_array(&self) -> Vec<String> {
-        self.vars.iter().map(|(k, v)| format!("{k}={v}")).collect()
+        // Concatenated, not format!ed: a long Dockerfile makes tens of thousands.
+        self.vars
+            .iter()
+            .map(|(k, v)| {
+                let mut entry = String::with_capacity(k.len() + 1 + v.len());
+                entry.push_str(k);
+                entry.push('=');
+                entry.push_str(v);
+                entry
+            })
+            .collect()
     }
 }
 
