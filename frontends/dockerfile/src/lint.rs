@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use crate::parser::{Ast, Node, Span};
 
 /// One finding: the rule, BuildKit's message for it, where.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Finding {
     /// BuildKit's rule name, e.g. `StageNameCasing`.
     pub rule: &'static str,
@@ -406,8 +406,7 @@ pub(crate) fn suggest(value: &str, options: &[&str]) -> Option<String> {
         if *opt == value {
             return None;
         }
-        let d = kiln_frontend::diagnostic::edit_distance(value, opt);
-        if d < best.map_or(3, |(b, _)| b) {
+        if let Some(d) = kiln_frontend::diagnostic::edit_distance_below(value, opt, best.map_or(3, |(b, _)| b)) {
             best = Some((d, opt));
         }
     }

@@ -97,6 +97,39 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// [`edit_distance`] when it is below `bound`, else None. Hints compare one
+/// word with many candidates: this allocates nothing for words of up to 32
+/// characters and stops as soon as the bound cannot be met.
+pub fn edit_distance_below(a: &str, b: &str, bound: usize) -> Option<usize> {
+    const MAX: usize = 32;
+    let (la, lb) = (a.chars().count(), b.chars().count());
+    if la.abs_diff(lb) >= bound {
+        return None;
+    }
+    if lb > MAX {
+        return Some(edit_distance(a, b)).filter(|&d| d < bound);
+    }
+    let mut rows = [[0usize; MAX + 1]; 2];
+    for (j, cell) in rows[0].iter_mut().enumerate().take(lb + 1) {
+        *cell = j;
+    }
+    for (i, ca) in a.chars().enumerate() {
+        let [prev, cur] = &mut rows;
+        let (prev, cur) = if i % 2 == 0 { (&*prev, cur) } else { (&*cur, prev) };
+        cur[0] = i + 1;
+        let mut row_min = cur[0];
+        for (j, cb) in b.chars().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+            row_min = row_min.min(cur[j + 1]);
+        }
+        // A row's minimum never decreases further down.
+        if row_min >= bound {
+            return None;
+        }
+    }
+    Some(rows[la % 2][lb]).filter(|&d| d < bound)
+}
+
 /// The candidate nearest to `word` within two edits (for "did you mean …?").
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
@@ -110,6 +143,35 @@ pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_edit_distance_agrees_with_the_full_one() {
+        let words = [
+            "",
+            "a",
+            "BASE",
+            "BASES",
+            "A40_10",
+            "A41_10",
+            "VERSION",
+            "VERSOIN",
+            "é",
+            "éa",
+            "TARGETPLATFORM",
+        ];
+        for a in words {
+            for b in words {
+                let full = edit_distance(a, b);
+                for bound in 0..6 {
+                    assert_eq!(
+                        edit_distance_below(a, b, bound),
+                        Some(full).filter(|&d| d < bound),
+                        "{a:?} {b:?} below {bound}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn offsets_inside_a_character_or_past_the_end_are_clamped() {

@@ -4,7 +4,7 @@
 //! Stages are lowered on demand from the target, so only stages the target
 //! needs enter the graph; a stage that reaches itself is an error.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use kiln_frontend::{Host, ImageConfig, Platform};
 use kiln_image::Reference;
@@ -131,6 +131,8 @@ struct Lowerer<'a, 'b> {
     errors: Vec<LowerError>,
     /// Check findings only lowering can make (UndefinedVar, InvalidBaseImagePlatform).
     findings: std::cell::RefCell<Vec<crate::lint::Finding>>,
+    /// The UndefinedVar findings made, to report each once.
+    undefined_seen: std::cell::RefCell<HashSet<crate::lint::Finding>>,
     /// For each stage, how many stages name it in FROM and are still to be lowered.
     base_uses: Vec<usize>,
 }
@@ -169,6 +171,7 @@ impl<'a, 'b> Lowerer<'a, 'b> {
             images: HashMap::new(),
             errors: Vec::new(),
             findings: std::cell::RefCell::new(Vec::new()),
+            undefined_seen: std::cell::RefCell::new(HashSet::new()),
             base_uses: base_uses(&input.program.stages),
         }
     }
@@ -256,9 +259,8 @@ impl<'a, 'b> Lowerer<'a, 'b> {
                 message: format!("Usage of undefined variable '${var}'{hint}"),
                 span: node.span.clone(),
             };
-            let mut findings = self.findings.borrow_mut();
-            if !findings.contains(&finding) {
-                findings.push(finding);
+            if self.undefined_seen.borrow_mut().insert(finding.clone()) {
+                self.findings.borrow_mut().push(finding);
             }
         }
     }
