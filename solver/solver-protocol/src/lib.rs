@@ -35,6 +35,10 @@ pub fn default_state_root() -> std::path::PathBuf {
 /// Protocol version carried by every request and by the `hello` event.
 pub const VERSION: u32 = 1;
 
+/// The largest solve request the solver reads (256 MiB): a Definition of a
+/// 5,000-instruction Dockerfile is about 6 MiB of it.
+pub const MAX_REQUEST_BYTES: usize = 256 << 20;
+
 /// What to build and where to put it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SolveRequest {

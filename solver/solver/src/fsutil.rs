@@ -183,8 +183,8 @@ pub(crate) fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u3
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),
     };
-    let passwd = fs::read_to_string(resolve_in_root(root, "/etc/passwd", true)?).unwrap_or_default();
-    let groups = fs::read_to_string(resolve_in_root(root, "/etc/group", true)?).unwrap_or_default();
+    let passwd = account_file(root, "/etc/passwd")?;
+    let groups = account_file(root, "/etc/group")?;
     let (uid, mut gid) = if user.is_empty() {
         (0, 0)
     } else if let Ok(n) = user.parse::<u32>() {
@@ -247,13 +247,48 @@ pub(crate) fn resolve_user(root: &Path, spec: &str) -> io::Result<(Owner, Vec<u3
     Ok((Owner { uid, gid }, extra))
 }
 
+/// The most of an image's `/etc/passwd` or `/etc/group` that is read.
+const MAX_ACCOUNT_FILE: usize = 64 << 20;
+
+/// The text of an account file (`/etc/passwd`, `/etc/group`) of the image at
+/// `root`: empty when the image has none or it cannot be read, an error when
+/// it is not a regular file (a FIFO would block the solver) or is over
+/// 64 MiB. Bytes that are not UTF-8 are replaced, not a reason to ignore it.
+fn account_file(root: &Path, file: &str) -> io::Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = resolve_in_root(root, file, true)?;
+    // Non-blocking, so opening a FIFO returns at once; a regular file reads as usual.
+    let Ok(f) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(&path)
+    else {
+        return Ok(String::new());
+    };
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::other(format!("{file} in the image is not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    if f.take(MAX_ACCOUNT_FILE as u64 + 1).read_to_end(&mut bytes).is_err() {
+        return Ok(String::new());
+    }
+    if bytes.len() > MAX_ACCOUNT_FILE {
+        return Err(io::Error::other(format!(
+            "{file} in the image is over {} MiB",
+            MAX_ACCOUNT_FILE >> 20
+        )));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 /// Looks up one name in `/etc/passwd` (`group = false`) or `/etc/group`.
 pub(crate) fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(n);
     }
     let file = if group { "/etc/group" } else { "/etc/passwd" };
-    let text = fs::read_to_string(resolve_in_root(root, file, true)?).unwrap_or_default();
+    let text = account_file(root, file)?;
     text.lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() > 2 && f[0] == name)
@@ -321,7 +356,7 @@ pub(crate) fn lookup_user(root: &Path, name: &str) -> io::Result<(u32, u32)> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok((n, n));
     }
-    let text = fs::read_to_string(resolve_in_root(root, "/etc/passwd", true)?).unwrap_or_default();
+    let text = account_file(root, "/etc/passwd")?;
     text.lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() > 3 && f[0] == name)
@@ -332,6 +367,30 @@ pub(crate) fn lookup_user(root: &Path, name: &str) -> io::Result<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn account_files_that_cannot_be_read_safely_are_refused() {
+        let t = tempfile::tempdir().expect("tmp");
+        let r = t.path();
+        fs::create_dir_all(r.join("etc")).expect("mkdir");
+        // None yet: no users but root, as before.
+        assert_eq!(lookup_user(r, "root").ok(), None);
+        assert_eq!(lookup_user(r, "0").expect("numeric"), (0, 0));
+        // Not UTF-8: the entries around the bad bytes still count.
+        fs::write(r.join("etc/passwd"), b"app:x:1000:1001:\xff\xfe:/home/app:/bin/sh\n").expect("passwd");
+        assert_eq!(lookup_user(r, "app").expect("app"), (1000, 1001));
+        // A FIFO would block a plain open forever.
+        fs::remove_file(r.join("etc/passwd")).expect("rm");
+        rustix::fs::mknodat(rustix::fs::CWD, r.join("etc/passwd"), rustix::fs::FileType::Fifo, 0o644.into(), 0).expect("mkfifo");
+        let err = lookup_user(r, "app").expect_err("a FIFO is refused");
+        assert!(err.to_string().contains("/etc/passwd in the image is not a regular file"), "{err}");
+        // Over the limit (sparse: nothing is written).
+        fs::remove_file(r.join("etc/passwd")).expect("rm");
+        let f = fs::File::create(r.join("etc/group")).expect("group");
+        f.set_len(MAX_ACCOUNT_FILE as u64 + 1).expect("grow");
+        let err = lookup_id(r, "staff", true).expect_err("an oversized file is refused");
+        assert!(err.to_string().contains("/etc/group in the image is over 64 MiB"), "{err}");
+    }
 
     #[test]
     fn symlinks_stay_inside_the_root() {

@@ -175,9 +175,16 @@ fn main() {
     };
     let sink: Arc<dyn EventSink> = Arc::new(Stdout(Mutex::new(std::io::stdout())));
     let mut request = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut request) {
+    let limit = kiln_solver_protocol::MAX_REQUEST_BYTES;
+    let read = std::io::stdin().take(limit as u64 + 1).read_to_end(&mut request);
+    let problem = match read {
+        Err(e) => Some(format!("reading the request from stdin: {e}")),
+        Ok(n) if n > limit => Some(format!("the request on stdin is over the {} MiB limit", limit >> 20)),
+        Ok(_) => None,
+    };
+    if let Some(message) = problem {
         sink.emit(Event::Error {
-            message: format!("reading the request from stdin: {e}"),
+            message,
             digest: None,
             kind: ErrorKind::Request,
         });

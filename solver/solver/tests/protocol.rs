@@ -62,6 +62,45 @@ fn malformed_requests_are_errors_not_panics() {
 }
 
 #[test]
+fn an_endless_request_is_refused_at_the_limit() {
+    let root = std::env::temp_dir().join(format!("kiln-solver-protocol-endless-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-solver"))
+        .arg("--root")
+        .arg(&root)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("solver starts");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // Writes until the solver stops reading (a broken pipe), or twice the limit.
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b' '; 1 << 20];
+        let mut written = 0usize;
+        while written < 2 * kiln_solver_protocol::MAX_REQUEST_BYTES && stdin.write_all(&chunk).is_ok() {
+            written += chunk.len();
+        }
+        written
+    });
+    let out = child.wait_with_output().expect("wait");
+    let written = writer.join().expect("writer");
+    assert!(
+        written < 2 * kiln_solver_protocol::MAX_REQUEST_BYTES,
+        "the solver read on past its limit ({written} bytes)"
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().and_then(|l| Event::from_line(l).ok());
+    match last {
+        Some(Event::Error { kind, message, .. }) => {
+            assert_eq!(kind, ErrorKind::Request);
+            assert!(message.contains("over the 256 MiB limit"), "{message}");
+        }
+        other => panic!("last event should be a request error, got {other:?}"),
+    }
+}
+
+#[test]
 fn truncated_and_dangling_definitions_are_rejected() {
     let st = State::source("local://context", Default::default(), None, Default::default());
     let bytes = prost::Message::encode_to_vec(&st.marshal(Vec::new()));
