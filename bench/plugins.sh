@@ -7,7 +7,7 @@
 # program on PATH; the built-in recipe frontend. Timed with hyperfine.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release -q --manifest-path "$here/Cargo.toml" -p kiln-cli -p kiln-frontend-steps
+cargo build --release -q --manifest-path "$here/Cargo.toml" -p kiln-cli -p kiln-plugin-host -p kiln-frontend-steps
 "$here/frontends/build-wasm.sh" 2>/dev/null
 kiln=$here/target/release/kiln
 work=$(mktemp -d)

@@ -217,23 +217,26 @@ fn run_frontend(
             EXIT_FRONTEND
         })?,
         Chosen::Wasm(file) => {
-            let wasm = std::fs::read(&file).map_err(|e| {
+            std::fs::File::open(&file).map_err(|e| {
                 let _ = writeln!(err, "error: cannot read frontend plugin {}: {e}", file.display());
                 EXIT_OTHER
             })?;
             let name = file.display().to_string();
-            run_plugin(args, &name, &wasm, request, host).map_err(|msg| {
+            run_plugin(args, &name, &file, request, host).map_err(|msg| {
                 let _ = writeln!(err, "error: {msg}");
                 EXIT_FRONTEND
             })?
         }
         Chosen::Artifact(reference) => {
             let cache = PluginCache::new(&crate::host::state_root(args.root.as_deref()));
-            let (_, wasm) = cache.fetch(&reference, args.pull).map_err(|msg| {
-                let _ = writeln!(err, "error: cannot fetch frontend plugin {reference}: {msg}");
-                EXIT_FRONTEND
-            })?;
-            run_plugin(args, &reference, &wasm, request, host).map_err(|msg| {
+            let module = cache
+                .fetch(&reference, args.pull)
+                .and_then(|(digest, wasm)| cache.module_file(&digest, &wasm))
+                .map_err(|msg| {
+                    let _ = writeln!(err, "error: cannot fetch frontend plugin {reference}: {msg}");
+                    EXIT_FRONTEND
+                })?;
+            run_plugin(args, &reference, &module, request, host).map_err(|msg| {
                 let _ = writeln!(err, "error: {msg}");
                 EXIT_FRONTEND
             })?
@@ -366,28 +369,70 @@ pub fn version_warning(syntax: &str) -> Option<String> {
     }
 }
 
-/// Runs a WASM plugin under its limits, with compiled code cached in the state root.
+/// Runs the WASM plugin in file `module` under its limits, with compiled
+/// code cached in the state root, in a `kiln-plugin-host` process (the CLI
+/// links no WASM runtime) speaking the frontend protocol.
 fn run_plugin(
     args: &FrontendArgs,
     name: &str,
-    wasm: &[u8],
+    module: &Path,
     request: &Request,
     host: &dyn kiln_frontend::Host,
 ) -> Result<kiln_frontend::Response, String> {
+    use std::io::Read;
     let env_number = |var: &str| std::env::var(var).ok().and_then(|v| v.parse::<f64>().ok());
-    let mut limits = kiln_frontend_wasm::Limits::default();
+    let cache = PluginCache::new(&crate::host::state_root(args.root.as_deref()));
+    let program = crate::solver_client::companion_binary("kiln-plugin-host", "KILN_PLUGIN_HOST");
+    let mut command = std::process::Command::new(&program);
+    command
+        .arg("--name")
+        .arg(name)
+        .arg("--module")
+        .arg(module)
+        .arg("--cache")
+        .arg(cache.compiled_dir())
+        .arg("--context")
+        .arg(&args.context);
     if let Some(mib) = args.plugin_memory.map(|m| m as f64).or_else(|| env_number("KILN_PLUGIN_MEMORY")) {
-        limits.memory_bytes = (mib * 1024.0 * 1024.0) as u64;
+        command.arg("--memory-bytes").arg(((mib * 1024.0 * 1024.0) as u64).to_string());
     }
     if let Some(secs) = args.plugin_timeout.or_else(|| env_number("KILN_PLUGIN_TIMEOUT")) {
-        limits.time = std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("plugin time limit {secs}: {e}"))?;
+        std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("plugin time limit {secs}: {e}"))?;
+        command.arg("--time-secs").arg(secs.to_string());
     }
-    let cache = PluginCache::new(&crate::host::state_root(args.root.as_deref()));
-    let plugins = kiln_frontend_wasm::PluginHost::new(Some(cache.compiled_dir()))?;
-    let plugin = plugins.load(name, wasm).map_err(|e| e.to_string())?;
-    plugin
-        .run(request, host, Some(&args.context), limits, |m| eprintln!("{m}"))
-        .map_err(|e| e.to_string())
+    let mut child = command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!(
+                "plugin {name}: cannot start {}: {e}; kiln-plugin-host is built with kiln and belongs beside the kiln binary (or set KILN_PLUGIN_HOST)",
+                program.display()
+            )
+        })?;
+    let mut to = child.stdin.take().ok_or("no stdin")?;
+    let from = child.stdout.take().ok_or("no stdout")?;
+    let mut stderr = child.stderr.take().ok_or("no stderr")?;
+    // Read on the side: a host blocked writing its stderr must not stall the protocol.
+    let why = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut text);
+        let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+        String::from_utf8_lossy(&text).trim_end().to_string()
+    });
+    let mut reader = std::io::BufReader::new(from);
+    let result = kiln_frontend_stdio::run(&mut to, &mut reader, request, host, Some(&args.context), |m| eprintln!("{m}"));
+    drop(to);
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let why = why.join().unwrap_or_default();
+    match result {
+        Ok(response) if status.success() => Ok(response),
+        // The host says why the plugin gave no response (its limits, a trap, …).
+        _ if !why.is_empty() => Err(why),
+        Ok(_) => Err(format!("plugin {name}: {} exited with {status}", program.display())),
+        Err(e) => Err(format!("plugin {name}: {e} ({} exited with {status})", program.display())),
+    }
 }
 
 /// Runs a native frontend program over the frontend protocol.

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_frontend_wasm::write_atomically;
 use kiln_oci::{artifact, Credentials, Layout, RegistryClient};
 use sha2::{Digest, Sha256};
 
@@ -59,6 +58,16 @@ impl PluginCache {
         write_atomically(&self.ref_path(reference), found.module_digest.as_bytes())
     }
 
+    /// The cached file of the module `digest` (`module`, already verified),
+    /// written there if it is not.
+    pub fn module_file(&self, digest: &str, module: &[u8]) -> Result<PathBuf, String> {
+        let path = self.module_path(digest);
+        if !path.is_file() {
+            write_atomically(&path, module).map_err(|e| format!("caching the plugin: {e}"))?;
+        }
+        Ok(path)
+    }
+
     /// The module of the artifact `reference`: `oci-layout://PATH[:TAG|@DIGEST]`
     /// or a registry reference. A reference seen before is served from the
     /// cache (for a tag, unless `refresh`); a registry is asked otherwise.
@@ -105,6 +114,17 @@ fn split_layout_reference(rest: &str) -> (&str, Option<&str>, Option<&str>) {
         Some((path, tag)) if !tag.contains('/') && !path.is_empty() => (path, Some(tag), None),
         _ => (rest, None, None),
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place, so
+/// a reader never sees a partial module.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

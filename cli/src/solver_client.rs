@@ -9,25 +9,31 @@ use kiln_solver_protocol::{Event, SolveRequest};
 /// The solver binary: `$KILN_SOLVER`, else `kiln-solver` beside this
 /// executable, else on PATH.
 pub fn solver_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_SOLVER") {
+    companion_binary("kiln-solver", "KILN_SOLVER")
+}
+
+/// A program installed with kiln: `$ENV` if set, else `name` beside this
+/// executable (or one level up, where test binaries find it), else on PATH.
+pub fn companion_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
-            let beside = dir.join("kiln-solver");
+            let beside = dir.join(name);
             if beside.is_file() {
                 return beside;
             }
-            // Test binaries live in target/*/deps, the solver one level up.
+            // Test binaries live in target/*/deps, the programs one level up.
             if let Some(up) = dir.parent() {
-                let p = up.join("kiln-solver");
+                let p = up.join(name);
                 if p.is_file() {
                     return p;
                 }
             }
         }
     }
-    PathBuf::from("kiln-solver")
+    PathBuf::from(name)
 }
 
 /// How a solve ended.
