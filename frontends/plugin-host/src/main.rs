@@ -22,7 +22,7 @@ const MAX_MODULE: u64 = 256 << 20;
 /// The exit status when the plugin could not be run or gave no response.
 const EXIT_PLUGIN: i32 = 3;
 
-/// Runs a WASM frontend plugin on the request that follows it on stdin.
+/// Runs a WASM frontend plugin on the frontend request read on stdin.
 #[derive(Parser)]
 #[command(name = "kiln-plugin-host", version)]
 struct Args {
