@@ -82,20 +82,10 @@ impl VertexMeta {
 
     /// The `OpMetadata` this describes.
     pub fn to_metadata(&self) -> pb::OpMetadata {
-        // A handful of entries each: inserted, as collecting into a BTreeMap
-        // first gathers and sorts a Vec.
-        let mut description = BTreeMap::new();
-        for (k, v) in &self.description {
-            description.insert(k.to_string(), v.clone());
-        }
-        let mut caps = BTreeMap::new();
-        for c in &self.caps {
-            caps.insert(c.to_string(), true);
-        }
         pb::OpMetadata {
             ignore_cache: self.ignore_cache,
-            description,
-            caps,
+            description: self.description.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+            caps: self.caps.iter().map(|c| (c.to_string(), true)).collect(),
             progress_group: self.progress_group.clone(),
             ..Default::default()
         }
