@@ -85,37 +85,33 @@ pub fn clamp_span(s: &str, offset: usize, length: usize) -> std::ops::Range<usiz
 
 /// Levenshtein distance, for did-you-mean hints.
 pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
+    // No distance reaches usize::MAX, so the bound never cuts this short.
+    edit_distance_below(a, b, usize::MAX).unwrap_or(usize::MAX)
 }
 
 /// [`edit_distance`] when it is below `bound`, else None. Hints compare one
 /// word with many candidates: this allocates nothing for words of up to 32
 /// characters and stops as soon as the bound cannot be met.
 pub fn edit_distance_below(a: &str, b: &str, bound: usize) -> Option<usize> {
-    const MAX: usize = 32;
+    const SHORT: usize = 32;
     let (la, lb) = (a.chars().count(), b.chars().count());
     if la.abs_diff(lb) >= bound {
         return None;
     }
-    if lb > MAX {
-        return Some(edit_distance(a, b)).filter(|&d| d < bound);
-    }
-    let mut rows = [[0usize; MAX + 1]; 2];
-    for (j, cell) in rows[0].iter_mut().enumerate().take(lb + 1) {
+    // Two rows of the table: on the stack for short words.
+    let mut stack = [0usize; 2 * (SHORT + 1)];
+    let mut heap = Vec::new();
+    let cells: &mut [usize] = if lb <= SHORT {
+        &mut stack[..2 * (lb + 1)]
+    } else {
+        heap.resize(2 * (lb + 1), 0);
+        &mut heap
+    };
+    let (mut prev, mut cur) = cells.split_at_mut(lb + 1);
+    for (j, cell) in prev.iter_mut().enumerate() {
         *cell = j;
     }
     for (i, ca) in a.chars().enumerate() {
-        let [prev, cur] = &mut rows;
-        let (prev, cur) = if i % 2 == 0 { (&*prev, cur) } else { (&*cur, prev) };
         cur[0] = i + 1;
         let mut row_min = cur[0];
         for (j, cb) in b.chars().enumerate() {
@@ -126,16 +122,16 @@ pub fn edit_distance_below(a: &str, b: &str, bound: usize) -> Option<usize> {
         if row_min >= bound {
             return None;
         }
+        std::mem::swap(&mut prev, &mut cur);
     }
-    Some(rows[la % 2][lb]).filter(|&d| d < bound)
+    Some(prev[lb]).filter(|&d| d < bound)
 }
 
 /// The candidate nearest to `word` within two edits (for "did you mean …?").
 pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     candidates
         .into_iter()
-        .map(|c| (edit_distance(c, word), c))
-        .filter(|(d, _)| *d <= 2)
+        .filter_map(|c| Some((edit_distance_below(c, word, 3)?, c)))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
 }
@@ -146,7 +142,26 @@ mod tests {
 
     #[test]
     fn bounded_edit_distance_agrees_with_the_full_one() {
+        // Known distances, short and past the 32 characters kept on the stack.
+        let long = "A".repeat(40);
+        let longer = format!("{long}B");
+        let other = format!("B{}", "A".repeat(39));
+        for (a, b, d) in [
+            ("kitten", "sitting", 3),
+            ("", "abc", 3),
+            ("BASE", "BASES", 1),
+            ("é", "e", 1),
+            ("VERSION", "VERSOIN", 2),
+            (long.as_str(), longer.as_str(), 1),
+            (long.as_str(), other.as_str(), 1),
+            (long.as_str(), "", 40),
+        ] {
+            assert_eq!(edit_distance(a, b), d, "{a:?} {b:?}");
+            assert_eq!(edit_distance(b, a), d, "{b:?} {a:?}");
+        }
         let words = [
+            long.as_str(),
+            longer.as_str(),
             "",
             "a",
             "BASE",
