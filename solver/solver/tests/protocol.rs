@@ -12,17 +12,21 @@ use std::process::{Command, Stdio};
 use kiln_llb::builder::State;
 use kiln_solver_protocol::{ErrorKind, Event, SolveRequest};
 
-fn solve(input: &[u8]) -> (i32, Vec<Event>, String) {
-    let root = std::env::temp_dir().join(format!("kiln-solver-protocol-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-solver"))
+/// Starts the solver on a private root named after `name`, stdio piped.
+fn start(name: &str) -> std::process::Child {
+    let root = std::env::temp_dir().join(format!("kiln-solver-{name}-{}", std::process::id()));
+    Command::new(env!("CARGO_BIN_EXE_kiln-solver"))
         .arg("--root")
         .arg(&root)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("solver starts");
-    child.stdin.take().expect("stdin").write_all(input).expect("write");
+        .expect("solver starts")
+}
+
+/// Waits for the solver: its exit code, events and stderr.
+fn finish(child: std::process::Child) -> (i32, Vec<Event>, String) {
     let out = child.wait_with_output().expect("wait");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let events = stdout
@@ -36,11 +40,16 @@ fn solve(input: &[u8]) -> (i32, Vec<Event>, String) {
     )
 }
 
-fn assert_request_error(input: &[u8], needle: &str) {
-    let (code, events, stderr) = solve(input);
-    assert_eq!(code, 2, "exit code for bad request; stderr: {stderr}");
+fn solve(input: &[u8]) -> (i32, Vec<Event>, String) {
+    let mut child = start("protocol");
+    child.stdin.take().expect("stdin").write_all(input).expect("write");
+    finish(child)
+}
+
+/// The solver ended with a `request` error mentioning `needle`, exit 2.
+fn assert_request_failure((code, events, stderr): &(i32, Vec<Event>, String), needle: &str) {
+    assert_eq!(*code, 2, "exit code for bad request; stderr: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(matches!(events.first(), Some(Event::Hello { version: 1 })), "{events:?}");
     match events.last() {
         Some(Event::Error { kind, message, .. }) => {
             assert_eq!(*kind, ErrorKind::Request);
@@ -48,6 +57,13 @@ fn assert_request_error(input: &[u8], needle: &str) {
         }
         other => panic!("last event should be an error, got {other:?}"),
     }
+}
+
+/// `input` is refused: hello first, then the request error.
+fn assert_request_error(input: &[u8], needle: &str) {
+    let outcome = solve(input);
+    assert_request_failure(&outcome, needle);
+    assert!(matches!(outcome.1.first(), Some(Event::Hello { version: 1 })), "{:?}", outcome.1);
 }
 
 #[test]
@@ -63,15 +79,7 @@ fn malformed_requests_are_errors_not_panics() {
 
 #[test]
 fn an_endless_request_is_refused_at_the_limit() {
-    let root = std::env::temp_dir().join(format!("kiln-solver-protocol-endless-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-solver"))
-        .arg("--root")
-        .arg(&root)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("solver starts");
+    let mut child = start("endless");
     let mut stdin = child.stdin.take().expect("stdin");
     // Writes until the solver stops reading (a broken pipe), or twice the limit.
     let writer = std::thread::spawn(move || {
@@ -82,22 +90,13 @@ fn an_endless_request_is_refused_at_the_limit() {
         }
         written
     });
-    let out = child.wait_with_output().expect("wait");
+    let outcome = finish(child);
     let written = writer.join().expect("writer");
     assert!(
         written < 2 * kiln_solver_protocol::MAX_REQUEST_BYTES,
         "the solver read on past its limit ({written} bytes)"
     );
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().and_then(|l| Event::from_line(l).ok());
-    match last {
-        Some(Event::Error { kind, message, .. }) => {
-            assert_eq!(kind, ErrorKind::Request);
-            assert!(message.contains("over the 256 MiB limit"), "{message}");
-        }
-        other => panic!("last event should be a request error, got {other:?}"),
-    }
+    assert_request_failure(&outcome, "over the 256 MiB limit");
 }
 
 #[test]
