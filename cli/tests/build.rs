@@ -429,6 +429,108 @@ fn privileged_steps_need_their_entitlement_by_name() {
     }
 }
 
+/// A static x86-64 program that makes two system calls through the i386
+/// entry (`int 0x80`), as 32-bit programs do: getpid (20), then
+/// unshare(CLONE_NEWUSER) (310). Exit status: 0 when getpid works and unshare
+/// is refused with EPERM, 1 when getpid fails, 2 when unshare is not refused;
+/// killed by SIGSYS when a filter knows no i386 calls.
+fn i386_calls_program() -> Vec<u8> {
+    #[rustfmt::skip]
+    let code: [u8; 51] = [
+        0xB8, 20, 0, 0, 0,          // mov eax, 20 (getpid)
+        0xCD, 0x80,                 // int 0x80
+        0x85, 0xC0,                 // test eax, eax
+        0x78, 21,                   // js fail1
+        0xB8, 0x36, 0x01, 0, 0,     // mov eax, 310 (unshare)
+        0xBB, 0, 0, 0, 0x10,        // mov ebx, CLONE_NEWUSER
+        0xCD, 0x80,                 // int 0x80
+        0x83, 0xF8, 0xFF,           // cmp eax, -1 (-EPERM)
+        0x75, 11,                   // jne fail2
+        0x31, 0xFF,                 // xor edi, edi
+        0xEB, 12,                   // jmp exit
+        0xBF, 1, 0, 0, 0,           // fail1: mov edi, 1
+        0xEB, 5,                    // jmp exit
+        0xBF, 2, 0, 0, 0,           // fail2: mov edi, 2
+        0xB8, 60, 0, 0, 0,          // exit: mov eax, 60 (x86-64 exit)
+        0x0F, 0x05,                 // syscall
+    ];
+    let base: u64 = 0x40_0000;
+    let headers = 64 + 56;
+    let size = (headers + code.len()) as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(&[0x7F, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3Eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(base + headers as u64).to_le_bytes()); // entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    elf.extend_from_slice(&0u64.to_le_bytes()); // no sections
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for v in [0, base, base, size, size, 0x1000] {
+        elf.extend_from_slice(&v.to_le_bytes());
+    }
+    elf.extend_from_slice(&code);
+    elf
+}
+
+#[test]
+fn steps_run_under_buildkits_seccomp_filter_unless_insecure() {
+    if !can_build() {
+        return;
+    }
+    let s = Setup::new("seccomp");
+    s.write(
+        "Dockerfile",
+        "FROM busybox\n\
+         RUN grep '^Seccomp:' /proc/self/status > /filter; \
+             unshare -U -r true 2> /userns; echo $? >> /userns; \
+             chroot / true && ping -c 1 -W 1 127.0.0.1 > /dev/null && echo allowed > /everyday\n\
+         RUN --security=insecure grep '^Seccomp:' /proc/self/status > /insecure-filter; \
+             unshare -U -r true; echo $? > /insecure-userns\n",
+    );
+    // 32-bit programs keep their system calls (the filter covers the i386
+    // entry too, and refuses the same calls there).
+    let i386 = cfg!(target_arch = "x86_64").then(i386_calls_program);
+    if let Some(program) = &i386 {
+        use std::os::unix::fs::PermissionsExt;
+        let path = s.ctx().join("i386");
+        std::fs::write(&path, program).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // On the host (root, no filter) unshare works: exit 2.
+        let host = Command::new(&path).status().expect("runs on the host");
+        assert_eq!(host.code(), Some(2), "the i386 entry works on this kernel: {host:?}");
+        let mut dockerfile = std::fs::read_to_string(s.ctx().join("Dockerfile")).expect("read");
+        dockerfile.push_str("COPY i386 /i386\nRUN /i386; echo $? > /i386-status\n");
+        s.write("Dockerfile", &dockerfile);
+    }
+    let local = s.dir.join("fs");
+    let out = s.build(&[
+        "--allow",
+        "security.insecure",
+        "-o",
+        &format!("type=local,dest={}", local.display()),
+    ]);
+    ok(&out);
+    let read = |f: &str| std::fs::read_to_string(local.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    assert_eq!(read("filter").split_whitespace().nth(1), Some("2"), "a filter: {}", read("filter"));
+    let userns = read("userns");
+    assert!(
+        userns.contains("Operation not permitted") && userns.trim_end().ends_with('1'),
+        "no new user namespace: {userns}"
+    );
+    assert_eq!(read("everyday"), "allowed\n", "chroot and a raw socket (the step's capabilities)");
+    assert_eq!(read("insecure-filter").split_whitespace().nth(1), Some("0"));
+    assert_eq!(read("insecure-userns"), "0\n", "--security=insecure: no filter");
+    if i386.is_some() {
+        assert_eq!(read("i386-status"), "0\n", "i386 getpid allowed, i386 unshare refused");
+    }
+}
+
 #[test]
 fn steps_get_their_own_network_without_the_hosts_loopback() {
     if !can_build() {

@@ -135,6 +135,7 @@ fn a_rootless_build_makes_the_image_a_root_build_makes() {
          RUN nc -w 2 127.0.0.1 {private} </dev/null > /out/loopback 2>&1; nc -w 5 {host_ip} {public} </dev/null > /out/outside 2>&1; \\\n\
              tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /out/ifaces; true\n\
          RUN --network=host nc -w 2 127.0.0.1 {private} </dev/null > /out/host-net 2>&1; true\n\
+         RUN grep '^Seccomp:' /proc/self/status | tr -d ' \\t' > /out/seccomp; unshare -U true 2>/dev/null; echo $? > /out/userns\n\
          FROM build\n\
          COPY --from=build --chown=app /out /copied\n\
          COPY --link --from=build /out/a /linked/a\n\
@@ -216,6 +217,12 @@ fn a_rootless_build_makes_the_image_a_root_build_makes() {
     assert_eq!(read("out/outside"), "OUTSIDE\n", "outbound connections work rootless");
     assert_eq!(read("out/ifaces"), "lo\ntap0\n", "its own network, none of the host's interfaces");
     assert_eq!(read("out/host-net"), "HOST-LOOPBACK\n", "--network=host, allowed, is the host's");
+    assert_eq!(
+        read("out/seccomp"),
+        "Seccomp:2\n",
+        "steps run under the seccomp filter rootless too"
+    );
+    assert_eq!(read("out/userns"), "1\n", "no user namespace inside the step");
     assert!(
         read("tmp/id").starts_with("uid=") && read("tmp/id").contains("(app)"),
         "{}",

@@ -11,6 +11,7 @@ pub(crate) mod keep;
 pub(crate) mod layers;
 pub(crate) mod netns;
 pub(crate) mod runc;
+pub(crate) mod seccomp;
 pub(crate) mod step;
 
 use std::collections::{BTreeMap, HashMap};

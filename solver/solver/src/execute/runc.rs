@@ -217,6 +217,11 @@ const DEFAULT_CAPS: &[Capability] = &[
     Capability::AuditWrite,
 ];
 
+/// The capabilities of a step that is not `--security=insecure`.
+pub(crate) fn default_capabilities() -> HashSet<Capability> {
+    DEFAULT_CAPS.iter().copied().collect()
+}
+
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Kills and removes the container if the step is abandoned mid-way.
@@ -449,6 +454,7 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
     let cwd_host = resolve_in_root(step.rootfs, &cwd, true).map_err(Failure::io(Some("working directory"), &cwd))?;
     mkdir_all(&cwd_host, 0o755, None, None).map_err(Failure::io(Some("creating working directory"), &cwd))?;
 
+    let capabilities: HashSet<Capability> = if insecure { all_capabilities() } else { default_capabilities() };
     if let Some(process) = spec.process_mut() {
         let args = match &step.emulator {
             Some(_) => std::iter::once(super::emulate::EMULATOR_DEST.to_string())
@@ -476,11 +482,7 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         user.set_additional_gids(Some(gids));
         process.set_no_new_privileges(Some(!insecure));
         if let Some(caps) = process.capabilities().clone() {
-            let set: HashSet<Capability> = if insecure {
-                all_capabilities()
-            } else {
-                DEFAULT_CAPS.iter().copied().collect()
-            };
+            let set = capabilities.clone();
             let mut caps = caps;
             caps.set_bounding(Some(set.clone()));
             caps.set_effective(Some(set.clone()));
@@ -509,6 +511,10 @@ pub(crate) async fn run_step(runtime: &Runtime, step: Step<'_>, mut on_output: i
         if insecure {
             linux.set_masked_paths(None);
             linux.set_readonly_paths(None);
+        } else if let Some(host) = super::seccomp::Host::current() {
+            let filter =
+                super::seccomp::default_filter(&capabilities, host).map_err(|e| Failure::Internal(format!("the seccomp filter: {e}")))?;
+            linux.set_seccomp(Some(filter));
         }
         // Rootless, runc makes no cgroup: the user may not write the host's.
         linux.set_cgroups_path((!rootless).then(|| PathBuf::from(format!("/kiln/{}", step.id))));
