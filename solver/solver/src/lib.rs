@@ -57,10 +57,10 @@ impl Drop for CloseOnDrop {
     }
 }
 
-/// Reads a request, solves it, exports, reporting everything to `events`.
-/// Returns the process exit code.
+/// Reads a request, solves it, exports, reporting everything to `events`
+/// (after the `hello` event, which the caller has sent). Returns the
+/// process exit code.
 pub async fn run(request_bytes: &[u8], root_dir: PathBuf, events: Arc<dyn EventSink>) -> i32 {
-    events.emit(Event::Hello { version: VERSION });
     let fail = |events: &Arc<dyn EventSink>, error: SolveError| {
         events.emit(error.event());
         error.exit_code()

@@ -113,7 +113,11 @@ fn main() {
         if maintaining {
             eprintln!("kiln-solver: {e}");
         } else {
-            Stdout(Mutex::new(std::io::stdout())).emit(Event::Error {
+            let out = Stdout(Mutex::new(std::io::stdout()));
+            out.emit(Event::Hello {
+                version: kiln_solver_protocol::VERSION,
+            });
+            out.emit(Event::Error {
                 message: e.to_string(),
                 digest: None,
                 kind: ErrorKind::Internal,
@@ -174,6 +178,11 @@ fn main() {
         }
     };
     let sink: Arc<dyn EventSink> = Arc::new(Stdout(Mutex::new(std::io::stdout())));
+    // The first line, before the request is read: a request refused while
+    // being read is reported after it too.
+    sink.emit(Event::Hello {
+        version: kiln_solver_protocol::VERSION,
+    });
     let mut request = Vec::new();
     let limit = kiln_solver_protocol::MAX_REQUEST_BYTES;
     let read = std::io::stdin().take(limit as u64 + 1).read_to_end(&mut request);

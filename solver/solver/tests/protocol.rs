@@ -97,6 +97,7 @@ fn an_endless_request_is_refused_at_the_limit() {
         "the solver read on past its limit ({written} bytes)"
     );
     assert_request_failure(&outcome, "over the 256 MiB limit");
+    assert!(matches!(outcome.1.first(), Some(Event::Hello { version: 1 })), "{:?}", outcome.1);
 }
 
 #[test]
