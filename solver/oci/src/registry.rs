@@ -38,6 +38,51 @@ pub enum RegistryError {
     Invalid(String),
 }
 
+/// The most bytes read of a document held in memory (an image config, or a
+/// blob fetched without a known size): far above any real one, and a
+/// registry cannot make kiln hold more.
+pub const MAX_DOCUMENT_BYTES: u64 = 64 << 20;
+
+/// A writer that refuses bytes past `left`: a registry may not send more
+/// than the descriptor promised (or than [`MAX_DOCUMENT_BYTES`]).
+struct Bounded<'a, W> {
+    inner: W,
+    left: u64,
+    what: &'a str,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Bounded<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            let message = format!("the registry sent more bytes than {} has", self.what);
+            return std::task::Poll::Ready(Err(std::io::Error::other(message)));
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.left -= *n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How many bytes a blob of descriptor size `size` may have (no size, 0 or
+/// negative: unknown, a document of at most [`MAX_DOCUMENT_BYTES`]).
+fn blob_limit(size: i64) -> u64 {
+    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(MAX_DOCUMENT_BYTES)
+}
+
 /// Media types of manifests and indexes kiln reads.
 const MANIFEST_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
@@ -194,15 +239,26 @@ impl RegistryClient {
             verify(&bytes, &digest)?;
             serde_json::from_slice(&bytes).map_err(|e| RegistryError::Invalid(format!("{reference}: bad manifest {digest}: {e}")))?
         };
-        let config_digest = manifest
+        let config_desc = manifest
             .config
-            .map(|c| c.digest)
             .ok_or_else(|| RegistryError::Invalid(format!("{reference}: manifest has no config")))?;
+        let config_digest = config_desc.digest;
+        let limit = blob_limit(config_desc.size).min(MAX_DOCUMENT_BYTES);
+        if config_desc.size > MAX_DOCUMENT_BYTES as i64 {
+            return Err(RegistryError::Invalid(format!(
+                "{reference}: its image config is {} bytes, over the {} MiB limit",
+                config_desc.size,
+                MAX_DOCUMENT_BYTES >> 20
+            )));
+        }
         let mut config_bytes: Vec<u8> = Vec::new();
-        client
-            .pull_blob(&parsed, config_digest.as_str(), &mut config_bytes)
-            .await
-            .map_err(fetch)?;
+        let what = format!("the image config {config_digest}");
+        let out = Bounded {
+            inner: &mut config_bytes,
+            left: limit,
+            what: &what,
+        };
+        client.pull_blob(&parsed, config_digest.as_str(), out).await.map_err(fetch)?;
         verify(&config_bytes, &config_digest)?;
         let config: ImageConfig =
             serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::Invalid(format!("{reference}: bad image config: {e}")))?;
@@ -259,7 +315,8 @@ impl RegistryClient {
 
     /// Streams a blob of `reference`'s repository into `path`, verified
     /// against `digest` while it arrives (a mismatch is an error and the
-    /// caller must discard the file).
+    /// caller must discard the file); at most `size` bytes, or
+    /// [`MAX_DOCUMENT_BYTES`] when `size` is not positive (unknown).
     pub async fn fetch_blob(&self, reference: &str, digest: &str, size: i64, path: &Path) -> Result<(), RegistryError> {
         let (parsed, registry, client, auth) = self.connect(reference)?;
         let fetch = fetch_error(&registry);
@@ -276,7 +333,13 @@ impl RegistryClient {
             size,
             ..Default::default()
         };
-        client.pull_blob(&parsed, &desc, file).await.map_err(fetch)?;
+        let what = format!("the blob {digest}");
+        let out = Bounded {
+            inner: file,
+            left: blob_limit(size),
+            what: &what,
+        };
+        client.pull_blob(&parsed, &desc, out).await.map_err(fetch)?;
         Ok(())
     }
 }
@@ -404,6 +467,72 @@ fn verify(bytes: &[u8], digest: &str) -> Result<(), RegistryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry on loopback that answers every request with 200 and
+    /// `body_bytes` bytes, however many the descriptor promised.
+    fn oversending_registry(body_bytes: usize) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                    loop {
+                        // One request: its head up to the blank line.
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                            line.clear();
+                        }
+                        if line.is_empty() {
+                            return;
+                        }
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {body_bytes}\r\n\r\n");
+                        let sent = stream.write_all(head.as_bytes()).and_then(|()| {
+                            let chunk = vec![b'x'; 64 * 1024];
+                            let mut left = body_bytes;
+                            while left > 0 {
+                                let n = left.min(chunk.len());
+                                stream.write_all(&chunk[..n])?;
+                                left -= n;
+                            }
+                            Ok(())
+                        });
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr.to_string()
+    }
+
+    #[test]
+    fn a_registry_cannot_send_more_than_the_descriptor_says() {
+        let registry = oversending_registry((MAX_DOCUMENT_BYTES + 1) as usize);
+        let client = RegistryClient::new(Credentials::default());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let dir = std::env::temp_dir().join(format!("kiln-oci-bounded-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let reference = format!("{registry}/x:latest");
+        let digest = format!("sha256:{}", "0".repeat(64));
+        for size in [1000i64, -1] {
+            let file = dir.join(format!("blob{size}"));
+            let err = rt
+                .block_on(client.fetch_blob(&reference, &digest, size, &file))
+                .expect_err("refused");
+            assert!(err.to_string().contains("more bytes than the blob"), "{size}: {err}");
+            let written = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+            assert!(written <= blob_limit(size), "{size}: {written} bytes written");
+        }
+        // Unknown sizes are bounded by the document limit.
+        assert_eq!(blob_limit(-1), MAX_DOCUMENT_BYTES);
+        assert_eq!(blob_limit(0), MAX_DOCUMENT_BYTES);
+        assert_eq!(blob_limit(5), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn docker_config_auths_are_read() {
