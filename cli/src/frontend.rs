@@ -390,9 +390,7 @@ fn run_plugin(
         .arg("--module")
         .arg(module)
         .arg("--cache")
-        .arg(cache.compiled_dir())
-        .arg("--context")
-        .arg(&args.context);
+        .arg(cache.compiled_dir());
     if let Some(mib) = args.plugin_memory.map(|m| m as f64).or_else(|| env_number("KILN_PLUGIN_MEMORY")) {
         command.arg("--memory-bytes").arg(((mib * 1024.0 * 1024.0) as u64).to_string());
     }

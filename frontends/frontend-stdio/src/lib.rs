@@ -293,9 +293,20 @@ pub fn serve_stdio(name: &str, compile: impl Fn(&Request, &dyn Host) -> Response
     }
 }
 
+/// A file of the context `dir`, only inside it: no absolute paths, no
+/// `..`, and no symlink that leads out of it.
+fn read_in_context(dir: &std::path::Path, path: &str) -> Option<Vec<u8>> {
+    if path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return None;
+    }
+    let root = dir.canonicalize().ok()?;
+    let file = dir.join(path).canonicalize().ok()?;
+    file.starts_with(&root).then_some(()).and_then(|()| std::fs::read(file).ok())
+}
+
 /// The host side: sends `request` to a started frontend (its stdin and
-/// stdout), answers its calls with `host` (and `read_file` from `context`),
-/// and returns its response.
+/// stdout), answers its calls with `host` (`read_file` from `context`, or
+/// by `host` too when there is none), and returns its response.
 pub fn run(
     to_frontend: &mut dyn Write,
     from_frontend: &mut dyn BufRead,
@@ -335,18 +346,13 @@ pub fn run(
                 line(to_frontend, &answer)?;
             }
             FromFrontend::ReadFile { id, path } => {
-                // Only inside the context: no absolute paths, no `..`, and no
-                // symlink that leads out of it.
-                let safe = !path.starts_with('/') && !path.split('/').any(|c| c == "..");
-                let data = context
-                    .filter(|_| safe)
-                    .and_then(|c| {
-                        let root = c.canonicalize().ok()?;
-                        let file = c.join(&path).canonicalize().ok()?;
-                        file.starts_with(&root).then_some(file)
-                    })
-                    .and_then(|file| std::fs::read(file).ok())
-                    .map(|b| b64(&b));
+                let data = match context {
+                    Some(c) => read_in_context(c, &path),
+                    // No context here: `host` answers (a relay such as
+                    // kiln-plugin-host passes the call on to the CLI).
+                    None => host.read_file(&path),
+                }
+                .map(|b| b64(&b));
                 line(to_frontend, &ToFrontend::File { id, data })?;
             }
             FromFrontend::Progress { message } => progress(&message),
@@ -457,6 +463,64 @@ mod tests {
         assert_eq!(
             r.diagnostics[0].message,
             "sub/inside.txt=Some(\"in\") escape=None ../outside.txt=None /etc/hostname=None missing=None"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_relay_without_a_context_passes_file_reads_on_to_its_host() {
+        // As kiln-plugin-host stands between the CLI and a plugin: the
+        // frontend asks the relay, which has no context and asks the CLI,
+        // which answers from its own, with the same confinement.
+        let dir = std::env::temp_dir().join(format!("kiln-stdio-relay-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("ctx")).expect("ctx");
+        std::fs::write(dir.join("ctx/inside.txt"), "in").expect("file");
+        std::fs::write(dir.join("outside.txt"), "secret").expect("file");
+        std::os::unix::fs::symlink("../outside.txt", dir.join("ctx/escape")).expect("symlink");
+        let (cli_to_relay_r, mut cli_to_relay_w) = std::io::pipe().expect("pipe");
+        let (mut relay_to_cli_r, relay_to_cli_w) = std::io::pipe().expect("pipe");
+        let (fe_in_r, fe_in_w) = std::io::pipe().expect("pipe");
+        let (fe_out_r, fe_out_w) = std::io::pipe().expect("pipe");
+        let frontend = std::thread::spawn(move || {
+            let mut input = std::io::BufReader::new(fe_in_r);
+            let mut output = fe_out_w;
+            serve(&mut input, &mut output, |_, host| {
+                let seen: Vec<String> = ["inside.txt", "escape", "../outside.txt", "missing"]
+                    .iter()
+                    .map(|p| format!("{p}={:?}", host.read_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())))
+                    .collect();
+                Response {
+                    diagnostics: vec![kiln_frontend::Diagnostic::error("probe", seen.join(" "), "f", 0..0)],
+                    ..Default::default()
+                }
+            })
+        });
+        let relay = std::thread::spawn(move || {
+            let mut input = std::io::BufReader::new(cli_to_relay_r);
+            let mut output = relay_to_cli_w;
+            serve(&mut input, &mut output, |request, host| {
+                let mut to_frontend = fe_in_w.try_clone().expect("clone");
+                let mut from_frontend = std::io::BufReader::new(fe_out_r.try_clone().expect("clone"));
+                run(&mut to_frontend, &mut from_frontend, request, host, None, |_| {}).expect("relayed")
+            })
+        });
+        let mut reader = std::io::BufReader::new(&mut relay_to_cli_r);
+        let request = Request::default();
+        let r = run(
+            &mut cli_to_relay_w,
+            &mut reader,
+            &request,
+            &kiln_frontend::OfflineHost,
+            Some(&dir.join("ctx")),
+            |_| {},
+        )
+        .expect("response");
+        relay.join().expect("relay").expect("relay serves");
+        frontend.join().expect("frontend").expect("frontend serves");
+        assert_eq!(
+            r.diagnostics[0].message,
+            "inside.txt=Some(\"in\") escape=None ../outside.txt=None missing=None"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

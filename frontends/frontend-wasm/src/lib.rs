@@ -294,8 +294,9 @@ impl Plugin {
         &self.name
     }
 
-    /// Runs the plugin on `request`: answers its calls with `host` (and reads
-    /// files from `context`), enforces `limits`, returns its response.
+    /// Runs the plugin on `request`: answers its calls with `host` (files
+    /// from `context`, or by `host` too without one), enforces `limits`,
+    /// returns its response.
     pub fn run(
         &self,
         request: &Request,

@@ -5,10 +5,11 @@
 //!
 //! Invocation contract with the CLI: `--module` names the plugin's file;
 //! stdin/stdout carry the frontend protocol (frontends/PROTOCOL.md) as a
-//! native frontend speaks it. The plugin's host calls are answered by the CLI
-//! over that protocol; files it reads come from `--context`. When the plugin
-//! gives no response, the reason is the only thing written on stderr and the
-//! exit status is 3.
+//! native frontend speaks it. The plugin's host calls, files of the build
+//! context included, are answered by the CLI over that protocol: this
+//! process reads nothing of the context itself. When the plugin gives no
+//! response, the reason is the only thing written on stderr and the exit
+//! status is 3.
 
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
@@ -35,9 +36,6 @@ struct Args {
     /// Where compiled code is cached (by the module's sha256).
     #[arg(long)]
     cache: Option<PathBuf>,
-    /// The build context the plugin may read files from.
-    #[arg(long)]
-    context: Option<PathBuf>,
     /// Largest linear memory, in bytes.
     #[arg(long)]
     memory_bytes: Option<u64>,
@@ -83,7 +81,7 @@ fn main() {
     let mut output = std::io::stdout().lock();
     let served = kiln_frontend_stdio::serve(&mut input, &mut output, |request, host| {
         plugin
-            .run(request, host, args.context.as_deref(), limits, |m| host.progress(m))
+            .run(request, host, None, limits, |m| host.progress(m))
             .unwrap_or_else(|e| fail(&e.to_string()))
     });
     if let Err(e) = served {
