@@ -9,7 +9,9 @@
 //! context included, are answered by the CLI over that protocol: this
 //! process reads nothing of the context itself. When the plugin gives no
 //! response, the reason is the only thing written on stderr and the exit
-//! status is 3.
+//! status is 3. The process confines itself first (`confine.rs`).
+
+mod confine;
 
 use std::io::{BufReader, Read};
 use std::path::PathBuf;
@@ -67,6 +69,13 @@ fn main() {
     let args = Args::parse();
     // Nothing to answer for once the CLI is gone.
     let _ = rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL));
+    // Before any thread starts: they inherit the confinement.
+    if let Some(cache) = &args.cache {
+        let _ = std::fs::create_dir_all(cache);
+    }
+    if let Err(e) = confine::confine(&args.module, args.cache.as_deref()) {
+        fail(&format!("plugin {}: cannot confine the plugin host: {e}", args.name));
+    }
     let mut limits = Limits::default();
     if let Some(bytes) = args.memory_bytes {
         limits.memory_bytes = bytes;
