@@ -421,22 +421,32 @@ mod tests {
         assert_eq!(detect_syntax(b"# escape=`\n"), None);
     }
 
-    #[test]
-    fn read_file_is_confined_to_the_context_and_progress_reaches_the_host() {
-        let dir = std::env::temp_dir().join(format!("kiln-stdio-read-file-{}", std::process::id()));
+    /// What [`probing_frontend`] reads, and what a host confined to the
+    /// context of [`context_with_an_escape`] gives it.
+    const PROBED: [&str; 5] = ["sub/inside.txt", "escape", "../outside.txt", "/etc/hostname", "missing"];
+    const CONFINED: &str = "sub/inside.txt=Some(\"in\") escape=None ../outside.txt=None /etc/hostname=None missing=None";
+
+    /// `DIR/ctx` holding `sub/inside.txt` and a symlink `escape` to a file
+    /// beside the context.
+    fn context_with_an_escape(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-stdio-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("ctx/sub")).expect("ctx");
         std::fs::write(dir.join("ctx/sub/inside.txt"), "in").expect("file");
         std::fs::write(dir.join("outside.txt"), "secret").expect("file");
         std::os::unix::fs::symlink("../outside.txt", dir.join("ctx/escape")).expect("symlink");
-        let (host_to_fe_r, mut host_to_fe_w) = std::io::pipe().expect("pipe");
-        let (mut fe_to_host_r, fe_to_host_w) = std::io::pipe().expect("pipe");
-        let fe = std::thread::spawn(move || {
-            let mut input = std::io::BufReader::new(host_to_fe_r);
-            let mut output = fe_to_host_w;
+        dir
+    }
+
+    /// A frontend serving on a thread: it reports progress, then what
+    /// reading each of [`PROBED`] gave, as its one diagnostic.
+    fn probing_frontend(input: std::io::PipeReader, output: std::io::PipeWriter) -> std::thread::JoinHandle<Result<(), String>> {
+        std::thread::spawn(move || {
+            let mut input = std::io::BufReader::new(input);
+            let mut output = output;
             serve(&mut input, &mut output, |_, host| {
                 host.progress("reading");
-                let seen: Vec<String> = ["sub/inside.txt", "escape", "../outside.txt", "/etc/hostname", "missing"]
+                let seen: Vec<String> = PROBED
                     .iter()
                     .map(|p| format!("{p}={:?}", host.read_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())))
                     .collect();
@@ -445,7 +455,15 @@ mod tests {
                     ..Default::default()
                 }
             })
-        });
+        })
+    }
+
+    #[test]
+    fn read_file_is_confined_to_the_context_and_progress_reaches_the_host() {
+        let dir = context_with_an_escape("read-file");
+        let (host_to_fe_r, mut host_to_fe_w) = std::io::pipe().expect("pipe");
+        let (mut fe_to_host_r, fe_to_host_w) = std::io::pipe().expect("pipe");
+        let fe = probing_frontend(host_to_fe_r, fe_to_host_w);
         let mut reader = std::io::BufReader::new(&mut fe_to_host_r);
         let mut progress = Vec::new();
         let request = Request::default();
@@ -460,10 +478,7 @@ mod tests {
         .expect("response");
         fe.join().expect("thread").expect("serve");
         assert_eq!(progress, ["reading"]);
-        assert_eq!(
-            r.diagnostics[0].message,
-            "sub/inside.txt=Some(\"in\") escape=None ../outside.txt=None /etc/hostname=None missing=None"
-        );
+        assert_eq!(r.diagnostics[0].message, CONFINED);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -472,40 +487,23 @@ mod tests {
         // As kiln-plugin-host stands between the CLI and a plugin: the
         // frontend asks the relay, which has no context and asks the CLI,
         // which answers from its own, with the same confinement.
-        let dir = std::env::temp_dir().join(format!("kiln-stdio-relay-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("ctx")).expect("ctx");
-        std::fs::write(dir.join("ctx/inside.txt"), "in").expect("file");
-        std::fs::write(dir.join("outside.txt"), "secret").expect("file");
-        std::os::unix::fs::symlink("../outside.txt", dir.join("ctx/escape")).expect("symlink");
+        let dir = context_with_an_escape("relay");
         let (cli_to_relay_r, mut cli_to_relay_w) = std::io::pipe().expect("pipe");
         let (mut relay_to_cli_r, relay_to_cli_w) = std::io::pipe().expect("pipe");
         let (fe_in_r, fe_in_w) = std::io::pipe().expect("pipe");
         let (fe_out_r, fe_out_w) = std::io::pipe().expect("pipe");
-        let frontend = std::thread::spawn(move || {
-            let mut input = std::io::BufReader::new(fe_in_r);
-            let mut output = fe_out_w;
-            serve(&mut input, &mut output, |_, host| {
-                let seen: Vec<String> = ["inside.txt", "escape", "../outside.txt", "missing"]
-                    .iter()
-                    .map(|p| format!("{p}={:?}", host.read_file(p).map(|b| String::from_utf8_lossy(&b).into_owned())))
-                    .collect();
-                Response {
-                    diagnostics: vec![kiln_frontend::Diagnostic::error("probe", seen.join(" "), "f", 0..0)],
-                    ..Default::default()
-                }
-            })
-        });
+        let frontend = probing_frontend(fe_in_r, fe_out_w);
         let relay = std::thread::spawn(move || {
             let mut input = std::io::BufReader::new(cli_to_relay_r);
             let mut output = relay_to_cli_w;
             serve(&mut input, &mut output, |request, host| {
                 let mut to_frontend = fe_in_w.try_clone().expect("clone");
                 let mut from_frontend = std::io::BufReader::new(fe_out_r.try_clone().expect("clone"));
-                run(&mut to_frontend, &mut from_frontend, request, host, None, |_| {}).expect("relayed")
+                run(&mut to_frontend, &mut from_frontend, request, host, None, |m| host.progress(m)).expect("relayed")
             })
         });
         let mut reader = std::io::BufReader::new(&mut relay_to_cli_r);
+        let mut progress = Vec::new();
         let request = Request::default();
         let r = run(
             &mut cli_to_relay_w,
@@ -513,15 +511,13 @@ mod tests {
             &request,
             &kiln_frontend::OfflineHost,
             Some(&dir.join("ctx")),
-            |_| {},
+            |m| progress.push(m.to_string()),
         )
         .expect("response");
         relay.join().expect("relay").expect("relay serves");
         frontend.join().expect("frontend").expect("frontend serves");
-        assert_eq!(
-            r.diagnostics[0].message,
-            "inside.txt=Some(\"in\") escape=None ../outside.txt=None missing=None"
-        );
+        assert_eq!(progress, ["reading"], "progress is relayed too");
+        assert_eq!(r.diagnostics[0].message, CONFINED);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
