@@ -150,7 +150,7 @@ pub(crate) fn default_filter(caps: &HashSet<Capability>, host: Host) -> Result<L
         // Docker's profile also lists x32, whose programs no distribution
         // ships and most kernels refuse (syscall.x32=n): each architecture
         // costs the runtime ~7 ms per step to compile. Left out, an x32
-        // call kills the process instead of failing (tested).
+        // call is killed (SIGSYS) instead of failing with ENOSYS.
         "x86_64" => (vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86], "arch_prctl modify_ldt", 0),
         "x86" => (Vec::new(), "modify_ldt", 0),
         "aarch64" => (vec![Arch::ScmpArchAarch64, Arch::ScmpArchArm], ARM_CALLS, 0),
