@@ -282,24 +282,18 @@ fn account_file(root: &Path, file: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Looks up one name in `/etc/passwd` (`group = false`) or `/etc/group`.
-pub(crate) fn lookup_id(root: &Path, name: &str, group: bool) -> io::Result<u32> {
+/// A group's gid from `root`'s `/etc/group` (a number is itself); `None`
+/// when no entry has that name or the image has no such file.
+pub(crate) fn lookup_group(root: &Path, name: &str) -> io::Result<Option<u32>> {
     if let Ok(n) = name.parse::<u32>() {
-        return Ok(n);
+        return Ok(Some(n));
     }
-    let file = if group { "/etc/group" } else { "/etc/passwd" };
-    let text = account_file(root, file)?;
-    text.lines()
+    let text = account_file(root, "/etc/group")?;
+    Ok(text
+        .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() > 2 && f[0] == name)
-        .and_then(|f| f[2].parse().ok())
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "unable to find {} {name}: no matching entries in {} file",
-                if group { "group" } else { "user" },
-                if group { "group" } else { "passwd" }
-            ))
-        })
+        .and_then(|f| f[2].parse().ok()))
 }
 
 /// The extended attributes of `path` (a symlink's own), except those of
@@ -351,17 +345,18 @@ pub(crate) fn copy_xattrs(src: &Path, dst: &Path) -> io::Result<()> {
 }
 
 /// A user's uid and primary gid from `root`'s `/etc/passwd` (a number is
-/// its own uid and gid).
-pub(crate) fn lookup_user(root: &Path, name: &str) -> io::Result<(u32, u32)> {
+/// its own uid and gid); `None` when no entry has that name or the image
+/// has no such file.
+pub(crate) fn lookup_user(root: &Path, name: &str) -> io::Result<Option<(u32, u32)>> {
     if let Ok(n) = name.parse::<u32>() {
-        return Ok((n, n));
+        return Ok(Some((n, n)));
     }
     let text = account_file(root, "/etc/passwd")?;
-    text.lines()
+    Ok(text
+        .lines()
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.len() > 3 && f[0] == name)
-        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        .ok_or_else(|| io::Error::other(format!("unable to find user {name}: no matching entries in passwd file")))
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?))))
 }
 
 #[cfg(test)]
@@ -373,12 +368,13 @@ mod tests {
         let t = tempfile::tempdir().expect("tmp");
         let r = t.path();
         fs::create_dir_all(r.join("etc")).expect("mkdir");
-        // None yet: no users but root, as before.
-        assert_eq!(lookup_user(r, "root").ok(), None);
-        assert_eq!(lookup_user(r, "0").expect("numeric"), (0, 0));
+        // None yet: no entries, not an error.
+        assert_eq!(lookup_user(r, "root").expect("no file"), None);
+        assert_eq!(lookup_user(r, "0").expect("numeric"), Some((0, 0)));
         // Not UTF-8: the entries around the bad bytes still count.
         fs::write(r.join("etc/passwd"), b"app:x:1000:1001:\xff\xfe:/home/app:/bin/sh\n").expect("passwd");
-        assert_eq!(lookup_user(r, "app").expect("app"), (1000, 1001));
+        assert_eq!(lookup_user(r, "app").expect("app"), Some((1000, 1001)));
+        assert_eq!(lookup_user(r, "nobody").expect("no entry"), None);
         // A FIFO would block a plain open forever.
         fs::remove_file(r.join("etc/passwd")).expect("rm");
         rustix::fs::mknodat(rustix::fs::CWD, r.join("etc/passwd"), rustix::fs::FileType::Fifo, 0o644.into(), 0).expect("mkfifo");
@@ -388,7 +384,7 @@ mod tests {
         fs::remove_file(r.join("etc/passwd")).expect("rm");
         let f = fs::File::create(r.join("etc/group")).expect("group");
         f.set_len(MAX_ACCOUNT_FILE as u64 + 1).expect("grow");
-        let err = lookup_id(r, "staff", true).expect_err("an oversized file is refused");
+        let err = lookup_group(r, "staff").expect_err("an oversized file is refused");
         assert!(err.to_string().contains("/etc/group in the image is over 64 MiB"), "{err}");
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use kiln_llb::pb;
 
 use crate::error::Failure;
-use crate::fsutil::{lchown, lookup_id, lookup_user, matches_in_dir, mkdir_all, resolve_in_root, Owner};
+use crate::fsutil::{lchown, lookup_group, lookup_user, matches_in_dir, mkdir_all, resolve_in_root, Owner};
 use crate::snapshot::layer::set_mtime_nofollow;
 use crate::source::context::{join_rel, LocalSource};
 use kiln_patterns::{clean_rel, has_wildcards, Filter};
@@ -89,29 +89,32 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Resolves a ChownOpt against the destination root's /etc files.
+/// Resolves a ChownOpt against the destination root's /etc files, as
+/// BuildKit's FileOp does: a user by id is also its own group, a user by
+/// name brings its primary group, a group given replaces it; a name with
+/// no entry (or no such file in the image) leaves the id at 0, never an
+/// error (`COPY --chown=:staff` is root and staff).
 fn owner_of(dest_root: &Path, chown: Option<&pb::ChownOpt>) -> Result<Option<Owner>, Failure> {
     let Some(c) = chown else { return Ok(None) };
-    // As BuildKit: a user named is looked up for its uid and primary gid,
-    // a user by id is also its own group; a group given overrides either.
+    let lookup = |e: std::io::Error| Failure::invalid(e.to_string());
     let user: Option<(u32, u32)> = match c.user.as_ref().and_then(|u| u.user.as_ref()) {
         None => None,
         Some(pb::user_opt::User::ById(n)) => Some((*n, *n)),
-        Some(pb::user_opt::User::ByName(n)) => Some(lookup_user(dest_root, &n.name).map_err(|e| Failure::invalid(e.to_string()))?),
+        Some(pb::user_opt::User::ByName(n)) => Some(lookup_user(dest_root, &n.name).map_err(lookup)?.unwrap_or((0, 0))),
     };
-    let group: Option<u32> = match c.group.as_ref().and_then(|g| g.user.as_ref()) {
+    let group: Option<Option<u32>> = match c.group.as_ref().and_then(|g| g.user.as_ref()) {
         None => None,
-        Some(pb::user_opt::User::ById(n)) => Some(*n),
-        Some(pb::user_opt::User::ByName(n)) => Some(lookup_id(dest_root, &n.name, true).map_err(|e| Failure::invalid(e.to_string()))?),
+        Some(pb::user_opt::User::ById(n)) => Some(Some(*n)),
+        Some(pb::user_opt::User::ByName(n)) => Some(lookup_group(dest_root, &n.name).map_err(lookup)?),
     };
-    Ok(match (user, group) {
-        (None, None) => None,
-        (Some((uid, gid)), group) => Some(Owner {
-            uid,
-            gid: group.unwrap_or(gid),
-        }),
-        (None, Some(gid)) => Some(Owner { uid: 0, gid }),
-    })
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let (uid, gid) = user.unwrap_or((0, 0));
+    Ok(Some(Owner {
+        uid,
+        gid: group.flatten().unwrap_or(gid),
+    }))
 }
 
 fn time_of(ts: i64) -> Option<i64> {
@@ -663,8 +666,10 @@ fn is_tar_header(h: &[u8; 512]) -> bool {
 /// header's mode, so setuid and setgid bits survive the chown; fifos and
 /// devices are made as such; a hard link's header gives the shared inode
 /// its owner and mode; PAX `SCHILY.xattr.*` records are set last (file
-/// capabilities survive the chown). `--chmod` does not apply to archive
-/// entries.
+/// capabilities survive the chown). Directories the archive implies but
+/// does not list are made 0755 and owned by root, even under `--chown`
+/// (a setgid parent's bit is kept, its group is not). `--chmod` does not
+/// apply to archive entries.
 fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) -> io::Result<()> {
     let mut ar = tar::Archive::new(open_archive(src, kind)?);
     ar.set_preserve_permissions(true);
@@ -700,6 +705,9 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
         let kind = header.entry_type();
         let target = resolve_in_root(dest, &format!("/{rel}"), false)?;
+        if let Some(parent) = target.parent() {
+            mkdir_all(parent, 0o755, Some(Owner { uid: 0, gid: 0 }), None)?;
+        }
         let special = match kind {
             tar::EntryType::Fifo => Some(rustix::fs::FileType::Fifo),
             tar::EntryType::Char => Some(rustix::fs::FileType::CharacterDevice),
@@ -712,9 +720,6 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
                 header.device_major().ok().flatten().unwrap_or(0),
                 header.device_minor().ok().flatten().unwrap_or(0),
             );
-            if let Some(parent) = target.parent() {
-                mkdir_all(parent, 0o755, None, None)?;
-            }
             if fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
                 fs::remove_file(&target)?;
             }
@@ -722,9 +727,6 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
         } else if kind == tar::EntryType::Link {
             let Some(name) = entry.link_name()? else { continue };
             let linked = resolve_in_root(dest, &format!("/{}", clean_rel(&name.to_string_lossy())), false)?;
-            if let Some(parent) = target.parent() {
-                mkdir_all(parent, 0o755, None, None)?;
-            }
             if fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
                 fs::remove_file(&target)?;
             }
@@ -897,12 +899,24 @@ mod tests {
             let m = fs::metadata(d.path().join("owned")).expect("stat");
             assert_eq!((m.uid(), m.gid()), (1234, 1234));
         }
-        own.owner = Some(pb::ChownOpt {
-            user: Some(by_name("nobody-here")),
-            group: None,
-        });
-        let unknown = copy(d.path(), &view, &own).expect_err("unknown user");
-        assert!(matches!(&unknown, Failure::Invalid(m) if m.contains("nobody-here")), "{unknown:?}");
+        // As BuildKit: a name without an entry is id 0, not an error
+        // (`--chown=:app` names the user "" and the group app).
+        for (user, group, dest, want) in [
+            ("nobody-here", None, "/unknown", (0, 0)),
+            ("", Some("app"), "/group-only", (0, 1234)),
+            ("app", Some("no-such-group"), "/unknown-group", (1234, 1234)),
+        ] {
+            own.dest = dest.into();
+            own.owner = Some(pb::ChownOpt {
+                user: Some(by_name(user)),
+                group: group.map(by_name),
+            });
+            copy(d.path(), &view, &own).expect("chown by names");
+            if rustix::process::geteuid().is_root() {
+                let m = fs::metadata(d.path().join(dest.trim_start_matches('/'))).expect("stat");
+                assert_eq!((m.uid(), m.gid()), want, "{user}:{group:?}");
+            }
+        }
     }
 
     #[test]
@@ -1014,6 +1028,39 @@ mod tests {
         let mut value = [0u8; 64];
         let n = rustix::fs::lgetxattr(&ping, "security.capability", &mut value[..]).expect("capability kept");
         assert_eq!(&value[..n], &cap);
+    }
+
+    #[test]
+    fn directories_an_archive_implies_are_roots_even_in_a_setgid_directory() {
+        let t = tempfile::tempdir().expect("tmp");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut dir = tar::Header::new_ustar();
+        dir.set_entry_type(tar::EntryType::Directory);
+        dir.set_mode(0o2775);
+        dir.set_uid(10);
+        dir.set_gid(20);
+        dir.set_size(0);
+        b.append_data(&mut dir, "top/", std::io::empty()).expect("tar");
+        let mut file = tar::Header::new_ustar();
+        file.set_size(1);
+        file.set_mode(0o444);
+        b.append_data(&mut file, "top/sub/deep/f", &b"d"[..]).expect("tar");
+        let archive = t.path().join("implied.tar");
+        fs::write(&archive, b.into_inner().expect("tar")).expect("write");
+        for (name, owner, entries) in [("plain", None, (10, 20)), ("chown", Some(Owner { uid: 33, gid: 44 }), (33, 44))] {
+            let dest = t.path().join(name);
+            fs::create_dir(&dest).expect("mkdir");
+            unpack_archive(&archive, Archive::Tar, &dest, owner).expect("unpack");
+            let stat = |p: &str| {
+                let m = fs::symlink_metadata(dest.join(p)).expect("stat");
+                (m.uid(), m.gid(), m.mode() & 0o7777)
+            };
+            assert_eq!(stat("top"), (entries.0, entries.1, 0o2775), "{name}: the listed directory");
+            for implied in ["top/sub", "top/sub/deep"] {
+                assert_eq!(stat(implied), (0, 0, 0o2755), "{name}: {implied}, as BuildKit's untar makes it");
+            }
+            assert_eq!(stat("top/sub/deep/f").2, 0o444);
+        }
     }
 
     #[test]
