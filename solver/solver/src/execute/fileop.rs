@@ -708,6 +708,18 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
         if let Some(parent) = target.parent() {
             mkdir_all(parent, 0o755, Some(Owner { uid: 0, gid: 0 }), None)?;
         }
+        // What is already there gives way, unless a directory meets a
+        // directory (then they merge): a later entry replaces an earlier
+        // one of another type, as with Docker's untar.
+        if let Ok(existing) = fs::symlink_metadata(&target) {
+            if !(existing.is_dir() && kind == tar::EntryType::Directory) {
+                if existing.is_dir() {
+                    fs::remove_dir_all(&target)?;
+                } else {
+                    fs::remove_file(&target)?;
+                }
+            }
+        }
         let special = match kind {
             tar::EntryType::Fifo => Some(rustix::fs::FileType::Fifo),
             tar::EntryType::Char => Some(rustix::fs::FileType::CharacterDevice),
@@ -720,16 +732,10 @@ fn unpack_archive(src: &Path, kind: Archive, dest: &Path, owner: Option<Owner>) 
                 header.device_major().ok().flatten().unwrap_or(0),
                 header.device_minor().ok().flatten().unwrap_or(0),
             );
-            if fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
-                fs::remove_file(&target)?;
-            }
             rustix::fs::mknodat(rustix::fs::CWD, &target, node, rustix::fs::Mode::from_raw_mode(mode), dev)?;
         } else if kind == tar::EntryType::Link {
             let Some(name) = entry.link_name()? else { continue };
             let linked = resolve_in_root(dest, &format!("/{}", clean_rel(&name.to_string_lossy())), false)?;
-            if fs::symlink_metadata(&target).is_ok_and(|m| !m.is_dir()) {
-                fs::remove_file(&target)?;
-            }
             fs::hard_link(&linked, &target)?;
         } else if !entry.unpack_in(dest)? {
             continue;
@@ -1061,6 +1067,44 @@ mod tests {
             }
             assert_eq!(stat("top/sub/deep/f").2, 0o444);
         }
+    }
+
+    #[test]
+    fn a_later_archive_entry_replaces_an_earlier_one_of_another_type() {
+        let t = tempfile::tempdir().expect("tmp");
+        let mut b = tar::Builder::new(Vec::new());
+        let entry = |b: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(if kind == tar::EntryType::Directory { 0o750 } else { 0o644 });
+            h.set_size(data.len() as u64);
+            if let Some(l) = link {
+                h.set_link_name(l).expect("link");
+            }
+            b.append_data(&mut h, path, data).expect("tar");
+        };
+        entry(&mut b, "f-then-d", tar::EntryType::Regular, b"file", None);
+        entry(&mut b, "f-then-d/", tar::EntryType::Directory, b"", None);
+        entry(&mut b, "f-then-d/in", tar::EntryType::Regular, b"in", None);
+        entry(&mut b, "d-then-f/", tar::EntryType::Directory, b"", None);
+        entry(&mut b, "d-then-f/old", tar::EntryType::Regular, b"old", None);
+        entry(&mut b, "d-then-f", tar::EntryType::Regular, b"now a file", None);
+        entry(&mut b, "l-then-d", tar::EntryType::Symlink, b"", Some("f-then-d"));
+        entry(&mut b, "l-then-d/", tar::EntryType::Directory, b"", None);
+        entry(&mut b, "dup", tar::EntryType::Regular, b"first", None);
+        entry(&mut b, "dup", tar::EntryType::Regular, b"second", None);
+        let archive = t.path().join("replace.tar");
+        fs::write(&archive, b.into_inner().expect("tar")).expect("write");
+        let dest = t.path().join("out");
+        fs::create_dir(&dest).expect("mkdir");
+        // In the image already: a directory where the archive has a file.
+        fs::create_dir_all(dest.join("dup/was-a-dir")).expect("mkdir");
+        unpack_archive(&archive, Archive::Tar, &dest, None).expect("unpack");
+        assert_eq!(fs::read(dest.join("f-then-d/in")).expect("read"), b"in");
+        assert_eq!(fs::read(dest.join("d-then-f")).expect("read"), b"now a file");
+        let l = fs::symlink_metadata(dest.join("l-then-d")).expect("stat");
+        assert!(l.is_dir() && l.mode() & 0o777 == 0o750, "the symlink became a directory");
+        assert_eq!(fs::read(dest.join("dup")).expect("read"), b"second");
     }
 
     #[test]
