@@ -301,7 +301,10 @@ fn read_in_context(dir: &std::path::Path, path: &str) -> Option<Vec<u8>> {
     }
     let root = dir.canonicalize().ok()?;
     let file = dir.join(path).canonicalize().ok()?;
-    file.starts_with(&root).then_some(()).and_then(|()| std::fs::read(file).ok())
+    if !file.starts_with(&root) {
+        return None;
+    }
+    std::fs::read(file).ok()
 }
 
 /// The host side: sends `request` to a started frontend (its stdin and
@@ -458,17 +461,14 @@ mod tests {
         })
     }
 
-    #[test]
-    fn read_file_is_confined_to_the_context_and_progress_reaches_the_host() {
-        let dir = context_with_an_escape("read-file");
-        let (host_to_fe_r, mut host_to_fe_w) = std::io::pipe().expect("pipe");
-        let (mut fe_to_host_r, fe_to_host_w) = std::io::pipe().expect("pipe");
-        let fe = probing_frontend(host_to_fe_r, fe_to_host_w);
-        let mut reader = std::io::BufReader::new(&mut fe_to_host_r);
+    /// The CLI's side: runs a request over `to`/`from` answering reads from
+    /// `DIR/ctx`; returns the response and the progress lines that came.
+    fn ask_with_context(to: &mut std::io::PipeWriter, from: &mut std::io::PipeReader, dir: &std::path::Path) -> (Response, Vec<String>) {
+        let mut reader = std::io::BufReader::new(from);
         let mut progress = Vec::new();
         let request = Request::default();
         let r = run(
-            &mut host_to_fe_w,
+            to,
             &mut reader,
             &request,
             &kiln_frontend::OfflineHost,
@@ -476,6 +476,16 @@ mod tests {
             |m| progress.push(m.to_string()),
         )
         .expect("response");
+        (r, progress)
+    }
+
+    #[test]
+    fn read_file_is_confined_to_the_context_and_progress_reaches_the_host() {
+        let dir = context_with_an_escape("read-file");
+        let (host_to_fe_r, mut host_to_fe_w) = std::io::pipe().expect("pipe");
+        let (mut fe_to_host_r, fe_to_host_w) = std::io::pipe().expect("pipe");
+        let fe = probing_frontend(host_to_fe_r, fe_to_host_w);
+        let (r, progress) = ask_with_context(&mut host_to_fe_w, &mut fe_to_host_r, &dir);
         fe.join().expect("thread").expect("serve");
         assert_eq!(progress, ["reading"]);
         assert_eq!(r.diagnostics[0].message, CONFINED);
@@ -502,18 +512,7 @@ mod tests {
                 run(&mut to_frontend, &mut from_frontend, request, host, None, |m| host.progress(m)).expect("relayed")
             })
         });
-        let mut reader = std::io::BufReader::new(&mut relay_to_cli_r);
-        let mut progress = Vec::new();
-        let request = Request::default();
-        let r = run(
-            &mut cli_to_relay_w,
-            &mut reader,
-            &request,
-            &kiln_frontend::OfflineHost,
-            Some(&dir.join("ctx")),
-            |m| progress.push(m.to_string()),
-        )
-        .expect("response");
+        let (r, progress) = ask_with_context(&mut cli_to_relay_w, &mut relay_to_cli_r, &dir);
         relay.join().expect("relay").expect("relay serves");
         frontend.join().expect("frontend").expect("frontend serves");
         assert_eq!(progress, ["reading"], "progress is relayed too");

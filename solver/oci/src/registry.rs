@@ -243,7 +243,6 @@ impl RegistryClient {
             .config
             .ok_or_else(|| RegistryError::Invalid(format!("{reference}: manifest has no config")))?;
         let config_digest = config_desc.digest;
-        let limit = blob_limit(config_desc.size).min(MAX_DOCUMENT_BYTES);
         if config_desc.size > MAX_DOCUMENT_BYTES as i64 {
             return Err(RegistryError::Invalid(format!(
                 "{reference}: its image config is {} bytes, over the {} MiB limit",
@@ -255,7 +254,7 @@ impl RegistryClient {
         let what = format!("the image config {config_digest}");
         let out = Bounded {
             inner: &mut config_bytes,
-            left: limit,
+            left: blob_limit(config_desc.size),
             what: &what,
         };
         client.pull_blob(&parsed, config_digest.as_str(), out).await.map_err(fetch)?;
